@@ -1,0 +1,143 @@
+"""Model and stream configuration: YAML files under configs/models, validated with pydantic.
+
+This module imports no torch so that tools and tests can validate configs cheaply.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing or has a bad value; the message names the file and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DiTConfig(_Strict):
+    """Causal Wan DiT (DESIGN §2). head_dim = dim / num_heads."""
+
+    dim: int = Field(gt=0)
+    ffn_dim: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512
+    text_dim: int = 4096
+    freq_dim: int = 256
+    eps: float = 1e-6
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "DiTConfig":
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if (self.dim // self.num_heads) % 2:
+            raise ValueError("head_dim must be even for RoPE")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+class VAEConfig(_Strict):
+    """Wan VAE: causal 3D conv encoder/decoder; 4 pixel frames <-> 1 latent frame, stride 8."""
+
+    dim: int = Field(96, gt=0)
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+
+
+class TextConfig(_Strict):
+    """umT5 encoder (DESIGN §2)."""
+
+    vocab_size: int = Field(gt=0)
+    dim: int = Field(gt=0)
+    ffn_dim: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    num_buckets: int = 32
+    text_len: int = 512
+
+
+class StreamDefaults(_Strict):
+    """Per-model defaults of the streaming algorithm (DESIGN §3)."""
+
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    steps: int = Field(ge=1, le=4)
+    num_kv_cache: int = Field(ge=2)
+    num_sink: int = Field(ge=0)
+    sink_refresh_threshold: Optional[float] = None
+    rope_reset_frames: int = Field(50, ge=2)
+    noise_strength: float = Field(0.8, ge=0.0, le=1.0)
+    noise_strength_min: float = Field(0.7, ge=0.0, le=1.0)
+    motion_sigma: float = Field(0.2, gt=0.0)
+    motion_smoothing: float = Field(0.9, ge=0.0, le=1.0)
+    transition_chunks: int = Field(4, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "StreamDefaults":
+        if self.height % 16 or self.width % 16:
+            raise ValueError(f"height and width must be multiples of 16, got {self.height}x{self.width}")
+        if self.num_sink >= self.num_kv_cache - 1:
+            raise ValueError("num_sink must leave at least two rolling frames in num_kv_cache")
+        return self
+
+
+class ModelConfig(_Strict):
+    name: str
+    weights_folder: Optional[str] = None
+    causal_checkpoint: Optional[str] = None
+    dit: DiTConfig
+    vae: VAEConfig = VAEConfig()
+    text: TextConfig
+    stream: StreamDefaults
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_dim_follows_encoder(cls, data: dict) -> dict:
+        # The DiT's text_embedding input width is the encoder's width unless stated.
+        if isinstance(data, dict) and isinstance(data.get("dit"), dict) and isinstance(data.get("text"), dict):
+            data["dit"].setdefault("text_dim", data["text"].get("dim", 4096))
+        return data
+
+
+def model_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_model_config(name_or_path: str | Path) -> ModelConfig:
+    """Load `tiny`, `wan-1.3b`, `wan-14b` (from configs/models) or a YAML file path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise ConfigError(f"unknown model {str(name_or_path)!r}; choose one of {', '.join(model_names())}")
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from None

@@ -1,0 +1,152 @@
+"""Rolling KV cache of one session (DESIGN §3): a window of `window` latent frames per layer and row,
+the first `num_sink` slots being sinks, FIFO eviction of the rolling slots, adaptive sink refresh, and
+RoPE re-basing so that the window stays consistent when positions wrap.
+
+Layout: per layer, k/v [rows, window*frame_tokens, heads, head_dim], keys stored already rotated.
+Decisions that depend on the keys (sink refresh) stay on the device: no host sync per block.
+
+Where this differs from the reference on purpose (each shown by a test):
+- eviction state belongs to the cache (the session), not to the attention module, so a restart or a
+  second session cannot disturb it;
+- the sink-similarity check runs when a frame is about to evict one (cache full); the reference also
+  runs it while the cache fills, when a sink slot may still be empty (cosine 0), which flags that sink;
+- the FIFO covers every rolling slot; the reference's queue skips slot 2 when num_sink is 2;
+- on a position wrap, cached keys are re-rotated to the new positions (rolling slots move with the
+  query, sinks go back to their slot index); the reference keeps the old rotations.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from engine.rope import Rope, rotate
+
+
+class StreamKVCache:
+    def __init__(
+        self,
+        layers: Sequence[int],
+        rows: int,
+        window: int,
+        frame_tokens: int,
+        heads: int,
+        head_dim: int,
+        num_sink: int,
+        sink_threshold: Optional[float],
+        rope: Rope,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        if num_sink >= window:
+            raise ValueError("num_sink must be smaller than the window")
+        self.layers = list(layers)
+        self.rows, self.window, self.frame_tokens = rows, window, frame_tokens
+        self.num_sink, self.sink_threshold, self.rope = num_sink, sink_threshold, rope
+        self.device = device
+        shape = (rows, window * frame_tokens, heads, head_dim)
+        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in self.layers}
+        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in self.layers}
+        # Per layer and row, on the device: rolling-slot round robin and the position each slot holds.
+        self.rr = {i: torch.zeros(rows, dtype=torch.long, device=device) for i in self.layers}
+        self.slot_pos = {i: torch.zeros(rows, window, dtype=torch.long, device=device) for i in self.layers}
+        # Per row, on the host: frames written so far (prefix) and the newest position.
+        self.filled = [0] * rows
+        self.last_pos = [-1] * rows
+        self._plan: Optional[dict] = None
+
+    # -- per forward ------------------------------------------------------------------------------
+    def begin(self, positions: Sequence[int], frames: int) -> None:
+        """Plan a forward whose row r brings `frames` new frames starting at position positions[r]."""
+        full, host_slot = [], []
+        for r, p in enumerate(positions):
+            is_full = p + frames > self.window or self.filled[r] >= self.window
+            if is_full and frames != 1:
+                raise ValueError("only single-frame chunks can evict")
+            if is_full and p < self.last_pos[r]:
+                self._rebase(r, self.last_pos[r] + 1 - p)
+            full.append(is_full)
+            host_slot.append(0 if is_full else p)
+            self.filled[r] = self.window if is_full else p + frames
+            self.last_pos[r] = p + frames - 1
+        dev = self.device
+        valid = None
+        if not all(full):
+            slots = torch.arange(self.window * self.frame_tokens, device=dev) // self.frame_tokens
+            valid = slots[None, :] < torch.tensor(self.filled, device=dev)[:, None]
+        self._plan = dict(
+            frames=frames,
+            full=torch.tensor(full, device=dev),
+            any_full=any(full),
+            host_slot=host_slot,
+            host_slot_t=torch.tensor(host_slot, device=dev),
+            pos=torch.tensor(list(positions), device=dev),
+            valid=valid,
+        )
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write this forward's keys/values of `layer`; return (keys, values, key_valid) to attend to."""
+        plan = self._plan
+        assert plan is not None, "begin() first"
+        kc, vc = self.k[layer], self.v[layer]
+        rows, t = self.rows, self.frame_tokens
+        if plan["frames"] > 1:  # first chunk: contiguous prefix, never evicting
+            for r, p in enumerate(plan["host_slot"]):
+                kc[r, p * t : (p + plan["frames"]) * t] = k[r]
+                vc[r, p * t : (p + plan["frames"]) * t] = v[r]
+                self.slot_pos[layer][r, p : p + plan["frames"]] = torch.arange(p, p + plan["frames"], device=self.device)
+            return kc, vc, plan["valid"]
+        slot = plan["host_slot_t"]
+        if plan["any_full"]:
+            slot = torch.where(plan["full"], self._evict_slot(layer, k, v, plan["full"]), slot)
+        idx = torch.arange(rows, device=self.device)
+        kc.view(rows, self.window, t, *kc.shape[2:])[idx, slot] = k.view(rows, t, *k.shape[2:])
+        vc.view(rows, self.window, t, *vc.shape[2:])[idx, slot] = v.view(rows, t, *v.shape[2:])
+        self.slot_pos[layer][idx, slot] = plan["pos"]
+        return kc, vc, plan["valid"]
+
+    def _evict_slot(self, layer: int, k: torch.Tensor, v: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        s, rolling = self.num_sink, self.window - self.num_sink
+        rr = self.rr[layer]
+        slot = s + rr % rolling
+        if self.sink_threshold is not None and s > 0:
+            rows, t = self.rows, self.frame_tokens
+            ks = self.k[layer][:, : s * t].reshape(rows, s, t, -1).mean(2)
+            vs = self.v[layer][:, : s * t].reshape(rows, s, t, -1).mean(2)
+            kn = k.reshape(rows, 1, t, -1).mean(2)
+            vn = v.reshape(rows, 1, t, -1).mean(2)
+            sim = (F.cosine_similarity(ks.float(), kn.float(), dim=-1) + F.cosine_similarity(vs.float(), vn.float(), dim=-1)) / 2
+            low_val, low_idx = sim.min(dim=1)
+            refresh = low_val < self.sink_threshold
+            slot = torch.where(refresh, low_idx, slot)
+            rr += (full & ~refresh).long()
+        else:
+            rr += full.long()
+        return slot
+
+    # -- position wrap ----------------------------------------------------------------------------
+    def _rebase(self, row: int, delta: int) -> None:
+        """Positions of `row` jump back by `delta`: move rolling keys with them, put sinks at slot index."""
+        w, t = self.window, self.frame_tokens
+        slot_idx = torch.arange(w, device=self.device)
+        for layer in self.layers:
+            old = self.slot_pos[layer][row]
+            new = torch.where(slot_idx < self.num_sink, slot_idx, old - delta)
+            ang = self.rope.time_angles(new - old).repeat_interleave(t, dim=0)[None]  # [1, W*T, pairs]
+            k = self.k[layer][row : row + 1]
+            self.k[layer][row : row + 1] = rotate(k, ang.cos(), ang.sin())
+            self.slot_pos[layer][row] = new
+
+    # -- stream batch bookkeeping -------------------------------------------------------------------
+    def expand_rows(self, rows: int) -> None:
+        """Replicate row 0 into `rows` rows (after the first chunk, one row per denoising step)."""
+        for i in self.layers:
+            self.k[i] = self.k[i][:1].repeat(rows, 1, 1, 1)
+            self.v[i] = self.v[i][:1].repeat(rows, 1, 1, 1)
+            self.rr[i] = self.rr[i][:1].repeat(rows)
+            self.slot_pos[i] = self.slot_pos[i][:1].repeat(rows, 1)
+        self.filled = self.filled[:1] * rows
+        self.last_pos = self.last_pos[:1] * rows
+        self.rows = rows

@@ -1,0 +1,48 @@
+"""Motion-aware noise controller (DESIGN §3): more motion -> less noise.
+
+d = max over the chunk's frames of RMS(x_f - x_{f-1}) on pixels in [-1, 1];  m = clip(d / sigma, 0, 1);
+s = lam * (s_max - (s_max - s_min) * m) + (1 - lam) * s_prev;  first timestep = int(1000 * s) - 100.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class NoiseController:
+    s_max: float = 0.8
+    s_min: float = 0.7
+    sigma: float = 0.2
+    smoothing: float = 0.9
+    enabled: bool = True
+    strength: Optional[float] = None  # current s; starts at s_max
+    last_frame: Optional[torch.Tensor] = None  # [C, H, W], the previous chunk's last frame
+
+    def __post_init__(self) -> None:
+        if self.strength is None:
+            self.strength = self.s_max
+
+    def step(self, frames: torch.Tensor) -> float:
+        """frames [C, T, H, W] in [-1, 1]; returns the noise strength s for this chunk."""
+        if self.last_frame is None:
+            # first chunk: nothing to compare with yet; the stream starts at s_max
+            self.last_frame = frames[:, -1]
+            return float(self.strength)
+        if self.enabled:
+            seq = torch.cat([self.last_frame[:, None], frames], dim=1).float()
+            rms = (seq[:, 1:] - seq[:, :-1]).pow(2).mean(dim=(0, 2, 3)).sqrt()
+            m = float((rms.max() / self.sigma).clamp(0, 1))
+            target = self.s_max - (self.s_max - self.s_min) * m
+            self.strength = self.smoothing * target + (1 - self.smoothing) * float(self.strength)
+        else:
+            self.strength = self.s_max
+        self.last_frame = frames[:, -1]
+        return float(self.strength)
+
+    @staticmethod
+    def timestep(strength: float) -> int:
+        return int(1000 * strength) - 100

@@ -1,0 +1,255 @@
+"""One stream session: frames + pts in, generated frames + pts out (DESIGN §3, §5).
+
+Everything that changes while streaming lives here (VAE caches, KV cache, rows in flight, noise
+controller, RNG, prompt K/V); the engine's weights are shared read-only by all sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import numpy as np
+import torch
+
+from engine.noise_control import NoiseController
+from engine.stream_batch import StreamBatch
+from interface.controls import StreamParams, StreamUpdate
+
+if TYPE_CHECKING:
+    from engine.runtime import StreamEngine
+
+log = logging.getLogger(__name__)
+
+OutputFrame = tuple[np.ndarray, int]
+FIRST_CHUNK = 5  # 5 pixel frames -> 2 latent frames
+CHUNK = 4  # then 4 -> 1
+
+
+@dataclass
+class PromptBlend:
+    """Cross-attention K/V moving from `old` to `new` over `chunks` chunks (prompt transition)."""
+
+    old: list
+    new: list
+    chunks: int
+    done: int = 0
+
+    def current(self) -> list:
+        a = min(1.0, (self.done + 1) / (self.chunks + 1))
+        return [(ko.lerp(kn, a), vo.lerp(vn, a)) for (ko, vo), (kn, vn) in zip(self.old, self.new)]
+
+
+@dataclass
+class _Pending:
+    pts: list[int] = field(default_factory=list)
+
+
+class StreamSession:
+    def __init__(self, engine: "StreamEngine", prompt: str, params: Optional[StreamParams] = None) -> None:
+        self.engine = engine
+        self.id = uuid.uuid4().hex[:12]
+        self.params = params or StreamParams()
+        d = engine.defaults
+        self.steps = self.params.steps or d.steps
+        self.transition_chunks = d.transition_chunks if self.params.transition_chunks is None else self.params.transition_chunks
+        s_max = d.noise_strength if self.params.noise_strength is None else self.params.noise_strength
+        self._controller_args = dict(
+            s_max=s_max,
+            s_min=max(0.0, s_max - (d.noise_strength - d.noise_strength_min)),
+            sigma=d.motion_sigma,
+            smoothing=d.motion_smoothing,
+        )
+        self.prompt = prompt
+        self.generator = torch.Generator(device=engine.device).manual_seed(self.params.seed)
+        self.cross_kv = engine.prompt_kv(prompt)
+        self.blend: Optional[PromptBlend] = None
+        self._updates: list[StreamUpdate] = []
+        self.stats: dict[str, float] = {}
+        self.chunks_in = 0
+        self.closed = False
+        self._reset_stream()
+
+    # -- public API ---------------------------------------------------------------------------------
+    @property
+    def chunk_frames(self) -> int:
+        """How many frames the next chunk takes."""
+        return FIRST_CHUNK if self.vae_state is None else CHUNK
+
+    @torch.no_grad()
+    def push(self, frames: np.ndarray, pts: Sequence[int]) -> list[OutputFrame]:
+        """frames uint8 [T, H, W, 3] at the engine's size, with one pts each; any T (buffered)."""
+        self._check_open()
+        frames = np.asarray(frames)
+        h, w = self.engine.info.height, self.engine.info.width
+        if frames.ndim != 4 or frames.shape[1:] != (h, w, 3) or frames.dtype != np.uint8:
+            raise ValueError(f"frames must be uint8 [T, {h}, {w}, 3], got {frames.dtype} {list(frames.shape)}")
+        if len(pts) != len(frames):
+            raise ValueError(f"{len(frames)} frames but {len(pts)} pts")
+        self._buf_frames.extend(frames)
+        self._buf_pts.extend(int(p) for p in pts)
+        out: list[OutputFrame] = []
+        while len(self._buf_frames) >= self.chunk_frames:
+            n = self.chunk_frames
+            chunk = np.stack(self._buf_frames[:n])
+            chunk_pts = self._buf_pts[:n]
+            del self._buf_frames[:n], self._buf_pts[:n]
+            out += self._run_chunk(chunk, chunk_pts)
+        return out
+
+    def update(self, update: StreamUpdate) -> None:
+        """Queue a live change; it is applied at the next chunk boundary."""
+        self._check_open()
+        self._updates.append(update)
+
+    @torch.no_grad()
+    def flush(self) -> list[OutputFrame]:
+        """Drain the chunks in flight (the stream can go on afterwards). Leftover frames short of a
+        chunk are padded with the last frame so that every input frame yields one output frame."""
+        self._check_open()
+        out: list[OutputFrame] = []
+        if self._buf_frames:
+            short = self.chunk_frames - len(self._buf_frames)
+            pts = list(self._buf_pts)
+            chunk = np.stack(self._buf_frames + [self._buf_frames[-1]] * short)
+            self._buf_frames, self._buf_pts = [], []
+            got = self._run_chunk(chunk, pts + [None] * short)  # type: ignore[list-item]
+            out += [o for o in got if o[1] is not None]
+        out += self._drain()
+        return out
+
+    def close(self) -> None:
+        self.closed = True
+        self.batch = None  # free the KV cache now, not when the last reference goes
+        self.vae_state = None
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError(f"session {self.id} is closed")
+
+    def _noise(self, shape: torch.Size) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator, device=self.engine.device, dtype=self.engine.dtype)
+
+    def _reset_stream(self) -> None:
+        self.vae_state = None  # None until the first chunk: then the next chunk needs 5 frames
+        self.batch = self._new_batch()
+        self.controller = NoiseController(**self._controller_args)
+        self._in_flight: deque[Optional[list]] = deque()
+        self._buf_frames: list[np.ndarray] = []
+        self._buf_pts: list[int] = []
+        self._last_t0 = NoiseController.timestep(self.controller.s_max)
+
+    def _new_batch(self) -> StreamBatch:
+        e, d = self.engine, self.engine.defaults
+        return StreamBatch(
+            dit=e.dit,
+            rope=e.rope,
+            steps=self.steps,
+            window=d.num_kv_cache,
+            num_sink=d.num_sink,
+            sink_threshold=d.sink_refresh_threshold,
+            rope_reset=d.rope_reset_frames,
+            latent_hw=(e.info.height // 8, e.info.width // 8),
+            noise=self._noise,
+        )
+
+    def _apply_updates(self) -> list[OutputFrame]:
+        out: list[OutputFrame] = []
+        updates, self._updates = self._updates, []
+        for u in updates:
+            if u.reset:
+                self._reset_stream()
+                self.blend = None
+            if u.transition_chunks is not None:
+                self.transition_chunks = u.transition_chunks
+            if u.prompt is not None and u.prompt != self.prompt:
+                new = self.engine.prompt_kv(u.prompt)
+                old = self.blend.current() if self.blend else self.cross_kv
+                self.blend = PromptBlend(old, new, self.transition_chunks) if self.transition_chunks > 0 else None
+                self.cross_kv, self.prompt = new, u.prompt
+            if u.seed is not None:
+                self.generator.manual_seed(u.seed)
+            if u.noise_strength is not None:
+                gap = self._controller_args["s_max"] - self._controller_args["s_min"]
+                self._controller_args.update(s_max=u.noise_strength, s_min=max(0.0, u.noise_strength - gap))
+                self.controller.s_max, self.controller.s_min = self._controller_args["s_max"], self._controller_args["s_min"]
+            if u.motion_control is not None:
+                self.controller.enabled = u.motion_control
+            if u.steps is not None and u.steps != self.steps:
+                # A new row count needs a new stream batch: finish the chunks in flight first so no
+                # frame is lost, then the next chunk primes the new batch on the same VAE stream.
+                out += self._drain()
+                self.steps = u.steps
+                self.batch = self._new_batch()
+                self._in_flight.clear()  # only padding chunks were left
+        return out
+
+    def _kv_now(self) -> list:
+        if self.blend is None:
+            return self.cross_kv
+        kv = self.blend.current()
+        self.blend.done += 1
+        if self.blend.done >= self.blend.chunks:
+            self.blend = None
+        return kv
+
+    def _run_chunk(self, chunk: np.ndarray, pts: list) -> list[OutputFrame]:
+        e = self.engine
+        out = self._apply_updates() if self._updates else []
+        sync = e.synchronize
+        t_start = time.perf_counter()
+        video = e.to_video_tensor(chunk)  # [1, 3, T, H, W] in [-1, 1]
+        strength = self.controller.step(video[0])
+        t0 = NoiseController.timestep(strength)
+        self._last_t0 = t0
+        first = self.vae_state is None
+        if first:
+            self.vae_state = e.vae.new_stream_state()
+        latent = e.vae.stream_encode(video.to(e.dtype), self.vae_state).to(e.dtype)
+        sync()
+        t_enc = time.perf_counter()
+        kv = self._kv_now()
+        self._in_flight.append(pts)
+        if not self.batch.primed:
+            x0: Optional[torch.Tensor] = self.batch.prime(latent, strength, t0, kv)
+        else:
+            x0 = self.batch.push(latent, strength, t0, kv)
+        sync()
+        t_dit = time.perf_counter()
+        if x0 is not None:
+            out += self._decode(x0)
+        sync()
+        t_end = time.perf_counter()
+        self.chunks_in += 1
+        self.stats = {
+            "vae_encode_ms": 1000 * (t_enc - t_start),
+            "dit_ms": 1000 * (t_dit - t_enc),
+            "vae_decode_ms": 1000 * (t_end - t_dit),
+            "noise_strength": strength,
+            "timestep": float(t0),
+        }
+        return out
+
+    def _decode(self, x0: torch.Tensor) -> list[OutputFrame]:
+        pts = self._in_flight.popleft()
+        if pts is None:  # a padding chunk from a drain: never decoded, so the VAE stream skips it
+            return []
+        frames = self.engine.to_uint8(self.engine.vae.stream_decode(x0, self.vae_state))
+        return [(f, p) for f, p in zip(frames, pts) if p is not None]
+
+    def _drain(self) -> list[OutputFrame]:
+        """Push pure-noise chunks until every real chunk in flight has left the batch."""
+        out: list[OutputFrame] = []
+        if not self.batch.primed:
+            return out
+        while any(p is not None for p in self._in_flight):
+            self._in_flight.append(None)
+            x0 = self.batch.push(None, 1.0, self._last_t0, self._kv_now())
+            if x0 is not None:
+                out += self._decode(x0)
+        return out

@@ -1,0 +1,131 @@
+"""The DiT side of the streaming algorithm for one session (DESIGN §3): the first chunk is denoised
+step by step in one row; after it, n chunks are in flight, one per noise level, run as one batch of n
+rows through the DiT. Each forward takes a new chunk in at the noisiest level and lets the cleanest out.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from engine import flow
+from engine.dit import AttnInputs, WanDiT
+from engine.kv_cache import StreamKVCache
+from engine.rope import Rope
+
+NoiseFn = Callable[[torch.Size], torch.Tensor]
+
+
+def dit_step(
+    dit: WanDiT,
+    rope: Rope,
+    cache: StreamKVCache,
+    cross_kv: list,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    positions: Sequence[int],
+) -> torch.Tensor:
+    """One cached DiT forward: x [R, 16, F, H, W] at timesteps t [R, F], row r starting at positions[r].
+
+    Returns the x0 prediction [R, 16, F, H, W].
+    """
+    emb = dit.embed(x, t)
+    f, h, w = emb.grid
+    ang = rope.angles(torch.tensor(list(positions)), f, h, w)
+    cache.begin(positions, f)
+    a = AttnInputs(cos=ang.cos(), sin=ang.sin(), cache=cache)
+    tokens = dit.run_blocks(emb.tokens, emb, a, cross_kv, cache.layers)
+    return flow.to_x0(dit.finish(tokens, emb), x, t)
+
+
+class StreamBatch:
+    """Holds the rows in flight, their positions and the KV cache of one session."""
+
+    def __init__(
+        self,
+        dit: WanDiT,
+        rope: Rope,
+        steps: int,
+        window: int,
+        num_sink: int,
+        sink_threshold: Optional[float],
+        rope_reset: int,
+        latent_hw: tuple[int, int],
+        noise: NoiseFn,
+    ) -> None:
+        cfg = dit.cfg
+        p = dit.patch_embedding.weight
+        self.dit, self.rope, self.noise = dit, rope, noise
+        self.steps = flow.step_list(steps)
+        self.window, self.rope_reset = window, rope_reset
+        h, w = latent_hw
+        self.cache = StreamKVCache(
+            layers=range(cfg.num_layers),
+            rows=1,
+            window=window,
+            frame_tokens=(h // cfg.patch_size[1]) * (w // cfg.patch_size[2]),
+            heads=cfg.num_heads,
+            head_dim=cfg.head_dim,
+            num_sink=num_sink,
+            sink_threshold=sink_threshold,
+            rope=rope,
+            dtype=p.dtype,
+            device=p.device,
+        )
+        self.hidden: Optional[torch.Tensor] = None  # [n, 16, 1, h, w] rows in flight
+        self.row_pos: list[int] = []
+        self.next_pos = 0
+        self.forwards = 0  # stream forwards since the first chunk
+
+    @property
+    def primed(self) -> bool:
+        return self.hidden is not None
+
+    @property
+    def lag(self) -> int:
+        return len(self.steps) - 1
+
+    def _t(self, values: Sequence[int], frames: int) -> torch.Tensor:
+        return torch.tensor(list(values), device=self.cache.device)[:, None].expand(-1, frames)
+
+    def prime(self, latent: torch.Tensor, strength: float, t0: int, cross_kv: list) -> torch.Tensor:
+        """Denoise the first chunk (latent [1, 16, F, h, w]) through every step; returns its x0."""
+        frames = latent.shape[2]
+        x = strength * self.noise(latent.shape) + (1 - strength) * latent
+        x = x.to(latent.dtype)
+        ts = [t0] + self.steps[1:]
+        for i, t in enumerate(ts):
+            x0 = dit_step(self.dit, self.rope, self.cache, cross_kv, x, self._t([t], frames), [0])
+            if i + 1 < len(ts):
+                x = flow.add_noise(x0, self.noise(x0.shape), torch.tensor([ts[i + 1]], device=x0.device))
+        n = len(self.steps)
+        self.cache.expand_rows(n)
+        self.hidden = torch.zeros((n, *latent.shape[1:2], 1, *latent.shape[3:]), dtype=latent.dtype, device=latent.device)
+        self.row_pos = [frames] * n
+        self.next_pos = frames
+        self.forwards = 0
+        return x0
+
+    def push(self, latent: Optional[torch.Tensor], strength: float, t0: int, cross_kv: list) -> Optional[torch.Tensor]:
+        """One stream forward with a new 1-frame chunk (latent [1, 16, 1, h, w], or None for pure noise
+        while draining). Returns the x0 of the chunk that leaves, or None while the pipeline fills."""
+        assert self.hidden is not None, "prime() first"
+        shape = (1, *self.hidden.shape[1:])
+        eps = self.noise(torch.Size(shape))
+        new = eps if latent is None else strength * eps + (1 - strength) * latent
+        pos = self.next_pos
+        if pos >= self.rope_reset:  # RoPE refresh: wrap to the last window slot
+            pos = self.window - 1
+        self.next_pos = pos + 1
+        self.hidden = torch.cat([new.to(self.hidden.dtype), self.hidden[:-1]])
+        self.row_pos = [pos] + self.row_pos[:-1]
+        ts = [t0] + self.steps[1:]
+        x0 = dit_step(self.dit, self.rope, self.cache, cross_kv, self.hidden, self._t(ts, 1), self.row_pos)
+        for i in range(len(ts) - 1):
+            x0[i : i + 1] = flow.add_noise(
+                x0[i : i + 1], self.noise(torch.Size(shape)), torch.tensor([self.steps[i + 1]], device=x0.device)
+            )
+        self.hidden = x0
+        self.forwards += 1
+        return x0[-1:] if self.forwards > self.lag else None
