@@ -61,9 +61,10 @@ def check_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], sourc
         raise CheckpointError(f"{source} does not match the {type(module).__name__} architecture: " + "; ".join(problems))
 
 
-def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, assign: bool = False) -> None:
+    """Strict load; `assign` adopts the (mmap'd) tensors instead of copying into existing ones."""
     check_state_dict(module, state, source)
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=assign)
 
 
 def _torch_load(path: Path) -> object:

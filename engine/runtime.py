@@ -136,9 +136,7 @@ class StreamEngine:
                 return self._finish(WanDiT(self.cfg.dit))  # type: ignore[return-value]
         with torch.device("meta"):
             dit = WanDiT(self.cfg.dit)
-        state = self.layout.dit_state()
-        load_into(dit, state, str(self.layout.causal))
-        dit.load_state_dict(state, strict=True, assign=True)
+        load_into(dit, self.layout.dit_state(), str(self.layout.causal), assign=True)
         return self._finish(dit)  # type: ignore[return-value]
 
     def _build_vae(self) -> WanVAE:

@@ -72,6 +72,8 @@ class StreamSession:
         self.stats: dict[str, float] = {}
         self.chunks_in = 0
         self.closed = False
+        self._buf_frames: list[np.ndarray] = []  # input not yet cut into a chunk
+        self._buf_pts: list[int] = []
         self._reset_stream()
 
     # -- public API ---------------------------------------------------------------------------------
@@ -93,8 +95,12 @@ class StreamSession:
         self._buf_frames.extend(frames)
         self._buf_pts.extend(int(p) for p in pts)
         out: list[OutputFrame] = []
-        while len(self._buf_frames) >= self.chunk_frames:
+        while True:
+            if self._updates:  # chunk boundary: a reset changes how many frames the next chunk takes
+                out += self._apply_updates()
             n = self.chunk_frames
+            if len(self._buf_frames) < n:
+                break
             chunk = np.stack(self._buf_frames[:n])
             chunk_pts = self._buf_pts[:n]
             del self._buf_frames[:n], self._buf_pts[:n]
@@ -111,7 +117,7 @@ class StreamSession:
         """Drain the chunks in flight (the stream can go on afterwards). Leftover frames short of a
         chunk are padded with the last frame so that every input frame yields one output frame."""
         self._check_open()
-        out: list[OutputFrame] = []
+        out: list[OutputFrame] = self._apply_updates() if self._updates else []
         if self._buf_frames:
             short = self.chunk_frames - len(self._buf_frames)
             pts = list(self._buf_pts)
@@ -140,8 +146,6 @@ class StreamSession:
         self.batch = self._new_batch()
         self.controller = NoiseController(**self._controller_args)
         self._in_flight: deque[Optional[list]] = deque()
-        self._buf_frames: list[np.ndarray] = []
-        self._buf_pts: list[int] = []
         self._last_t0 = NoiseController.timestep(self.controller.s_max)
 
     def _new_batch(self) -> StreamBatch:
@@ -200,7 +204,7 @@ class StreamSession:
 
     def _run_chunk(self, chunk: np.ndarray, pts: list) -> list[OutputFrame]:
         e = self.engine
-        out = self._apply_updates() if self._updates else []
+        out: list[OutputFrame] = []
         sync = e.synchronize
         t_start = time.perf_counter()
         video = e.to_video_tensor(chunk)  # [1, 3, T, H, W] in [-1, 1]

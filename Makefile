@@ -1,0 +1,37 @@
+# make run   — set up .venv and start the server (real model if weights are given, else `tiny`)
+# make test  — set up .venv (+ Chromium for the browser test) and run the test suite on the CPU
+# make bench — GPU benchmarks (see docs/BENCHMARKS.md)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+ARGS ?=
+
+.PHONY: install run test bench browser clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CPU wheel of torch 2.13 where the machine has it; any torch >= 2.4 otherwise
+	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.4"
+	$(BIN)/pip install -q -e ".[dev,parity]"
+	# the reference implementation, only for parity tests and side-by-side benchmarks
+	$(BIN)/pip install -q --no-deps "streamdiffusionv2==0.1.1"
+	rm -f $(VENV)/.installed-*; touch $@
+
+install: $(STAMP)
+
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+run: install
+	$(BIN)/python -m server $(ARGS)
+
+test: install browser
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: install
+	$(BIN)/python -m bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,80 @@
+"""Offline CLI:
+
+    python -m engine render --input IN --output OUT.mp4|OUT.npz --prompt TEXT [--model tiny|wan-1.3b|wan-14b]
+        [--weights DIR] [--steps N] [--height H --width W] [--devices cpu|cuda|cuda:N] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from engine.config import ConfigError, model_names
+
+log = logging.getLogger("engine.render")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    ap = _Parser(prog="python -m engine")
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("render", help="restyle a video file offline")
+    r.error = ap.error  # type: ignore[method-assign]
+    r.add_argument("--input", required=True, type=Path)
+    r.add_argument("--output", required=True, type=Path)
+    r.add_argument("--prompt", required=True)
+    r.add_argument("--model", default="tiny")
+    r.add_argument("--weights", type=Path)
+    r.add_argument("--steps", type=int)
+    r.add_argument("--height", type=int)
+    r.add_argument("--width", type=int)
+    r.add_argument("--devices", default="auto")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    if not args.input.is_file():
+        ap.error(f"--input {args.input}: no such file")
+    if args.output.suffix not in (".mp4", ".npz"):
+        ap.error(f"--output {args.output}: use a .mp4 or .npz file name")
+    if not args.output.parent.is_dir():
+        ap.error(f"--output {args.output}: folder {args.output.parent} does not exist")
+    if args.model not in model_names() and not args.model.endswith((".yaml", ".yml")):
+        ap.error(f"--model {args.model}: unknown, choose one of {', '.join(model_names())}")
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v is not None and (v <= 0 or v % 16):
+            ap.error(f"--{name} {v}: must be a positive multiple of 16")
+    if (args.height is None) != (args.width is None):
+        ap.error("--height and --width go together")
+    if args.steps is not None and not 1 <= args.steps <= 4:
+        ap.error(f"--steps {args.steps}: must be 1..4")
+    if args.weights is not None and not args.weights.is_dir():
+        ap.error(f"--weights {args.weights}: no such folder")
+    if "," in args.devices:
+        ap.error("--devices: the offline renderer runs on one device (cpu, cuda or cuda:N)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from engine.checkpoint import CheckpointError
+    from engine.render import render
+
+    try:
+        n = render(args)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        print(f"python -m engine: error: {exc}", file=sys.stderr)
+        return 2
+    log.info("wrote %d frames to %s", n, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,463 @@
+"""Wan2.1 video VAE with streaming ("Stream-VAE") encode/decode (DESIGN §2).
+
+Architecture: causal 3D convolutions; 4 pixel frames <-> 1 latent frame, spatial stride 8. Frame 0
+is special: it is encoded/decoded on its own, so a clip of 1+4k frames maps to 1+k latents.
+
+Module paths equal the checkpoint's state-dict keys (`encoder.downsamples.3.residual.2.weight`), so
+`Wan2.1_VAE.pth` loads with load_state_dict(strict=True). That is why some nn.Sequential containers
+hold parameter-free placeholders: they keep the checkpoint's indices.
+
+Streaming: every causal conv needs the last 2 frames of its input history; the downsampling time
+conv needs the last frame. Those tensors live in a `VAEStreamState` owned by the caller, never on
+the module, so one module serves many sessions concurrently. Processing a clip in chunks with a
+state gives the same result as processing it whole (`encode`/`decode`).
+
+Normalisation convention (mirrors the reference, see `stream_encode`): encode returns the raw
+posterior mean unless `normalize=True`; decode always expects normalised latents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.config import VAEConfig
+
+# Per-channel statistics of the Wan2.1 latent space: normalised z = (mu - mean) / std.
+LATENT_MEAN: tuple[float, ...] = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)
+LATENT_STD: tuple[float, ...] = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)
+
+CACHE_T = 2  # frames of input history a kernel-3 causal conv needs
+
+# One cache slot per stateful conv; None = this conv has seen no frame yet.
+Cache = list[Optional[torch.Tensor]]
+
+
+@dataclass
+class VAEStreamState:
+    """Per-session streaming state: the conv caches of the encoder and of the decoder.
+
+    Encode and decode are independent streams; reset one with `reset_encode`/`reset_decode`.
+    """
+
+    enc: Cache
+    dec: Cache
+    enc_started: bool = False
+    dec_started: bool = False
+    _enc_slots: int = field(default=0, repr=False)
+    _dec_slots: int = field(default=0, repr=False)
+
+    def reset_encode(self) -> None:
+        self.enc = [None] * self._enc_slots
+        self.enc_started = False
+
+    def reset_decode(self) -> None:
+        self.dec = [None] * self._dec_slots
+        self.dec_started = False
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.shape[1] > 1 and x.stride(1) == 1
+
+
+def _zeros_like_layout(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """Zero frames shaped like x's, in x's memory layout (so torch.cat keeps that layout)."""
+    b, c, _, h, w = x.shape
+    fmt = torch.channels_last_3d if _is_channels_last(x) else torch.contiguous_format
+    return torch.empty((b, c, frames, h, w), dtype=x.dtype, device=x.device, memory_format=fmt).zero_()
+
+
+def _history_tail(prev: Optional[torch.Tensor], x: torch.Tensor, n: int = CACHE_T) -> torch.Tensor:
+    """Last `n` frames of cat(prev, x) along time, copying only those frames."""
+    t = x.shape[2]
+    if t >= n or prev is None:
+        # clone: a view would keep the whole chunk's storage alive until the next call
+        return x[:, :, -n:].clone()
+    return torch.cat([prev[:, :, prev.shape[2] - (n - t):], x], 2)
+
+
+def _conv2d_per_frame(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 2D conv to every frame of [B,C,T,H,W] as a (1,k,k) 3D conv: no (b t) reshuffle."""
+    return F.conv3d(x, conv.weight.unsqueeze(2), conv.bias, (1, *conv.stride), (0, *conv.padding))
+
+
+class CausalConv3d(nn.Conv3d):
+    """3D conv that pads time on the past side only, with the past taken from a cache when streaming.
+
+    Spatial padding is the conv's own (symmetric zeros); the temporal padding of 2*p frames goes
+    entirely in front. In streaming mode the front frames are the cached tail of the input history
+    (zeros where the history is shorter), so chunked processing equals whole-clip processing.
+    """
+
+    slot: int = -1  # index into the stream cache, assigned by WanVAE
+
+    def __init__(self, cin: int, cout: int, kernel: int | tuple[int, int, int],
+                 padding: int | tuple[int, int, int] = 0) -> None:
+        pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
+        super().__init__(cin, cout, kernel, padding=(0, ph, pw))
+        self.t_pad = 2 * pt
+
+    def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        if cache is None:
+            if self.t_pad:
+                x = F.pad(x, (0, 0, 0, 0, self.t_pad, 0))
+            return super().forward(x)
+        prev = cache[self.slot]
+        cache[self.slot] = _history_tail(prev, x)
+        parts = [x] if prev is None else [prev, x]
+        missing = self.t_pad - (0 if prev is None else prev.shape[2])
+        if missing > 0:
+            parts.insert(0, _zeros_like_layout(x, missing))
+        return super().forward(torch.cat(parts, 2) if len(parts) > 1 else x)
+
+
+class RMSNorm(nn.Module):
+    """Channel RMS norm: x / ||x||_channels * sqrt(C) * gamma (no eps beyond F.normalize's 1e-12).
+
+    `images` only selects the stored gamma shape of the checkpoint ((C,1,1) vs (C,1,1,1)).
+    """
+
+    def __init__(self, dim: int, images: bool = False) -> None:
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12)
+        g = (self.gamma.reshape(-1, *([1] * (x.dim() - 2))) * self.scale).to(x.dtype)
+        return (x / norm).mul_(g)
+
+
+def _norm_silu(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.silu(norm(x), inplace=True)
+
+
+class ResidualBlock(nn.Module):
+    """norm-SiLU-conv-norm-SiLU-conv plus a (1x1x1 conv when widths differ) shortcut."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        # Checkpoint layout: 0 norm, 1 SiLU, 2 conv, 3 norm, 4 SiLU, 5 dropout, 6 conv.
+        self.residual = nn.Sequential(
+            RMSNorm(cin), nn.SiLU(), CausalConv3d(cin, cout, 3, padding=1),
+            RMSNorm(cout), nn.SiLU(), nn.Identity(), CausalConv3d(cout, cout, 3, padding=1))
+        self.shortcut = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        r = self.residual
+        h = r[2](_norm_silu(r[0], x), cache)
+        h = r[6](_norm_silu(r[3], h), cache)
+        return h.add_(self.shortcut(x))
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the H*W positions of each frame separately."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        y = self.norm(x).permute(0, 2, 3, 4, 1)  # [b,t,h,w,c]: 1x1 convs become linears
+        qkv = F.linear(y, self.to_qkv.weight.view(3 * c, c), self.to_qkv.bias)
+        q, k, v = qkv.view(b * t, 1, h * w, 3 * c).chunk(3, dim=-1)
+        o = F.scaled_dot_product_attention(q, k, v)
+        o = F.linear(o.reshape(b, t, h, w, c), self.proj.weight.view(c, c), self.proj.bias)
+        return x + o.permute(0, 4, 1, 2, 3)
+
+
+class Downsample(nn.Module):
+    """Spatial /2 (pad right/bottom, stride-2 conv); optionally time /2 with a stride-2 time conv.
+
+    Time: frame 0 passes through alone; later frames pair up as windows [f(2i), f(2i+1), f(2i+2)]
+    of the whole history, so a stream must keep the last input frame.
+    """
+
+    slot: int = -1
+
+    def __init__(self, dim: int, temporal: bool) -> None:
+        super().__init__()
+        # index 0 held ZeroPad2d in the checkpoint's layout; the conv's key is resample.1.*
+        self.resample = nn.Sequential(nn.Identity(), nn.Conv2d(dim, dim, 3, stride=2))
+        self.temporal = temporal
+        if temporal:
+            self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+
+    def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        x = _conv2d_per_frame(self.resample[1], F.pad(x, (0, 1, 0, 1)))
+        if not self.temporal:
+            return x
+        if cache is None:
+            prev, first = None, True
+        else:
+            prev = cache[self.slot]
+            first = prev is None
+            cache[self.slot] = x[:, :, -1:].clone()
+        if first:
+            # frame 0 is kept as is; the rest starts windowing at frame 0
+            rest = self.time_conv(x) if x.shape[2] > 1 else None
+            return x[:, :, :1] if rest is None else torch.cat([x[:, :, :1], rest], 2)
+        return self.time_conv(torch.cat([prev, x], 2))
+
+
+class Upsample(nn.Module):
+    """Optionally time x2 (causal time conv to 2C channels, interleaved), then spatial x2 + conv to C/2.
+
+    Time: the first frame ever is not doubled, and the time conv's history starts after it (the
+    reference zero-pads there instead of looking at frame 0).
+    """
+
+    def __init__(self, dim: int, temporal: bool) -> None:
+        super().__init__()
+        # index 0 held the nearest-exact Upsample in the checkpoint's layout
+        self.resample = nn.Sequential(nn.Identity(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+        self.temporal = temporal
+        if temporal:
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+
+    def _double_time(self, x: torch.Tensor, cache: Optional[Cache]) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        # channel halves are the two output frames of each input frame: t0a t0b t1a t1b ...
+        y = self.time_conv(x, cache).view(b, 2, c, t, h, w)
+        if _is_channels_last(x):
+            return y.permute(0, 3, 1, 4, 5, 2).reshape(b, 2 * t, h, w, c).permute(0, 4, 1, 2, 3)
+        return y.permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+
+    def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        if self.temporal:
+            first = cache is None or cache[self.time_conv.slot] is None
+            if first:
+                if cache is not None:
+                    # empty history: the next frame's time conv sees zeros, not frame 0
+                    b, c, _, h, w = x.shape
+                    cache[self.time_conv.slot] = x.new_empty(b, c, 0, h, w)
+                if x.shape[2] > 1:
+                    x = torch.cat([x[:, :, :1], self._double_time(x[:, :, 1:], cache)], 2)
+            else:
+                x = self._double_time(x, cache)
+        x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact")
+        return _conv2d_per_frame(self.resample[1], x)
+
+
+class Encoder3d(nn.Module):
+    def __init__(self, dim: int, z_out: int, dim_mult: tuple[int, ...], num_res_blocks: int,
+                 temporal_downsample: tuple[bool, ...]) -> None:
+        super().__init__()
+        dims = [dim * m for m in (1, *dim_mult)]
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(num_res_blocks):
+                blocks.append(ResidualBlock(cin, cout))
+                cin = cout
+            if i < len(dim_mult) - 1:
+                blocks.append(Downsample(cout, temporal_downsample[i]))
+        self.downsamples = nn.Sequential(*blocks)
+        c = dims[-1]
+        self.middle = nn.Sequential(ResidualBlock(c, c), AttentionBlock(c), ResidualBlock(c, c))
+        self.head = nn.Sequential(RMSNorm(c), nn.SiLU(), CausalConv3d(c, z_out, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        x = self.conv1(x, cache)
+        for block in (*self.downsamples, *self.middle):
+            x = block(x, cache)
+        return self.head[2](_norm_silu(self.head[0], x), cache)
+
+
+class Decoder3d(nn.Module):
+    def __init__(self, dim: int, z_dim: int, dim_mult: tuple[int, ...], num_res_blocks: int,
+                 temporal_upsample: tuple[bool, ...]) -> None:
+        super().__init__()
+        dims = [dim * m for m in (dim_mult[-1], *reversed(dim_mult))]
+        self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
+        c = dims[0]
+        self.middle = nn.Sequential(ResidualBlock(c, c), AttentionBlock(c), ResidualBlock(c, c))
+        blocks: list[nn.Module] = []
+        for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                cin //= 2  # the previous Upsample's conv halves the width
+            for _ in range(num_res_blocks + 1):
+                blocks.append(ResidualBlock(cin, cout))
+                cin = cout
+            if i < len(dim_mult) - 1:
+                blocks.append(Upsample(cout, temporal_upsample[i]))
+        self.upsamples = nn.Sequential(*blocks)
+        self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        x = self.conv1(x, cache)
+        for block in (*self.middle, *self.upsamples):
+            x = block(x, cache)
+        return self.head[2](_norm_silu(self.head[0], x), cache)
+
+
+def _assign_slots(root: nn.Module) -> int:
+    """Number the modules that keep streaming history; returns how many there are."""
+    n = 0
+    for m in root.modules():
+        if isinstance(m, CausalConv3d) or (isinstance(m, Downsample) and m.temporal):
+            m.slot = n
+            n += 1
+    return n
+
+
+class WanVAE(nn.Module):
+    """Wan2.1 VAE. Stateless: streaming history lives in a `VAEStreamState` from `new_stream_state`.
+
+    Inputs are cast to the module's dtype (bf16 on GPU, float32 on CPU); outputs are in that dtype.
+    Spatial sizes must be multiples of 8. Videos are [B,3,T,H,W] in [-1,1], latents [B,16,t,H/8,W/8].
+
+    `channels_last` (None = on CUDA only) runs the activations in channels_last_3d layout: cuDNN's
+    bf16 kernels are NDHWC, so this saves layout conversions around every conv (about 14% on
+    encode, 4% on decode at 480x832 on an H100). Results are returned contiguous either way.
+    """
+
+    channels_last: Optional[bool] = None
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        self.z_dim = cfg.z_dim
+        self.encoder = Encoder3d(cfg.dim, cfg.z_dim * 2, cfg.dim_mult, cfg.num_res_blocks,
+                                 cfg.temporal_downsample)
+        self.conv1 = nn.Conv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)  # -> (mu, log_var)
+        self.conv2 = nn.Conv3d(cfg.z_dim, cfg.z_dim, 1)
+        self.decoder = Decoder3d(cfg.dim, cfg.z_dim, cfg.dim_mult, cfg.num_res_blocks,
+                                 tuple(reversed(cfg.temporal_downsample)))
+        self._enc_slots = _assign_slots(self.encoder)
+        self._dec_slots = _assign_slots(self.decoder)
+        # Not in the state dict; kept float32 even when the module is cast (see _apply).
+        self.register_buffer("latent_mean", torch.tensor(LATENT_MEAN).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("latent_std", torch.tensor(LATENT_STD).view(1, -1, 1, 1, 1), persistent=False)
+
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
+        super()._apply(fn, *args, **kwargs)
+        # .to(bf16) would round the statistics; normalisation is done in float32 anyway
+        self.latent_mean = self.latent_mean.float()
+        self.latent_std = self.latent_std.float()
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv2.weight.dtype
+
+    def new_stream_state(self) -> VAEStreamState:
+        return VAEStreamState(enc=[None] * self._enc_slots, dec=[None] * self._dec_slots,
+                              _enc_slots=self._enc_slots, _dec_slots=self._dec_slots)
+
+    # -- latent (de)normalisation and heads -------------------------------------------------
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.latent_mean.device != device:
+            # built on the meta device and loaded with assign=True: the buffers never got values
+            self.latent_mean = torch.tensor(LATENT_MEAN, device=device).view(1, -1, 1, 1, 1)
+            self.latent_std = torch.tensor(LATENT_STD, device=device).view(1, -1, 1, 1, 1)
+        return self.latent_mean, self.latent_std
+
+    def _mu(self, h: torch.Tensor, normalize: bool) -> torch.Tensor:
+        # only the mu half of conv1's output is ever used
+        w, b = self.conv1.weight[: self.z_dim], self.conv1.bias[: self.z_dim]
+        mu = F.conv3d(h, w, b)
+        if normalize:
+            mean, std = self._stats(mu.device)
+            mu = ((mu.float() - mean) / std).to(mu.dtype)
+        return mu
+
+    def _unnormalize(self, z: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(z.device)
+        z = (z.float() * std + mean).to(self.dtype)
+        return self.conv2(z)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Cast to the module dtype and the chosen memory layout in one copy."""
+        cl = x.is_cuda if self.channels_last is None else self.channels_last
+        fmt = torch.channels_last_3d if cl else torch.contiguous_format
+        return x.to(dtype=self.dtype, memory_format=fmt)
+
+    def _check_video(self, video: torch.Tensor) -> None:
+        if video.dim() != 5 or video.shape[1] != 3:
+            raise ValueError(f"video must be [B,3,T,H,W], got {tuple(video.shape)}")
+        if video.shape[3] % 8 or video.shape[4] % 8:
+            raise ValueError(f"H and W must be multiples of 8, got {tuple(video.shape[3:])}")
+
+    def _check_latent(self, z: torch.Tensor) -> None:
+        if z.dim() != 5 or z.shape[1] != self.z_dim or z.shape[2] < 1:
+            raise ValueError(f"latent must be [B,{self.z_dim},t>=1,h,w], got {tuple(z.shape)}")
+
+    # -- whole clip (offline reference path) ------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Encode a whole clip of 1+4k frames to 1+k latents in one pass (no chunking).
+
+        Same convention as `stream_encode`: raw mu unless `normalize`. Memory grows with T; use
+        the streaming path for long clips.
+        """
+        self._check_video(video)
+        if video.shape[2] % 4 != 1:
+            raise ValueError(f"encode needs 1+4k frames, got {video.shape[2]}")
+        return self._mu(self.encoder(self._prepare(video)), normalize).contiguous()
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Decode normalised latents [B,16,t,h,w] to 1+4(t-1) frames in [-1,1], in one pass."""
+        self._check_latent(latent)
+        return self.decoder(self._prepare(self._unnormalize(latent))).clamp_(-1, 1).contiguous()
+
+    # -- streaming --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def stream_encode(self, video: torch.Tensor, state: VAEStreamState,
+                      normalize: bool = False) -> torch.Tensor:
+        """Encode the next chunk of a stream: 1+4k frames on the first call, then 4k; k latents
+        per 4 frames (plus 1 for frame 0).
+
+        Quirk kept for parity with the reference (StreamDiffusionV2 calls its stream encode with
+        scale=None): the result is the raw posterior mean mu, NOT (mu - mean) / std, although
+        `stream_decode` de-normalises its input. Pass `normalize=True` for the standard convention.
+        Frame 0 is encoded alone, later frames in groups of 4, as the reference does.
+        """
+        self._check_video(video)
+        t = video.shape[2]
+        x = self._prepare(video)
+        outs = []
+        if not state.enc_started:
+            if t % 4 != 1:
+                raise ValueError(f"first stream_encode call needs 1+4k frames, got {t}")
+            outs.append(self.encoder(x[:, :, :1], state.enc))
+            state.enc_started = True
+            start = 1
+        else:
+            if t % 4 or t == 0:
+                raise ValueError(f"stream_encode needs 4k frames after the first call, got {t}")
+            start = 0
+        for i in range(start, t, 4):
+            outs.append(self.encoder(x[:, :, i:i + 4], state.enc))
+        h = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+        return self._mu(h, normalize).contiguous()
+
+    @torch.no_grad()
+    def stream_decode(self, latent: torch.Tensor, state: VAEStreamState) -> torch.Tensor:
+        """Decode the next normalised latents of a stream to frames in [-1,1].
+
+        The first call gives 1+4(t-1) frames for t latents (the first latent yields one frame),
+        later calls 4t. Latents are decoded one at a time, as the reference does.
+        """
+        self._check_latent(latent)
+        x = self._prepare(self._unnormalize(latent))
+        outs = [self.decoder(x[:, :, i:i + 1], state.dec) for i in range(x.shape[2])]
+        state.dec_started = True
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+        return out.clamp_(-1, 1).contiguous()

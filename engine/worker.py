@@ -1,0 +1,280 @@
+"""Engine process entry point: one StreamEngine serving many sessions for the server.
+
+The server spawns `main` (multiprocessing 'spawn') with one end of a Pipe. Requests and replies
+are `interface.messages` dicts; frames travel through per-session shared-memory rings that the
+server creates. Requests are served one at a time, in arrival order, which interleaves sessions
+fairly because the server keeps at most one chunk per session in flight. A failing request
+answers SessionError for its session and the loop goes on serving the others.
+
+This module is imported by the server process (to hand `main` to multiprocessing), so its top
+level must stay free of torch; the engine runtime is imported inside `main`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from multiprocessing.connection import Connection
+from typing import Any, Optional
+
+import numpy as np
+from pydantic import BaseModel, ValidationError
+
+from interface.frame_ring import FrameRing, RingFull
+from interface.messages import (
+    CloseSession,
+    EngineFailed,
+    EngineInfo,
+    EngineReady,
+    FramesOut,
+    OpenSession,
+    PushFrames,
+    SessionClosed,
+    SessionError,
+    SessionOpened,
+    Shutdown,
+    ToEngine,
+    UpdateSession,
+    WorkerOptions,
+    decode_to_engine,
+    encode,
+)
+
+log = logging.getLogger("engine.worker")
+
+TEST_DELAY_ENV = "STREAMGEN_TEST_CHUNK_DELAY_S"
+
+
+@dataclasses.dataclass
+class _Session:
+    stream: Any  # engine.runtime.StreamSession
+    input_ring: FrameRing
+    output_ring: FrameRing
+    prompt: str
+    updates_applied: int = 0
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        finally:
+            self.input_ring.close()
+            self.output_ring.close()
+
+
+class Worker:
+    """The request loop. Owns every engine-side session; nothing here is global."""
+
+    def __init__(self, engine: Any, conn: Connection, chunk_delay_s: float = 0.0) -> None:
+        self._engine = engine
+        self._conn = conn
+        self._chunk_delay_s = chunk_delay_s
+        self._sessions: dict[str, _Session] = {}
+
+    def serve(self) -> None:
+        try:
+            while True:
+                try:
+                    data = self._conn.recv()
+                except (EOFError, OSError):
+                    log.info("server went away; engine process exits")
+                    return
+                try:
+                    message = decode_to_engine(data)
+                except ValidationError as exc:
+                    sid = data.get("session_id", "") if isinstance(data, dict) else ""
+                    self._send(SessionError(session_id=str(sid), request="?", message=f"bad request: {exc}"))
+                    continue
+                if isinstance(message, Shutdown):
+                    return
+                self._handle_safely(message)
+        finally:
+            for session_id in list(self._sessions):
+                self._drop(session_id)
+
+    def _handle_safely(self, message: ToEngine) -> None:
+        session_id = getattr(message, "session_id", "")
+        try:
+            self._handle(message)
+        except Exception as exc:  # one session's failure must not stop the others
+            log.exception("session %s: %s request failed", session_id, message.kind)
+            # A failed push may leave that session's stream half-updated: drop it.
+            dropped = isinstance(message, PushFrames) and session_id in self._sessions
+            if dropped:
+                self._drop(session_id)
+            self._send(
+                SessionError(
+                    session_id=session_id,
+                    request=message.kind,
+                    message=f"{type(exc).__name__}: {exc}",
+                    fatal=dropped or isinstance(message, OpenSession),
+                )
+            )
+
+    def _handle(self, message: ToEngine) -> None:
+        if isinstance(message, OpenSession):
+            self._open(message)
+        elif isinstance(message, PushFrames):
+            self._push(message)
+        elif isinstance(message, UpdateSession):
+            session = self._get(message.session_id)
+            session.stream.update(message.update)
+            if message.update.prompt is not None:
+                session.prompt = message.update.prompt
+            session.updates_applied += 1
+        elif isinstance(message, CloseSession):
+            self._drop(message.session_id)
+            self._send(SessionClosed(session_id=message.session_id))
+
+    def _get(self, session_id: str) -> _Session:
+        try:
+            return self._sessions[session_id]
+        except KeyError:
+            raise KeyError(f"no engine session {session_id!r}") from None
+
+    def _open(self, message: OpenSession) -> None:
+        if message.session_id in self._sessions:
+            raise ValueError(f"session {message.session_id!r} is already open")
+        input_ring = FrameRing.attach(message.input_ring)
+        try:
+            output_ring = FrameRing.attach(message.output_ring)
+        except Exception:
+            input_ring.close()
+            raise
+        try:
+            stream = self._engine.open_session(message.prompt, message.params)
+        except Exception:
+            input_ring.close()
+            output_ring.close()
+            raise
+        self._sessions[message.session_id] = _Session(stream, input_ring, output_ring, message.prompt)
+        log.info("session %s opened (%d open)", message.session_id, len(self._sessions))
+        self._send(SessionOpened(session_id=message.session_id, chunk_frames=stream.chunk_frames))
+
+    def _push(self, message: PushFrames) -> None:
+        session = self._get(message.session_id)
+        started = time.perf_counter()
+        frames, pts = session.input_ring.read_many(message.first_seq, message.count)
+        session.input_ring.release(message.first_seq + message.count)
+        if self._chunk_delay_s:
+            time.sleep(self._chunk_delay_s)  # test-only: an engine slower than its input
+        outputs = session.stream.push(frames, pts)
+        first_seq = session.output_ring.write_seq
+        out_pts: list[int] = []
+        dropped = 0
+        for frame, frame_pts in outputs:
+            try:
+                session.output_ring.write(frame, frame_pts)
+                out_pts.append(int(frame_pts))
+            except RingFull:  # the server reads every reply at once, so this means it is stuck
+                dropped += 1
+        self._send(
+            FramesOut(
+                session_id=message.session_id,
+                first_seq=first_seq,
+                count=len(out_pts),
+                pts=out_pts,
+                dropped=dropped,
+                chunk_frames=session.stream.chunk_frames,
+                engine_ms=1000.0 * (time.perf_counter() - started),
+                stats={k: float(v) for k, v in dict(session.stream.stats).items()},
+                prompt=session.prompt,
+                updates_applied=session.updates_applied,
+            )
+        )
+
+    def _drop(self, session_id: str) -> None:
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            try:
+                session.close()
+            except Exception:
+                log.exception("session %s: close failed", session_id)
+            log.info("session %s closed (%d open)", session_id, len(self._sessions))
+
+    def _send(self, message: BaseModel) -> None:
+        try:
+            self._conn.send(encode(message))
+        except (BrokenPipeError, OSError):
+            log.warning("server pipe closed; reply %s lost", type(message).__name__)
+
+
+def _as_dict(info: Any) -> dict:
+    if isinstance(info, BaseModel):
+        return info.model_dump()
+    if dataclasses.is_dataclass(info):
+        return dataclasses.asdict(info)  # type: ignore[arg-type]
+    return dict(vars(info))
+
+
+def _create_engine(options: WorkerOptions) -> Any:
+    from pathlib import Path
+
+    from engine.runtime import EngineOptions, StreamEngine  # torch: engine process only
+
+    engine_options = EngineOptions(
+        model=options.model,
+        weights=Path(options.weights) if options.weights else None,
+        device=options.device,  # "auto": the engine picks CUDA when present
+        height=options.height,
+        width=options.width,
+        seed=options.seed,
+    )
+    return StreamEngine.create(engine_options)
+
+
+def _warm_up(engine: Any, info: EngineInfo) -> None:
+    """Run a throwaway session through the whole pipeline once, so that the first real session's
+    TTFF is not spent on lazy initialisation (allocator, kernels, autotuning)."""
+    started = time.perf_counter()
+    session = engine.open_session("", None)
+    pts = 0
+    try:
+        for _ in range(info.steps + 1):  # enough chunks for a decode to happen
+            n = session.chunk_frames
+            session.push(np.zeros((n, info.height, info.width, 3), dtype=np.uint8), list(range(pts, pts + n)))
+            pts += n
+    finally:
+        session.close()
+    log.info("engine warmed up in %.1f s", time.perf_counter() - started)
+
+
+def main(conn: Connection, options: dict) -> None:
+    """Entry point of the engine process."""
+    worker_options = WorkerOptions.model_validate(options)
+    logging.basicConfig(
+        level=worker_options.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )
+    delay: Optional[float] = worker_options.test_chunk_delay_s or float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
+    if delay:
+        log.warning("test-only chunk delay of %.3f s is on", delay)
+    try:
+        engine = _create_engine(worker_options)
+        info = EngineInfo.model_validate(_as_dict(engine.info))
+        if worker_options.warmup:
+            _warm_up(engine, info)
+    except Exception as exc:
+        log.exception("engine failed to start")
+        try:
+            conn.send(encode(EngineFailed(message=f"{type(exc).__name__}: {exc}")))
+        finally:
+            conn.close()
+        return
+    log.info(
+        "engine ready: %s %dx%d, %d steps, %s %s, attention %s%s",
+        info.model,
+        info.width,
+        info.height,
+        info.steps,
+        info.device,
+        info.dtype,
+        info.attention,
+        " (RANDOM WEIGHTS)" if info.random_weights else "",
+    )
+    conn.send(encode(EngineReady(info=info)))
+    try:
+        Worker(engine, conn, chunk_delay_s=delay or 0.0).serve()
+    finally:
+        conn.close()

@@ -1,0 +1,281 @@
+"""The engine as a user drives it: loaders, sessions, live updates, the noise controller, the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from engine.checkpoint import CheckpointError, load_into, read_causal_dit, write_causal_dit
+from engine.config import ConfigError, load_model_config
+from engine.dit import WanDiT
+from engine.noise_control import NoiseController
+from engine.runtime import EngineOptions, StreamEngine
+from interface.controls import StreamParams, StreamUpdate
+from tests.weights_fixture import write_small_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def video(n: int, h: int = 128, w: int = 128, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (h, w + 3 * n, 3), dtype=np.uint8)
+    return np.stack([base[:, 3 * i : 3 * i + w] for i in range(n)])
+
+
+@pytest.fixture(scope="module")
+def tiny() -> StreamEngine:
+    return StreamEngine.create(EngineOptions(model="tiny", device="cpu"))
+
+
+# -- configs ------------------------------------------------------------------------------------------
+
+def test_configs_load_and_bad_values_name_field_and_file(tmp_path):
+    assert load_model_config("wan-1.3b").dit.num_layers == 30
+    assert load_model_config("wan-14b").dit.head_dim == 128
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "configs/models/tiny.yaml").read_text().replace("num_heads: 2", "num_heads: 3", 1))
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*dit.*divisible"):
+        load_model_config(bad)
+    bad.write_text((ROOT / "configs/models/tiny.yaml").read_text().replace("height: 128", "height: 120"))
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*stream.*multiples of 16"):
+        load_model_config(bad)
+    with pytest.raises(ConfigError, match="unknown model 'wan-7b'"):
+        load_model_config("wan-7b")
+
+
+# -- loaders ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("wrapper", ["generator", "generator_ema", "state_dict", None])
+@pytest.mark.parametrize("prefix", [True, False])
+def test_causal_checkpoint_layouts_load(tmp_path, wrapper, prefix):
+    cfg = load_model_config("tiny").dit
+    src = WanDiT(cfg)
+    path = tmp_path / "model.pt"
+    write_causal_dit(path, src.state_dict(), wrapper=wrapper, prefix=prefix)
+    dst = WanDiT(cfg)
+    load_into(dst, read_causal_dit(path), str(path))
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+
+
+def test_mismatched_checkpoints_name_the_keys(tmp_path):
+    cfg = load_model_config("tiny").dit
+    sd = WanDiT(cfg).state_dict()
+    path = tmp_path / "model.pt"
+    broken = dict(sd)
+    del broken["blocks.1.self_attn.q.weight"]
+    broken["blocks.9.extra"] = torch.zeros(1)
+    broken["head.head.weight"] = torch.zeros(3, 3)
+    write_causal_dit(path, broken)
+    with pytest.raises(CheckpointError) as e:
+        load_into(WanDiT(cfg), read_causal_dit(path), str(path))
+    msg = str(e.value)
+    assert "missing keys: blocks.1.self_attn.q.weight" in msg
+    assert "unexpected keys: blocks.9.extra" in msg
+    assert "head.head.weight [3, 3]" in msg
+    path.write_bytes(path.read_bytes()[:2000])  # truncated download
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+        read_causal_dit(path)
+
+
+def test_engine_loads_real_layout_and_streams(tmp_path):
+    cfg_path, states = write_small_weights(tmp_path)
+    e = StreamEngine.create(EngineOptions(model=str(cfg_path), weights=tmp_path, device="cpu"))
+    assert not e.info.random_weights
+    assert torch.equal(e.dit.state_dict()["blocks.0.self_attn.q.weight"], states["dit"]["blocks.0.self_attn.q.weight"])
+    assert all(torch.equal(e.vae.state_dict()[k], v) for k, v in states["vae"].items())
+    assert all(torch.equal(e.text.encoder.state_dict()[k], v) for k, v in states["t5"].items())
+    s = e.open_session("a red fox jumps on the moon")
+    out = s.push(video(13, 64, 64), list(range(13))) + s.flush()
+    assert [p for _, p in out] == list(range(13))
+    # each missing file is named
+    (tmp_path / "wan_causal_dmd_v2v" / "model.pt").unlink()
+    with pytest.raises(CheckpointError, match="wan_causal_dmd_v2v/model.pt"):
+        StreamEngine.create(EngineOptions(model=str(cfg_path), weights=tmp_path, device="cpu"))
+    other = tmp_path / "other"
+    other.mkdir()
+    cfg_path, _ = write_small_weights(other)
+    (other / "Wan2.1-T2V-small" / "Wan2.1_VAE.pth").unlink()
+    with pytest.raises(CheckpointError, match="Wan2.1_VAE.pth"):
+        StreamEngine.create(EngineOptions(model=str(cfg_path), weights=other, device="cpu"))
+
+
+# -- sessions -----------------------------------------------------------------------------------------
+
+def run(engine: StreamEngine, frames: np.ndarray, prompt: str, seed: int, step: int = 4, **kw):
+    s = engine.open_session(prompt, StreamParams(seed=seed, **kw))
+    out = []
+    for i in range(0, len(frames), step):
+        out += s.push(frames[i : i + step], list(range(i, min(i + step, len(frames)))))
+    return s, out + s.flush()
+
+
+def test_every_frame_comes_out_once_in_order_with_its_pts(tiny):
+    frames = video(23)
+    s, out = run(tiny, frames, "a cat", 1, step=3)
+    assert [p for _, p in out] == list(range(23))
+    assert all(f.shape == (128, 128, 3) and f.dtype == np.uint8 for f, _ in out)
+    assert s.chunk_frames == 4
+
+
+def test_two_sessions_interleaved_equal_each_alone(tiny):
+    a_frames, b_frames = video(21, seed=1), video(21, seed=2)
+    _, a_alone = run(tiny, a_frames, "a cat", 1)
+    _, b_alone = run(tiny, b_frames, "a dog", 2, steps=1)
+    a = tiny.open_session("a cat", StreamParams(seed=1))
+    b = tiny.open_session("a dog", StreamParams(seed=2, steps=1))
+    a_out, b_out = [], []
+    for i in range(0, 21, 4):
+        a_out += a.push(a_frames[i : i + 4], list(range(i, min(i + 4, 21))))
+        b_out += b.push(b_frames[i : i + 4], list(range(i, min(i + 4, 21))))
+    a_out += a.flush()
+    b_out += b.flush()
+    assert len(a_out) == len(a_alone) == 21
+    assert all(np.array_equal(x[0], y[0]) for x, y in zip(a_out, a_alone))
+    assert all(np.array_equal(x[0], y[0]) for x, y in zip(b_out, b_alone))
+    assert not np.array_equal(a_out[-1][0], b_out[-1][0])
+
+
+def test_prompt_change_blends_cross_attention_without_restart(tiny):
+    frames = video(29)
+    s = tiny.open_session("a cat", StreamParams(seed=3, transition_chunks=2))
+    s.push(frames[:9], list(range(9)))
+    cache_before = s.batch.cache.k[0].clone()
+    old_kv, new_kv = tiny.prompt_kv("a cat"), tiny.prompt_kv("a dog")
+    s.update(StreamUpdate(prompt="a dog"))
+    used = []
+    orig = s._kv_now
+    s._kv_now = lambda: used.append(orig()) or used[-1]  # type: ignore[method-assign]
+    out = s.push(frames[9:21], list(range(9, 21)))
+    assert [p for _, p in out] == list(range(5, 17))  # the stream went on: no restart, no lost frames
+    assert s.batch.cache.filled[0] > 3 and not torch.equal(s.batch.cache.k[0][:, :16], torch.zeros_like(s.batch.cache.k[0][:, :16]))
+    k0 = lambda kv: kv[0][0]  # noqa: E731  block 0's cross-attention keys
+    # chunk 1 and 2 of the transition are blends strictly between the prompts; chunk 3 is the new prompt
+    for kv, a in zip(used, [1 / 3, 2 / 3]):
+        assert torch.allclose(k0(kv), k0(old_kv).lerp(k0(new_kv), a), atol=1e-6)
+    assert torch.equal(k0(used[2]), k0(new_kv))
+    assert cache_before.shape == s.batch.cache.k[0].shape
+
+
+def test_steps_change_and_reset_lose_no_frame(tiny):
+    frames = video(33)
+    s = tiny.open_session("a cat", StreamParams(seed=0, steps=2))
+    out = s.push(frames[:13], list(range(13)))
+    s.update(StreamUpdate(steps=1))
+    out += s.push(frames[13:21], list(range(13, 21)))
+    assert s.batch.steps == [700]
+    s.update(StreamUpdate(reset=True))
+    out += s.push(frames[21:33], list(range(21, 33))) + s.flush()
+    pts = [p for _, p in out]
+    assert pts[:21] == list(range(21))  # nothing lost across the steps change
+    assert pts[-12:] == list(range(21, 33))  # after a reset the stream restarts at a 5-frame chunk
+
+
+def test_bad_frames_are_rejected_clearly(tiny):
+    s = tiny.open_session("x")
+    with pytest.raises(ValueError, match=r"uint8 \[T, 128, 128, 3\]"):
+        s.push(np.zeros((4, 64, 64, 3), np.uint8), [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="4 frames but 3 pts"):
+        s.push(np.zeros((4, 128, 128, 3), np.uint8), [0, 1, 2])
+    s.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        s.push(np.zeros((4, 128, 128, 3), np.uint8), [0, 1, 2, 3])
+
+
+# -- noise controller ---------------------------------------------------------------------------------
+
+def reference_noise_function():
+    """The reference's compute_noise_scale_and_step, taken from its installed source: its module
+    imports torchvision at the top, which cannot be installed beside the CPU torch here."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("streamv2v")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("reference package not installed")
+    src = (Path(list(spec.submodule_search_locations)[0]) / "inference.py").read_text()
+    fn = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == "compute_noise_scale_and_step")
+    ns: dict = {"torch": torch}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "streamv2v/inference.py", "exec"), ns)
+    return ns["compute_noise_scale_and_step"]
+
+
+def test_noise_controller_matches_reference():
+    compute_noise_scale_and_step = reference_noise_function()
+    g = torch.Generator().manual_seed(0)
+    t = 1 + 4 * 12
+    clip = torch.rand(1, 3, t, 16, 16, generator=g) * 2 - 1
+    # vary the motion: still, slow, fast
+    for i in range(1, t):
+        amount = [0.0, 0.05, 0.6][(i // 12) % 3]
+        clip[:, :, i] = (clip[:, :, i - 1] + amount * torch.randn(1, 3, 16, 16, generator=g)).clamp(-1, 1)
+    ctl = NoiseController(s_max=0.8, s_min=0.7, sigma=0.2, smoothing=0.9)
+    ours = [(ctl.step(clip[0, :, :5]), 700)]
+    ref_scale, ref = 0.8, [(0.8, 700)]
+    for end in range(9, t + 1, 4):
+        ref_scale, step = compute_noise_scale_and_step(clip, end, 4, ref_scale, 0.8)
+        ref.append((ref_scale, step))
+        s = ctl.step(clip[0, :, end - 4 : end])
+        ours.append((s, NoiseController.timestep(s)))
+    assert len(ours) == len(ref) == 12
+    for (a, ta), (b, tb) in zip(ours, ref):
+        assert a == pytest.approx(b, rel=1e-6) and ta == tb
+    assert len({round(s, 3) for s, _ in ours}) > 3  # the sequence actually moves
+
+
+# -- CLI ----------------------------------------------------------------------------------------------
+
+def write_mp4(path: Path, n: int, w: int = 160, h: int = 96) -> None:
+    c = av.open(str(path), "w")
+    st = c.add_stream("libx264", rate=30)
+    st.width, st.height, st.pix_fmt = w, h, "yuv420p"
+    for i in range(n):
+        img = np.zeros((h, w, 3), np.uint8)
+        img[:, (i * 7) % w :][:, :20] = (255, 128, 0)
+        for p in st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+            c.mux(p)
+    for p in st.encode():
+        c.mux(p)
+    c.close()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_renders_both_formats(tmp_path):
+    src = tmp_path / "in.mp4"
+    write_mp4(src, 14)
+    r = cli("render", "--input", str(src), "--output", str(tmp_path / "o.npz"), "--prompt", "a cat", "--quiet",
+            "--height", "64", "--width", "96")
+    assert r.returncode == 0, r.stderr
+    frames = np.load(tmp_path / "o.npz")["frames"]
+    assert frames.shape == (14, 64, 96, 3) and frames.dtype == np.uint8
+    r = cli("render", "--input", str(src), "--output", str(tmp_path / "o.mp4"), "--prompt", "a cat", "--quiet")
+    assert r.returncode == 0, r.stderr
+    with av.open(str(tmp_path / "o.mp4")) as c:
+        got = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(got) == 14 and got[0].shape == (128, 128, 3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input", "/nonexistent.mp4"], "no such file"),
+    (["--model", "wan-7b"], "unknown"),
+    (["--height", "100", "--width", "96"], "multiple of 16"),
+    (["--output", "/tmp/x.avi"], ".mp4 or .npz"),
+])
+def test_cli_bad_arguments_one_line_exit_2(tmp_path, args, message):
+    src = tmp_path / "in.mp4"
+    write_mp4(src, 5)
+    base = {"--input": str(src), "--output": str(tmp_path / "o.npz"), "--prompt": "x"}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    r = cli("render", *[x for kv in base.items() for x in kv])
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr

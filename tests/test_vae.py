@@ -1,0 +1,243 @@
+"""Wan VAE: parity with the reference package, streaming == whole clip, state isolation, shapes, keys."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine.config import VAEConfig
+from engine.vae import LATENT_MEAN, LATENT_STD, Upsample, WanVAE
+
+SMALL = VAEConfig(dim=8)  # real z_dim/mult/blocks/temporal layout, narrow channels
+H, W = 32, 48
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights at a scale that keeps activations O(1) (and decoder outputs mostly inside
+    [-1,1], so the clamp does not hide differences)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif p.ndim == 1:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = math.prod(p.shape[1:])
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+        head = model.decoder.head[2]
+        head.weight.mul_(0.3)
+
+
+def _ref_module():
+    return pytest.importorskip("models.wan.wan_base.modules.vae", reason="reference package not installed")
+
+
+def _ref_kwargs(cfg: VAEConfig) -> dict:
+    return dict(dim=cfg.dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult), num_res_blocks=cfg.num_res_blocks,
+                attn_scales=[], temperal_downsample=list(cfg.temporal_downsample), dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def ours() -> WanVAE:
+    vae = WanVAE(SMALL).eval()
+    _randomize(vae)
+    return vae
+
+
+@pytest.fixture(scope="module")
+def video() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(1, 3, 13, H, W, generator=g) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def latent() -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(1, 16, 4, H // 8, W // 8, generator=g)
+
+
+def _scale() -> list[torch.Tensor]:
+    mean, std = torch.tensor(LATENT_MEAN), torch.tensor(LATENT_STD)
+    return [mean, 1.0 / std]
+
+
+@pytest.mark.parity
+def test_parity_with_reference_stream_and_offline(video: torch.Tensor, latent: torch.Tensor):
+    vae_mod = _ref_module()
+    ref = vae_mod.WanVAE_(**_ref_kwargs(SMALL)).eval()
+    _randomize(ref, seed=3)
+    ours = WanVAE(SMALL).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    scale = _scale()
+
+    with torch.no_grad():
+        # Streaming encode, chunks of 5, 4, 4 frames (reference: scale=None, its pipeline's call).
+        state = ours.new_stream_state()
+        for lo, hi in ((0, 5), (5, 9), (9, 13)):
+            want = ref.stream_encode(video[:, :, lo:hi], None)
+            got = ours.stream_encode(video[:, :, lo:hi], state)
+            assert got.shape == want.shape
+            assert _rel(got, want) <= 1e-3
+        # Streaming decode, chunks of 2, 1, 1 latents (reference: de-normalises, no clamp).
+        state = ours.new_stream_state()
+        for lo, hi in ((0, 2), (2, 3), (3, 4)):
+            want = ref.stream_decode(latent[:, :, lo:hi], scale).clamp(-1, 1)
+            got = ours.stream_decode(latent[:, :, lo:hi], state)
+            assert got.shape == want.shape
+            assert _rel(got, want) <= 1e-3
+        # A bigger first chunk (1+8 frames) and a 2-latent later chunk take the reference's other loops.
+        ref.first_encode, ref.first_decode = True, True
+        state = ours.new_stream_state()
+        for lo, hi in ((0, 9), (9, 13)):
+            assert _rel(ours.stream_encode(video[:, :, lo:hi], state), ref.stream_encode(video[:, :, lo:hi], None)) <= 1e-3
+        for lo, hi in ((0, 3), (3, 4)):
+            want = ref.stream_decode(latent[:, :, lo:hi], scale).clamp(-1, 1)
+            assert _rel(ours.stream_decode(latent[:, :, lo:hi], state), want) <= 1e-3
+        # Whole-clip paths: ours run the clip in one pass, the reference chunk by chunk.
+        assert _rel(ours.encode(video, normalize=True), ref.encode(video, scale)) <= 1e-3
+        assert _rel(ours.decode(latent), ref.decode(latent, scale).clamp(-1, 1)) <= 1e-3
+
+
+def test_decoder_outputs_not_saturated(ours: WanVAE, latent: torch.Tensor):
+    # Guards the parity tests: if most pixels sat at +-1 the clamp would hide differences.
+    out = ours.decode(latent)
+    assert (out.abs() < 0.99).float().mean().item() > 0.9
+
+
+def test_stream_decode_equals_whole_clip(ours: WanVAE, latent: torch.Tensor):
+    whole = ours.decode(latent)
+    state = ours.new_stream_state()
+    chunks = [ours.stream_decode(latent[:, :, lo:hi], state) for lo, hi in ((0, 2), (2, 3), (3, 4))]
+    assert [c.shape[2] for c in chunks] == [5, 4, 4]
+    assert _rel(torch.cat(chunks, 2), whole) <= 1e-4
+
+
+def test_stream_encode_equals_whole_clip(ours: WanVAE, video: torch.Tensor):
+    raw = ours.encode(video)
+    state = ours.new_stream_state()
+    chunks = [ours.stream_encode(video[:, :, lo:hi], state) for lo, hi in ((0, 5), (5, 9), (9, 13))]
+    assert [c.shape[2] for c in chunks] == [2, 1, 1]
+    assert _rel(torch.cat(chunks, 2), raw) <= 1e-4
+    # normalize=True is the standard convention (mu - mean) / std, in streaming and whole-clip alike.
+    mean = torch.tensor(LATENT_MEAN).view(1, -1, 1, 1, 1)
+    std = torch.tensor(LATENT_STD).view(1, -1, 1, 1, 1)
+    assert _rel(ours.encode(video, normalize=True), (raw - mean) / std) <= 1e-5
+    state = ours.new_stream_state()
+    normed = torch.cat([ours.stream_encode(video[:, :, lo:hi], state, normalize=True)
+                        for lo, hi in ((0, 9), (9, 13))], 2)
+    assert _rel(normed, (raw - mean) / std) <= 1e-4
+
+
+def test_interleaved_states_are_isolated(ours: WanVAE, video: torch.Tensor, latent: torch.Tensor):
+    other_video = video.flip(2).neg()
+    other_latent = latent.flip(2) * 0.5
+    chunks_v, chunks_z = ((0, 5), (5, 9), (9, 13)), ((0, 2), (2, 3), (3, 4))
+
+    def alone(v: torch.Tensor, z: torch.Tensor) -> tuple[list, list]:
+        s = ours.new_stream_state()
+        enc = [ours.stream_encode(v[:, :, lo:hi], s) for lo, hi in chunks_v]
+        dec = [ours.stream_decode(z[:, :, lo:hi], s) for lo, hi in chunks_z]
+        return enc, dec
+
+    a_enc, a_dec = alone(video, latent)
+    b_enc, b_dec = alone(other_video, other_latent)
+    sa, sb = ours.new_stream_state(), ours.new_stream_state()
+    for i, ((vlo, vhi), (zlo, zhi)) in enumerate(zip(chunks_v, chunks_z)):
+        assert torch.equal(ours.stream_encode(video[:, :, vlo:vhi], sa), a_enc[i])
+        assert torch.equal(ours.stream_decode(other_latent[:, :, zlo:zhi], sb), b_dec[i])
+        assert torch.equal(ours.stream_encode(other_video[:, :, vlo:vhi], sb), b_enc[i])
+        assert torch.equal(ours.stream_decode(latent[:, :, zlo:zhi], sa), a_dec[i])
+    # reset_* restarts a stream from scratch
+    sa.reset_encode()
+    sa.reset_decode()
+    assert torch.equal(ours.stream_encode(video[:, :, :5], sa), a_enc[0])
+    assert torch.equal(ours.stream_decode(latent[:, :, :2], sa), a_dec[0])
+
+
+def test_channels_last_layout_gives_same_results(ours: WanVAE, video: torch.Tensor, latent: torch.Tensor):
+    # The layout CUDA uses by default, exercised on the CPU: same numbers, contiguous outputs.
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        s = ours.new_stream_state()
+        enc = torch.cat([ours.stream_encode(video[:, :, lo:hi], s) for lo, hi in ((0, 5), (5, 9))], 2)
+        dec = torch.cat([ours.stream_decode(latent[:, :, lo:hi], s) for lo, hi in ((0, 2), (2, 3))], 2)
+        return enc, dec
+
+    enc, dec = run()
+    try:
+        ours.channels_last = True
+        enc_cl, dec_cl = run()
+        whole = ours.decode(latent[:, :, :3])
+    finally:
+        ours.channels_last = None
+    assert enc_cl.is_contiguous() and dec_cl.is_contiguous()
+    assert _rel(enc_cl, enc) <= 1e-5 and _rel(dec_cl, dec) <= 1e-5 and _rel(whole, dec) <= 1e-4
+    # CPU convs return contiguous tensors, so feed a time-upsampler a channels-last input directly.
+    up = next(m for m in ours.decoder.upsamples if isinstance(m, Upsample) and m.temporal)
+    x = torch.randn(2, up.time_conv.in_channels, 3, 4, 6, generator=torch.Generator().manual_seed(5))
+    x_cl = x.contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        assert _rel(up(x_cl), up(x)) <= 1e-6
+        s1, s2 = ours.new_stream_state(), ours.new_stream_state()
+        for lo, hi in ((0, 1), (1, 3)):
+            assert _rel(up(x_cl[:, :, lo:hi], s1.dec), up(x[:, :, lo:hi], s2.dec)) <= 1e-6
+
+
+def test_shapes_and_input_checks(ours: WanVAE):
+    s = ours.new_stream_state()
+    assert ours.stream_encode(torch.zeros(2, 3, 5, 16, 24), s).shape == (2, 16, 2, 2, 3)
+    assert ours.stream_encode(torch.zeros(2, 3, 4, 16, 24), s).shape == (2, 16, 1, 2, 3)
+    assert ours.stream_decode(torch.zeros(2, 16, 2, 2, 3), s).shape == (2, 3, 5, 16, 24)
+    assert ours.stream_decode(torch.zeros(2, 16, 1, 2, 3), s).shape == (2, 3, 4, 16, 24)
+    assert ours.encode(torch.zeros(1, 3, 1, 16, 24)).shape == (1, 16, 1, 2, 3)
+    assert ours.decode(torch.zeros(1, 16, 3, 2, 3)).shape == (1, 3, 9, 16, 24)
+    with pytest.raises(ValueError):
+        ours.stream_encode(torch.zeros(1, 3, 4, 16, 24), ours.new_stream_state())  # first needs 1+4k
+    with pytest.raises(ValueError):
+        ours.stream_encode(torch.zeros(1, 3, 5, 16, 24), s)  # later needs 4k
+    with pytest.raises(ValueError):
+        ours.encode(torch.zeros(1, 3, 5, 20, 24))  # not a multiple of 8
+
+
+def test_bfloat16_runs_and_keeps_float32_statistics():
+    vae = WanVAE(SMALL).eval()
+    _randomize(vae)
+    ref_out = vae.decode(torch.randn(1, 16, 2, 2, 2, generator=torch.Generator().manual_seed(4)))
+    vae = vae.to(torch.bfloat16)
+    assert vae.latent_mean.dtype == torch.float32 and vae.latent_std.dtype == torch.float32
+    s = vae.new_stream_state()
+    z = vae.stream_encode(torch.rand(1, 3, 5, 16, 16) * 2 - 1, s)
+    assert z.dtype == torch.bfloat16 and torch.isfinite(z).all()
+    out = vae.stream_decode(torch.randn(1, 16, 2, 2, 2, generator=torch.Generator().manual_seed(4)), s)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 3, 5, 16, 16)
+    assert _rel(out, ref_out) < 0.05
+
+
+def test_state_dict_keys_match_reference_at_real_size():
+    vae_mod = _ref_module()
+    real = VAEConfig()
+    with torch.device("meta"):
+        ours = WanVAE(real)
+        ref = vae_mod.WanVAE_(**_ref_kwargs(real))
+    ours_sd, ref_sd = ours.state_dict(), ref.state_dict()
+    assert len(ref_sd) == 194
+    assert list(ours_sd) == list(ref_sd)
+    assert all(ours_sd[k].shape == ref_sd[k].shape for k in ref_sd)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+
+
+def test_meta_build_then_assign_load(ours: WanVAE, latent: torch.Tensor):
+    # How a loader avoids allocating twice: build on meta, then load the checkpoint with assign=True.
+    with torch.device("meta"):
+        vae = WanVAE(SMALL)
+    vae.load_state_dict(ours.state_dict(), strict=True, assign=True)
+    vae.eval()
+    assert torch.equal(vae.decode(latent[:, :, :2]), ours.decode(latent[:, :, :2]))
+    assert torch.equal(vae.encode(torch.zeros(1, 3, 1, 16, 16), normalize=True),
+                       ours.encode(torch.zeros(1, 3, 1, 16, 16), normalize=True))
