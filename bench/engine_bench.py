@@ -53,7 +53,7 @@ def synthetic_video(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.stack([base[:, 4 * i : 4 * i + w] for i in range(n)])
 
 
-def run_row(name: str, chunks: int, warmup: int) -> Result:
+def run_row(name: str, chunks: int, warmup: int, profile_dir: str | None = None) -> Result:
     spec = ROWS[name]
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -90,6 +90,16 @@ def run_row(name: str, chunks: int, warmup: int) -> Result:
         fps=4 * chunks / elapsed, ttff_s=ttff, first_chunk_ms=first_ms,
         chunk_ms=1000 * elapsed / chunks, peak_gib=torch.cuda.max_memory_allocated() / 2**30, chunks=chunks, **med,
     )
+    if profile_dir:
+        from torch.profiler import ProfilerActivity, profile
+
+        a = 5 + 4 * chunks
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(2):
+                s.push(video[a - 8 + 4 * i : a - 4 + 4 * i], list(range(4)))
+            engine.synchronize()
+        with open(f"{profile_dir}/profile_{name}.txt", "w") as f:
+            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
     del s, engine
     return res
 
@@ -100,12 +110,13 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=6)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile-dir", default=None, help="write a torch.profiler table per row here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.backends.cudnn.benchmark = True
     results = []
     for name in args.rows.split(","):
-        r = run_row(name, args.chunks, args.warmup)
+        r = run_row(name, args.chunks, args.warmup, args.profile_dir)
         log.info("%s", asdict(r))
         results.append(r)
     meta = dict(
