@@ -31,18 +31,27 @@ def _sigma_table() -> torch.Tensor:
 SIGMAS = _sigma_table()
 
 
+def sigma_of(t: int) -> float:
+    """sigma of one integer timestep, on the host (no device work)."""
+    return float(SIGMAS[min(max(int(t), 0), TRAIN_STEPS)])
+
+
 def sigma(t: torch.Tensor) -> torch.Tensor:
-    """sigma for integer timesteps t (any shape, any device)."""
+    """sigma for integer timesteps t (any shape), on t's device."""
     return SIGMAS.to(t.device)[t.long().clamp(0, TRAIN_STEPS)]
 
 
+def x0_from_velocity(velocity: torch.Tensor, x_t: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
+    """x0 = x_t - sigma*v in float32; sig broadcasts against [R, C, F, H, W] (e.g. [R, 1, F, 1, 1])."""
+    return (x_t.float() - sig * velocity.float()).to(x_t.dtype)
+
+
 def to_x0(velocity: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """velocity, x_t [R, C, F, H, W]; t [R, F] -> x0 in float32 arithmetic, returned in x_t's dtype."""
-    s = sigma(t)[:, None, :, None, None]
-    return (x_t.float() - s * velocity.float()).to(x_t.dtype)
+    """velocity, x_t [R, C, F, H, W]; t [R, F] integer timesteps."""
+    return x0_from_velocity(velocity, x_t, sigma(t)[:, None, :, None, None])
 
 
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """x0, noise [R, C, F, H, W]; t [R] -> x_t."""
-    s = sigma(t).view(-1, 1, 1, 1, 1)
+def renoise(x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+    """Re-noise x0 to timestep t: (1 - sigma)*x0 + sigma*noise, sigma looked up on the host."""
+    s = sigma_of(t)
     return ((1 - s) * x0.float() + s * noise.float()).to(noise.dtype)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.rope import Rope, rotate
+from engine.transfer import h2d, h2d_into
 
 
 class StreamKVCache:
@@ -55,11 +56,17 @@ class StreamKVCache:
         # Per row, on the host: frames written so far (prefix) and the newest position.
         self.filled = [0] * rows
         self.last_pos = [-1] * rows
+        # rows of (evicting?, slot when not evicting, position): written by begin(), read by the layers
+        self.plan = torch.zeros(3, rows, dtype=torch.long, device=device)
         self._plan: Optional[dict] = None
 
     # -- per forward ------------------------------------------------------------------------------
     def begin(self, positions: Sequence[int], frames: int) -> None:
-        """Plan a forward whose row r brings `frames` new frames starting at position positions[r]."""
+        """Plan a forward whose row r brings `frames` new frames starting at position positions[r].
+
+        Host decisions (fill level, wraps) happen here; what the layers need on the device goes into
+        one persistent buffer with one non-blocking copy, so a captured CUDA graph can replay it.
+        """
         full, host_slot = [], []
         for r, p in enumerate(positions):
             is_full = p + frames > self.window or self.filled[r] >= self.window
@@ -67,24 +74,25 @@ class StreamKVCache:
                 raise ValueError("only single-frame chunks can evict")
             if is_full and p < self.last_pos[r]:
                 self._rebase(r, self.last_pos[r] + 1 - p)
-            full.append(is_full)
+            full.append(int(is_full))
             host_slot.append(0 if is_full else p)
             self.filled[r] = self.window if is_full else p + frames
             self.last_pos[r] = p + frames - 1
-        dev = self.device
+        h2d_into(self.plan, [full, host_slot, list(positions)])
         valid = None
         if not all(full):
-            slots = torch.arange(self.window * self.frame_tokens, device=dev) // self.frame_tokens
-            valid = slots[None, :] < torch.tensor(self.filled, device=dev)[:, None]
-        self._plan = dict(
-            frames=frames,
-            full=torch.tensor(full, device=dev),
-            any_full=any(full),
-            host_slot=host_slot,
-            host_slot_t=torch.tensor(host_slot, device=dev),
-            pos=torch.tensor(list(positions), device=dev),
-            valid=valid,
-        )
+            slots = torch.arange(self.window * self.frame_tokens, device=self.device) // self.frame_tokens
+            valid = slots[None, :] < h2d(self.filled, self.device)[:, None]
+        self._plan = dict(frames=frames, any_full=any(full), all_full=all(full), host_slot=host_slot, valid=valid)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Device view of this forward's row positions (persistent: safe inside a CUDA graph)."""
+        return self.plan[2]
+
+    @property
+    def all_full(self) -> bool:
+        return bool(self._plan and self._plan["all_full"])
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write this forward's keys/values of `layer`; return (keys, values, key_valid) to attend to."""
@@ -93,18 +101,20 @@ class StreamKVCache:
         kc, vc = self.k[layer], self.v[layer]
         rows, t = self.rows, self.frame_tokens
         if plan["frames"] > 1:  # first chunk: contiguous prefix, never evicting
+            f = plan["frames"]
             for r, p in enumerate(plan["host_slot"]):
-                kc[r, p * t : (p + plan["frames"]) * t] = k[r]
-                vc[r, p * t : (p + plan["frames"]) * t] = v[r]
-                self.slot_pos[layer][r, p : p + plan["frames"]] = torch.arange(p, p + plan["frames"], device=self.device)
+                kc[r, p * t : (p + f) * t] = k[r]
+                vc[r, p * t : (p + f) * t] = v[r]
+                self.slot_pos[layer][r, p : p + f] = torch.arange(p, p + f, device=self.device)
             return kc, vc, plan["valid"]
-        slot = plan["host_slot_t"]
+        slot = self.plan[1]
         if plan["any_full"]:
-            slot = torch.where(plan["full"], self._evict_slot(layer, k, v, plan["full"]), slot)
+            full = self.plan[0].bool()
+            slot = torch.where(full, self._evict_slot(layer, k, v, full), slot)
         idx = torch.arange(rows, device=self.device)
         kc.view(rows, self.window, t, *kc.shape[2:])[idx, slot] = k.view(rows, t, *k.shape[2:])
         vc.view(rows, self.window, t, *vc.shape[2:])[idx, slot] = v.view(rows, t, *v.shape[2:])
-        self.slot_pos[layer][idx, slot] = plan["pos"]
+        self.slot_pos[layer][idx, slot] = self.plan[2]
         return kc, vc, plan["valid"]
 
     def _evict_slot(self, layer: int, k: torch.Tensor, v: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
@@ -149,4 +159,5 @@ class StreamKVCache:
             self.slot_pos[i] = self.slot_pos[i][:1].repeat(rows, 1)
         self.filled = self.filled[:1] * rows
         self.last_pos = self.last_pos[:1] * rows
+        self.plan = torch.zeros(3, rows, dtype=torch.long, device=self.device)
         self.rows = rows

@@ -10,7 +10,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from engine import flow
-from engine.dit import AttnInputs, WanDiT
+from engine.dit import WanDiT
+from engine.dit_runner import DiTRunner
 from engine.kv_cache import StreamKVCache
 from engine.rope import Rope
 
@@ -26,17 +27,9 @@ def dit_step(
     t: torch.Tensor,
     positions: Sequence[int],
 ) -> torch.Tensor:
-    """One cached DiT forward: x [R, 16, F, H, W] at timesteps t [R, F], row r starting at positions[r].
-
-    Returns the x0 prediction [R, 16, F, H, W].
-    """
-    emb = dit.embed(x, t)
-    f, h, w = emb.grid
-    ang = rope.angles(torch.tensor(list(positions)), f, h, w)
-    cache.begin(positions, f)
-    a = AttnInputs(cos=ang.cos(), sin=ang.sin(), cache=cache)
-    tokens = dit.run_blocks(emb.tokens, emb, a, cross_kv, cache.layers)
-    return flow.to_x0(dit.finish(tokens, emb), x, t)
+    """One eager cached DiT forward: x [R, 16, F, H, W] at timesteps t [R, F] (uniform per row),
+    row r starting at positions[r]. Returns the x0 prediction."""
+    return DiTRunner(dit, rope, cache, use_graphs=False)(cross_kv, x, t[:, 0].tolist(), positions)
 
 
 class StreamBatch:
@@ -73,6 +66,7 @@ class StreamBatch:
             dtype=p.dtype,
             device=p.device,
         )
+        self.runner = DiTRunner(dit, rope, self.cache)
         self.hidden: Optional[torch.Tensor] = None  # [n, 16, 1, h, w] rows in flight
         self.row_pos: list[int] = []
         self.next_pos = 0
@@ -86,9 +80,6 @@ class StreamBatch:
     def lag(self) -> int:
         return len(self.steps) - 1
 
-    def _t(self, values: Sequence[int], frames: int) -> torch.Tensor:
-        return torch.tensor(list(values), device=self.cache.device)[:, None].expand(-1, frames)
-
     def prime(self, latent: torch.Tensor, strength: float, t0: int, cross_kv: list) -> torch.Tensor:
         """Denoise the first chunk (latent [1, 16, F, h, w]) through every step; returns its x0."""
         frames = latent.shape[2]
@@ -96,9 +87,9 @@ class StreamBatch:
         x = x.to(latent.dtype)
         ts = [t0] + self.steps[1:]
         for i, t in enumerate(ts):
-            x0 = dit_step(self.dit, self.rope, self.cache, cross_kv, x, self._t([t], frames), [0])
+            x0 = self.runner(cross_kv, x, [t], [0])
             if i + 1 < len(ts):
-                x = flow.add_noise(x0, self.noise(x0.shape), torch.tensor([ts[i + 1]], device=x0.device))
+                x = flow.renoise(x0, self.noise(x0.shape), ts[i + 1])
         n = len(self.steps)
         self.cache.expand_rows(n)
         self.hidden = torch.zeros((n, *latent.shape[1:2], 1, *latent.shape[3:]), dtype=latent.dtype, device=latent.device)
@@ -121,11 +112,9 @@ class StreamBatch:
         self.hidden = torch.cat([new.to(self.hidden.dtype), self.hidden[:-1]])
         self.row_pos = [pos] + self.row_pos[:-1]
         ts = [t0] + self.steps[1:]
-        x0 = dit_step(self.dit, self.rope, self.cache, cross_kv, self.hidden, self._t(ts, 1), self.row_pos)
+        x0 = self.runner(cross_kv, self.hidden, ts, self.row_pos)
         for i in range(len(ts) - 1):
-            x0[i : i + 1] = flow.add_noise(
-                x0[i : i + 1], self.noise(torch.Size(shape)), torch.tensor([self.steps[i + 1]], device=x0.device)
-            )
+            x0[i : i + 1] = flow.renoise(x0[i : i + 1], self.noise(torch.Size(shape)), self.steps[i + 1])
         self.hidden = x0
         self.forwards += 1
         return x0[-1:] if self.forwards > self.lag else None

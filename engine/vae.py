@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.config import VAEConfig
+from engine.kernels import rms_norm_channels
 
 # Per-channel statistics of the Wan2.1 latent space: normalised z = (mu - mean) / std.
 LATENT_MEAN: tuple[float, ...] = (
@@ -132,14 +133,12 @@ class RMSNorm(nn.Module):
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12)
-        g = (self.gamma.reshape(-1, *([1] * (x.dim() - 2))) * self.scale).to(x.dtype)
-        return (x / norm).mul_(g)
+    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+        return rms_norm_channels(x, self.gamma, self.scale, silu)
 
 
 def _norm_silu(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    return F.silu(norm(x), inplace=True)
+    return norm(x, silu=True)
 
 
 class ResidualBlock(nn.Module):

@@ -1,0 +1,40 @@
+"""The fused VAE norm kernel against the plain torch expression, run by Triton's interpreter on the CPU
+(on the GPU the same kernel is compiled; bench/check_fast_paths.py compares it there)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = r"""
+import torch
+from engine import kernels
+assert kernels._HAVE_TRITON and kernels._INTERPRET
+torch.manual_seed(0)
+for c, shape in [(96, (1, 96, 3, 6, 10)), (24, (2, 24, 1, 5, 7)), (384, (1, 384, 2, 3, 4))]:
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last_3d) * 3
+    g = torch.rand(c, 1, 1, 1) + 0.5
+    for silu in (False, True):
+        assert kernels._usable(x)
+        got = kernels.rms_norm_channels(x, g, c ** 0.5, silu)
+        want = kernels.rms_norm_channels_torch(x.clone(), g, c ** 0.5, silu)
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 1e-5, (c, silu, err)
+        assert got.is_contiguous(memory_format=torch.channels_last_3d)
+x = torch.randn(1, 8, 2, 4, 4)  # not channels-last: the torch path
+assert not kernels._usable(x)
+print("ok")
+"""
+
+
+def test_fused_rms_norm_matches_torch_in_interpreter():
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
