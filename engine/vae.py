@@ -87,9 +87,28 @@ def _history_tail(prev: Optional[torch.Tensor], x: torch.Tensor, n: int = CACHE_
     return torch.cat([prev[:, :, prev.shape[2] - (n - t):], x], 2)
 
 
-def _conv2d_per_frame(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Apply a 2D conv to every frame of [B,C,T,H,W] as a (1,k,k) 3D conv: no (b t) reshuffle."""
-    return F.conv3d(x, conv.weight.unsqueeze(2), conv.bias, (1, *conv.stride), (0, *conv.padding))
+def _frames(x: torch.Tensor) -> torch.Tensor:
+    """[B,C,T,H,W] -> [B*T,C,H,W]. For a channels-last 3D tensor this is a view that is channels-last
+    2D, so per-frame 2D ops run on cuDNN's / ATen's NHWC kernels without a layout conversion."""
+    b, c, t, h, w = x.shape
+    return x.transpose(1, 2).reshape(b * t, c, h, w)
+
+
+def _unframes(y: torch.Tensor, b: int) -> torch.Tensor:
+    bt, c, h, w = y.shape
+    return y.reshape(b, bt // b, c, h, w).transpose(1, 2)
+
+
+def _conv2d_per_frame(conv: nn.Conv2d, x: torch.Tensor, pad_right_bottom: bool = False,
+                      upsample: bool = False) -> torch.Tensor:
+    """A 2D conv on every frame of [B,C,T,H,W], optionally after zero-padding right/bottom by one or
+    after a nearest 2x spatial upsample (nearest and nearest-exact agree for a factor of 2)."""
+    y = _frames(x)
+    if pad_right_bottom:
+        y = F.pad(y, (0, 1, 0, 1))
+    if upsample:
+        y = F.interpolate(y, scale_factor=2.0, mode="nearest")
+    return _unframes(conv(y), x.shape[0])
 
 
 class CausalConv3d(nn.Conv3d):
@@ -196,7 +215,7 @@ class Downsample(nn.Module):
             self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
 
     def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
-        x = _conv2d_per_frame(self.resample[1], F.pad(x, (0, 1, 0, 1)))
+        x = _conv2d_per_frame(self.resample[1], x, pad_right_bottom=True)
         if not self.temporal:
             return x
         if cache is None:
@@ -247,8 +266,7 @@ class Upsample(nn.Module):
                     x = torch.cat([x[:, :, :1], self._double_time(x[:, :, 1:], cache)], 2)
             else:
                 x = self._double_time(x, cache)
-        x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact")
-        return _conv2d_per_frame(self.resample[1], x)
+        return _conv2d_per_frame(self.resample[1], x, upsample=True)
 
 
 class Encoder3d(nn.Module):
