@@ -41,6 +41,23 @@ def main() -> None:
         e1.record()
         torch.cuda.synchronize()
         times[name] = e0.elapsed_time(e1) / 5
+    # which norms reach the fused kernel (channels-last) and which fall back (layout trace)
+    import collections
+
+    from engine import kernels, vae as vae_mod
+
+    trace: collections.Counter = collections.Counter()
+    plain = vae_mod.rms_norm_channels
+
+    def spy(x, g, s, silu=False):
+        trace[(tuple(x.shape), "fused" if kernels._usable(x) else f"torch strides={x.stride()}")] += 1
+        return plain(x, g, s, silu)
+
+    vae_mod.rms_norm_channels = spy
+    z = vae.stream_encode(v[:, :, 25:29], st)
+    vae.stream_decode(z, st)
+    vae_mod.rms_norm_channels = plain
+    print("\n".join(f"{n:3d} x {k}" for k, n in sorted(trace.items())))
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=True) as prof:
         vae.stream_decode(z, st)
         torch.cuda.synchronize()

@@ -400,8 +400,23 @@ class WanVAE(nn.Module):
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Cast to the module dtype and the chosen memory layout in one copy."""
         cl = x.is_cuda if self.channels_last is None else self.channels_last
+        if cl:
+            self._weights_channels_last()
         fmt = torch.channels_last_3d if cl else torch.contiguous_format
         return x.to(dtype=self.dtype, memory_format=fmt)
+
+    def _weights_channels_last(self) -> None:
+        """Conv weights in NDHWC / NHWC too. With contiguous weights cuDNN returns some convs' outputs
+        contiguous, and from there the layout falls back to NCDHW along the chain (conversions before
+        every later conv, and norms that cannot use the fused kernel), as a layout trace showed."""
+        if getattr(self, "_cl_weights", False):
+            return
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, (nn.Conv3d, nn.Conv2d)):
+                    fmt = torch.channels_last_3d if m.weight.dim() == 5 else torch.channels_last
+                    m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+        self._cl_weights = True
 
     def _check_video(self, video: torch.Tensor) -> None:
         if video.dim() != 5 or video.shape[1] != 3:
