@@ -14,9 +14,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from engine import kernels
 from engine.attention import attention
 from engine.config import DiTConfig
-from engine.rope import rotate
 
 
 class RMSNorm(nn.Module):
@@ -57,8 +57,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, a: AttnInputs, layer: int) -> torch.Tensor:
         r, n = x.shape[:2]
-        q = rotate(self.norm_q(self.q(x)).view(r, n, self.num_heads, -1), a.cos, a.sin)
-        k = rotate(self.norm_k(self.k(x)).view(r, n, self.num_heads, -1), a.cos, a.sin)
+        q = kernels.qk_norm_rope(self.q(x), self.norm_q.weight, a.cos, a.sin, self.num_heads, self.norm_q.eps)
+        k = kernels.qk_norm_rope(self.k(x), self.norm_k.weight, a.cos, a.sin, self.num_heads, self.norm_k.eps)
         v = self.v(x).view(r, n, self.num_heads, -1)
         if a.cache is not None:
             keys, values, valid = a.cache.update(layer, k, v)
@@ -111,17 +111,12 @@ class Block(nn.Module):
         self, x: torch.Tensor, e: torch.Tensor, a: AttnInputs, cross_kv: tuple[torch.Tensor, torch.Tensor], layer: int
     ) -> torch.Tensor:
         """x [R, F*T, dim]; e [R, F, 6, dim] per-frame modulation from the timestep."""
-        frames = e.shape[1]
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation[:, None] + e).unbind(2)  # each [R, F, dim]
-
-        def per_frame(t: torch.Tensor) -> torch.Tensor:
-            return t.unflatten(1, (frames, -1))
-
-        h = (per_frame(self.norm1(x)) * (1 + scale1[:, :, None]) + shift1[:, :, None]).flatten(1, 2)
-        x = x + (per_frame(self.self_attn(h, a, layer)) * gate1[:, :, None]).flatten(1, 2)
+        # [6, R, F, dim]: each of shift/scale/gate contiguous, as the fused kernels want
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation[:, None] + e).permute(2, 0, 1, 3).contiguous()
+        eps = self.norm1.eps
+        x = kernels.gated_add(x, self.self_attn(kernels.modulate(x, shift1, scale1, eps), a, layer), gate1)
         x = x + self.cross_attn(self.norm3(x), cross_kv)
-        h = (per_frame(self.norm2(x)) * (1 + scale2[:, :, None]) + shift2[:, :, None]).flatten(1, 2)
-        return x + (per_frame(self.ffn(h)) * gate2[:, :, None]).flatten(1, 2)
+        return kernels.gated_add(x, self.ffn(kernels.modulate(x, shift2, scale2, eps)), gate2)
 
 
 class Head(nn.Module):

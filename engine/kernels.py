@@ -66,3 +66,118 @@ def rms_norm_channels(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: 
     _rms_norm_rows[grid](x, gamma.reshape(-1).contiguous(), y, n_rows, c, float(scale),
                          BLOCK_R=block_r, BLOCK_C=block_c, SILU=silu)
     return y
+
+
+# -- DiT: per-token fusions ----------------------------------------------------------------------------
+# Each replaces 3 to 12 small kernels per block over [rows, tokens, dim] tensors; with the DiT step
+# replayed from a CUDA graph, those memory passes are what is left beside the GEMMs and attention.
+
+
+def _dit_usable(x: torch.Tensor) -> bool:
+    return _HAVE_TRITON and (x.is_cuda or _INTERPRET) and x.is_contiguous()
+
+
+def modulate_torch(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm (no affine) of x [R, F*T, D], then per-frame (1 + scale) and shift ([R, F, D])."""
+    frames = shift.shape[1]
+    h = F.layer_norm(x, (x.shape[-1],), eps=eps).unflatten(1, (frames, -1))
+    return (h * (1 + scale[:, :, None]) + shift[:, :, None]).flatten(1, 2)
+
+
+def gated_add_torch(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + y * gate, the gate per frame ([R, F, D]); x [R, F*T, D]."""
+    frames = gate.shape[1]
+    return x + (y.unflatten(1, (frames, -1)) * gate[:, :, None]).flatten(1, 2)
+
+
+def qk_norm_rope_torch(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float) -> torch.Tensor:
+    """RMS norm over the full width D of x [R, L, D], times weight, then RoPE per head: -> [R, L, heads, D/heads]."""
+    xf = x.float()
+    h = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+    h = h.view(*x.shape[:2], heads, -1).float().unflatten(-1, (-1, 2))
+    a, b = h[..., 0], h[..., 1]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).type_as(x)
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _modulate_rows(X, SH, SC, Y, tokens_per_frame, frames, D, eps, BLOCK_D: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # over R * F * T token rows
+        r = row // (frames * tokens_per_frame)
+        f = (row // tokens_per_frame) % frames
+        cols = tl.arange(0, BLOCK_D)
+        m = cols < D
+        x = tl.load(X + row * D + cols, mask=m, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / D
+        xc = tl.where(m, x - mean, 0.0)
+        var = tl.sum(xc * xc, axis=0) / D
+        h = xc / tl.sqrt(var + eps)
+        h = h.to(Y.dtype.element_ty).to(tl.float32)  # LayerNorm returns in x's dtype, as in torch
+        e = (r * frames + f) * D + cols
+        sh = tl.load(SH + e, mask=m, other=0.0).to(tl.float32)
+        sc = tl.load(SC + e, mask=m, other=0.0).to(tl.float32)
+        tl.store(Y + row * D + cols, (h * (1.0 + sc) + sh).to(Y.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _gated_add_rows(X, Yv, G, Out, tokens_per_frame, frames, D, BLOCK_D: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        r = row // (frames * tokens_per_frame)
+        f = (row // tokens_per_frame) % frames
+        cols = tl.arange(0, BLOCK_D)
+        m = cols < D
+        x = tl.load(X + row * D + cols, mask=m, other=0.0).to(tl.float32)
+        y = tl.load(Yv + row * D + cols, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(G + (r * frames + f) * D + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(Out + row * D + cols, (x + y * g).to(Out.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _qk_norm_rope_rows(X, W, COS, SIN, Out, D, P, eps, BLOCK_H: tl.constexpr):
+        # One token row of D = heads * 2P values: RMS over all D, weight, then rotate pairs (2j, 2j+1)
+        # of every head by the row's angle j (shared by the heads).
+        row = tl.program_id(0).to(tl.int64)
+        j = tl.arange(0, BLOCK_H)  # pair index over the whole row: D/2 pairs
+        m = j < D // 2
+        a = tl.load(X + row * D + 2 * j, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(X + row * D + 2 * j + 1, mask=m, other=0.0).to(tl.float32)
+        inv = 1.0 / tl.sqrt((tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / D + eps)
+        # the norm's output is rounded to x's dtype before the weight, as the module does
+        a = (a * inv).to(Out.dtype.element_ty).to(tl.float32) * tl.load(W + 2 * j, mask=m, other=0.0).to(tl.float32)
+        b = (b * inv).to(Out.dtype.element_ty).to(tl.float32) * tl.load(W + 2 * j + 1, mask=m, other=0.0).to(tl.float32)
+        a = a.to(Out.dtype.element_ty).to(tl.float32)
+        b = b.to(Out.dtype.element_ty).to(tl.float32)
+        k = j % P
+        c = tl.load(COS + row * P + k, mask=m, other=1.0)
+        s = tl.load(SIN + row * P + k, mask=m, other=0.0)
+        tl.store(Out + row * D + 2 * j, (a * c - b * s).to(Out.dtype.element_ty), mask=m)
+        tl.store(Out + row * D + 2 * j + 1, (a * s + b * c).to(Out.dtype.element_ty), mask=m)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    if not (_dit_usable(x) and shift.is_contiguous() and scale.is_contiguous()):
+        return modulate_torch(x, shift, scale, eps)
+    r, n, d = x.shape
+    y = torch.empty_like(x)
+    _modulate_rows[(r * n,)](x, shift, scale, y, n // shift.shape[1], shift.shape[1], d, float(eps),
+                             BLOCK_D=triton.next_power_of_2(d))
+    return y
+
+
+def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    if not (_dit_usable(x) and y.is_contiguous() and gate.is_contiguous()):
+        return gated_add_torch(x, y, gate)
+    r, n, d = x.shape
+    out = torch.empty_like(x)
+    _gated_add_rows[(r * n,)](x, y, gate, out, n // gate.shape[1], gate.shape[1], d, BLOCK_D=triton.next_power_of_2(d))
+    return out
+
+
+def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float) -> torch.Tensor:
+    if not (_dit_usable(x) and cos.is_contiguous() and sin.is_contiguous() and cos.dtype == torch.float32):
+        return qk_norm_rope_torch(x, weight, cos, sin, heads, eps)
+    r, n, d = x.shape
+    out = torch.empty(r, n, heads, d // heads, dtype=x.dtype, device=x.device)
+    _qk_norm_rope_rows[(r * n,)](x, weight, cos, sin, out, d, cos.shape[-1], float(eps),
+                                 BLOCK_H=triton.next_power_of_2(d // 2))
+    return out

@@ -29,6 +29,22 @@ for c, shape in [(96, (1, 96, 3, 6, 10)), (24, (2, 24, 1, 5, 7)), (384, (1, 384,
         assert got.is_contiguous(memory_format=torch.channels_last_3d)
 x = torch.randn(1, 8, 2, 4, 4)  # not channels-last: the torch path
 assert not kernels._usable(x)
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+# DiT fusions: 2 rows, 2 frames of 6 tokens, width 96 = 3 heads of 32 (16 rotation pairs)
+r, f, t, d, heads = 2, 2, 6, 96, 3
+x = torch.randn(r, f * t, d) * 2 + 0.3
+shift, scale, gate = (torch.randn(r, f, d) for _ in range(3))
+assert rel(kernels.modulate(x, shift, scale, 1e-6), kernels.modulate_torch(x, shift, scale, 1e-6)) < 1e-5
+y = torch.randn(r, f * t, d)
+assert rel(kernels.gated_add(x, y, gate), kernels.gated_add_torch(x, y, gate)) < 1e-6
+w = torch.rand(d) + 0.5
+ang = torch.rand(r, f * t, d // heads // 2) * 6
+got = kernels.qk_norm_rope(x, w, ang.cos(), ang.sin(), heads, 1e-6)
+want = kernels.qk_norm_rope_torch(x, w, ang.cos(), ang.sin(), heads, 1e-6)
+assert got.shape == (r, f * t, heads, d // heads) and rel(got, want) < 1e-5, rel(got, want)
 print("ok")
 """
 
