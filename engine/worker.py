@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import time
 from multiprocessing.connection import Connection
 from typing import Any, Optional
@@ -197,7 +198,7 @@ class Worker:
         try:
             self._conn.send(encode(message))
         except (BrokenPipeError, OSError):
-            log.warning("server pipe closed; reply %s lost", type(message).__name__)
+            log.info("server pipe closed; reply %s not sent", type(message).__name__)
 
 
 def _as_dict(info: Any) -> dict:
@@ -243,6 +244,8 @@ def _warm_up(engine: Any, info: EngineInfo) -> None:
 def main(conn: Connection, options: dict) -> None:
     """Entry point of the engine process."""
     worker_options = WorkerOptions.model_validate(options)
+    # Ctrl+C reaches the whole process group; the server decides when the engine stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
         level=worker_options.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",

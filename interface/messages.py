@@ -1,0 +1,168 @@
+"""Messages between the server process and the engine process.
+
+They travel over a multiprocessing Pipe as plain dicts (`encode`/`decode`), never as pickled
+arrays: frames go through the shared-memory rings of `interface.frame_ring`, and a message only
+names the ring slots that hold them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from interface.controls import MAX_PROMPT_CHARS, StreamParams, StreamUpdate
+
+SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN)]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EngineInfo(BaseModel):
+    """What the engine reports about itself; mirrors `engine.runtime.EngineInfo` without torch."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    model: str
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    steps: int = Field(ge=1)
+    random_weights: bool
+    device: str
+    dtype: str
+    attention: str
+
+
+class WorkerOptions(_Message):
+    """How the server asks the engine process to start."""
+
+    model: str = "tiny"
+    weights: Optional[str] = None
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    height: Optional[int] = Field(None, gt=0)
+    width: Optional[int] = Field(None, gt=0)
+    seed: int = 0
+    log_level: str = "INFO"
+    warmup: bool = Field(True, description="run a throwaway session once before reporting ready")
+    # Test-only: seconds the worker sleeps per pushed chunk, to simulate an engine slower than
+    # its input. Also read from STREAMGEN_TEST_CHUNK_DELAY_S. Never set it in production.
+    test_chunk_delay_s: float = Field(0.0, ge=0.0, le=10.0)
+
+
+# ---- server -> engine -------------------------------------------------------------------------
+
+
+class OpenSession(_Message):
+    kind: Literal["open"] = "open"
+    session_id: SessionId
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    params: Optional[StreamParams] = None
+    input_ring: str  # shared-memory names, created and unlinked by the server
+    output_ring: str
+
+
+class PushFrames(_Message):
+    """Frames [first_seq, first_seq + count) of the session's input ring are ready."""
+
+    kind: Literal["push"] = "push"
+    session_id: SessionId
+    first_seq: int = Field(ge=0)
+    count: int = Field(ge=1, le=64)
+
+
+class UpdateSession(_Message):
+    kind: Literal["update"] = "update"
+    session_id: SessionId
+    update: StreamUpdate
+
+
+class CloseSession(_Message):
+    kind: Literal["close"] = "close"
+    session_id: SessionId
+
+
+class Shutdown(_Message):
+    kind: Literal["shutdown"] = "shutdown"
+
+
+# ---- engine -> server -------------------------------------------------------------------------
+
+
+class EngineReady(_Message):
+    kind: Literal["ready"] = "ready"
+    info: EngineInfo
+
+
+class EngineFailed(_Message):
+    """The engine could not start (bad weights, no such device...)."""
+
+    kind: Literal["engine_failed"] = "engine_failed"
+    message: str
+
+
+class SessionOpened(_Message):
+    kind: Literal["opened"] = "opened"
+    session_id: SessionId
+    chunk_frames: int = Field(ge=1)
+
+
+class FramesOut(_Message):
+    """Reply to one PushFrames: generated frames [first_seq, first_seq + count) of the output ring.
+
+    `count` may be 0 (the pipeline is still filling). `pts[i]` is the input pts of frame i.
+    """
+
+    kind: Literal["frames"] = "frames"
+    session_id: SessionId
+    first_seq: int = Field(ge=0)
+    count: int = Field(ge=0)
+    pts: list[int]
+    dropped: int = Field(0, ge=0, description="outputs lost because the output ring was full")
+    chunk_frames: int = Field(ge=1, description="frames the next push should carry")
+    engine_ms: float = Field(ge=0.0, description="wall time of this push inside the engine process")
+    stats: dict[str, float] = {}
+    prompt: str = Field("", description="the prompt the engine session was last given")
+    updates_applied: int = Field(0, ge=0)
+
+
+class SessionError(_Message):
+    """A request for one session failed; the engine goes on serving the others."""
+
+    kind: Literal["session_error"] = "session_error"
+    session_id: str
+    request: str
+    message: str
+    fatal: bool = Field(False, description="the engine dropped the session")
+
+
+class SessionClosed(_Message):
+    kind: Literal["closed"] = "closed"
+    session_id: str
+
+
+ToEngine = Annotated[
+    Union[OpenSession, PushFrames, UpdateSession, CloseSession, Shutdown], Field(discriminator="kind")
+]
+FromEngine = Annotated[
+    Union[EngineReady, EngineFailed, SessionOpened, FramesOut, SessionError, SessionClosed],
+    Field(discriminator="kind"),
+]
+
+_to_engine: TypeAdapter[ToEngine] = TypeAdapter(ToEngine)
+_from_engine: TypeAdapter[FromEngine] = TypeAdapter(FromEngine)
+
+
+def encode(message: BaseModel) -> dict:
+    """A message as a dict of plain Python values, for Connection.send."""
+    return message.model_dump(mode="json")
+
+
+def decode_to_engine(data: object) -> ToEngine:
+    return _to_engine.validate_python(data)
+
+
+def decode_from_engine(data: object) -> FromEngine:
+    return _from_engine.validate_python(data)

@@ -1,0 +1,5 @@
+"""The server process: aiohttp + aiortc signaling, sessions, media tracks, pacing, metrics, web UI.
+
+It never imports torch: the engine runs in its own process (engine/worker.py) and the two meet in
+`interface` (pydantic messages + shared-memory frame rings).
+"""

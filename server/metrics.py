@@ -1,0 +1,226 @@
+"""What is measured (DESIGN §6): TTFF, per-frame latency matched by pts, jitter, deadline misses,
+fps in/out, drops and engine stage times; per session (for the page) and server-wide (/metrics).
+
+TTFF is the time from a session's first camera frame arriving to its first generated frame
+leaving (the output track handing it to the encoder). A frame's latency is the time from its
+camera frame arriving to the generated frame with the same pts leaving. Jitter is |Δ| of
+consecutive latencies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+
+from server.prometheus import Counter, Gauge, Histogram, Registry
+from server.schemas import Percentiles, SessionStats
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+JITTER_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+STAGE_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+STAGES = {"vae_encode_ms": "vae_encode", "dit_ms": "dit", "vae_decode_ms": "vae_decode"}
+DROP_REASONS = ("input", "late", "engine")
+RECENT_SAMPLES = 600  # window for percentiles
+PLOT_SAMPLES = 120  # latencies sent with each stats message
+
+
+class ServerMetrics:
+    """The server-wide registry behind GET /metrics. One per app."""
+
+    def __init__(self, deadline_s: float) -> None:
+        self.registry = Registry()
+        r = self.registry
+        self.sessions_started = r.add(Counter("streamgen_sessions_started_total", "sessions opened"))
+        self.frames_in = r.add(Counter("streamgen_input_frames_total", "camera frames received"))
+        self.frames_out = r.add(Counter("streamgen_output_frames_total", "generated frames sent"))
+        self.chunks = r.add(Counter("streamgen_engine_chunks_total", "chunks the engine processed"))
+        self.dropped = r.add(
+            Counter(
+                "streamgen_dropped_frames_total",
+                "frames dropped: input (not taken at a chunk boundary), late (pacing), engine",
+                labels=("reason",),
+            )
+        )
+        for reason in DROP_REASONS:
+            self.dropped.inc(0, reason=reason)
+        self.ttff = r.add(
+            Histogram("streamgen_ttff_seconds", "first camera frame in to first generated frame out", LATENCY_BUCKETS)
+        )
+        self.latency = r.add(
+            Histogram("streamgen_frame_latency_seconds", "camera frame in to generated frame out, by pts", LATENCY_BUCKETS)
+        )
+        self.jitter = r.add(
+            Histogram("streamgen_frame_jitter_seconds", "|difference| of consecutive frame latencies", JITTER_BUCKETS)
+        )
+        self.misses = r.add(Counter("streamgen_deadline_misses_total", "sent frames later than the deadline"))
+        deadline = r.add(Gauge("streamgen_deadline_seconds", "the per-frame latency deadline"))
+        assert isinstance(deadline, Gauge)
+        deadline.set(deadline_s)
+        self.stage = r.add(
+            Histogram(
+                "streamgen_engine_stage_seconds", "engine time per chunk by stage", STAGE_BUCKETS, labels=("stage",)
+            )
+        )
+        self.chunk_roundtrip = r.add(
+            Histogram("streamgen_engine_chunk_seconds", "chunk push to reply, seen by the server", STAGE_BUCKETS)
+        )
+        self.session_errors = r.add(Counter("streamgen_session_errors_total", "sessions ended by an error"))
+
+    def add_gauges(
+        self,
+        sessions: Callable[[], float],
+        fps: Callable[[str], float],
+        engine: Callable[[], dict[tuple[str, ...], float]],
+        engine_up: Callable[[], float],
+    ) -> None:
+        """Gauges read from the live app state at scrape time."""
+        r = self.registry
+        r.add(Gauge("streamgen_sessions", "active sessions", read=lambda: {(): sessions()}))
+        r.add(Gauge("streamgen_input_fps", "camera frames per second, all sessions", read=lambda: {(): fps("in")}))
+        r.add(Gauge("streamgen_output_fps", "generated frames per second, all sessions", read=lambda: {(): fps("out")}))
+        r.add(Gauge("streamgen_engine_up", "1 when the engine process is ready", read=lambda: {(): engine_up()}))
+        r.add(
+            Gauge(
+                "streamgen_engine_info",
+                "the engine's model and device",
+                labels=("model", "device", "dtype", "attention", "random_weights", "height", "width"),
+                read=engine,
+            )
+        )
+
+    def render(self) -> str:
+        return self.registry.render()
+
+
+class RateMeter:
+    """Events per second over a sliding window."""
+
+    def __init__(self, window_s: float = 2.0) -> None:
+        self._window = window_s
+        self._times: deque[float] = deque()
+
+    def mark(self, now: float, n: int = 1) -> None:
+        self._times.extend([now] * n)
+        self._trim(now)
+
+    def rate(self, now: float) -> float:
+        self._trim(now)
+        return len(self._times) / self._window
+
+    def _trim(self, now: float) -> None:
+        while self._times and self._times[0] < now - self._window:
+            self._times.popleft()
+
+
+def _percentiles_ms(values: Iterable[float]) -> Percentiles:
+    arr = np.fromiter(values, dtype=np.float64)
+    if arr.size == 0:
+        return Percentiles()
+    p50, p95, p99 = np.percentile(arr, [50, 95, 99]) * 1000.0
+    return Percentiles(
+        p50=round(p50, 2), p95=round(p95, 2), p99=round(p99, 2), mean=round(arr.mean() * 1000.0, 2),
+        max=round(arr.max() * 1000.0, 2),
+    )
+
+
+class SessionMetrics:
+    """One session's measurements; also feeds the server-wide registry."""
+
+    def __init__(
+        self, session_id: str, server: ServerMetrics, deadline_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.session_id = session_id
+        self._server = server
+        self._deadline = deadline_s
+        self._clock = clock
+        self._started = clock()
+        self.first_input_at: Optional[float] = None
+        self.ttff_s: Optional[float] = None
+        self.frames_in = 0
+        self.frames_out = 0
+        self.chunks = 0
+        self.misses = 0
+        self.dropped = {reason: 0 for reason in DROP_REASONS}
+        self._fps_in = RateMeter()
+        self._fps_out = RateMeter()
+        self._latencies: deque[float] = deque(maxlen=RECENT_SAMPLES)
+        self._jitters: deque[float] = deque(maxlen=RECENT_SAMPLES)
+        self._last_latency: Optional[float] = None
+        self.latency_seq = 0
+        self.engine: dict[str, float] = {}
+        self.engine_prompt = ""
+        self.engine_updates = 0
+
+    def input_arrived(self, now: float) -> None:
+        if self.first_input_at is None:
+            self.first_input_at = now
+        self.frames_in += 1
+        self._fps_in.mark(now)
+        self._server.frames_in.inc()
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        if n > 0:
+            self.dropped[reason] += n
+            self._server.dropped.inc(n, reason=reason)
+
+    def output_sent(self, arrived_at: float, now: float) -> None:
+        if self.ttff_s is None and self.first_input_at is not None:
+            self.ttff_s = now - self.first_input_at
+            self._server.ttff.observe(self.ttff_s)
+        latency = now - arrived_at
+        self.frames_out += 1
+        self._fps_out.mark(now)
+        self._latencies.append(latency)
+        self.latency_seq += 1
+        self._server.frames_out.inc()
+        self._server.latency.observe(latency)
+        if latency > self._deadline:
+            self.misses += 1
+            self._server.misses.inc()
+        if self._last_latency is not None:
+            jitter = abs(latency - self._last_latency)
+            self._jitters.append(jitter)
+            self._server.jitter.observe(jitter)
+        self._last_latency = latency
+
+    def engine_chunk(self, stats: dict[str, float], roundtrip_s: float, prompt: str, updates: int) -> None:
+        self.chunks += 1
+        self.engine = dict(stats)
+        self.engine["chunk_ms"] = roundtrip_s * 1000.0
+        self.engine_prompt = prompt
+        self.engine_updates = updates
+        self._server.chunks.inc()
+        self._server.chunk_roundtrip.observe(roundtrip_s)
+        for key, stage in STAGES.items():
+            if key in stats:
+                self._server.stage.observe(stats[key] / 1000.0, stage=stage)
+
+    def fps(self, direction: str, now: Optional[float] = None) -> float:
+        now = self._clock() if now is None else now
+        return (self._fps_in if direction == "in" else self._fps_out).rate(now)
+
+    def snapshot(self) -> SessionStats:
+        now = self._clock()
+        return SessionStats(
+            session_id=self.session_id,
+            uptime_s=round(now - self._started, 3),
+            fps_in=round(self.fps("in", now), 2),
+            fps_out=round(self.fps("out", now), 2),
+            ttff_ms=None if self.ttff_s is None else round(self.ttff_s * 1000.0, 1),
+            latency_ms=_percentiles_ms(self._latencies),
+            jitter_ms=_percentiles_ms(self._jitters),
+            deadline_ms=self._deadline * 1000.0,
+            miss_rate=round(self.misses / self.frames_out, 4) if self.frames_out else 0.0,
+            frames_in=self.frames_in,
+            frames_out=self.frames_out,
+            chunks=self.chunks,
+            dropped=dict(self.dropped),
+            engine={k: round(v, 3) for k, v in self.engine.items()},
+            engine_prompt=self.engine_prompt,
+            engine_updates=self.engine_updates,
+            latency_seq=self.latency_seq,
+            recent_latency_ms=[round(v * 1000.0, 1) for v in list(self._latencies)[-PLOT_SAMPLES:]],
+        )

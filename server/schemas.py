@@ -1,0 +1,116 @@
+"""Pydantic models of the HTTP API and of the data-channel messages."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from interface.controls import MAX_PROMPT_CHARS, StreamParams
+from interface.messages import EngineInfo
+
+SessionState = Literal["connecting", "streaming", "closed", "failed"]
+MAX_SDP_CHARS = 100_000
+
+
+class OfferRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sdp: str = Field(min_length=1, max_length=MAX_SDP_CHARS)
+    type: Literal["offer"]
+    prompt: Optional[str] = Field(None, max_length=MAX_PROMPT_CHARS)
+    params: Optional[StreamParams] = None
+
+
+class OfferResponse(BaseModel):
+    sdp: str
+    type: Literal["answer"] = "answer"
+    session_id: str
+
+
+class Percentiles(BaseModel):
+    """Milliseconds over the recent window; None until there is a sample."""
+
+    p50: Optional[float] = None
+    p95: Optional[float] = None
+    p99: Optional[float] = None
+    mean: Optional[float] = None
+    max: Optional[float] = None
+
+
+class SessionStats(BaseModel):
+    """Pushed over the data channel once a second and returned by GET /api/sessions/{id}."""
+
+    type: Literal["stats"] = "stats"
+    session_id: str
+    uptime_s: float
+    fps_in: float
+    fps_out: float
+    ttff_ms: Optional[float] = None
+    latency_ms: Percentiles
+    jitter_ms: Percentiles
+    deadline_ms: float
+    miss_rate: float = Field(description="share of sent frames whose latency exceeded the deadline")
+    frames_in: int
+    frames_out: int
+    chunks: int
+    dropped: dict[str, int]
+    engine: dict[str, float] = Field(description="last chunk: vae_encode_ms, dit_ms, vae_decode_ms, ...")
+    engine_prompt: str = ""
+    engine_updates: int = 0
+    latency_seq: int = Field(0, description="latency samples so far; the page appends the new ones")
+    recent_latency_ms: list[float] = Field(default_factory=list)
+
+
+class Size(BaseModel):
+    width: int
+    height: int
+
+
+class SessionInfo(BaseModel):
+    session_id: str
+    state: SessionState
+    created_at: float = Field(description="unix time")
+    prompt: str
+    params: StreamParams
+    camera: Optional[Size] = None
+    output: Optional[Size] = None
+    error: Optional[str] = None
+    stats: SessionStats
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionInfo]
+
+
+class ServerInfo(BaseModel):
+    """What the page needs before it starts: the model, and whether its output is meaningful."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    engine_state: str
+    engine_error: Optional[str] = None
+    engine: Optional[EngineInfo] = None
+    random_weights: Optional[bool] = None
+    notice: Optional[str] = None
+    deadline_s: float
+    max_sessions: int
+    sessions: int
+    default_prompt: str
+    output_size: str
+
+
+class ErrorBody(BaseModel):
+    error: str
+    details: Optional[list[dict[str, Any]]] = None
+
+
+class ChannelAck(BaseModel):
+    type: Literal["ack"] = "ack"
+    applied: dict[str, Any]
+
+
+class ChannelError(BaseModel):
+    type: Literal["error"] = "error"
+    error: str
+    details: Optional[list[dict[str, Any]]] = None

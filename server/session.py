@@ -1,0 +1,428 @@
+"""One WebRTC session: camera in, chunks to the engine, paced generated video out, live controls
+over the `control` data channel, stats pushed back once a second."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+from aiortc import RTCDataChannel, RTCPeerConnection
+from aiortc.mediastreams import MediaStreamTrack
+from av import VideoFrame
+from pydantic import BaseModel, ValidationError
+
+from interface.controls import StreamParams, StreamUpdate
+from interface.frame_ring import FrameRing, StaleSlot
+from interface.messages import FramesOut, OpenSession, PushFrames, SessionError, UpdateSession
+from server.config import ServerConfig
+from server.engine_client import EngineClient, EngineUnavailable
+from server.errors import validation_details
+from server.imaging import output_size, to_model_rgb, to_output_frame
+from server.metrics import ServerMetrics, SessionMetrics
+from server.pacing import CLOCK_RATE, PtsPacer
+from server.sampling import ChunkSampler
+from server.schemas import ChannelAck, ChannelError, SessionInfo, SessionState, Size
+from server.tracks import GeneratedVideoTrack, drain
+
+log = logging.getLogger(__name__)
+
+CONTROL_CHANNEL = "control"
+MAX_CHUNK = 5  # the first chunk takes 5 frames, later ones 4
+INPUT_SLOTS = 2 * MAX_CHUNK  # one chunk in flight per session; room to spare
+OUTPUT_SLOTS = 4 * MAX_CHUNK  # a steps change can drain several chunks in one reply
+PENDING_FRAMES = 3 * MAX_CHUNK  # camera frames kept while the engine is busy
+REMEMBERED_PTS = 256  # input frames whose output has not left yet
+
+
+@dataclass
+class SessionContext:
+    """What a session needs from the app; passed in so sessions hold no global state."""
+
+    config: ServerConfig
+    engine: EngineClient
+    metrics: ServerMetrics
+    on_closed: Callable[["Session"], None]
+
+
+@dataclass
+class _Arrival:
+    frame: VideoFrame
+    pts: int
+    arrived_at: float
+
+
+@dataclass
+class _InputMeta:
+    arrived_at: float
+    width: int
+    height: int
+
+
+def merge_updates(old: Optional[StreamUpdate], new: StreamUpdate) -> StreamUpdate:
+    """Coalesce updates not yet sent: later fields win, a reset sticks."""
+    if old is None:
+        return new
+    merged = old.model_dump(exclude_none=True)
+    merged.update(new.model_dump(exclude_none=True))
+    merged["reset"] = old.reset or new.reset
+    return StreamUpdate.model_validate(merged)
+
+
+def _convert_inputs(frames: list[VideoFrame], width: int, height: int) -> list[np.ndarray]:
+    return [to_model_rgb(f, width, height) for f in frames]
+
+
+def _convert_outputs(items: list[tuple[int, np.ndarray, tuple[int, int]]]) -> list[tuple[int, VideoFrame]]:
+    return [(pts, to_output_frame(rgb, w, h)) for pts, rgb, (w, h) in items]
+
+
+class Session:
+    def __init__(
+        self,
+        session_id: str,
+        ctx: SessionContext,
+        pc: RTCPeerConnection,
+        prompt: str,
+        params: Optional[StreamParams],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ctx.engine.info is None:
+            raise EngineUnavailable("engine is not ready")
+        self.id = session_id
+        self.pc = pc
+        self.prompt = prompt
+        self.params = params or StreamParams()
+        self.state: SessionState = "connecting"
+        self.error: Optional[str] = None
+        self.created_at = time.time()
+        self._ctx = ctx
+        self._clock = clock
+        self._model_w, self._model_h = ctx.engine.info.width, ctx.engine.info.height
+        self.metrics = SessionMetrics(session_id, ctx.metrics, ctx.config.deadline_s, clock)
+        self.output_track = GeneratedVideoTrack(
+            PtsPacer(CLOCK_RATE), self._on_sent, lambda n: self.metrics.drop("late", n), clock
+        )
+        self._sampler: ChunkSampler[_Arrival] = ChunkSampler(PENDING_FRAMES)
+        self._inputs: OrderedDict[int, _InputMeta] = OrderedDict()
+        self._last_pts = -1
+        self._chunk_frames = MAX_CHUNK
+        self._busy = False  # a chunk is with the engine: frames wait in the sampler
+        self._pushed_at = 0.0
+        self._pending_update: Optional[StreamUpdate] = None
+        self._input_ring: Optional[FrameRing] = None
+        self._output_ring: Optional[FrameRing] = None
+        self._engine_open = False  # chunks may be pushed
+        self._engine_held = False
+        self._closed = False
+        self._close_done = asyncio.Event()
+        self._has_video = False
+        self._channel: Optional[RTCDataChannel] = None
+        self._camera_size: Optional[tuple[int, int]] = None
+        self._output_size: Optional[tuple[int, int]] = None
+        self._outputs: asyncio.Queue[list[tuple[np.ndarray, int]]] = asyncio.Queue()
+        self._tasks: set[asyncio.Task] = set()
+        pc.on("track", self._on_track)
+        pc.on("datachannel", self._on_datachannel)
+        pc.on("connectionstatechange", self._on_connection_state)
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    @property
+    def has_video(self) -> bool:
+        return self._has_video
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def open_engine(self) -> None:
+        """Create this session's frame rings and its engine-side session."""
+        h, w = self._model_h, self._model_w
+        self._input_ring = FrameRing.create(INPUT_SLOTS, h, w)
+        self._output_ring = FrameRing.create(OUTPUT_SLOTS, h, w)
+        request = OpenSession(
+            session_id=self.id,
+            prompt=self.prompt,
+            params=self.params,
+            input_ring=self._input_ring.name,
+            output_ring=self._output_ring.name,
+        )
+        self._engine_held = True  # from now on the engine may hold state for us: close() releases it
+        opened = await self._ctx.engine.open_session(request, handler=self)
+        self._chunk_frames = opened.chunk_frames
+        self._engine_open = True
+        self._spawn(self._output_loop())
+        self._spawn(self._stats_loop())
+
+    async def close(self, reason: Optional[str] = None, failed: bool = False) -> None:
+        if self._closed:
+            await self._close_done.wait()  # a close already under way: return when it is over
+            return
+        self._closed = True
+        self.state = "failed" if failed else "closed"
+        self.error = reason
+        if failed:
+            self._ctx.metrics.session_errors.inc()
+            log.warning("session %s failed: %s", self.id, reason)
+        else:
+            log.info("session %s closed%s", self.id, f": {reason}" if reason else "")
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        self.output_track.stop()
+        try:
+            await self.pc.close()
+        except Exception:
+            log.exception("session %s: closing the peer connection failed", self.id)
+        self._engine_open = False
+        if self._engine_held:  # also after a failed or timed-out open, which the engine may finish late
+            self._engine_held = False
+            await self._ctx.engine.close_session(self.id)
+        for ring in (self._input_ring, self._output_ring):
+            if ring is not None:
+                ring.close()
+                ring.unlink()
+        self._input_ring = self._output_ring = None
+        self._ctx.on_closed(self)
+        self._close_done.set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("session %s: task failed", self.id, exc_info=task.exception())
+            if not self._closed:
+                self._spawn(self.close(f"internal error: {task.exception()}", failed=True))
+
+    # -- WebRTC events ----------------------------------------------------------------------------------
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "video" and not self._has_video:
+            self._has_video = True
+            self.pc.addTrack(self.output_track)  # answers on the camera's transceiver (sendrecv)
+            self._spawn(drain(track, self._on_camera_frame))
+        else:
+            # Audio (OBS sends Opus) and any extra video: accepted, received, discarded.
+            self._spawn(drain(track, lambda frame: None))
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if channel.label != CONTROL_CHANNEL:
+            log.info("session %s: ignoring data channel %r", self.id, channel.label)
+            return
+        self._channel = channel
+        channel.on("message", self._on_channel_message)
+
+    async def _on_connection_state(self) -> None:
+        state = self.pc.connectionState
+        log.info("session %s: connection %s", self.id, state)
+        if state in ("failed", "closed"):
+            await self.close(f"connection {state}", failed=state == "failed")
+
+    # -- camera -> engine -------------------------------------------------------------------------------
+    def _on_camera_frame(self, frame: VideoFrame) -> None:
+        if self._closed:
+            return
+        now = self._clock()
+        self.metrics.input_arrived(now)
+        self._camera_size = (frame.width, frame.height)
+        if self.state == "connecting":
+            self.state = "streaming"
+        arrival = _Arrival(frame, self._next_pts(frame), now)
+        self.metrics.drop("input", self._sampler.add(arrival))
+        self._maybe_submit()
+
+    def _next_pts(self, frame: VideoFrame) -> int:
+        """The frame's pts in the 90 kHz clock, forced to increase (latency is matched by pts)."""
+        pts = self._last_pts + 1
+        if frame.pts is not None and frame.time_base is not None:
+            pts = max(pts, int(frame.pts * frame.time_base * CLOCK_RATE))
+        self._last_pts = pts
+        return pts
+
+    def _maybe_submit(self) -> None:
+        """At a chunk boundary (engine free, enough frames), send evenly spaced frames."""
+        if self._closed or not self._engine_open or self._busy or len(self._sampler) < self._chunk_frames:
+            return
+        chosen, skipped = self._sampler.take(self._chunk_frames)
+        self.metrics.drop("input", skipped)
+        self._busy = True
+        self._spawn(self._submit(chosen))
+
+    async def _submit(self, chosen: list[_Arrival]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            frames = await loop.run_in_executor(
+                None, _convert_inputs, [a.frame for a in chosen], self._model_w, self._model_h
+            )
+            ring = self._input_ring
+            if self._closed or ring is None:
+                return
+            first_seq = ring.write_seq
+            for arrival, rgb in zip(chosen, frames):
+                ring.write(rgb, arrival.pts)
+                self._remember(arrival)
+            self._flush_update()
+            self._pushed_at = self._clock()
+            self._ctx.engine.send(PushFrames(session_id=self.id, first_seq=first_seq, count=len(chosen)))
+        except EngineUnavailable as exc:
+            await self.close(f"engine unavailable: {exc}", failed=True)
+
+    def _remember(self, arrival: _Arrival) -> None:
+        self._inputs[arrival.pts] = _InputMeta(arrival.arrived_at, arrival.frame.width, arrival.frame.height)
+        while len(self._inputs) > REMEMBERED_PTS:
+            self._inputs.popitem(last=False)
+
+    # -- engine -> output -------------------------------------------------------------------------------
+    def on_engine_message(self, message: FramesOut | SessionError) -> None:
+        if self._closed:
+            return
+        if isinstance(message, SessionError):
+            if message.request == "push":
+                self._busy = False
+            if message.fatal:
+                self._engine_open = False
+                self._spawn(self.close(f"engine: {message.message}", failed=True))
+            else:
+                log.warning("session %s: engine %s failed: %s", self.id, message.request, message.message)
+                self._send_channel(ChannelError(error=f"engine {message.request} failed: {message.message}"))
+            return
+        roundtrip = self._clock() - self._pushed_at
+        self._busy = False
+        self._chunk_frames = message.chunk_frames
+        self.metrics.engine_chunk(message.stats, roundtrip, message.prompt, message.updates_applied)
+        self.metrics.drop("engine", message.dropped)
+        outputs = self._read_outputs(message)
+        if outputs:
+            self._outputs.put_nowait(outputs)
+        self._maybe_submit()  # frames that came in meanwhile may already fill the next chunk
+
+    def _read_outputs(self, message: FramesOut) -> list[tuple[np.ndarray, int]]:
+        ring = self._output_ring
+        if ring is None:
+            return []
+        outputs = []
+        for i, expected_pts in enumerate(message.pts):
+            try:
+                frame, pts = ring.read(message.first_seq + i)
+            except StaleSlot as exc:
+                log.error("session %s: %s", self.id, exc)
+                self.metrics.drop("engine")
+                continue
+            if pts != expected_pts:
+                self.metrics.drop("engine")
+                continue
+            outputs.append((frame, pts))
+        if message.count:
+            ring.release(message.first_seq + message.count)
+        return outputs
+
+    async def _output_loop(self) -> None:
+        """Scale generated frames back to the output size and hand them to the paced track, in order."""
+        loop = asyncio.get_running_loop()
+        mode = self._ctx.config.output_size
+        while True:
+            batch = await self._outputs.get()
+            items = []
+            for rgb, pts in batch:
+                meta = self._inputs.get(pts)
+                if meta is None:  # not a frame this session sent (or long forgotten): never show it
+                    self.metrics.drop("engine")
+                    continue
+                size = output_size(mode, meta.width, meta.height, self._model_w, self._model_h)
+                items.append((pts, rgb, size))
+            if not items:
+                continue
+            frames = await loop.run_in_executor(None, _convert_outputs, items)
+            self._output_size = items[-1][2]
+            self.output_track.deliver(frames)
+
+    def _on_sent(self, pts: int, now: float) -> None:
+        meta = self._inputs.get(pts)
+        # Forget this pts and all older ones: older frames still unsent were dropped.
+        while self._inputs:
+            oldest = next(iter(self._inputs))
+            if oldest > pts:
+                break
+            del self._inputs[oldest]
+        if meta is not None:
+            self.metrics.output_sent(meta.arrived_at, now)
+
+    # -- controls ---------------------------------------------------------------------------------------
+    def apply_update(self, update: StreamUpdate) -> dict[str, Any]:
+        """Apply a live change at the next chunk boundary; returns what was applied."""
+        if self._closed:
+            raise EngineUnavailable("session is closed")
+        fields = {k: v for k, v in update.model_dump(exclude_none=True).items() if k in StreamParams.model_fields}
+        self.params = self.params.model_copy(update=fields)
+        if update.prompt is not None:
+            self.prompt = update.prompt
+        self._pending_update = merge_updates(self._pending_update, update)
+        if not self._busy:
+            self._flush_update()  # otherwise it goes with the next chunk
+        return update.model_dump(exclude_defaults=True)  # the fields that were set
+
+    def _flush_update(self) -> None:
+        if self._pending_update is not None and self._engine_open:
+            update, self._pending_update = self._pending_update, None
+            self._ctx.engine.send(UpdateSession(session_id=self.id, update=update))
+
+    def _on_channel_message(self, message: object) -> None:
+        if not isinstance(message, str):
+            self._send_channel(ChannelError(error="control messages are JSON text"))
+            return
+        try:
+            data = json.loads(message)
+        except ValueError as exc:
+            self._send_channel(ChannelError(error=f"not JSON: {exc}"))
+            return
+        if isinstance(data, dict) and data.get("type") == "update":  # optional envelope
+            data = {k: v for k, v in data.items() if k != "type"}
+        try:
+            update = StreamUpdate.model_validate(data)
+        except ValidationError as exc:
+            self._send_channel(ChannelError(error="invalid control message", details=validation_details(exc)))
+            return
+        try:
+            applied = self.apply_update(update)
+        except EngineUnavailable as exc:
+            self._send_channel(ChannelError(error=str(exc)))
+            return
+        self._send_channel(ChannelAck(applied=applied))
+
+    def _send_channel(self, message: BaseModel) -> None:
+        channel = self._channel
+        if channel is not None and channel.readyState == "open":
+            channel.send(message.model_dump_json())
+
+    async def _stats_loop(self) -> None:
+        interval = self._ctx.config.stats_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            self._send_channel(self.metrics.snapshot())
+
+    # -- engine loss / info -----------------------------------------------------------------------------
+    def on_engine_lost(self, reason: str) -> None:
+        self._engine_open = self._engine_held = False
+        self._spawn(self.close(f"engine lost: {reason}", failed=True))
+
+    def info(self) -> SessionInfo:
+        return SessionInfo(
+            session_id=self.id,
+            state=self.state,
+            created_at=self.created_at,
+            prompt=self.prompt,
+            params=self.params,
+            camera=Size(width=self._camera_size[0], height=self._camera_size[1]) if self._camera_size else None,
+            output=Size(width=self._output_size[0], height=self._output_size[1]) if self._output_size else None,
+            error=self.error,
+            stats=self.metrics.snapshot(),
+        )

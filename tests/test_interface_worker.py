@@ -1,0 +1,145 @@
+"""The engine process (engine/worker.py) driven directly over its pipe and rings, as the server
+does: one process, several sessions with separate state, and a failing request that hurts only
+its own session."""
+
+from __future__ import annotations
+
+import multiprocessing
+from multiprocessing.connection import Connection
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from engine import worker
+from interface.frame_ring import FrameRing
+from interface.messages import (
+    CloseSession,
+    EngineReady,
+    FramesOut,
+    OpenSession,
+    PushFrames,
+    SessionClosed,
+    SessionError,
+    SessionOpened,
+    Shutdown,
+    WorkerOptions,
+    decode_from_engine,
+    encode,
+)
+
+SIZE = 64  # the tiny model at 64x64 keeps this quick on two cores
+
+
+def _recv(conn: Connection, timeout: float = 120.0) -> Any:
+    assert conn.poll(timeout), "the engine process did not answer"
+    return decode_from_engine(conn.recv())
+
+
+@pytest.fixture(scope="module")
+def engine_conn() -> Iterator[Connection]:
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    options = WorkerOptions(model="tiny", device="cpu", height=SIZE, width=SIZE, warmup=False)
+    process = ctx.Process(target=worker.main, args=(theirs, options.model_dump()), daemon=True)
+    process.start()
+    theirs.close()
+    ready = _recv(ours)
+    assert isinstance(ready, EngineReady) and (ready.info.height, ready.info.width) == (SIZE, SIZE)
+    yield ours
+    ours.send(encode(Shutdown()))
+    process.join(30)
+    assert process.exitcode == 0
+
+
+class Client:
+    """One engine-side session seen from the server's side of the pipe."""
+
+    def __init__(self, conn: Connection, session_id: str, prompt: str, seed: int = 0) -> None:
+        self.conn, self.id = conn, session_id
+        self.input = FrameRing.create(10, SIZE, SIZE)
+        self.output = FrameRing.create(20, SIZE, SIZE)
+        conn.send(encode(OpenSession(
+            session_id=session_id, prompt=prompt, params={"seed": seed},
+            input_ring=self.input.name, output_ring=self.output.name,
+        )))
+        opened = _recv(conn)
+        assert isinstance(opened, SessionOpened) and opened.session_id == session_id
+        self.chunk_frames = opened.chunk_frames
+        self.pts = 0
+
+    def send_chunk(self, frames: np.ndarray) -> None:
+        first = self.input.write_seq
+        for f in frames[: self.chunk_frames]:
+            self.input.write(f, self.pts)
+            self.pts += 3000
+        self.conn.send(encode(PushFrames(session_id=self.id, first_seq=first, count=self.chunk_frames)))
+
+    def take(self, reply: FramesOut) -> list[tuple[np.ndarray, int]]:
+        assert reply.session_id == self.id
+        self.chunk_frames = reply.chunk_frames
+        out = [self.output.read(reply.first_seq + i) for i in range(reply.count)]
+        self.output.release(reply.first_seq + reply.count)
+        assert [p for _, p in out] == reply.pts
+        return out
+
+    def close(self) -> None:
+        self.conn.send(encode(CloseSession(session_id=self.id)))
+        assert isinstance(_recv(self.conn), SessionClosed)
+        for ring in (self.input, self.output):
+            ring.close()
+            ring.unlink()
+
+
+def _inputs(seed: int, n: int = 5) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def test_sessions_in_one_engine_process_do_not_share_state(engine_conn: Connection) -> None:
+    """A and C get the same prompt, seed and frames; B, in between them, gets others. A and C must
+    come out bit-identical (state shared between sessions would make them differ), and B's
+    frames must be B's (its own pts, other pixels)."""
+    a = Client(engine_conn, "A", "a red fox", seed=1)
+    b = Client(engine_conn, "B", "a blue whale", seed=2)
+    c = Client(engine_conn, "C", "a red fox", seed=1)
+    out: dict[str, list] = {"A": [], "B": [], "C": []}
+    for round_ in range(3):
+        for client, seed in ((a, 10 + round_), (b, 50 + round_), (c, 10 + round_)):
+            client.send_chunk(_inputs(seed))
+            reply = _recv(engine_conn)
+            assert isinstance(reply, FramesOut), reply
+            out[client.id] += client.take(reply)
+    assert len(out["A"]) >= 4
+    assert [p for _, p in out["A"]] == [p for _, p in out["C"]] == [p for _, p in out["B"]]
+    for (fa, _), (fc, _) in zip(out["A"], out["C"]):
+        assert np.array_equal(fa, fc)
+    assert not all(np.array_equal(fa, fb) for (fa, _), (fb, _) in zip(out["A"], out["B"]))
+    for client in (a, b, c):
+        client.close()
+
+
+def test_a_failing_request_does_not_stop_other_sessions(engine_conn: Connection) -> None:
+    good = Client(engine_conn, "good", "a forest")
+    bad = Client(engine_conn, "bad", "a desert")
+
+    engine_conn.send(encode(PushFrames(session_id="nobody", first_seq=0, count=4)))
+    error = _recv(engine_conn)
+    assert isinstance(error, SessionError) and error.session_id == "nobody" and not error.fatal
+
+    engine_conn.send(encode(PushFrames(session_id="bad", first_seq=7, count=5)))  # never written
+    error = _recv(engine_conn)
+    assert isinstance(error, SessionError) and error.session_id == "bad" and error.fatal
+
+    engine_conn.send({"kind": "push", "session_id": "good", "first_seq": "x"})  # malformed
+    assert isinstance(_recv(engine_conn), SessionError)
+
+    produced = 0
+    for round_ in range(3):
+        good.send_chunk(_inputs(round_))
+        reply = _recv(engine_conn)
+        assert isinstance(reply, FramesOut) and reply.session_id == "good"
+        produced += len(good.take(reply))
+    assert produced >= 4
+    good.close()
+    # The engine already dropped "bad": closing it again is harmless.
+    bad.close()

@@ -1,0 +1,236 @@
+"""Server pieces without WebRTC or an engine: sampling, pacing, imaging, metrics, config."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from interface.controls import StreamUpdate
+from server.config import ServerConfig, parse_args, resolve_model, worker_options
+from server.imaging import crop_box, output_size, to_model_rgb, to_output_frame
+from server.metrics import ServerMetrics, SessionMetrics
+from server.pacing import PtsPacer
+from server.sampling import ChunkSampler, spaced_indices
+from server.session import merge_updates
+
+FRAME = 3000  # pts of one frame at 30 fps in the 90 kHz clock
+
+
+# -- sampling ---------------------------------------------------------------------------------------
+
+
+@given(st.integers(1, 200), st.integers(1, 8))
+def test_spaced_indices_are_even_and_end_at_the_newest(n: int, k: int) -> None:
+    if k > n:
+        with pytest.raises(ValueError):
+            spaced_indices(n, k)
+        return
+    idx = spaced_indices(n, k)
+    assert len(idx) == k and idx[-1] == n - 1 and idx[0] >= 0
+    gaps = np.diff([-1, *idx])
+    assert (gaps >= 1).all() and gaps.max() - gaps.min() <= 1  # evenly spaced
+
+
+def test_sampler_is_bounded_and_counts_what_it_skips() -> None:
+    sampler: ChunkSampler[int] = ChunkSampler(max_frames=10)
+    dropped = sum(sampler.add(i) for i in range(25))
+    assert dropped == 15 and len(sampler) == 10
+    chosen, skipped = sampler.take(4)
+    assert chosen == [16, 19, 21, 24] and skipped == 6 and len(sampler) == 0
+
+
+# -- pacing -----------------------------------------------------------------------------------------
+
+
+def _burst(first: int, n: int = 4, spacing: int = FRAME) -> list[tuple[int, int]]:
+    return [(first + i * spacing, first + i * spacing) for i in range(n)]
+
+
+def _drain(pacer: PtsPacer, start: float, until: float, step: float = 0.001) -> list[tuple[float, int]]:
+    sent, t = [], start
+    while t <= until:
+        item, _ = pacer.poll(t)
+        if item is not None:
+            sent.append((t, item[0]))
+        t += step
+    return sent
+
+
+def test_pacer_spreads_a_burst_by_pts() -> None:
+    pacer: PtsPacer[int] = PtsPacer()
+    pacer.push(_burst(0), now=10.0)
+    sent = _drain(pacer, 10.0, 10.2)
+    assert [p for _, p in sent] == [0, 3000, 6000, 9000]
+    assert np.allclose(np.diff([t for t, _ in sent]), 1 / 30, atol=0.002)
+    assert pacer.dropped_late == 0
+
+
+def test_pacer_drops_stale_frames_instead_of_queuing() -> None:
+    pacer: PtsPacer[int] = PtsPacer()
+    pacer.push(_burst(0), now=0.0)
+    item, _ = pacer.poll(0.5)  # the sender was stuck for 0.5 s: all four are due, only the newest goes
+    assert item is not None and item[0] == 9000
+    assert pacer.dropped_late == 3 and len(pacer) == 0
+
+
+def test_pacer_reanchors_when_latency_could_shrink() -> None:
+    pacer: PtsPacer[int] = PtsPacer(max_lead_s=0.5)
+    pacer.push(_burst(0), now=0.0)
+    # The next burst's pts are 1 s ahead of the schedule's idea of now: wait less, drop the leftovers.
+    pacer.push(_burst(120_000), now=0.01)
+    item, wait = pacer.poll(0.011)
+    assert item is not None and item[0] == 120_000 and pacer.resyncs == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 8), st.floats(0.0, 0.6), st.integers(1, 3)),  # burst size, gap s, pts stride
+        min_size=1, max_size=30,
+    ),
+    st.floats(0.001, 0.2),
+)
+def test_pacer_invariants(bursts: list[tuple[int, float, int]], poll_every: float) -> None:
+    """Whatever the engine and sender timing: pts go out increasing, nothing is sent before it is
+    due, the queue stays bounded, and every frame is either sent, dropped or still queued."""
+    pacer: PtsPacer[int] = PtsPacer(max_queue=16)
+    now, pts, pushed, sent = 0.0, 0, 0, []
+    for size, gap, stride in bursts:
+        pacer.push(_burst(pts, size, FRAME * stride), now)
+        pushed += size
+        pts += size * FRAME * stride
+        assert len(pacer) <= 16
+        end = now + gap
+        while now < end:
+            item, wait = pacer.poll(now)
+            if item is not None:
+                assert pacer.due(item[0]) <= now + 1e-9
+                sent.append(item[0])
+            now += poll_every
+    assert sent == sorted(set(sent))
+    assert len(sent) + pacer.dropped_late + pacer.dropped_out_of_order + len(pacer) == pushed
+
+
+def test_pacer_keeps_latency_bounded_when_the_sender_is_slower_than_the_frames() -> None:
+    """Bursts of 4 frames every 133 ms, a sender that takes 100 ms per frame: no backlog builds up."""
+    pacer: PtsPacer[int] = PtsPacer()
+    arrivals: dict[int, float] = {}
+    next_burst, pts, worst = 0.0, 0, 0.0
+    for step in range(1000):
+        now = step * 0.1
+        while next_burst <= now:
+            burst = _burst(pts)
+            arrivals.update({p: now for p, _ in burst})
+            pacer.push(burst, now)
+            pts, next_burst = pts + 4 * FRAME, next_burst + 4 / 30
+        item, _ = pacer.poll(now)
+        if item is not None:
+            worst = max(worst, now - arrivals[item[0]])
+        assert len(pacer) <= 8
+    assert worst < 0.35 and pacer.dropped_late > 1000
+
+
+# -- imaging ----------------------------------------------------------------------------------------
+
+
+def test_crop_box() -> None:
+    assert crop_box(640, 480, 128, 128) == (80, 0, 480, 480)
+    assert crop_box(480, 640, 128, 128) == (0, 80, 480, 480)
+    assert crop_box(1280, 720, 832, 480) == (16, 0, 1248, 720)
+    assert crop_box(832, 480, 832, 480) == (0, 0, 832, 480)
+
+
+def test_to_model_rgb_center_crops_then_resizes() -> None:
+    img = np.zeros((480, 640, 3), np.uint8)
+    img[:, :80] = (255, 0, 0)  # the sides a square crop must cut away
+    img[:, -80:] = (255, 0, 0)
+    img[:, 80:-80] = (0, 0, 255)
+    out = to_model_rgb(av.VideoFrame.from_ndarray(img, format="rgb24"), 128, 128)
+    assert out.shape == (128, 128, 3) and out.dtype == np.uint8
+    inner = out[:, 1:-1]  # the edge column may blend one source pixel of the border
+    assert inner[..., 0].max() < 40 and inner[..., 2].min() > 200  # only the blue centre remains
+
+
+def test_output_sizes_and_frames() -> None:
+    assert output_size("camera", 640, 480, 128, 128) == (640, 480)
+    assert output_size("crop", 640, 480, 128, 128) == (480, 480)
+    assert output_size("model", 641, 481, 128, 128) == (128, 128)
+    assert output_size("camera", 641, 481, 128, 128) == (640, 480)  # yuv420p needs even sizes
+    frame = to_output_frame(np.full((128, 128, 3), 90, np.uint8), 320, 240)
+    assert (frame.width, frame.height, frame.format.name) == (320, 240, "yuv420p")
+
+
+# -- metrics ----------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_session_metrics_ttff_latency_jitter_misses() -> None:
+    clock, server = FakeClock(), ServerMetrics(deadline_s=1.0)
+    m = SessionMetrics("s1", server, deadline_s=1.0, clock=clock)
+    for _ in range(10):
+        m.input_arrived(clock.t)
+        clock.t += 0.1
+    m.drop("input", 6)
+    clock.t = 100.5
+    for arrival, sent in [(100.0, 100.5), (100.1, 100.8), (100.2, 101.4)]:  # latencies .5, .7, 1.2
+        m.output_sent(arrival, sent)
+    m.engine_chunk({"vae_encode_ms": 10.0, "dit_ms": 20.0, "vae_decode_ms": 30.0}, 0.07, "p", 1)
+    clock.t = 101.5
+    s = m.snapshot()
+    assert s.ttff_ms == pytest.approx(500.0)
+    assert s.latency_ms.p50 == pytest.approx(700.0) and s.latency_ms.max == pytest.approx(1200.0)
+    assert s.jitter_ms.max == pytest.approx(500.0) and s.jitter_ms.p50 == pytest.approx(350.0)
+    assert s.miss_rate == pytest.approx(1 / 3, abs=1e-3) and s.dropped["input"] == 6
+    assert s.frames_in == 10 and s.frames_out == 3 and s.chunks == 1
+    assert s.engine["dit_ms"] == 20.0 and s.latency_seq == 3 and len(s.recent_latency_ms) == 3
+
+    text = server.render()
+    assert "streamgen_ttff_seconds_count 1" in text
+    assert 'streamgen_dropped_frames_total{reason="input"} 6' in text
+    assert "streamgen_deadline_misses_total 1" in text
+    assert 'streamgen_engine_stage_seconds_count{stage="dit"} 1' in text
+    buckets = [int(v) for v in re.findall(r'streamgen_frame_latency_seconds_bucket\{le="[^"]+"\} (\d+)', text)]
+    assert buckets == sorted(buckets) and buckets[-1] == 3  # cumulative, +Inf holds all
+
+
+# -- config and controls ----------------------------------------------------------------------------
+
+
+def test_model_choice_follows_the_weights_folder(tmp_path: Path) -> None:
+    assert resolve_model(ServerConfig()) == ("tiny", None)
+    assert resolve_model(ServerConfig(weights=tmp_path)) == ("tiny", None)  # folder lacks the model
+    (tmp_path / "Wan2.1-T2V-1.3B").mkdir()
+    assert resolve_model(ServerConfig(weights=tmp_path)) == ("wan-1.3b", tmp_path)
+    assert resolve_model(ServerConfig(weights=tmp_path, model="tiny")) == ("tiny", None)  # tiny has none
+    assert resolve_model(ServerConfig(model="wan-14b")) == ("wan-14b", None)  # random weights at real size
+    assert worker_options(ServerConfig(devices="cuda:1")).device == "cuda:1"
+
+
+def test_cli_reads_a_config_file_and_flags_override_it(tmp_path: Path) -> None:
+    cfg = tmp_path / "server.yaml"
+    cfg.write_text("port: 9000\ndeadline_s: 0.5\nmodel: tiny\n")
+    config = parse_args(["--config", str(cfg), "--port", "9100"])
+    assert (config.port, config.deadline_s, config.model) == (9100, 0.5, "tiny")
+    for bad in (["--devices", "tpu"], ["--model", "nope"], ["--port", "99999"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_merge_updates_keeps_the_latest_fields_and_a_reset() -> None:
+    a = StreamUpdate(prompt="a", steps=2, reset=True)
+    b = StreamUpdate(prompt="b", noise_strength=0.5)
+    merged = merge_updates(a, b)
+    assert (merged.prompt, merged.steps, merged.noise_strength, merged.reset) == ("b", 2, 0.5, True)
