@@ -127,18 +127,30 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(cin, cout, kernel, padding=(0, ph, pw))
         self.t_pad = 2 * pt
 
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        kt = self.kernel_size[0]
+        if x.is_cuda or kt == 1:
+            return super().forward(x)
+        # CPU: ATen's conv3d here is a slow reference loop; the same sum as one 2D conv over the
+        # kt time-shifted frames stacked on channels runs on oneDNN (about 2x faster for `tiny`).
+        b, c, t, h, w = x.shape
+        frames = x.unfold(2, kt, 1).permute(0, 2, 5, 1, 3, 4).reshape(b * (t - kt + 1), kt * c, h, w)
+        weight = self.weight.permute(0, 2, 1, 3, 4).reshape(self.out_channels, kt * c, *self.kernel_size[1:])
+        y = F.conv2d(frames, weight, self.bias, padding=self.padding[1:])
+        return y.view(b, t - kt + 1, *y.shape[1:]).transpose(1, 2)
+
     def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
         if cache is None:
             if self.t_pad:
                 x = F.pad(x, (0, 0, 0, 0, self.t_pad, 0))
-            return super().forward(x)
+            return self._conv(x)
         prev = cache[self.slot]
         cache[self.slot] = _history_tail(prev, x)
         parts = [x] if prev is None else [prev, x]
         missing = self.t_pad - (0 if prev is None else prev.shape[2])
         if missing > 0:
             parts.insert(0, _zeros_like_layout(x, missing))
-        return super().forward(torch.cat(parts, 2) if len(parts) > 1 else x)
+        return self._conv(torch.cat(parts, 2) if len(parts) > 1 else x)
 
 
 class RMSNorm(nn.Module):
