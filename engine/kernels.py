@@ -13,6 +13,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from engine.rope import rotate
+
 try:
     import triton
     import triton.language as tl
@@ -94,10 +96,7 @@ def qk_norm_rope_torch(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor,
     """RMS norm over the full width D of x [R, L, D], times weight, then RoPE per head: -> [R, L, heads, D/heads]."""
     xf = x.float()
     h = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
-    h = h.view(*x.shape[:2], heads, -1).float().unflatten(-1, (-1, 2))
-    a, b = h[..., 0], h[..., 1]
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).type_as(x)
+    return rotate(h.view(*x.shape[:2], heads, -1), cos, sin)
 
 
 if _HAVE_TRITON:
