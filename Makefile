@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: install run test bench browser clean
+.PHONY: install run test bench browser docker clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -32,6 +32,9 @@ test: install browser
 
 bench: install
 	$(BIN)/python -m bench $(ARGS)
+
+docker:
+	docker build -f docker/Dockerfile -t streamgen:latest .
 
 clean:
 	rm -rf $(VENV) .pytest_cache
