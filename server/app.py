@@ -1,138 +1,33 @@
-"""The aiohttp application: signaling, session API, health, metrics and the web page."""
+"""The aiohttp application: signaling, session API, WHIP/WHEP, outputs, health, metrics and the
+web pages."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Optional, TypeVar
+from typing import AsyncIterator, Optional
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
 
 from interface.controls import StreamUpdate
 from interface.messages import WorkerOptions
+from server import outputs_api, whip
 from server.config import ServerConfig, worker_options
-from server.engine_client import EngineClient, EngineUnavailable
-from server.errors import ApiError, validation_details
-from server.metrics import ServerMetrics
+from server.engine_client import EngineUnavailable
+from server.errors import ApiError
+from server.http import cors, json_errors, json_response, read_json
 from server.prometheus import CONTENT_TYPE
-from server.schemas import (
-    ErrorBody,
-    OfferRequest,
-    OfferResponse,
-    ServerInfo,
-    SessionList,
-)
-from server.session import Session, SessionContext
+from server.schemas import OfferRequest, OfferResponse, SessionList
 from server.signaling import accept_offer
+from server.state import STATE, AppState
+from server.virtual_camera import CameraOpener, open_camera
 
 log = logging.getLogger(__name__)
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 MAX_BODY = 1 << 20
 MAX_ENGINE_RESTARTS = 5
-M = TypeVar("M", bound=BaseModel)
-
-
-class AppState:
-    """Everything the handlers share: one per application, nothing global."""
-
-    def __init__(self, config: ServerConfig, options: WorkerOptions, web_root: Path) -> None:
-        self.config = config
-        self.web_root = web_root.resolve()
-        self.engine = EngineClient(options, config.engine_start_timeout_s)
-        self.metrics = ServerMetrics(config.deadline_s)
-        self.sessions: dict[str, Session] = {}
-        self.opening = 0
-        self.context = SessionContext(config, self.engine, self.metrics, self._forget)
-        self.metrics.add_gauges(
-            sessions=lambda: float(len(self.sessions)),
-            fps=lambda d: sum(s.metrics.fps(d) for s in self.sessions.values()),
-            engine=self._engine_labels,
-            engine_up=lambda: 1.0 if self.engine.state == "ready" else 0.0,
-        )
-        self.engine_task: Optional[asyncio.Task] = None
-
-    def _forget(self, session: Session) -> None:
-        self.sessions.pop(session.id, None)
-
-    def _engine_labels(self) -> dict[tuple[str, ...], float]:
-        i = self.engine.info
-        if i is None:
-            return {}
-        key = (i.model, i.device, i.dtype, i.attention, str(i.random_weights).lower(), str(i.height), str(i.width))
-        return {key: 1.0}
-
-    def session(self, session_id: str) -> Session:
-        session = self.sessions.get(session_id)
-        if session is None:
-            raise ApiError(404, f"no session {session_id!r}")
-        return session
-
-    def server_info(self) -> ServerInfo:
-        info = self.engine.info
-        notice = None
-        if info is not None and info.random_weights:
-            notice = (
-                f"The output comes from RANDOM WEIGHTS (model {info.model}): it is not a real restyling. "
-                "Start the server with --weights DIR for real output."
-            )
-        return ServerInfo(
-            engine_state=self.engine.state,
-            engine_error=self.engine.error,
-            engine=info,
-            random_weights=None if info is None else info.random_weights,
-            notice=notice,
-            deadline_s=self.config.deadline_s,
-            max_sessions=self.config.max_sessions,
-            sessions=len(self.sessions),
-            default_prompt=self.config.default_prompt,
-            output_size=self.config.output_size,
-        )
-
-
-STATE = web.AppKey("state", AppState)
-
-
-def _json(model: BaseModel, status: int = 200, exclude_none: bool = False) -> web.Response:
-    text = model.model_dump_json(exclude_none=exclude_none)
-    return web.Response(text=text, status=status, content_type="application/json")
-
-
-def _error(status: int, message: str, details: Optional[list] = None) -> web.Response:
-    return _json(ErrorBody(error=message, details=details), status, exclude_none=True)
-
-
-async def _read(request: web.Request, model: type[M]) -> M:
-    """The request body as `model`: 400 when it is not JSON, 422 when it does not validate."""
-    try:
-        data = json.loads(await request.read())
-    except ValueError as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise ApiError(422, f"invalid {model.__name__}", validation_details(exc)) from None
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """Every error leaves as JSON {error, details?}, including aiohttp's own 404/405/413."""
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return _error(exc.status, exc.message, exc.details)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return _error(exc.status, exc.reason)
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return _error(500, "internal server error")
 
 
 # -- handlers ------------------------------------------------------------------------------------------
@@ -140,37 +35,35 @@ async def json_errors(request: web.Request, handler: Callable[[web.Request], Awa
 
 async def offer(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    body = await _read(request, OfferRequest)
-    if len(state.sessions) + state.opening >= state.config.max_sessions:
-        raise ApiError(503, f"the server is full ({state.config.max_sessions} sessions)")
+    body = await read_json(request, OfferRequest)
+    state.check_capacity()
     state.opening += 1  # offers being answered count too, or concurrent ones could overfill
     try:
         session, answer = await accept_offer(state.context, body)
     finally:
         state.opening -= 1
-    state.sessions[session.id] = session
-    state.metrics.sessions_started.inc()
-    return _json(OfferResponse(sdp=answer.sdp, session_id=session.id))
+    state.add_session(session)
+    return json_response(OfferResponse(sdp=answer.sdp, session_id=session.id))
 
 
 async def list_sessions(request: web.Request) -> web.Response:
     sessions = request.app[STATE].sessions.values()
-    return _json(SessionList(sessions=[s.info() for s in sessions]))
+    return json_response(SessionList(sessions=[s.info() for s in sessions]))
 
 
 async def get_session(request: web.Request) -> web.Response:
-    return _json(request.app[STATE].session(request.match_info["session_id"]).info())
+    return json_response(request.app[STATE].session(request.match_info["session_id"]).info())
 
 
 async def patch_session(request: web.Request) -> web.Response:
     state = request.app[STATE]
     session = state.session(request.match_info["session_id"])
-    update = await _read(request, StreamUpdate)
+    update = await read_json(request, StreamUpdate)
     try:
         session.apply_update(update)
     except EngineUnavailable as exc:
         raise ApiError(409, str(exc)) from None
-    return _json(session.info())
+    return json_response(session.info())
 
 
 async def delete_session(request: web.Request) -> web.Response:
@@ -180,7 +73,7 @@ async def delete_session(request: web.Request) -> web.Response:
 
 
 async def info(request: web.Request) -> web.Response:
-    return _json(request.app[STATE].server_info())
+    return json_response(request.app[STATE].server_info())
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -202,6 +95,12 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def index(request: web.Request) -> web.FileResponse:
     return _file(request.app[STATE].web_root / "index.html")
+
+
+async def view(request: web.Request) -> web.FileResponse:
+    """The full-window player of one session's output (an OBS Browser Source); the page reads
+    the session id from its own URL."""
+    return _file(request.app[STATE].web_root / "view.html")
 
 
 async def static_file(request: web.Request) -> web.FileResponse:
@@ -263,15 +162,18 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
     state.engine_task = asyncio.ensure_future(_supervise_engine(state))
     yield
     state.engine_task.cancel()
-    await asyncio.gather(*(s.close("server shutting down") for s in list(state.sessions.values())))
+    await state.close()
     await state.engine.stop()
 
 
 def create_app(
-    config: ServerConfig, options: Optional[WorkerOptions] = None, web_root: Path = WEB_ROOT
+    config: ServerConfig,
+    options: Optional[WorkerOptions] = None,
+    web_root: Path = WEB_ROOT,
+    camera_opener: CameraOpener = open_camera,
 ) -> web.Application:
-    app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY)
-    app[STATE] = AppState(config, options or worker_options(config), web_root)
+    app = web.Application(middlewares=[cors, json_errors], client_max_size=MAX_BODY)
+    app[STATE] = AppState(config, options or worker_options(config), web_root, camera_opener)
     app.cleanup_ctx.append(_engine_lifecycle)
     app.router.add_post("/api/offer", offer)
     app.router.add_get("/api/info", info)
@@ -281,6 +183,9 @@ def create_app(
     app.router.add_delete("/api/sessions/{session_id}", delete_session)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    whip.add_routes(app)
+    outputs_api.add_routes(app)
     app.router.add_get("/", index)
+    app.router.add_get("/view/{session_id}", view)
     app.router.add_get("/{path:.+}", static_file)  # last: everything else is a file of web/
     return app

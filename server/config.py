@@ -5,18 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from engine.config import ConfigError, load_model_config  # torch-free by contract
 from interface.messages import WorkerOptions
+from server.ice import IceServer
 
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+TOKEN_ENV = "STREAM_TOKEN"
 
 
 class ServerConfig(BaseModel):
@@ -40,8 +43,27 @@ class ServerConfig(BaseModel):
     stats_interval_s: float = Field(1.0, gt=0.0)
     default_prompt: str = "a watercolor painting, soft colors"
     engine_start_timeout_s: float = Field(900.0, gt=0.0)
-    ice_servers: list[str] = Field(default_factory=list, description="STUN/TURN URLs for the server peer")
+    ice_servers: list[IceServer] = Field(
+        default_factory=list, description="STUN/TURN servers for every peer (server, page, WHIP/WHEP clients)"
+    )
+    token: Optional[SecretStr] = Field(
+        None, description="Bearer token for WHIP ingest and outputs; None: those are open to loopback clients only"
+    )
+    max_viewers: int = Field(16, ge=1, le=256, description="WHEP viewers per session (each costs one encoder)")
+    max_outputs: int = Field(4, ge=1, le=16, description="recordings and restreams per session")
+    recordings_dir: Path = Field(Path("recordings"), description="where `record` outputs write (relative paths only)")
+    output_bitrate_kbps: int = Field(4000, ge=100, le=100_000, description="H.264 bitrate of restreams and recordings")
+    virtual_camera: bool = Field(False, description="send the newest session's output to a virtual webcam")
+    virtual_camera_device: Optional[str] = Field(None, description="e.g. /dev/video10; None: the first one found")
+    virtual_camera_fps: int = Field(30, ge=1, le=120)
     log_level: str = "INFO"
+
+    @field_validator("token")
+    @classmethod
+    def _token_not_blank(cls, token: Optional[SecretStr]) -> Optional[SecretStr]:
+        if token is not None and not token.get_secret_value().strip():
+            raise ValueError("the token is empty")
+        return token
 
 
 def resolve_model(config: ServerConfig) -> tuple[str, Optional[Path]]:
@@ -103,8 +125,24 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
     parser.add_argument("--devices", help="auto, cpu, cuda or cuda:N (default auto: the engine decides)")
     parser.add_argument("--config", type=Path, help="YAML or JSON file with ServerConfig fields")
     parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING")
+    parser.add_argument(
+        "--token", help=f"Bearer token for WHIP ingest (OBS) and outputs (default: ${TOKEN_ENV}; none: loopback only)"
+    )
+    parser.add_argument(
+        "--ice-server", dest="ice_servers", action="append", metavar="URL",
+        help="STUN/TURN server, repeatable: stun:host:port or turn:USER:PASSWORD@host:port?transport=udp",
+    )
+    parser.add_argument("--max-viewers", dest="max_viewers", type=int, help="WHEP viewers per session (default 16)")
+    parser.add_argument("--recordings-dir", dest="recordings_dir", type=Path, help="folder for recordings (default ./recordings)")
+    parser.add_argument(
+        "--virtual-camera", dest="virtual_camera", action="store_true", default=None,
+        help="send the newest session's output to a virtual webcam (pip install 'streamgen[virtualcam]')",
+    )
+    parser.add_argument("--virtual-camera-device", dest="virtual_camera_device", help="e.g. /dev/video10")
     args = parser.parse_args(argv)
     data = _read_file(args.config) if args.config else {}
+    if os.environ.get(TOKEN_ENV):  # the environment beats the file, the command line beats both
+        data["token"] = os.environ[TOKEN_ENV]
     overrides = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
     data.update(overrides)
     try:

@@ -8,11 +8,18 @@ from pydantic import ValidationError
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, details: Optional[list[dict[str, Any]]] = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        details: Optional[list[dict[str, Any]]] = None,
+        headers: Optional[dict[str, str]] = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.details = details
+        self.headers = headers or {}  # e.g. WWW-Authenticate on a 401, Allow on a 405
 
 
 def validation_details(exc: ValidationError) -> list[dict[str, Any]]:

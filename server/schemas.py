@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from interface.controls import MAX_PROMPT_CHARS, StreamParams
 from interface.messages import EngineInfo
 
 SessionState = Literal["connecting", "streaming", "closed", "failed"]
+SessionKind = Literal["browser", "whip"]
+OutputKind = Literal["record", "restream", "virtual_camera"]
+OutputState = Literal["starting", "running", "stopped", "failed"]
 MAX_SDP_CHARS = 100_000
+MAX_URL_CHARS = 2000
 
 
 class OfferRequest(BaseModel):
@@ -67,8 +71,56 @@ class Size(BaseModel):
     height: int
 
 
+class OutputInfo(BaseModel):
+    """A recording, restream or virtual camera fed by a session."""
+
+    output_id: str
+    kind: OutputKind
+    target: str = Field(description="file path, or the URL with its stream key masked")
+    state: OutputState
+    error: Optional[str] = None
+    frames_written: int
+    dropped: int = Field(description="frames the output could not keep up with (its bounded queue was full)")
+    duration_s: Optional[float] = Field(None, description="pts span of the frames written")
+    size: Optional[Size] = None
+    started_at: float = Field(description="unix time")
+
+
+class OutputList(BaseModel):
+    outputs: list[OutputInfo]
+
+
+class RecordRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["record"]
+    path: Optional[str] = Field(
+        None, max_length=255, description="file name (.mp4) under the server's recordings folder; default: generated"
+    )
+    bitrate_kbps: Optional[int] = Field(None, ge=100, le=100_000)
+
+
+class RestreamRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["restream"]
+    url: str = Field(min_length=1, max_length=MAX_URL_CHARS, description="rtmp://, rtmps://, srt://, tcp:// or udp://")
+    bitrate_kbps: Optional[int] = Field(None, ge=100, le=100_000)
+
+
+class VirtualCameraRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["virtual_camera"]
+
+
+class OutputRequest(RootModel[Annotated[Union[RecordRequest, RestreamRequest, VirtualCameraRequest], Field(discriminator="kind")]]):
+    """POST /api/sessions/{id}/outputs: one of the request kinds, told apart by `kind`."""
+
+
 class SessionInfo(BaseModel):
     session_id: str
+    kind: SessionKind = "browser"
     state: SessionState
     created_at: float = Field(description="unix time")
     prompt: str
@@ -77,6 +129,8 @@ class SessionInfo(BaseModel):
     output: Optional[Size] = None
     error: Optional[str] = None
     stats: SessionStats
+    viewers: int = Field(0, description="WHEP viewers watching this session")
+    outputs: list[OutputInfo] = Field(default_factory=list)
 
 
 class SessionList(BaseModel):
@@ -98,6 +152,11 @@ class ServerInfo(BaseModel):
     sessions: int
     default_prompt: str
     output_size: str
+    ice_servers: list[dict[str, Any]] = Field(
+        default_factory=list, description="RTCIceServer dicts for the pages' peer connections"
+    )
+    whip_token_required: bool = False
+    virtual_camera: bool = False
 
 
 class ErrorBody(BaseModel):

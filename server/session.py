@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -21,13 +22,14 @@ from interface.controls import StreamParams, StreamUpdate
 from interface.frame_ring import FrameRing, StaleSlot
 from interface.messages import FramesOut, OpenSession, PushFrames, SessionError, UpdateSession
 from server.config import ServerConfig
+from server.egress import SessionEgress
 from server.engine_client import EngineClient, EngineUnavailable
 from server.errors import validation_details
 from server.imaging import output_size, to_model_rgb, to_output_frame
 from server.metrics import ServerMetrics, SessionMetrics
 from server.pacing import CLOCK_RATE, PtsPacer
 from server.sampling import ChunkSampler
-from server.schemas import ChannelAck, ChannelError, SessionInfo, SessionState, Size
+from server.schemas import ChannelAck, ChannelError, SessionInfo, SessionKind, SessionState, Size
 from server.tracks import GeneratedVideoTrack, drain
 
 log = logging.getLogger(__name__)
@@ -91,10 +93,13 @@ class Session:
         prompt: str,
         params: Optional[StreamParams],
         clock: Callable[[], float] = time.monotonic,
+        kind: SessionKind = "browser",
     ) -> None:
         if ctx.engine.info is None:
             raise EngineUnavailable("engine is not ready")
         self.id = session_id
+        self.kind = kind  # browser: the output goes back on the same connection; whip: publish only
+        self.etag = f'"{uuid.uuid4().hex}"'  # RFC 9725: the ICE session's entity tag
         self.pc = pc
         self.prompt = prompt
         self.params = params or StreamParams()
@@ -108,6 +113,7 @@ class Session:
         self.output_track = GeneratedVideoTrack(
             PtsPacer(CLOCK_RATE), self._on_sent, lambda n: self.metrics.drop("late", n), clock
         )
+        self.egress = SessionEgress(session_id, self.output_track)
         self._sampler: ChunkSampler[_Arrival] = ChunkSampler(PENDING_FRAMES)
         self._inputs: OrderedDict[int, _InputMeta] = OrderedDict()
         self._last_pts = -1
@@ -156,6 +162,7 @@ class Session:
         opened = await self._ctx.engine.open_session(request, handler=self)
         self._chunk_frames = opened.chunk_frames
         self._engine_open = True
+        self.egress.start()
         self._spawn(self._output_loop())
         self._spawn(self._stats_loop())
 
@@ -176,6 +183,7 @@ class Session:
             if task is not current:
                 task.cancel()
         self.output_track.stop()
+        await self.egress.close()  # viewers disconnected, recordings finished
         try:
             await self.pc.close()
         except Exception:
@@ -208,7 +216,8 @@ class Session:
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "video" and not self._has_video:
             self._has_video = True
-            self.pc.addTrack(self.output_track)  # answers on the camera's transceiver (sendrecv)
+            if self.kind == "browser":
+                self.pc.addTrack(self.egress.sender_track())  # answers on the camera's transceiver (sendrecv)
             self._spawn(drain(track, self._on_camera_frame))
         else:
             # Audio (OBS sends Opus) and any extra video: accepted, received, discarded.
@@ -417,6 +426,7 @@ class Session:
     def info(self) -> SessionInfo:
         return SessionInfo(
             session_id=self.id,
+            kind=self.kind,
             state=self.state,
             created_at=self.created_at,
             prompt=self.prompt,
@@ -425,4 +435,6 @@ class Session:
             output=Size(width=self._output_size[0], height=self._output_size[1]) if self._output_size else None,
             error=self.error,
             stats=self.metrics.snapshot(),
+            viewers=len(self.egress.viewers),
+            outputs=[o.info() for o in self.egress.outputs.values()],
         )

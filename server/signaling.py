@@ -1,39 +1,47 @@
-"""SDP offer -> answer: a new peer connection bound to a new session (DESIGN §5)."""
+"""SDP offer -> answer: a new peer connection bound to a new session (DESIGN §5), for the page
+(`/api/offer`, JSON) and for WHIP publishers (`/whip`, application/sdp); and viewer connections
+to a session's output (WHEP)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
+from typing import Optional
 
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCSessionDescription
 
+from interface.controls import StreamParams
+from server.egress import Viewer
 from server.engine_client import EngineUnavailable
 from server.errors import ApiError
-from server.schemas import OfferRequest
+from server.ice import peer_connection
+from server.schemas import OfferRequest, SessionKind
 from server.session import Session, SessionContext
+from server.tracks import drain
 
 log = logging.getLogger(__name__)
 
-
-def _peer_connection(ice_servers: list[str]) -> RTCPeerConnection:
-    if not ice_servers:
-        return RTCPeerConnection()
-    return RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(urls=url) for url in ice_servers]))
+VIDEO_CODECS = "H.264 or VP8"
 
 
 async def accept_offer(ctx: SessionContext, offer: OfferRequest) -> tuple[Session, RTCSessionDescription]:
-    """Answer an offer. Raises ApiError (4xx/5xx) and leaves nothing open when it fails."""
+    """Answer the page's offer (its camera and, on the same connection, the generated video)."""
+    prompt = ctx.config.default_prompt if offer.prompt is None else offer.prompt
+    return await open_session(ctx, offer.sdp, prompt, offer.params, "browser")
+
+
+async def open_session(
+    ctx: SessionContext, sdp: str, prompt: str, params: Optional[StreamParams], kind: SessionKind
+) -> tuple[Session, RTCSessionDescription]:
+    """A new session from an SDP offer. Raises ApiError (4xx/5xx) and leaves nothing open when it fails."""
     if ctx.engine.state != "ready":
         raise ApiError(503, f"the engine is {ctx.engine.state}" + (f": {ctx.engine.error}" if ctx.engine.error else ""))
-    pc = _peer_connection(ctx.config.ice_servers)
-    prompt = ctx.config.default_prompt if offer.prompt is None else offer.prompt
-    session = Session(uuid.uuid4().hex, ctx, pc, prompt, offer.params)
+    pc = peer_connection(ctx.config.ice_servers)
+    session = Session(uuid.uuid4().hex, ctx, pc, prompt, params, kind=kind)
     try:
-        try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type=offer.type))
-        except Exception as exc:  # aiortc raises assorted errors on malformed SDP
-            raise ApiError(400, f"invalid SDP offer: {type(exc).__name__}: {exc}") from None
+        await _set_offer(pc, sdp)
         if not session.has_video:
             raise ApiError(400, "the offer has no video track to restyle")
         try:
@@ -42,13 +50,76 @@ async def accept_offer(ctx: SessionContext, offer: OfferRequest) -> tuple[Sessio
             raise ApiError(503, str(exc)) from None
         except asyncio.TimeoutError:
             raise ApiError(503, "the engine did not open the session in time (busy?)") from None
-        try:
-            answer = await pc.createAnswer()
-            await pc.setLocalDescription(answer)
-        except Exception as exc:  # e.g. no codec in common
-            raise ApiError(400, f"cannot answer this offer: {type(exc).__name__}: {exc}") from None
+        await _answer(pc)
     except BaseException:
         await session.close("offer rejected")
         raise
-    log.info("session %s: answered (prompt %r)", session.id, session.prompt[:80])
+    log.info("session %s (%s): answered (prompt %r)", session.id, kind, session.prompt[:80])
     return session, pc.localDescription
+
+
+async def accept_viewer(ctx: SessionContext, session: Session, sdp: str) -> tuple[Viewer, RTCSessionDescription]:
+    """A WHEP viewer of `session`'s output: one more relay subscriber, never another engine stream."""
+    egress = session.egress
+    if len(egress.viewers) + egress.joining >= ctx.config.max_viewers:
+        raise ApiError(503, f"session {session.id} has its maximum of {ctx.config.max_viewers} viewers")
+    pc = peer_connection(ctx.config.ice_servers)
+    track = egress.sender_track()
+    viewer = Viewer(uuid.uuid4().hex, pc, track, f'"{uuid.uuid4().hex}"')
+    # A viewer that also sends (sendrecv) is answered, and what it sends is read and dropped.
+    pc.on("track", lambda t: asyncio.ensure_future(drain(t, lambda frame: None)))
+    egress.joining += 1
+    try:
+        await _set_offer(pc, sdp)
+        if not any(t.kind == "video" for t in pc.getTransceivers()):
+            raise ApiError(400, "the offer has no video m-line to receive the output on")
+        pc.addTrack(track)  # on the offer's video transceiver: the answer says sendonly
+        await _answer(pc)
+        if session.closed:
+            raise ApiError(404, f"session {session.id} ended")
+    except BaseException:
+        track.stop()
+        await pc.close()
+        raise
+    finally:
+        egress.joining -= 1
+    egress.add_viewer(viewer)
+
+    async def on_state() -> None:
+        if pc.connectionState in ("failed", "closed"):
+            await session.egress.remove_viewer(viewer.id)
+
+    pc.on("connectionstatechange", on_state)
+    log.info("session %s: viewer %s joined (%d watching)", session.id, viewer.id, len(session.egress.viewers))
+    return viewer, pc.localDescription
+
+
+def offered_video_codecs(sdp: str) -> list[str]:
+    """Codec names of the offer's video m-lines (for an error that says what was offered)."""
+    names: list[str] = []
+    for section in re.split(r"(?m)^m=", sdp)[1:]:
+        if section.startswith("video"):
+            names += [n.upper() for n in re.findall(r"(?m)^a=rtpmap:\d+ ([\w.-]+)/", section)]
+    return [n for n in dict.fromkeys(names) if n not in ("RTX", "RED", "ULPFEC", "FLEXFEC-03")]
+
+
+async def _set_offer(pc: RTCPeerConnection, sdp: str) -> None:
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+    except Exception as exc:  # aiortc raises assorted errors on malformed SDP
+        codecs = offered_video_codecs(sdp)
+        if codecs and not {"H264", "VP8"} & set(codecs):
+            raise ApiError(
+                400, f"no video codec in common: the offer has {', '.join(codecs)}; send {VIDEO_CODECS}"
+            ) from None
+        raise ApiError(400, f"invalid SDP offer: {type(exc).__name__}: {exc}") from None
+
+
+async def _answer(pc: RTCPeerConnection) -> None:
+    try:
+        answer = await pc.createAnswer()
+        await pc.setLocalDescription(answer)
+    except Exception as exc:  # e.g. no codec in common
+        raise ApiError(
+            400, f"cannot answer this offer ({VIDEO_CODECS} video expected): {type(exc).__name__}: {exc}"
+        ) from None

@@ -23,6 +23,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_SIZE = 64  # tiny at 64x64: the server tests exercise the server, and two cores are few
+TEST_TOKEN = "test-token-0123456789"  # the shared server's WHIP/outputs Bearer token
 
 
 @dataclass
@@ -48,7 +49,7 @@ def run_server(tmp: Path, *args: str, env: Optional[dict[str, str]] = None) -> I
     port = _free_port()
     log = tmp / f"server-{port}.log"
     config = tmp / f"server-{port}.yaml"
-    config.write_text(f"height: {MODEL_SIZE}\nwidth: {MODEL_SIZE}\n")
+    config.write_text(f"height: {MODEL_SIZE}\nwidth: {MODEL_SIZE}\nrecordings_dir: {tmp / 'recordings'}\n")
     cmd = [sys.executable, "-m", "server", "--port", str(port), "--devices", "cpu", "--model", "tiny",
            "--config", str(config), *args]
     with open(log, "wb") as out:
@@ -78,7 +79,7 @@ def run_server(tmp: Path, *args: str, env: Optional[dict[str, str]] = None) -> I
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    with run_server(tmp_path_factory.mktemp("server")) as s:
+    with run_server(tmp_path_factory.mktemp("server"), env={"STREAM_TOKEN": TEST_TOKEN}) as s:
         yield s
 
 
@@ -193,3 +194,130 @@ async def rtc_clients(server: ServerProcess) -> Any:
 
     yield make
     await asyncio.gather(*(c.close() for c in made))
+
+
+# -- WHIP publisher (the way OBS publishes) and WHEP viewer, both aiortc --------------------------------
+
+
+def _receive_into(frames: list[Received]) -> Callable[[Any], None]:
+    from aiortc.mediastreams import MediaStreamError
+
+    def on_track(track: Any) -> None:
+        if track.kind != "video":
+            return
+
+        async def receive() -> None:
+            while True:
+                try:
+                    f = await track.recv()
+                except MediaStreamError:
+                    return
+                rgb = f.to_ndarray(format="rgb24")
+                frames.append(Received(time.monotonic(), f.pts, f.width, f.height, rgb.mean((0, 1))))
+
+        asyncio.ensure_future(receive())
+
+    return on_track
+
+
+@dataclass
+class WhipClient:
+    """Publishes like OBS 30+: sendonly H.264 video (forced by codec preferences) and Opus audio,
+    every ICE candidate in the offer, Bearer token."""
+
+    url: str
+    token: Optional[str] = TEST_TOKEN
+    pc: Any = None
+    location: str = ""
+    etag: str = ""
+    answer: str = ""
+
+    @property
+    def session_id(self) -> str:
+        return self.location.rsplit("/", 1)[-1]
+
+    async def publish(self, width: int = 320, height: int = 240, fps: int = 12, codec: str = "H264",
+                      audio: bool = True, query: str = "") -> None:
+        import aiohttp
+        from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+        from aiortc.mediastreams import AudioStreamTrack
+
+        self.pc = pc = RTCPeerConnection()
+        video = pc.addTransceiver(_make_pattern_track(width, height, fps, None), direction="sendonly")
+        video.setCodecPreferences(
+            [c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType == f"video/{codec}"]
+        )
+        if audio:
+            pc.addTransceiver(AudioStreamTrack(), direction="sendonly")  # silence, encoded as Opus
+        await pc.setLocalDescription(await pc.createOffer())
+        headers = {"Content-Type": "application/sdp"}
+        if self.token is not None:
+            headers["Authorization"] = f"Bearer {self.token}"
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{self.url}/whip{query}", data=pc.localDescription.sdp, headers=headers) as r:
+                body = await r.text()
+                assert r.status == 201, (r.status, body)
+                assert r.headers["Content-Type"].startswith("application/sdp")
+                self.location, self.etag, self.answer = r.headers["Location"], r.headers["ETag"], body
+        await pc.setRemoteDescription(RTCSessionDescription(self.answer, "answer"))
+
+    async def delete(self) -> int:
+        import aiohttp
+
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        async with aiohttp.ClientSession() as http:
+            async with http.delete(self.url + self.location, headers=headers) as r:
+                return r.status
+
+    async def close(self) -> None:
+        if self.pc is not None:
+            await self.pc.close()
+
+
+@dataclass
+class WhepClient:
+    """A recvonly viewer of a session's output."""
+
+    url: str
+    frames: list[Received] = field(default_factory=list)
+    pc: Any = None
+    location: str = ""
+
+    async def watch(self, session_id: str) -> None:
+        import aiohttp
+        from aiortc import RTCPeerConnection, RTCSessionDescription
+
+        self.pc = pc = RTCPeerConnection()
+        pc.addTransceiver("video", direction="recvonly")
+        pc.on("track", _receive_into(self.frames))
+        await pc.setLocalDescription(await pc.createOffer())
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{self.url}/whep/{session_id}", data=pc.localDescription.sdp,
+                                 headers={"Content-Type": "application/sdp"}) as r:
+                body = await r.text()
+                assert r.status == 201, (r.status, body)
+                self.location = r.headers["Location"]
+        await pc.setRemoteDescription(RTCSessionDescription(body, "answer"))
+
+    async def wait_frames(self, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.frames) < n:
+            assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {n} frames"
+            await asyncio.sleep(0.2)
+
+    async def close(self) -> None:
+        if self.pc is not None:
+            await self.pc.close()
+
+
+@pytest.fixture
+async def peers() -> Any:
+    """Closes every WHIP/WHEP client a test registers with `peers(client)`."""
+    made: list[Any] = []
+
+    def keep(client: Any) -> Any:
+        made.append(client)
+        return client
+
+    yield keep
+    await asyncio.gather(*(c.close() for c in made), return_exceptions=True)

@@ -26,3 +26,20 @@ export async function postOffer(offer) {
 export async function deleteSession(sessionId) {
   await fetch(`/api/sessions/${encodeURIComponent(sessionId)}`, { method: 'DELETE' });
 }
+
+export async function listSessions() {
+  return jsonOrThrow(await fetch('/api/sessions', { cache: 'no-store' }));
+}
+
+export async function fetchSession(sessionId) {
+  return jsonOrThrow(await fetch(`/api/sessions/${encodeURIComponent(sessionId)}`, { cache: 'no-store' }));
+}
+
+// Live controls of any session (e.g. one OBS publishes over WHIP) through the REST API.
+export async function patchSession(sessionId, update) {
+  return jsonOrThrow(await fetch(`/api/sessions/${encodeURIComponent(sessionId)}`, {
+    method: 'PATCH',
+    headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify(update),
+  }));
+}

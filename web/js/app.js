@@ -1,6 +1,7 @@
-// The page: camera picker, start/stop, live controls, stats panel and latency plot.
+// The page: camera picker, start/stop, live controls, stats panel and latency plot, and the list of
+// the server's sessions (any of which, e.g. one OBS publishes over WHIP, the controls can drive).
 
-import { fetchInfo } from './api.js';
+import { fetchInfo, fetchSession, listSessions, patchSession } from './api.js';
 import { LatencyPlot } from './plot.js';
 import { StreamSession } from './rtc.js';
 
@@ -11,11 +12,17 @@ const ui = {
   transition: $('transition'), applyPrompt: $('apply-prompt'), strength: $('strength'),
   strengthValue: $('strength-value'), steps: $('steps'), stepsValue: $('steps-value'), seed: $('seed'),
   applySeed: $('apply-seed'), motion: $('motion'), reset: $('reset'), feedback: $('control-feedback'),
+  target: $('control-target'), sessions: $('sessions'), whipUrl: $('whip-url'), whipToken: $('whip-token-hint'),
 };
 const plot = new LatencyPlot($('latency-plot'));
 const touched = new Set(); // params the user changed before starting: sent with the offer
 let session = null;
 let engineReady = false;
+let iceServers = [];
+let controlled = null; // a session driven through the REST API (not this page's own); null: our own
+let pollTimer = null;
+const SESSIONS_EVERY_MS = 2000;
+const STATS_EVERY_MS = 1000;
 
 function setStatus(text, isError = false) {
   ui.status.textContent = text;
@@ -48,7 +55,7 @@ function showStats(s) {
 }
 
 function onMessage(message) {
-  if (message.type === 'stats') showStats(message);
+  if (message.type === 'stats') { if (!controlled) showStats(message); }
   else if (message.type === 'ack') setFeedback(`applied: ${Object.keys(message.applied).join(', ') || 'nothing'}`);
   else if (message.type === 'error') setFeedback(message.error, true);
 }
@@ -58,6 +65,9 @@ async function showEngine() {
     const info = await fetchInfo();
     const e = info.engine;
     engineReady = info.engine_state === 'ready';
+    iceServers = info.ice_servers ?? [];
+    ui.whipToken.textContent = info.whip_token_required
+      ? ', Bearer Token: the server\'s --token' : ' (no token set: OBS on this machine only)';
     ui.badge.className = `badge ${engineReady ? 'ready' : info.engine_state === 'failed' ? 'failed' : ''}`;
     ui.badge.textContent = e
       ? `${e.model} · ${e.width}×${e.height} · ${e.steps} step${e.steps > 1 ? 's' : ''} · ${e.device} ${e.dtype}`
@@ -112,7 +122,7 @@ async function start() {
       },
     });
     setStatus('connecting…');
-    const id = await session.start({ camera, prompt: ui.prompt.value, params: currentParams() });
+    const id = await session.start({ camera, prompt: ui.prompt.value, params: currentParams(), iceServers });
     setStatus(`session ${id.slice(0, 8)} — waiting for the first frames…`);
     ui.stop.disabled = false;
   } catch (err) {
@@ -133,6 +143,13 @@ async function stop() {
 }
 
 function sendUpdate(update) {
+  if (controlled) {
+    patchSession(controlled, update).then(
+      () => setFeedback(`applied: ${Object.keys(update).join(', ')}`),
+      (err) => setFeedback(err.message, true),
+    );
+    return;
+  }
   if (!session) { setFeedback('takes effect when you start'); return; }
   if (!session.send(update)) setFeedback('control channel not open yet', true);
 }
@@ -157,6 +174,79 @@ window.addEventListener('pagehide', () => {
   if (session?.sessionId) fetch(`/api/sessions/${session.sessionId}`, { method: 'DELETE', keepalive: true });
 });
 
+// -- other sessions ---------------------------------------------------------------------------------
+
+async function pollControlled() {
+  if (!controlled) return;
+  const id = controlled;
+  try {
+    const info = await fetchSession(id);
+    if (controlled === id) showStats(info.stats);
+  } catch (err) {
+    if (controlled === id) { setFeedback(`session ${id.slice(0, 8)}: ${err.message}`, true); control(null); }
+    return;
+  }
+  pollTimer = setTimeout(pollControlled, STATS_EVERY_MS);
+}
+
+function control(id, prompt = null) {
+  controlled = id && id !== session?.sessionId ? id : null;
+  clearTimeout(pollTimer);
+  plot.reset();
+  ui.target.textContent = controlled ? `session ${controlled.slice(0, 8)} (REST API)` : 'this page\'s session';
+  if (controlled) {
+    if (prompt !== null) ui.prompt.value = prompt;
+    setFeedback('');
+    pollControlled();
+  }
+}
+
+function cell(text, className = '') {
+  const td = document.createElement('td');
+  td.textContent = text; // prompts are user text: never HTML
+  if (className) td.className = className;
+  return td;
+}
+
+function sessionRow(s) {
+  const tr = document.createElement('tr');
+  const mine = s.session_id === session?.sessionId;
+  if (s.session_id === controlled || (mine && !controlled)) tr.className = 'controlled';
+  tr.append(
+    cell(s.session_id.slice(0, 8) + (mine ? ' (this page)' : '')),
+    cell(s.kind === 'whip' ? 'WHIP' : 'browser'),
+    cell(s.state),
+    cell(s.prompt, 'prompt'),
+    cell(String(s.viewers ?? 0)),
+    cell(fmt(s.stats.fps_out, 1)),
+  );
+  const actions = document.createElement('td');
+  const button = document.createElement('button');
+  button.type = 'button';
+  button.textContent = 'Control';
+  button.addEventListener('click', () => control(mine ? null : s.session_id, s.prompt));
+  const link = document.createElement('a');
+  link.href = `/view/${s.session_id}`;
+  link.target = '_blank';
+  link.rel = 'noopener';
+  link.textContent = 'View';
+  actions.append(button, ' ', link);
+  tr.append(actions);
+  return tr;
+}
+
+async function refreshSessions() {
+  try {
+    const { sessions } = await listSessions();
+    if (sessions.length) ui.sessions.replaceChildren(...sessions.map(sessionRow));
+    else ui.sessions.replaceChildren(Object.assign(document.createElement('tr'), { innerHTML: '<td colspan="7" class="muted">none</td>' }));
+    if (controlled && !sessions.some((s) => s.session_id === controlled)) control(null);
+  } catch { /* the badge says when the server is unreachable */ }
+  setTimeout(refreshSessions, SESSIONS_EVERY_MS);
+}
+
+ui.whipUrl.textContent = `${location.origin}/whip`;
 plot.draw();
 showEngine();
+refreshSessions();
 listCameras().catch(() => {});

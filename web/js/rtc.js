@@ -1,20 +1,7 @@
 // One streaming session: camera up, generated video down, controls on the `control` channel.
 
 import { deleteSession, postOffer } from './api.js';
-
-function iceGatheringComplete(pc) {
-  // The server (aiortc) does not trickle ICE: send the offer with every candidate in it.
-  if (pc.iceGatheringState === 'complete') return Promise.resolve();
-  return new Promise((resolve) => {
-    const check = () => {
-      if (pc.iceGatheringState === 'complete') {
-        pc.removeEventListener('icegatheringstatechange', check);
-        resolve();
-      }
-    };
-    pc.addEventListener('icegatheringstatechange', check);
-  });
-}
+import { iceGatheringComplete } from './whep.js';
 
 export class StreamSession {
   constructor({ onOutput, onMessage, onState }) {
@@ -27,9 +14,9 @@ export class StreamSession {
     this.sessionId = null;
   }
 
-  async start({ camera, prompt, params }) {
+  async start({ camera, prompt, params, iceServers = [] }) {
     this.camera = camera;
-    const pc = new RTCPeerConnection();
+    const pc = new RTCPeerConnection({ iceServers });
     this.pc = pc;
     this.channel = pc.createDataChannel('control');
     this.channel.onmessage = (event) => {
@@ -40,7 +27,7 @@ export class StreamSession {
     pc.onconnectionstatechange = () => this.onState(pc.connectionState);
 
     await pc.setLocalDescription(await pc.createOffer());
-    await iceGatheringComplete(pc);
+    await iceGatheringComplete(pc); // the server (aiortc) does not trickle ICE
     const answer = await postOffer({ sdp: pc.localDescription.sdp, type: 'offer', prompt, params });
     this.sessionId = answer.session_id;
     await pc.setRemoteDescription({ sdp: answer.sdp, type: answer.type });

@@ -1,0 +1,89 @@
+"""HTTP plumbing shared by the handlers: JSON bodies in and out, errors as JSON, CORS for WHIP/WHEP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Awaitable, Callable, Optional, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from server.errors import ApiError, validation_details
+from server.schemas import ErrorBody
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# RFC 9725 §4.7: WHIP/WHEP are called from pages of other origins (and by OBS, which ignores
+# CORS). No cookies are involved (the token is a header), so any origin may call.
+CORS_PREFIXES = ("/whip", "/whep")
+EXPOSED_HEADERS = "Location, ETag, Link, Accept-Post, Accept-Patch, WWW-Authenticate, Allow"
+
+
+def json_response(model: BaseModel, status: int = 200, exclude_none: bool = False,
+                  headers: Optional[dict[str, str]] = None) -> web.Response:
+    text = model.model_dump_json(exclude_none=exclude_none)
+    return web.Response(text=text, status=status, content_type="application/json", headers=headers)
+
+
+def error_response(status: int, message: str, details: Optional[list] = None,
+                   headers: Optional[dict[str, str]] = None) -> web.Response:
+    return json_response(ErrorBody(error=message, details=details), status, exclude_none=True, headers=headers)
+
+
+async def read_json(request: web.Request, model: type[M]) -> M:
+    """The request body as `model`: 400 when it is not JSON, 422 when it does not validate."""
+    try:
+        data = json.loads(await request.read())
+    except ValueError as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(422, f"invalid {model.__name__}", validation_details(exc)) from None
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as JSON {error, details?}, including aiohttp's own 404/405/413."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.message, exc.details, exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(exc.status, exc.reason, headers=allow)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(500, "internal server error")
+
+
+@web.middleware
+async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """CORS headers on every WHIP/WHEP response, errors included (outermost middleware)."""
+    response = await handler(request)
+    if request.path.startswith(CORS_PREFIXES):
+        response.headers["Access-Control-Allow-Origin"] = "*"
+        response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
+    return response
+
+
+def preflight(methods: str, accept_post: bool = False) -> web.Response:
+    """The answer to OPTIONS on a WHIP/WHEP URL (a CORS preflight needs no token)."""
+    headers = {
+        "Allow": methods,
+        "Access-Control-Allow-Methods": methods,
+        "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
+        "Access-Control-Max-Age": "86400",
+    }
+    if accept_post:
+        headers["Accept-Post"] = "application/sdp"
+    return web.Response(status=204, headers=headers)

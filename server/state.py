@@ -1,0 +1,131 @@
+"""What the handlers share: one AppState per application, nothing global."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any, Coroutine, Optional
+
+from aiohttp import web
+
+from interface.messages import WorkerOptions
+from server.config import ServerConfig
+from server.engine_client import EngineClient
+from server.errors import ApiError
+from server.metrics import ServerMetrics
+from server.prometheus import Gauge
+from server.schemas import ServerInfo
+from server.session import Session, SessionContext
+from server.virtual_camera import CameraOpener, VirtualCamera, open_camera
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"  # /whep/latest, /view/latest: the newest live session (a Browser Source URL that survives restarts)
+
+
+class AppState:
+    def __init__(
+        self, config: ServerConfig, options: WorkerOptions, web_root: Path, camera_opener: CameraOpener = open_camera
+    ) -> None:
+        self.config = config
+        self.web_root = web_root.resolve()
+        self.engine = EngineClient(options, config.engine_start_timeout_s)
+        self.metrics = ServerMetrics(config.deadline_s)
+        self.sessions: dict[str, Session] = {}
+        self.opening = 0
+        self.context = SessionContext(config, self.engine, self.metrics, self._forget)
+        self.virtual_camera: Optional[VirtualCamera] = None
+        if config.virtual_camera:
+            self.virtual_camera = VirtualCamera(config.virtual_camera_device, config.virtual_camera_fps, camera_opener)
+        self.metrics.add_gauges(
+            sessions=lambda: float(len(self.sessions)),
+            fps=lambda d: sum(s.metrics.fps(d) for s in self.sessions.values()),
+            engine=self._engine_labels,
+            engine_up=lambda: 1.0 if self.engine.state == "ready" else 0.0,
+        )
+        self.metrics.registry.add(
+            Gauge("streamgen_viewers", "WHEP viewers, all sessions",
+                  read=lambda: {(): float(sum(len(s.egress.viewers) for s in self.sessions.values()))})
+        )
+        self.metrics.registry.add(
+            Gauge("streamgen_outputs", "running recordings, restreams and virtual cameras",
+                  read=lambda: {(): float(sum(s.egress.live_outputs() for s in self.sessions.values()))})
+        )
+        self.engine_task: Optional[asyncio.Task] = None
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- sessions ---------------------------------------------------------------------------------------
+    def add_session(self, session: Session) -> None:
+        self.sessions[session.id] = session
+        self.metrics.sessions_started.inc()
+        if self.virtual_camera is not None:
+            self._spawn(self.virtual_camera.session_started(session))
+
+    def _forget(self, session: Session) -> None:
+        self.sessions.pop(session.id, None)
+        if self.virtual_camera is not None:
+            self._spawn(self.virtual_camera.session_closed(session, list(self.sessions.values())))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("virtual camera: %s", task.exception(), exc_info=task.exception())
+
+    def session(self, session_id: str) -> Session:
+        session = self.newest_session() if session_id == LATEST else self.sessions.get(session_id)
+        if session is None or session.closed:
+            raise ApiError(404, "no live session" if session_id == LATEST else f"no session {session_id!r}")
+        return session
+
+    def newest_session(self) -> Optional[Session]:
+        live = [s for s in self.sessions.values() if not s.closed]
+        return max(live, key=lambda s: s.created_at) if live else None
+
+    def check_capacity(self) -> None:
+        if len(self.sessions) + self.opening >= self.config.max_sessions:
+            raise ApiError(503, f"the server is full ({self.config.max_sessions} sessions)", headers={"Retry-After": "10"})
+
+    def _engine_labels(self) -> dict[tuple[str, ...], float]:
+        i = self.engine.info
+        if i is None:
+            return {}
+        key = (i.model, i.device, i.dtype, i.attention, str(i.random_weights).lower(), str(i.height), str(i.width))
+        return {key: 1.0}
+
+    def server_info(self) -> ServerInfo:
+        info = self.engine.info
+        notice = None
+        if info is not None and info.random_weights:
+            notice = (
+                f"The output comes from RANDOM WEIGHTS (model {info.model}): it is not a real restyling. "
+                "Start the server with --weights DIR for real output."
+            )
+        return ServerInfo(
+            engine_state=self.engine.state,
+            engine_error=self.engine.error,
+            engine=info,
+            random_weights=None if info is None else info.random_weights,
+            notice=notice,
+            deadline_s=self.config.deadline_s,
+            max_sessions=self.config.max_sessions,
+            sessions=len(self.sessions),
+            default_prompt=self.config.default_prompt,
+            output_size=self.config.output_size,
+            ice_servers=[s.model_dump(exclude_none=True) for s in self.config.ice_servers],
+            whip_token_required=self.config.token is not None,
+            virtual_camera=self.virtual_camera is not None,
+        )
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close("server shutting down") for s in list(self.sessions.values())))
+        for task in list(self._tasks):
+            task.cancel()
+
+
+STATE = web.AppKey("state", AppState)

@@ -1,0 +1,87 @@
+// /view/{session}: play one session's output full-window over WHEP, and keep trying. OBS restarts
+// its WHIP stream as a new session, so with /view/latest the Browser Source follows it.
+// Query options: ?fit=cover (fill, cropping) · ?background=transparent · ?status=0 (no status line)
+
+import { WhepViewer } from './whep.js';
+
+const RETRY_MS = 2000;
+const CHECK_MS = 2000; // how often the page asks whether its session still exists
+const params = new URLSearchParams(location.search);
+const video = document.getElementById('output');
+const status = document.getElementById('status');
+const sessionId = decodeURIComponent(location.pathname.split('/').filter(Boolean).pop() ?? 'latest');
+let viewer = null;
+let retryTimer = null;
+let watching = null; // the session id the server resolved (for /view/latest)
+
+if (params.get('fit') === 'cover') video.classList.add('cover');
+if (params.get('background') === 'transparent') {
+  document.documentElement.classList.add('transparent');
+  document.body.classList.add('transparent');
+}
+const showStatus = params.get('status') !== '0';
+
+function say(text) {
+  status.textContent = text;
+  status.hidden = !showStatus || text === '';
+}
+
+async function iceServers() {
+  try {
+    const response = await fetch('/api/info', { cache: 'no-store' });
+    return (await response.json()).ice_servers ?? [];
+  } catch {
+    return [];
+  }
+}
+
+function retry(reason) {
+  say(`${reason} — retrying…`);
+  clearTimeout(retryTimer);
+  retryTimer = setTimeout(connect, RETRY_MS);
+}
+
+async function connect() {
+  clearTimeout(retryTimer);
+  const old = viewer;
+  viewer = null;
+  if (old) await old.stop();
+  const current = new WhepViewer(`/whep/${encodeURIComponent(sessionId)}`, {
+    iceServers: await iceServers(),
+    onTrack: (stream) => { video.srcObject = stream; },
+    onState: (state) => {
+      if (viewer !== current) return;
+      if (state === 'connected') say('');
+      else if (state === 'failed' || state === 'closed') retry(`connection ${state}`);
+    },
+  });
+  viewer = current;
+  say(sessionId === 'latest' ? 'waiting for a session…' : `connecting to ${sessionId.slice(0, 8)}…`);
+  try {
+    await current.start();
+    watching = current.resource?.pathname.split('/')[2] ?? null; // /whep/{session}/{viewer}
+  } catch (err) {
+    if (viewer === current) retry(err.status === 404 ? 'no such session yet' : err.message);
+  }
+}
+
+// A browser notices a peer that went away only after ICE times out (tens of seconds); the server
+// knows at once. So ask it: when the session is gone, start over (under /view/latest, with the
+// next session, e.g. OBS publishing again).
+async function checkSession() {
+  if (watching && viewer) {
+    try {
+      const response = await fetch(`/api/sessions/${watching}`, { cache: 'no-store' });
+      if (response.status === 404) {
+        watching = null;
+        retry('the session ended');
+      }
+    } catch { /* the server is unreachable: the connection state will say so */ }
+  }
+  setTimeout(checkSession, CHECK_MS);
+}
+
+video.addEventListener('playing', () => say(''));
+window.addEventListener('pagehide', () => viewer?.stop());
+connect();
+checkSession();
