@@ -1,13 +1,18 @@
 """Offline CLI:
 
     python -m engine render --input IN --output OUT.mp4|OUT.npz --prompt TEXT [--model tiny|wan-1.3b|wan-14b]
-        [--weights DIR] [--steps N] [--height H --width W] [--devices cpu|cuda|cuda:N] [--seed S]
+        [--weights DIR] [--steps N] [--height H --width W] [--devices SPEC] [--seed S]
+
+--devices: one device (auto, cpu, cuda, cuda:N = GPU N), or pipeline-parallel ranks: cpu:N (N CPU
+ranks), cuda:0,1 (those GPUs, in ring order), cuda*N (the first N GPUs), torchrun (ranks started by
+torchrun, possibly over several nodes; every process runs the same command). See docs/PARALLEL.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -34,10 +39,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     r.add_argument("--steps", type=int)
     r.add_argument("--height", type=int)
     r.add_argument("--width", type=int)
-    r.add_argument("--devices", default="auto")
+    r.add_argument("--devices", default="auto", help="auto, cpu, cuda, cuda:N, cpu:N, cuda:0,1, cuda*N, torchrun")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    if args.devices.strip().lower() == "torchrun" and os.environ.get("RANK", "0") != "0":
+        return args  # a serving rank: RANK 0 reads the input and writes the output
     if not args.input.is_file():
         ap.error(f"--input {args.input}: no such file")
     if args.output.suffix not in (".mp4", ".npz"):
@@ -56,8 +63,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         ap.error(f"--steps {args.steps}: must be 1..4")
     if args.weights is not None and not args.weights.is_dir():
         ap.error(f"--weights {args.weights}: no such folder")
-    if "," in args.devices:
-        ap.error("--devices: the offline renderer runs on one device (cpu, cuda or cuda:N)")
+    from engine.parallel.devices import parse_devices
+
+    try:
+        parse_devices(args.devices)
+    except ValueError as exc:
+        ap.error(str(exc))
     return args
 
 
@@ -65,11 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from engine.checkpoint import CheckpointError
+    from engine.parallel.errors import EngineFailure
     from engine.render import render
 
+    if args.devices.strip().lower() == "torchrun" and os.environ.get("RANK", "0") != "0":
+        from engine.render import serve_rank
+
+        serve_rank(args)  # this process is one rank; RANK 0 reads and writes the video
+        return 0
     try:
         n = render(args)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, EngineFailure) as exc:
         print(f"python -m engine: error: {exc}", file=sys.stderr)
         return 2
     log.info("wrote %d frames to %s", n, args.output)

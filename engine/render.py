@@ -11,12 +11,30 @@ from engine.video_io import VideoWriter, read_frames
 from interface.controls import StreamParams
 
 
-def render(args: argparse.Namespace) -> int:
-    """Render args.input to args.output; every input frame yields one output frame. Returns the count."""
-    engine = StreamEngine.create(EngineOptions(
+def _options(args: argparse.Namespace) -> EngineOptions:
+    return EngineOptions(
         model=args.model, weights=args.weights, device=args.devices, height=args.height, width=args.width,
         steps=args.steps, seed=args.seed,
-    ))
+    )
+
+
+def serve_rank(args: argparse.Namespace) -> None:
+    """Under torchrun, every process but RANK 0: one rank of the pipeline, until RANK 0 is done."""
+    from engine.parallel.engine import serve_torchrun_rank
+
+    serve_torchrun_rank(_options(args))
+
+
+def render(args: argparse.Namespace) -> int:
+    """Render args.input to args.output; every input frame yields one output frame. Returns the count."""
+    engine = StreamEngine.create(_options(args))
+    try:
+        return _render(engine, args)
+    finally:
+        engine.close()  # several ranks: stop their processes
+
+
+def _render(engine, args: argparse.Namespace) -> int:
     h, w = engine.info.height, engine.info.width
     frames, total, fps = read_frames(args.input, w, h)
     session = engine.open_session(args.prompt, StreamParams(seed=args.seed))

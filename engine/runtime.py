@@ -3,6 +3,13 @@
     engine = StreamEngine.create(EngineOptions(model="tiny"))
     s = engine.open_session("a watercolor painting")
     outputs = s.push(frames_uint8_THW3, pts)   # [(frame, pts), ...]
+
+`device` names one device (`cpu`, `cuda`, `cuda:N`, `auto`) for this in-process engine, or several ranks
+(`cpu:N`, `cuda:0,1`, `cuda*N`, `torchrun`) for the pipeline-parallel engine of engine.parallel, which
+`create` returns instead; it has the same session API (docs/PARALLEL.md).
+
+Random weights are drawn per part (trunk, each block, VAE, text encoder) from seeds derived from
+`seed`, so that a rank building only its blocks gets exactly the weights one process would.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import contextlib
 import hashlib
 import logging
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -19,15 +26,25 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine import attention
-from engine.checkpoint import WeightsLayout, load_into, read_tensor_file
+from engine.checkpoint import WeightsLayout, check_state_dict, load_into, read_tensor_file
 from engine.config import ModelConfig, StreamDefaults, load_model_config
-from engine.dit import WanDiT
+from engine.dit import Block, WanDiT
+from engine.parallel.options import ParallelOptions
 from engine.rope import Rope
 from engine.session import StreamSession
+from engine.stream_batch import mix_seed
 from engine.vae import WanVAE
 from interface.controls import StreamParams
 
+if TYPE_CHECKING:
+    from engine.parallel.engine import ParallelEngine
+
 log = logging.getLogger(__name__)
+
+# The DiT's parts besides its blocks (module names = state-dict prefixes).
+TRUNK_PARTS = ("patch_embedding", "text_embedding", "time_embedding", "time_projection", "head")
+# Sub-seeds of the random-weight init, one per part (DiT blocks add their index).
+_SEED_TRUNK, _SEED_BLOCK, _SEED_VAE, _SEED_TEXT = 1, 2, 3, 4
 
 
 class EngineOptions(BaseModel):
@@ -41,6 +58,8 @@ class EngineOptions(BaseModel):
     steps: Optional[int] = Field(None, ge=1, le=4)
     dtype: Optional[str] = Field(None, pattern="^(float32|bfloat16|float16)$")
     seed: int = 0
+    # Only for several ranks (pipeline-parallel engine): schedulers, start-up and test hooks.
+    parallel: ParallelOptions = Field(default_factory=ParallelOptions)
 
 
 class EngineInfo(BaseModel):
@@ -85,100 +104,100 @@ def _building(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-class StreamEngine:
-    def __init__(self, cfg: ModelConfig, options: EngineOptions) -> None:
-        self.cfg = cfg
-        self.options = options
-        self.device = resolve_device(options.device)
-        default_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        self.dtype: torch.dtype = getattr(torch, options.dtype or default_dtype)
-        height = options.height or cfg.stream.height
-        width = options.width or cfg.stream.width
-        if height % 16 or width % 16:
-            raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
-        self.defaults: StreamDefaults = cfg.stream.model_copy(
-            update={"height": height, "width": width, "steps": options.steps or cfg.stream.steps}
-        )
-        torch.manual_seed(options.seed)  # random-weight init is reproducible
-        self.layout = WeightsLayout(options.weights, cfg) if options.weights else None
-        self.dit, self.vae = self._build_dit(), self._build_vae()
-        self.text = self._build_text()
-        self.rope = Rope(cfg.dit.head_dim, self.device)
+def _finish(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# -- building (free functions: the in-process engine and each pipeline rank use them) ------------------
+def build_dit(
+    cfg: ModelConfig,
+    layout: Optional[WeightsLayout],
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    blocks: Optional[Iterable[int]] = None,
+    trunk: Sequence[str] = TRUNK_PARTS,
+) -> WanDiT:
+    """The DiT with only `blocks` (None: all) and the `trunk` parts materialised; the rest stays on the
+    meta device (a pipeline rank holds only what it runs). Checkpoints are checked whole (strict: every
+    key and shape), then only the wanted tensors are read (the state dict is memory-mapped)."""
+    blocks = range(cfg.dit.num_layers) if blocks is None else list(blocks)
+    with torch.device("meta"):
+        dit = WanDiT(cfg.dit)
+    wanted = [*trunk, *(f"blocks.{i}" for i in blocks)]
+    if layout is None:
+        if trunk:
+            # the trunk is small: build it whole from its own seed, keep the wanted parts
+            torch.manual_seed(mix_seed(seed, _SEED_TRUNK))
+            with _building(device, dtype):
+                whole = WanDiT(cfg.dit.model_copy(update={"num_layers": 0}))
+            for name in trunk:
+                setattr(dit, name, getattr(whole, name))
+        for i in blocks:
+            torch.manual_seed(mix_seed(seed, _SEED_BLOCK, i))
+            with _building(device, dtype):
+                dit.blocks[i] = Block(cfg.dit)
+    else:
+        state = layout.dit_state()
+        if set(trunk) == set(TRUNK_PARTS) and len(blocks) == cfg.dit.num_layers:
+            load_into(dit, state, str(layout.causal), assign=True)
+        else:
+            check_state_dict(dit, state, str(layout.causal))
+            keep = {k: v for k, v in state.items() if any(k.startswith(w + ".") for w in wanted)}
+            dit.load_state_dict(keep, strict=False, assign=True)
+    for name in wanted:
+        module = dit.get_submodule(name)
+        _finish(module, device, dtype)
+    return dit.eval().requires_grad_(False)  # type: ignore[return-value]
+
+
+def build_vae(cfg: ModelConfig, layout: Optional[WeightsLayout], device: torch.device, dtype: torch.dtype, seed: int) -> WanVAE:
+    if layout is None:
+        torch.manual_seed(mix_seed(seed, _SEED_VAE))
+        with _building(device, dtype):
+            return _finish(WanVAE(cfg.vae), device, dtype)  # type: ignore[return-value]
+    vae = WanVAE(cfg.vae)
+    load_into(vae, read_tensor_file(layout.vae), str(layout.vae))
+    return _finish(vae, device, dtype)  # type: ignore[return-value]
+
+
+def build_text(cfg: ModelConfig, layout: Optional[WeightsLayout], device: torch.device, dtype: torch.dtype, seed: int):
+    """The umT5 encoder with its tokenizer; None for a random-weights real-size model, whose prompts
+    are then embedded by a seeded hash (a 5.7B random encoder would only cost time and memory)."""
+    from engine.text_encoder import TextEncoder, UMT5Encoder
+    from engine.tokenizer import ByteTokenizer, UMT5Tokenizer
+
+    tc = cfg.text
+    if layout is not None:
+        enc = UMT5Encoder(tc)
+        load_into(enc, read_tensor_file(layout.t5), str(layout.t5))
+        return TextEncoder(_finish(enc, device, dtype), UMT5Tokenizer.from_folder(layout.tokenizer, tc.text_len))
+    if cfg.name != "tiny":
+        log.info("random weights at real size: prompts are embedded by a seeded hash, not by umT5")
+        return None
+    torch.manual_seed(mix_seed(seed, _SEED_TEXT))
+    with _building(device, dtype):
+        enc = _finish(UMT5Encoder(tc), device, dtype)
+    return TextEncoder(enc, ByteTokenizer(tc.vocab_size, tc.text_len))
+
+
+@torch.no_grad()
+def embed_prompt(text, cfg: ModelConfig, prompt: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Text embeddings [1, text_len, text_dim] for one prompt (`text` from build_text)."""
+    if text is None:
+        seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little")
+        g = torch.Generator().manual_seed(seed)
+        ctx = torch.randn(1, cfg.dit.text_len, cfg.dit.text_dim, generator=g) * 0.1
+        return ctx.to(device, dtype)
+    return text.encode_prompts([prompt]).to(device, dtype)
+
+
+class FrameIO:
+    """uint8 frames on the host <-> video tensors on the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self._pinned: Optional[torch.Tensor] = None
-        self.info = EngineInfo(
-            model=cfg.name,
-            height=height,
-            width=width,
-            steps=self.defaults.steps,
-            random_weights=self.layout is None,
-            device=str(self.device),
-            dtype=str(self.dtype).replace("torch.", ""),
-            attention=attention.log_backend(self.device),
-        )
-        if self.layout is None:
-            log.warning(
-                "model %s runs with RANDOM WEIGHTS (no --weights given): the output is not a real restyling",
-                cfg.name,
-            )
-        log.info("engine ready: %s", self.info.model_dump())
-
-    @classmethod
-    def create(cls, options: EngineOptions) -> "StreamEngine":
-        return cls(load_model_config(options.model), options)
-
-    # -- building ------------------------------------------------------------------------------------
-    def _finish(self, module: nn.Module) -> nn.Module:
-        return module.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
-
-    def _build_dit(self) -> WanDiT:
-        if self.layout is None:
-            with _building(self.device, self.dtype):
-                return self._finish(WanDiT(self.cfg.dit))  # type: ignore[return-value]
-        with torch.device("meta"):
-            dit = WanDiT(self.cfg.dit)
-        load_into(dit, self.layout.dit_state(), str(self.layout.causal), assign=True)
-        return self._finish(dit)  # type: ignore[return-value]
-
-    def _build_vae(self) -> WanVAE:
-        if self.layout is None:
-            with _building(self.device, self.dtype):
-                return self._finish(WanVAE(self.cfg.vae))  # type: ignore[return-value]
-        vae = WanVAE(self.cfg.vae)
-        load_into(vae, read_tensor_file(self.layout.vae), str(self.layout.vae))
-        return self._finish(vae)  # type: ignore[return-value]
-
-    def _build_text(self):
-        """The umT5 encoder with its tokenizer; None for a random-weights real-size model, whose prompts
-        are then embedded by a seeded hash (a 5.7B random encoder would only cost time and memory)."""
-        from engine.text_encoder import TextEncoder, UMT5Encoder
-        from engine.tokenizer import ByteTokenizer, UMT5Tokenizer
-
-        tc = self.cfg.text
-        if self.layout is not None:
-            enc = UMT5Encoder(tc)
-            load_into(enc, read_tensor_file(self.layout.t5), str(self.layout.t5))
-            return TextEncoder(self._finish(enc), UMT5Tokenizer.from_folder(self.layout.tokenizer, tc.text_len))
-        if self.cfg.name != "tiny":
-            log.info("random weights at real size: prompts are embedded by a seeded hash, not by umT5")
-            return None
-        with _building(self.device, self.dtype):
-            enc = self._finish(UMT5Encoder(tc))
-        return TextEncoder(enc, ByteTokenizer(tc.vocab_size, tc.text_len))
-
-    # -- helpers used by sessions ------------------------------------------------------------------
-    @torch.no_grad()
-    def embed_prompt(self, prompt: str) -> torch.Tensor:
-        """Text embeddings [1, text_len, text_dim] for one prompt."""
-        if self.text is None:
-            seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little")
-            g = torch.Generator().manual_seed(seed)
-            ctx = torch.randn(1, self.cfg.dit.text_len, self.cfg.dit.text_dim, generator=g) * 0.1
-            return ctx.to(self.device, self.dtype)
-        return self.text.encode_prompts([prompt]).to(self.device, self.dtype)
-
-    @torch.no_grad()
-    def prompt_kv(self, prompt: str) -> list:
-        return self.dit.cross_kv(self.embed_prompt(prompt))
 
     def to_video_tensor(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 [T, H, W, 3] -> [1, 3, T, H, W] in [-1, 1] on the device (pinned, async copy on CUDA)."""
@@ -197,6 +216,72 @@ class StreamEngine:
         v = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return v.permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
+
+class StreamEngine:
+    def __init__(self, cfg: ModelConfig, options: EngineOptions) -> None:
+        self.cfg = cfg
+        self.options = options
+        self.device = resolve_device(options.device)
+        default_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.dtype: torch.dtype = getattr(torch, options.dtype or default_dtype)
+        height = options.height or cfg.stream.height
+        width = options.width or cfg.stream.width
+        if height % 16 or width % 16:
+            raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
+        self.defaults: StreamDefaults = cfg.stream.model_copy(
+            update={"height": height, "width": width, "steps": options.steps or cfg.stream.steps}
+        )
+        self.layout = WeightsLayout(options.weights, cfg) if options.weights else None
+        self.dit = build_dit(cfg, self.layout, self.device, self.dtype, options.seed)
+        self.vae = build_vae(cfg, self.layout, self.device, self.dtype, options.seed)
+        self.text = build_text(cfg, self.layout, self.device, self.dtype, options.seed)
+        self.rope = Rope(cfg.dit.head_dim, self.device)
+        self._io = FrameIO(self.device)
+        self.info = EngineInfo(
+            model=cfg.name,
+            height=height,
+            width=width,
+            steps=self.defaults.steps,
+            random_weights=self.layout is None,
+            device=str(self.device),
+            dtype=str(self.dtype).replace("torch.", ""),
+            attention=attention.log_backend(self.device),
+        )
+        if self.layout is None:
+            log.warning(
+                "model %s runs with RANDOM WEIGHTS (no --weights given): the output is not a real restyling",
+                cfg.name,
+            )
+        log.info("engine ready: %s", self.info.model_dump())
+
+    @classmethod
+    def create(cls, options: EngineOptions) -> Union["StreamEngine", "ParallelEngine"]:
+        """The in-process engine for one device; the pipeline-parallel engine for several ranks."""
+        from engine.parallel.devices import parse_devices
+
+        cfg = load_model_config(options.model)
+        ranks = parse_devices(options.device)
+        if ranks is not None:
+            from engine.parallel.engine import ParallelEngine
+
+            return ParallelEngine(cfg, options, ranks)
+        return cls(cfg, options)
+
+    # -- helpers used by sessions ------------------------------------------------------------------
+    def embed_prompt(self, prompt: str) -> torch.Tensor:
+        """Text embeddings [1, text_len, text_dim] for one prompt."""
+        return embed_prompt(self.text, self.cfg, prompt, self.device, self.dtype)
+
+    @torch.no_grad()
+    def prompt_kv(self, prompt: str) -> list:
+        return self.dit.cross_kv(self.embed_prompt(prompt))
+
+    def to_video_tensor(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 [T, H, W, 3] -> [1, 3, T, H, W] in [-1, 1] on the device (pinned, async copy on CUDA)."""
+        return self._io.to_video_tensor(frames)
+
+    to_uint8 = staticmethod(FrameIO.to_uint8)
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -205,4 +290,18 @@ class StreamEngine:
     @torch.no_grad()
     def open_session(self, prompt: str, params: Optional[StreamParams] = None) -> StreamSession:
         return StreamSession(self, prompt, params)
+
+    # -- the parts of the engine API that matter for several ranks ------------------------------------
+    def stats(self) -> dict:
+        """Scheduler state for /metrics; one process has no pipeline to report."""
+        return {"world": 1, "device": str(self.device)}
+
+    def close(self) -> None:
+        """Nothing to shut down in-process (the parallel engine stops its ranks here)."""
+
+    def __enter__(self) -> "StreamEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from engine.noise_control import NoiseController
-from engine.stream_batch import StreamBatch
+from engine.stream_batch import KeyedNoise, StreamBatch
 from interface.controls import StreamParams, StreamUpdate
 
 if TYPE_CHECKING:
@@ -63,9 +63,12 @@ class StreamSession:
             s_min=max(0.0, s_max - (d.noise_strength - d.noise_strength_min)),
             sigma=d.motion_sigma,
             smoothing=d.motion_smoothing,
+            enabled=self.params.motion_control,
         )
         self.prompt = prompt
-        self.generator = torch.Generator(device=engine.device).manual_seed(self.params.seed)
+        # Counter-based noise (see KeyedNoise): the seed, and the stream-batch count as its epoch.
+        self._seed = self.params.seed
+        self._noise_epoch = 0
         self.cross_kv = engine.prompt_kv(prompt)
         self.blend: Optional[PromptBlend] = None
         self._updates: list[StreamUpdate] = []
@@ -138,9 +141,6 @@ class StreamSession:
         if self.closed:
             raise RuntimeError(f"session {self.id} is closed")
 
-    def _noise(self, shape: torch.Size) -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator, device=self.engine.device, dtype=self.engine.dtype)
-
     def _reset_stream(self) -> None:
         self.vae_state = None  # None until the first chunk: then the next chunk needs 5 frames
         self.batch = self._new_batch()
@@ -150,6 +150,8 @@ class StreamSession:
 
     def _new_batch(self) -> StreamBatch:
         e, d = self.engine, self.engine.defaults
+        noise = KeyedNoise(self._seed, self._noise_epoch, e.device, e.dtype)
+        self._noise_epoch += 1
         return StreamBatch(
             dit=e.dit,
             rope=e.rope,
@@ -159,7 +161,7 @@ class StreamSession:
             sink_threshold=d.sink_refresh_threshold,
             rope_reset=d.rope_reset_frames,
             latent_hw=(e.info.height // 8, e.info.width // 8),
-            noise=self._noise,
+            noise=noise,
         )
 
     def _apply_updates(self) -> list[OutputFrame]:
@@ -177,12 +179,14 @@ class StreamSession:
                 self.blend = PromptBlend(old, new, self.transition_chunks) if self.transition_chunks > 0 else None
                 self.cross_kv, self.prompt = new, u.prompt
             if u.seed is not None:
-                self.generator.manual_seed(u.seed)
+                self._seed = u.seed
+                self.batch.noise.seed = u.seed  # type: ignore[union-attr]
             if u.noise_strength is not None:
                 gap = self._controller_args["s_max"] - self._controller_args["s_min"]
                 self._controller_args.update(s_max=u.noise_strength, s_min=max(0.0, u.noise_strength - gap))
                 self.controller.s_max, self.controller.s_min = self._controller_args["s_max"], self._controller_args["s_min"]
             if u.motion_control is not None:
+                self._controller_args["enabled"] = u.motion_control
                 self.controller.enabled = u.motion_control
             if u.steps is not None and u.steps != self.steps:
                 # A new row count needs a new stream batch: finish the chunks in flight first so no

@@ -5,7 +5,8 @@ rows through the DiT. Each forward takes a new chunk in at the noisiest level an
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import hashlib
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -16,6 +17,39 @@ from engine.kv_cache import StreamKVCache
 from engine.rope import Rope
 
 NoiseFn = Callable[[torch.Size], torch.Tensor]
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of integers (a hash, so nearby keys are unrelated)."""
+    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class KeyedNoise:
+    """Counter-based noise: a draw is a pure function of (seed, epoch, key), never of how many draws came
+    before it or of which process makes it. That is what lets a pipeline of ranks split the draws of one
+    stream (rank 0 noises the input, the last rank re-noises the outputs) and still produce the frames of
+    one process exactly (DESIGN §4).
+
+    Keys used by a stream batch: (PRIME, 0, 0) the first chunk's input noise, (PRIME, 0, i+1) its
+    re-noising after step i; (STREAM, j, 0) the input noise of stream forward j, (STREAM, j, i+1) the
+    re-noising of its row i. `epoch` counts the stream batches of a session (reset, steps change), `seed`
+    may change mid-stream (a live seed update applies to the draws after it).
+    """
+
+    PRIME, STREAM = 0, 1
+
+    def __init__(self, seed: int, epoch: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.seed, self.epoch = int(seed), int(epoch)
+        self.device, self.dtype = torch.device(device), dtype
+        self._gen = torch.Generator(device=self.device)
+
+    def draw(self, shape: Sequence[int], *key: int) -> torch.Tensor:
+        self._gen.manual_seed(mix_seed(self.seed, self.epoch, *key))
+        return torch.randn(tuple(shape), generator=self._gen, device=self.device, dtype=self.dtype)
+
+
+Noise = Union[NoiseFn, KeyedNoise]
 
 
 def dit_step(
@@ -45,7 +79,7 @@ class StreamBatch:
         sink_threshold: Optional[float],
         rope_reset: int,
         latent_hw: tuple[int, int],
-        noise: NoiseFn,
+        noise: Noise,
     ) -> None:
         cfg = dit.cfg
         p = dit.patch_embedding.weight
@@ -80,16 +114,23 @@ class StreamBatch:
     def lag(self) -> int:
         return len(self.steps) - 1
 
+    def _eps(self, shape: Sequence[int], *key: int) -> torch.Tensor:
+        """Keyed noise when the session gives a KeyedNoise; otherwise a plain `noise(shape)` callable,
+        called in a fixed order (the parity tests inject one that records its draws)."""
+        if isinstance(self.noise, KeyedNoise):
+            return self.noise.draw(shape, *key)
+        return self.noise(torch.Size(shape))
+
     def prime(self, latent: torch.Tensor, strength: float, t0: int, cross_kv: list) -> torch.Tensor:
         """Denoise the first chunk (latent [1, 16, F, h, w]) through every step; returns its x0."""
         frames = latent.shape[2]
-        x = strength * self.noise(latent.shape) + (1 - strength) * latent
+        x = strength * self._eps(latent.shape, KeyedNoise.PRIME, 0, 0) + (1 - strength) * latent
         x = x.to(latent.dtype)
         ts = [t0] + self.steps[1:]
         for i, t in enumerate(ts):
             x0 = self.runner(cross_kv, x, [t], [0])
             if i + 1 < len(ts):
-                x = flow.renoise(x0, self.noise(x0.shape), ts[i + 1])
+                x = flow.renoise(x0, self._eps(x0.shape, KeyedNoise.PRIME, 0, i + 1), ts[i + 1])
         n = len(self.steps)
         self.cache.expand_rows(n)
         self.hidden = torch.zeros((n, *latent.shape[1:2], 1, *latent.shape[3:]), dtype=latent.dtype, device=latent.device)
@@ -103,7 +144,8 @@ class StreamBatch:
         while draining). Returns the x0 of the chunk that leaves, or None while the pipeline fills."""
         assert self.hidden is not None, "prime() first"
         shape = (1, *self.hidden.shape[1:])
-        eps = self.noise(torch.Size(shape))
+        j = self.forwards
+        eps = self._eps(shape, KeyedNoise.STREAM, j, 0)
         new = eps if latent is None else strength * eps + (1 - strength) * latent
         pos = self.next_pos
         if pos >= self.rope_reset:  # RoPE refresh: wrap to the last window slot
@@ -114,7 +156,7 @@ class StreamBatch:
         ts = [t0] + self.steps[1:]
         x0 = self.runner(cross_kv, self.hidden, ts, self.row_pos)
         for i in range(len(ts) - 1):
-            x0[i : i + 1] = flow.renoise(x0[i : i + 1], self.noise(torch.Size(shape)), self.steps[i + 1])
+            x0[i : i + 1] = flow.renoise(x0[i : i + 1], self._eps(shape, KeyedNoise.STREAM, j, i + 1), self.steps[i + 1])
         self.hidden = x0
         self.forwards += 1
         return x0[-1:] if self.forwards > self.lag else None

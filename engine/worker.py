@@ -23,6 +23,7 @@ from typing import Any, Optional
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
+from engine.parallel.errors import EngineFailure
 from interface.frame_ring import FrameRing, RingFull
 from interface.messages import (
     CloseSession,
@@ -89,7 +90,14 @@ class Worker:
                     continue
                 if isinstance(message, Shutdown):
                     return
-                self._handle_safely(message)
+                try:
+                    self._handle_safely(message)
+                except EngineFailure as exc:
+                    # A rank of a parallel engine died: no session can go on. Say so and exit, so the
+                    # server tells its sessions and starts a fresh engine.
+                    log.error("engine failed: %s", exc)
+                    self._send(EngineFailed(message=f"engine failed: {exc}"))
+                    return
         finally:
             for session_id in list(self._sessions):
                 self._drop(session_id)
@@ -98,6 +106,8 @@ class Worker:
         session_id = getattr(message, "session_id", "")
         try:
             self._handle(message)
+        except EngineFailure:
+            raise
         except Exception as exc:  # one session's failure must not stop the others
             log.exception("session %s: %s request failed", session_id, message.kind)
             # A failed push may leave that session's stream half-updated: drop it.

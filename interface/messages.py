@@ -41,7 +41,8 @@ class WorkerOptions(_Message):
 
     model: str = "tiny"
     weights: Optional[str] = None
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    # one device, or the ranks of a pipeline-parallel engine: cpu:N / cpu*N, cuda:0,1 / cuda*N, torchrun
+    device: str = Field("auto", pattern=r"^(auto|cpu(:\d+|\*\d+)?|cuda(:\d+(,\d+)*|\*\d+)?|torchrun)$")
     height: Optional[int] = Field(None, gt=0)
     width: Optional[int] = Field(None, gt=0)
     seed: int = 0

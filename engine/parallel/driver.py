@@ -1,0 +1,272 @@
+"""Rank 0's side of one session: what engine.session.StreamSession does in one process, cut where the
+work leaves for the other ranks.
+
+Rank 0 keeps the session's input side (noise controller, VAE encode stream, the stream batch's rows and
+positions, the noise keys) and decides everything a forward needs, writing it into the forward's
+`Group` header: timesteps, positions, which rows the last rank re-noises and with which noise keys,
+whether a chunk leaves and with which pts. The other ranks only follow headers ("one place decides").
+
+The logic is a generator that yields what it waits for, so rank 0 can serve many sessions, keep several
+forwards in flight and batch sessions together:
+- `NeedCommand()`: the next command of this session (from the caller);
+- `Submit(group, x)`: a forward's rows, to be batched and issued; resumes with the forward id;
+- `AwaitRows(fid)`: the re-noised rows of that forward, back from the last rank;
+- `Emit(msg)`: a control message for every rank (prompt, reset, close), sent in order with forwards.
+With one denoising step a forward needs nothing from the previous one, so consecutive chunks of one
+stream pipeline across the ranks; with n >= 2 steps row j of a forward is row j-1 of the previous
+forward's output, so a session has one forward in flight and the ranks fill up with other sessions
+(and with the VAE work, which runs outside the DiT chain).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Generator, Optional
+
+import torch
+
+from engine import flow
+from engine.noise_control import NoiseController
+from engine.parallel.protocol import ChunkCmd, CloseCmd, DrainCmd, UpdateCmd
+from engine.parallel.stage import Group
+from engine.parallel.wire import Message
+from engine.stream_batch import KeyedNoise
+from interface.controls import StreamParams, StreamUpdate
+
+log = logging.getLogger("engine.parallel.driver")
+
+
+@dataclass
+class NeedCommand:
+    pass
+
+
+@dataclass
+class Submit:
+    group: Group
+    x: torch.Tensor  # the group's noisy rows [R, 16, F, h, w]
+    laps: list = field(default_factory=list)  # rank 0's timing laps spent on this chunk (VAE encode)
+
+
+@dataclass
+class AwaitRows:
+    fid: int
+
+
+@dataclass
+class Emit:
+    msg: Message
+
+
+@dataclass
+class Failure:
+    """The session cannot go on (e.g. its prompt could not be embedded); report it on `seq`."""
+
+    seq: int
+    error: str
+
+
+Wait = Any  # one of the above
+Driver = Generator[Wait, Any, None]
+
+
+class DriverSession:
+    def __init__(self, host: Any, sid: int, prompt: str, params: StreamParams) -> None:
+        """`host` is rank 0 (engine.parallel.rank.Rank0): io, vae, defaults, device, dtype, clock,
+        embed_prompt(), discard (returns nobody waits for any more)."""
+        self.host, self.sid, self.params = host, sid, params
+        d = host.defaults
+        self.steps_count = params.steps or d.steps
+        self.transition_chunks = d.transition_chunks if params.transition_chunks is None else params.transition_chunks
+        s_max = d.noise_strength if params.noise_strength is None else params.noise_strength
+        self.controller_args = dict(
+            s_max=s_max,
+            s_min=max(0.0, s_max - (d.noise_strength - d.noise_strength_min)),
+            sigma=d.motion_sigma,
+            smoothing=d.motion_smoothing,
+            enabled=params.motion_control,
+        )
+        self.prompt = prompt
+        self.seed = params.seed
+        self.epoch = 0
+        h, w = d.height // 8, d.width // 8
+        self.latent_hw = (h, w)
+        self.commands: deque = deque()
+        self._reset_stream()
+
+    # -- stream state (StreamSession._reset_stream / _new_batch, StreamBatch.__init__) ----------------
+    def _reset_stream(self) -> None:
+        self.vae_state = None
+        self._new_batch()
+        self.controller = NoiseController(**self.controller_args)
+        self.in_flight: deque[Optional[list]] = deque()
+        self.last_t0 = NoiseController.timestep(self.controller.s_max)
+
+    def _new_batch(self) -> None:
+        if getattr(self, "await_fid", None) is not None:
+            self.host.discard.add((self.await_fid, self.sid))
+        self.steps = flow.step_list(self.steps_count)
+        self.noise = KeyedNoise(self.seed, self.epoch, self.host.device, self.host.dtype)
+        self.epoch += 1
+        self.primed = False
+        self.fresh = True  # the next forward starts a new KV cache on every rank
+        self.tail: Optional[torch.Tensor] = None  # rows 0..n-2 of the last output, re-noised
+        self.await_fid: Optional[int] = None  # the forward whose rows `tail` must wait for
+        self.row_pos: list[int] = []
+        self.next_pos = 0
+        self.forwards = 0
+
+    # -- the session's life ----------------------------------------------------------------------------
+    def run(self, open_seq: int) -> Driver:
+        try:
+            context = self.host.embed_prompt(self.prompt)
+        except Exception as exc:  # a prompt the encoder refuses: this session fails, the engine goes on
+            yield Failure(open_seq, f"{type(exc).__name__}: {exc}")
+            return
+        yield Emit(Message("open", {"sid": self.sid, "done": open_seq}, {"ctx": context}))
+        while True:
+            cmd = yield NeedCommand()
+            if isinstance(cmd, ChunkCmd):
+                yield from self._chunk(cmd)
+            elif isinstance(cmd, UpdateCmd):
+                ok = yield from self._update(StreamUpdate.model_validate(cmd.update), cmd.seq)
+                if not ok:
+                    return
+                yield Emit(Message("note", {"sid": self.sid, "done": cmd.seq}))
+            elif isinstance(cmd, DrainCmd):
+                yield from self._drain()
+                yield Emit(Message("note", {"sid": self.sid, "done": cmd.seq}))
+            elif isinstance(cmd, CloseCmd):
+                yield Emit(Message("close", {"sid": self.sid, "done": cmd.seq}))
+                return
+
+    def _group(self, **kw: Any) -> Group:
+        return Group(sid=self.sid, seed=self.noise.seed, epoch=self.noise.epoch, **kw)
+
+    # -- one chunk (StreamSession._run_chunk) ----------------------------------------------------------
+    def _chunk(self, cmd: ChunkCmd) -> Driver:
+        host = self.host
+        lap = host.clock.lap()
+        video = host.io.to_video_tensor(cmd.frames)
+        strength = self.controller.step(video[0])
+        t0 = NoiseController.timestep(strength)
+        self.last_t0 = t0
+        new_vae = self.vae_state is None
+        if new_vae:
+            self.vae_state = host.vae.new_stream_state()
+        latent = host.vae.stream_encode(video.to(host.dtype), self.vae_state).to(host.dtype)
+        lap.stop()
+        self.in_flight.append(list(cmd.pts))
+        stats = {"noise_strength": strength, "timestep": float(t0)}
+        if not self.primed:
+            yield from self._prime(latent, strength, t0, new_vae, cmd.seq, lap, stats)
+        else:
+            yield from self._push(latent, strength, t0, cmd.seq, lap, stats)
+
+    def _prime(self, latent: torch.Tensor, strength: float, t0: int, new_vae: bool, seq: int, lap: Any,
+               stats: dict) -> Driver:
+        """StreamBatch.prime: the first chunk goes through every step in one row, one forward each."""
+        frames, n = latent.shape[2], len(self.steps)
+        x = strength * self.noise.draw(latent.shape, KeyedNoise.PRIME, 0, 0) + (1 - strength) * latent
+        x = x.to(latent.dtype)
+        ts = [t0] + self.steps[1:]
+        for i, t in enumerate(ts):
+            last = i + 1 == n
+            decode = None
+            if last:
+                decode = self.in_flight.popleft()
+            g = self._group(
+                rows=1, frames=frames, positions=[0], t=[t], kv_tick=i == 0, new_batch=i == 0 and self.fresh,
+                new_vae=i == 0 and new_vae, expand=n if last else 0,
+                renoise=[] if last else [(0, ts[i + 1], (KeyedNoise.PRIME, 0, i + 1))],
+                decode=decode, done=seq if last else None, stats=stats if last else {},
+            )
+            fid = yield Submit(g, x, [lap] if i == 0 else [])
+            if not last:
+                x = yield AwaitRows(fid)
+        self.fresh = False
+        self.primed = True
+        h, w = self.latent_hw
+        self.tail = torch.zeros((n - 1, latent.shape[1], 1, h, w), dtype=latent.dtype, device=latent.device)
+        self.row_pos = [frames] * n
+        self.next_pos = frames
+        self.forwards = 0
+
+    def _push(self, latent: Optional[torch.Tensor], strength: float, t0: int, seq: Optional[int], lap: Any,
+              stats: dict) -> Driver:
+        """StreamBatch.push: a new chunk enters at the noisiest row, the cleanest leaves."""
+        n = len(self.steps)
+        h, w = self.latent_hw
+        shape = (1, 16, 1, h, w)
+        j = self.forwards
+        eps = self.noise.draw(shape, KeyedNoise.STREAM, j, 0)
+        new = eps if latent is None else strength * eps + (1 - strength) * latent
+        pos = self.next_pos
+        if pos >= self.host.defaults.rope_reset_frames:  # RoPE refresh: wrap to the last window slot
+            pos = self.host.defaults.num_kv_cache - 1
+        self.next_pos = pos + 1
+        if self.await_fid is not None:
+            tail = yield AwaitRows(self.await_fid)
+            self.await_fid = None
+        else:
+            tail = self.tail
+        x = torch.cat([new.to(self.host.dtype), tail])
+        self.row_pos = [pos] + self.row_pos[:-1]
+        ts = [t0] + self.steps[1:]
+        self.forwards += 1
+        decode = self.in_flight.popleft() if self.forwards > n - 1 else None
+        g = self._group(
+            rows=n, frames=1, positions=list(self.row_pos), t=ts, kv_tick=True,
+            renoise=[(i, self.steps[i + 1], (KeyedNoise.STREAM, j, i + 1)) for i in range(n - 1)],
+            decode=decode, done=seq, stats=stats,
+        )
+        fid = yield Submit(g, x, [lap] if lap is not None else [])
+        if n > 1:
+            self.await_fid = fid
+        else:
+            self.tail = x[:0]
+
+    def _drain(self) -> Driver:
+        """StreamSession._drain: pure-noise chunks until every real chunk in flight has left."""
+        if not self.primed:
+            return
+        while any(p is not None for p in self.in_flight):
+            self.in_flight.append(None)
+            yield from self._push(None, 1.0, self.last_t0, None, None, {})
+
+    # -- live updates (StreamSession._apply_updates, one update) ---------------------------------------
+    def _update(self, u: StreamUpdate, seq: int) -> Generator[Wait, Any, bool]:
+        if u.reset:
+            self._reset_stream()
+            yield Emit(Message("ctl", {"sid": self.sid, "reset": True}))
+        if u.transition_chunks is not None:
+            self.transition_chunks = u.transition_chunks
+        if u.prompt is not None and u.prompt != self.prompt:
+            try:
+                context = self.host.embed_prompt(u.prompt)
+            except Exception as exc:
+                yield Failure(seq, f"{type(exc).__name__}: {exc}")
+                yield Emit(Message("close", {"sid": self.sid}))
+                return False
+            yield Emit(Message("ctl", {"sid": self.sid, "prompt": True, "chunks": self.transition_chunks},
+                               {"ctx": context}))
+            self.prompt = u.prompt
+        if u.seed is not None:
+            self.seed = u.seed
+            self.noise.seed = u.seed
+        if u.noise_strength is not None:
+            gap = self.controller_args["s_max"] - self.controller_args["s_min"]
+            self.controller_args.update(s_max=u.noise_strength, s_min=max(0.0, u.noise_strength - gap))
+            self.controller.s_max, self.controller.s_min = self.controller_args["s_max"], self.controller_args["s_min"]
+        if u.motion_control is not None:
+            self.controller_args["enabled"] = u.motion_control
+            self.controller.enabled = u.motion_control
+        if u.steps is not None and u.steps != self.steps_count:
+            # finish the chunks in flight first so no frame is lost; the VAE stream goes on
+            yield from self._drain()
+            self.steps_count = u.steps
+            self._new_batch()
+            self.in_flight.clear()
+        return True

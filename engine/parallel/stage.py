@@ -1,0 +1,272 @@
+"""A rank's share of a DiT forward, for one or several sessions' rows at once.
+
+A forward carries `Group`s: one session's rows (a stream batch, or a step of its first chunk). Rank 0
+embeds each group alone (the patch-embedding convolution is not batch-invariant on every backend),
+then every rank runs its blocks over all rows at once: row-wise ops are exact under batching, and
+self-attention goes to each row's own session cache through `BatchedCache`, which splits the rows by
+session. The last rank adds the head and the flow step. Every numeric step is the one
+`engine.dit_runner.DiTRunner` takes in one process, so a rank count never changes a frame.
+
+`RankSession` is what a rank keeps of a session: its KV cache and cross-attention K/V for the rank's
+own layers (plus the VAE decode stream on the last rank). Blocks moving between ranks take those
+layers' entries with them (`export_layers` / `import_layers`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+from engine import flow
+from engine.config import StreamDefaults
+from engine.dit import AttnInputs, Embedded, WanDiT
+from engine.kv_cache import StreamKVCache
+from engine.rope import Rope
+from engine.transfer import h2d
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Group:
+    """One session's rows in a forward: everything but the tensors (those ride in the payload)."""
+
+    sid: int
+    rows: int
+    frames: int
+    positions: list[int]
+    t: list[int]  # timestep of each row (all its frames)
+    kv_tick: bool = True  # advance the prompt transition (once per chunk, as StreamSession._kv_now)
+    new_batch: bool = False  # a fresh KV cache before this forward (new stream batch)
+    new_vae: bool = False  # a fresh decode stream before this forward (new video stream)
+    expand: int = 0  # after this forward, replicate the cache row into `expand` rows (end of priming)
+    renoise: list[tuple[int, int, tuple[int, ...]]] = field(default_factory=list)  # (row, t_next, noise key)
+    decode: Optional[list] = None  # pts of the chunk leaving with the last row; None: nothing leaves
+    seed: int = 0
+    epoch: int = 0
+    done: Optional[int] = None  # the caller's command this forward completes
+    stats: dict = field(default_factory=dict)  # rank 0's figures for this chunk (encode ms, strength...)
+
+
+class PromptState:
+    """Cross-attention K/V of one session for a rank's layers, with a prompt transition in progress.
+    The arithmetic is engine.session.PromptBlend's, layer by layer."""
+
+    def __init__(self, kv: dict[int, KV]) -> None:
+        self.kv = kv  # the current prompt's K/V
+        self.cur = dict(kv)  # what the last tick chose (used by every step of a first chunk); own dict
+        # so that moving a layer out of `kv` and `cur` never pops the same entry twice
+        self.old: dict[int, KV] = {}
+        self.new: dict[int, KV] = {}
+        self.chunks = 0
+        self.done = 0
+        self.blending = False
+
+    def _blend_now(self) -> dict[int, KV]:
+        a = min(1.0, (self.done + 1) / (self.chunks + 1))
+        return {i: (ko.lerp(self.new[i][0], a), vo.lerp(self.new[i][1], a)) for i, (ko, vo) in self.old.items()}
+
+    def set_prompt(self, new: dict[int, KV], chunks: int) -> None:
+        old = self._blend_now() if self.blending else self.kv
+        self.blending = chunks > 0
+        if self.blending:
+            self.old, self.new, self.chunks, self.done = old, new, chunks, 0
+        self.kv = new
+
+    def reset_blend(self) -> None:
+        self.blending = False
+
+    def tick(self) -> None:
+        if not self.blending:
+            self.cur = dict(self.kv)
+            return
+        self.cur = self._blend_now()
+        self.done += 1
+        if self.done >= self.chunks:
+            self.blending = False
+
+    # -- moving layers ---------------------------------------------------------------------------------
+    def export_layers(self, layers: Sequence[int], prefix: str, out: dict[str, torch.Tensor]) -> None:
+        for i in layers:
+            for name, store in (("kv", self.kv), ("cur", self.cur), ("old", self.old), ("new", self.new)):
+                if i in store:
+                    out[f"{prefix}{name}.{i}.k"], out[f"{prefix}{name}.{i}.v"] = store.pop(i)
+
+    def import_layers(self, layers: Sequence[int], prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        for i in layers:
+            for name, store in (("kv", self.kv), ("cur", self.cur), ("old", self.old), ("new", self.new)):
+                key = f"{prefix}{name}.{i}.k"
+                if key in tensors:
+                    store[i] = (tensors[key], tensors[f"{prefix}{name}.{i}.v"])
+
+
+@dataclass
+class RankSession:
+    prompt: PromptState
+    cache: Optional[StreamKVCache] = None
+    decode_state: Any = None  # engine.vae.VAEStreamState, on the last rank
+
+
+def export_cache_layers(cache: StreamKVCache, layers: Sequence[int], prefix: str, out: dict[str, torch.Tensor]) -> None:
+    for i in layers:
+        out[f"{prefix}k.{i}"] = cache.k.pop(i)
+        out[f"{prefix}v.{i}"] = cache.v.pop(i)
+        out[f"{prefix}rr.{i}"] = cache.rr.pop(i)
+        out[f"{prefix}pos.{i}"] = cache.slot_pos.pop(i)
+        cache.layers.remove(i)
+
+
+def import_cache_layers(cache: StreamKVCache, layers: Sequence[int], prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+    for i in layers:
+        cache.k[i] = tensors[f"{prefix}k.{i}"]
+        cache.v[i] = tensors[f"{prefix}v.{i}"]
+        cache.rr[i] = tensors[f"{prefix}rr.{i}"]
+        cache.slot_pos[i] = tensors[f"{prefix}pos.{i}"]
+    cache.layers = sorted(set(cache.layers) | set(layers))
+
+
+class BatchedCache:
+    """The KV caches of several sessions behind StreamKVCache's update(): rows [a, b) of a forward
+    belong to one session and attend to its cache only (results equal running each session alone)."""
+
+    def __init__(self, caches: Sequence[StreamKVCache], layers: Sequence[int]) -> None:
+        self.caches, self.layers = list(caches), list(layers)
+        self.bounds, start = [], 0
+        for c in self.caches:
+            self.bounds.append((start, start + c.rows))
+            start += c.rows
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        ks, vs, valids = [], [], []
+        for c, (a, b) in zip(self.caches, self.bounds):
+            kk, vv, valid = c.update(layer, k[a:b], v[a:b])
+            ks.append(kk)
+            vs.append(vv)
+            valids.append(valid)
+        valid = None
+        if any(m is not None for m in valids):
+            valid = torch.cat(
+                [m if m is not None else torch.ones(c.rows, kk.shape[1], dtype=torch.bool, device=kk.device)
+                 for m, c, kk in zip(valids, self.caches, ks)]
+            )
+        return torch.cat(ks), torch.cat(vs), valid
+
+
+class Stage:
+    """The DiT work of one rank: its layers (a contiguous range), the sessions' state for them."""
+
+    def __init__(self, dit: WanDiT, rope: Rope, defaults: StreamDefaults, device: torch.device, dtype: torch.dtype,
+                 layers: Sequence[int]) -> None:
+        self.dit, self.rope, self.defaults = dit, rope, defaults
+        self.device, self.dtype = device, dtype
+        self.layers = list(layers)
+        cfg = dit.cfg
+        self.latent_hw = (defaults.height // 8, defaults.width // 8)
+        self.frame_tokens = (self.latent_hw[0] // cfg.patch_size[1]) * (self.latent_hw[1] // cfg.patch_size[2])
+        self.sessions: dict[int, RankSession] = {}
+
+    # -- sessions ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def open(self, sid: int, context: torch.Tensor) -> None:
+        self.sessions[sid] = RankSession(PromptState(self._cross_kv(context)))
+
+    @torch.no_grad()
+    def set_prompt(self, sid: int, context: torch.Tensor, chunks: int) -> None:
+        self.sessions[sid].prompt.set_prompt(self._cross_kv(context), chunks)
+
+    def _cross_kv(self, context: torch.Tensor) -> dict[int, KV]:
+        return dict(zip(self.layers, self.dit.cross_kv(context.to(self.device, self.dtype), self.layers)))
+
+    def new_cache(self) -> StreamKVCache:
+        d, cfg = self.defaults, self.dit.cfg
+        return StreamKVCache(
+            layers=self.layers, rows=1, window=d.num_kv_cache, frame_tokens=self.frame_tokens,
+            heads=cfg.num_heads, head_dim=cfg.head_dim, num_sink=d.num_sink,
+            sink_threshold=d.sink_refresh_threshold, rope=self.rope, dtype=self.dtype, device=self.device,
+        )
+
+    # -- one forward ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, groups: Sequence[Group], xs: Sequence[torch.Tensor]) -> Embedded:
+        """Rank 0: patch + time embedding, one group at a time, then concatenated."""
+        parts = []
+        for g, x in zip(groups, xs):
+            t = h2d(torch.tensor(g.t, dtype=torch.float64), self.device)[:, None].expand(-1, g.frames)
+            parts.append(self.dit.embed(x, t))
+        if len(parts) == 1:
+            return parts[0]
+        return Embedded(torch.cat([p.tokens for p in parts]), torch.cat([p.e for p in parts]),
+                        torch.cat([p.e6 for p in parts]), parts[0].grid)
+
+    @torch.no_grad()
+    def run(self, groups: Sequence[Group], emb: Embedded) -> torch.Tensor:
+        """This rank's blocks over every row of the forward; updates the sessions' caches."""
+        caches = []
+        for g in groups:
+            s = self.sessions[g.sid]
+            if g.new_batch or s.cache is None:
+                s.cache = self.new_cache()
+            if g.kv_tick:
+                s.prompt.tick()
+            s.cache.begin(g.positions, g.frames)
+            caches.append(s.cache)
+        f, h, w = emb.grid
+        positions = [p for g in groups for p in g.positions]
+        ang = self.rope.angles(h2d(positions, self.device), f, h, w)
+        cache: Any = caches[0] if len(caches) == 1 else BatchedCache(caches, self.layers)
+        a = AttnInputs(cos=ang.cos(), sin=ang.sin(), cache=cache)
+        tokens = self.dit.run_blocks(emb.tokens, emb, a, self._batched_kv(groups), self.layers)
+        for g in groups:
+            if g.expand:
+                self.sessions[g.sid].cache.expand_rows(g.expand)  # type: ignore[union-attr]
+        return tokens
+
+    def _batched_kv(self, groups: Sequence[Group]) -> list[KV]:
+        if len(groups) == 1:
+            cur = self.sessions[groups[0].sid].prompt.cur
+            return [cur[i] for i in self.layers]
+        out = []
+        for i in self.layers:
+            ks, vs = [], []
+            for g in groups:
+                k, v = self.sessions[g.sid].prompt.cur[i]
+                ks.append(k.expand(g.rows, -1, -1, -1))
+                vs.append(v.expand(g.rows, -1, -1, -1))
+            out.append((torch.cat(ks), torch.cat(vs)))
+        return out
+
+    @torch.no_grad()
+    def finish(self, groups: Sequence[Group], emb: Embedded, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Last rank: head + unpatchify + x0 = x_t - sigma * v (sigma per row, looked up on the host)."""
+        sig_host = torch.tensor([flow.sigma_of(t) for g in groups for t in g.t], dtype=torch.float64)
+        sig = h2d(sig_host, self.device).float()[:, None, None, None, None]
+        return flow.x0_from_velocity(self.dit.finish(tokens, emb), x, sig)
+
+    # -- moving layers ---------------------------------------------------------------------------------
+    def export_layers(self, layers: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Weights and per-session state of `layers`, removed from this rank (weights go to meta)."""
+        out: dict[str, torch.Tensor] = {}
+        for i in layers:
+            for name, p in self.dit.blocks[i].state_dict().items():
+                out[f"w.{i}.{name}"] = p
+        for sid, s in self.sessions.items():
+            s.prompt.export_layers(layers, f"s{sid}.p.", out)
+            if s.cache is not None:
+                export_cache_layers(s.cache, layers, f"s{sid}.c.", out)
+        for i in layers:
+            self.dit.blocks[i] = self.dit.blocks[i].to("meta")
+        self.layers = [i for i in self.layers if i not in set(layers)]
+        return out
+
+    def import_layers(self, layers: Sequence[int], tensors: dict[str, torch.Tensor]) -> None:
+        for i in layers:
+            sd = {k[len(f"w.{i}.") :]: v for k, v in tensors.items() if k.startswith(f"w.{i}.")}
+            self.dit.blocks[i].load_state_dict(sd, strict=True, assign=True)
+            self.dit.blocks[i].requires_grad_(False)
+        for sid, s in self.sessions.items():
+            s.prompt.import_layers(layers, f"s{sid}.p.", tensors)
+            if s.cache is not None:
+                import_cache_layers(s.cache, layers, f"s{sid}.c.", tensors)
+        self.layers = sorted(set(self.layers) | set(layers))

@@ -1,0 +1,355 @@
+"""The pipeline-parallel engine on CPU ranks (gloo), with the tiny architecture: N ranks give the frames
+of one process exactly (float32), through block moves, batching and live updates; failures surface.
+
+The rank processes are real (multiprocessing 'spawn'); engines are shared per module where they can be,
+since each start costs a few seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import load_model_config
+from engine.parallel.balance import BlockScheduler, Move, apply_move, even_split, moved_layers
+from engine.parallel.devices import parse_devices
+from engine.parallel.errors import EngineFailure
+from engine.parallel.slo import BatchScheduler
+from engine.runtime import EngineOptions, StreamEngine, build_dit
+from engine.stream_batch import KeyedNoise
+from interface.controls import StreamParams, StreamUpdate
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = dict(height=32, width=32)
+
+
+@pytest.fixture(scope="module")
+def tiny4(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model with 4 blocks, so that 3 ranks each hold some and blocks can move."""
+    text = (ROOT / "configs/models/tiny.yaml").read_text()
+    head, rest = text.split("dit:", 1)
+    path = tmp_path_factory.mktemp("cfg") / "tiny4.yaml"
+    path.write_text(head + "dit:" + rest.replace("num_layers: 2", "num_layers: 4", 1))
+    assert load_model_config(path).dit.num_layers == 4
+    return str(path)
+
+
+def video(n: int, seed: int = 0, h: int = 32, w: int = 32) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (h, w + 3 * n, 3), dtype=np.uint8)
+    return np.stack([base[:, 3 * i : 3 * i + w] for i in range(n)])
+
+
+def drive(engine, frames, prompt="a cat", seed=3, steps=2, updates=None, moves=None, step=4):
+    """Push in chunks of `step` frames, applying `updates` / block `moves` before push number k."""
+    s = engine.open_session(prompt, StreamParams(seed=seed, steps=steps))
+    out = []
+    for k, i in enumerate(range(0, len(frames), step)):
+        if updates and k in updates:
+            s.update(updates[k])
+        if moves and k in moves:
+            engine.rebalance(*moves[k])
+        out += s.push(frames[i : i + step], list(range(i, min(i + step, len(frames)))))
+    out += s.flush()
+    s.close()
+    return out
+
+
+def assert_same(got, want):
+    assert [p for _, p in got] == [p for _, p in want]
+    bad = [p for (a, p), (b, _) in zip(got, want) if not np.array_equal(a, b)]
+    assert not bad, f"frames differ at pts {bad[:10]}"
+
+
+UPDATES = {
+    2: StreamUpdate(prompt="a dog", transition_chunks=2),
+    4: StreamUpdate(seed=9),
+    5: StreamUpdate(steps=1),
+    7: StreamUpdate(steps=3, noise_strength=0.7),
+    8: StreamUpdate(reset=True),
+}
+
+
+@pytest.fixture(scope="module")
+def single(tiny4):
+    return StreamEngine.create(EngineOptions(model=tiny4, device="cpu", **SIZE))
+
+
+@pytest.fixture(scope="module")
+def reference(single):
+    frames = video(41)
+    return frames, {
+        "steps1": drive(single, frames, steps=1),
+        "steps2": drive(single, frames, steps=2),
+        "updates": drive(single, frames, updates=UPDATES),
+    }
+
+
+# -- pure logic -----------------------------------------------------------------------------------------
+
+def test_device_grammar():
+    assert parse_devices("cpu") is None and parse_devices("cuda:1") is None and parse_devices("auto") is None
+    assert parse_devices("cpu:3").devices == ("cpu",) * 3
+    assert parse_devices("cuda:2,3").devices == ("cuda:2", "cuda:3")
+    assert parse_devices("cuda*2").devices == ("cuda:0", "cuda:1")
+    assert parse_devices("cuda:0,1").backend == "nccl" and parse_devices("cpu*2").backend == "gloo"
+    for bad in ("cuda:0,0", "gpu:2", "cpu:0"):
+        with pytest.raises(ValueError):
+            parse_devices(bad)
+
+
+def test_keyed_noise_does_not_depend_on_draw_order():
+    a = KeyedNoise(5, 1, torch.device("cpu"), torch.float32)
+    b = KeyedNoise(5, 1, torch.device("cpu"), torch.float32)
+    x1, x2 = a.draw((2, 3), 1, 7, 0), a.draw((2, 3), 1, 7, 1)
+    assert torch.equal(b.draw((2, 3), 1, 7, 1), x2) and torch.equal(b.draw((2, 3), 1, 7, 0), x1)
+    assert not torch.equal(x1, x2)
+    b.epoch = 2
+    assert not torch.equal(b.draw((2, 3), 1, 7, 0), x1)
+
+
+def test_block_scheduler_moves_toward_balance_with_hysteresis():
+    sched = BlockScheduler([15, 15], every=4, gain=0.05, min_ms=0.5)
+    for _ in range(4):  # rank 1 also decodes: 30 ms more than rank 0; blocks cost 2 ms
+        sched.observe([(30.0, 10.0), (30.0, 40.0)])
+    assert sched.best_move(sched.stage_ms())[0] == Move(0, -7)  # 7 blocks up would give 54 / 56 ms
+    move = sched.decide()
+    assert move == Move(0, -4)  # half way
+    sched.applied(move)
+    assert sched.split == [19, 11] and sched.decide() is None  # a fresh window first
+    for _ in range(4):
+        sched.observe([(38.0, 10.0), (22.0, 40.0)])
+    assert sched.decide() == Move(0, -2)
+    sched.applied(Move(0, -2))
+    for _ in range(4):
+        sched.observe([(42.0, 10.0), (18.0, 40.0)])
+    assert sched.decide() is None  # 52 / 58 ms: one more block gains 2 ms < 5%: stay
+    # undoing the last move at a boundary needs twice the margin: 60 / 50 ms, 2 blocks down gain 4 ms
+    fresh, undo = BlockScheduler([21, 9], every=1, gain=0.05, min_ms=0.0), BlockScheduler([20, 10], every=1, gain=0.05, min_ms=0.0)
+    undo.applied(Move(0, -1))  # the last move across boundary 0 went up
+    for sch in (fresh, undo):
+        sch.observe([(42.0, 18.0), (18.0, 32.0)])
+    assert fresh.decide() == Move(0, 1) and undo.decide() is None
+    # a slower device: its blocks cost more, so fewer go there
+    slow = BlockScheduler([10, 10], every=1, gain=0.0, min_ms=0.0)
+    slow.observe([(40.0, 0.0), (10.0, 0.0)])  # rank 0's blocks cost 4 ms, rank 1's 1 ms
+    assert slow.best_move(slow.stage_ms())[0] == Move(0, 6) and slow.decide() == Move(0, 3)
+    assert apply_move([10, 10], Move(0, 6)) == [4, 16] and moved_layers([10, 10], Move(0, 6)) == list(range(4, 10))
+    assert moved_layers([10, 10], Move(0, -3)) == [10, 11, 12]
+    keep = BlockScheduler([2, 1], every=1, gain=0.0, min_ms=0.0, min_blocks=1)
+    keep.observe([(1.0, 0.0), (100.0, 0.0)])
+    assert keep.decide() is None  # rank 1 keeps its last block
+    assert even_split(30, 4) == [7, 8, 8, 7] and even_split(4, 3) == [1, 2, 1]
+
+
+def test_slo_batch_scheduler_picks_largest_batch_within_deadline():
+    b = BatchScheduler(max_batch=8, target_fps=16.0, deadline_ms=1000.0)
+    assert b.budget_ms(lag_chunks=1) == pytest.approx(500.0)  # (1 + 1) chunks of 250 ms
+    assert b.choose(ready=4, lag_chunks=1) == 1  # nothing measured yet
+    b.observe(1, 100.0)
+    assert b.choose(ready=4, lag_chunks=1) == 4  # 100 * B without any batching gain still fits
+    assert b.choose(ready=8, lag_chunks=1) == 5
+    b.observe(4, 220.0)  # measured: a line through (1, 100) and (4, 220): 40 ms per session
+    assert b.predict(6) == pytest.approx(300.0)
+    assert b.choose(ready=8, lag_chunks=1) == 8  # 380 ms <= 500
+    assert b.choose(ready=8, lag_chunks=2) == 4  # budget 250: 220 fits, 260 does not
+    assert b.choose(ready=2, lag_chunks=1) == 2  # never more than ready
+    assert b.choose(ready=8, lag_chunks=4) == 1  # nothing fits: one session at a time
+    assert b.stats()["last"]["chosen"] == 1
+
+
+def test_a_rank_builds_only_its_blocks_with_one_process_weights(tiny4):
+    cfg = load_model_config(tiny4)
+    full = build_dit(cfg, None, torch.device("cpu"), torch.float32, seed=7)
+    part = build_dit(cfg, None, torch.device("cpu"), torch.float32, seed=7, blocks=[2, 3], trunk=["head"])
+    assert all(p.is_meta for p in part.blocks[0].parameters()) and part.patch_embedding.weight.is_meta
+    for name, p in part.named_parameters():
+        if not p.is_meta:
+            assert torch.equal(p, full.get_parameter(name)), name
+    assert sum(not p.is_meta for p in part.parameters()) == len(list(part.blocks[2:].parameters())) + len(list(part.head.parameters()))
+
+
+@torch.no_grad()
+def test_batched_forward_equals_each_session_alone(tiny4):
+    """Rows of two sessions in one forward (each with its own cache, prompt and positions) give what
+    each gives alone, bit for bit, through priming, filling and eviction."""
+    from engine.parallel.stage import Group, Stage
+    from engine.rope import Rope
+
+    cfg = load_model_config(tiny4)
+    d = cfg.stream.model_copy(update=SIZE)
+    dit = build_dit(cfg, None, torch.device("cpu"), torch.float32, seed=0)
+    rope = Rope(cfg.dit.head_dim)
+    g = torch.Generator().manual_seed(0)
+    ctx = {0: torch.randn(1, 512, cfg.dit.text_dim, generator=g), 1: torch.randn(1, 512, cfg.dit.text_dim, generator=g)}
+
+    def stage() -> Stage:
+        s = Stage(dit, rope, d, torch.device("cpu"), torch.float32, range(4))
+        for sid in (0, 1):
+            s.open(sid, ctx[sid])
+        return s
+
+    together, apart = stage(), stage()
+    hw = (SIZE["height"] // 8, SIZE["width"] // 8)
+    for k in range(9):  # a 2-frame first chunk, then 2-row stream forwards up to eviction (window 6)
+        groups, xs = [], []
+        for sid in (0, 1):
+            frames = 2 if k == 0 else 1
+            rows = 1 if k == 0 else 2
+            pos = [0] if k == 0 else [1 + k + sid, k + sid][:rows]
+            groups.append(Group(sid=sid, rows=rows, frames=frames, positions=pos, t=[700 - 10 * sid, 400][:rows],
+                                new_batch=k == 0, expand=2 if k == 0 else 0))
+            xs.append(torch.randn(rows, 16, frames, *hw, generator=g))
+        emb = together.embed(groups, xs)
+        out = together.finish(groups, emb, together.run(groups, emb), torch.cat(xs))
+        alone = []
+        for grp, x in zip(groups, xs):
+            e1 = apart.embed([grp], [x])
+            alone.append(apart.finish([grp], e1, apart.run([grp], e1), x))
+        assert torch.equal(out, torch.cat(alone)), f"forward {k}"
+    for sid in (0, 1):
+        for i in range(4):
+            assert torch.equal(together.sessions[sid].cache.k[i], apart.sessions[sid].cache.k[i])
+
+
+# -- the engine API over several ranks ------------------------------------------------------------------
+
+@pytest.mark.parametrize("devices", ["cpu:1", "cpu:3"])
+def test_ranks_give_the_frames_of_one_process(tiny4, reference, devices):
+    """Whole streams, with live updates (prompt transition, seed, steps changes, reset), and blocks
+    moving between ranks in mid-stream both ways, equal the in-process engine exactly."""
+    frames, ref = reference
+    with StreamEngine.create(EngineOptions(model=tiny4, device=devices, **SIZE,
+                                           parallel=dict(rebalance=False))) as e:
+        assert e.info.device == ",".join(["cpu"] * int(devices[-1]))
+        if devices == "cpu:1":  # a ring of one: the same code, every hop a loopback
+            assert_same(drive(e, frames, updates=UPDATES), ref["updates"])
+            return
+        assert_same(drive(e, frames, steps=2), ref["steps2"])
+        moves = {1: (0, 1), 3: (1, 2), 6: (0, -1), 8: (1, -2)}  # a rank may hold no block for a while
+        assert_same(drive(e, frames, updates=UPDATES, moves=moves), ref["updates"])
+        st = e.stats()
+        assert [m["split_after"] for m in st["moves"]] == [[0, 3, 1], [0, 1, 3], [1, 0, 3], [1, 2, 1]]
+        assert st["split"] == [1, 2, 1]
+
+
+def test_pipelined_pushes_keep_every_frame(tiny4, reference):
+    """With several chunks of a session in flight, push() returns what is ready; nothing is lost."""
+    frames, ref = reference
+    with StreamEngine.create(EngineOptions(model=tiny4, device="cpu:2", **SIZE,
+                                           parallel=dict(inflight=3, rebalance=False))) as e:
+        s = e.open_session("a cat", StreamParams(seed=3, steps=1))
+        assert s.chunk_frames == 5
+        out = []
+        for i in range(0, len(frames), 4):
+            out += s.push(frames[i : i + 4], list(range(i, min(i + 4, len(frames)))))
+        assert s.chunk_frames == 4
+        out += s.flush()
+        assert_same(out, ref["steps1"])
+        with pytest.raises(ValueError, match="uint8"):
+            s.push(np.zeros((4, 16, 16, 3), np.uint8), list(range(4)))
+        s.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            s.push(frames[:4], list(range(4)))
+
+
+def test_block_scheduler_rebalances_a_slow_rank_without_changing_frames(tiny4, single):
+    frames = video(45, seed=5)
+    want = drive(single, frames, steps=2)
+    # rank 1 is a slow device: 60 ms more per block, so one block moving up helps and none goes back
+    opts = dict(split=[2, 2], slow_block_ms=[0.0, 60.0], rebalance_every=3)
+    with StreamEngine.create(EngineOptions(model=tiny4, device="cpu:2", **SIZE, parallel=opts)) as e:
+        assert_same(drive(e, frames, steps=2), want)
+        st = e.wait_stats(lambda st: st["split"] == [3, 1], timeout=10.0)  # rank 1 keeps min_blocks
+    (decision,) = st["balance"]["decisions"]
+    assert decision["blocks"] == -1 and decision["slowest_ms_predicted"] < decision["slowest_ms_before"]
+    assert st["moves"][0]["automatic"]
+
+
+def test_two_sessions_batched_equal_each_alone(tiny4, single):
+    a_frames, b_frames = video(29, seed=1), video(29, seed=2)
+    a_want = drive(single, a_frames, "a cat", seed=1)
+    b_want = drive(single, b_frames, "a dog", seed=2)
+    # a ring of one forward at a time: while one session's forward runs the other's waits, so they
+    # meet in the queue and go through the DiT together
+    opts = dict(ring_capacity=1, inflight=2, max_batch=2, rebalance=False, deadline_ms=60_000.0)
+    with StreamEngine.create(EngineOptions(model=tiny4, device="cpu:2", **SIZE, parallel=opts)) as e:
+        a = e.open_session("a cat", StreamParams(seed=1))
+        b = e.open_session("a dog", StreamParams(seed=2))
+        a_out, b_out = [], []
+        for i in range(0, 29, 4):
+            a_out += a.push(a_frames[i : i + 4], list(range(i, min(i + 4, 29))))
+            b_out += b.push(b_frames[i : i + 4], list(range(i, min(i + 4, 29))))
+        a_out += a.flush()
+        b_out += b.flush()
+        st = e.stats()
+    assert st["batched_forwards"] > 0
+    assert max(int(k) for k in st["batch"]["forwards"]) == 2
+    assert_same(a_out, a_want)
+    assert_same(b_out, b_want)
+
+
+def test_ranks_load_only_their_part_of_real_checkpoints(tmp_path):
+    """Real-layout weights: each rank reads its blocks and trunk parts from the (strictly checked)
+    checkpoint, the text encoder on rank 0, and the frames equal one process's."""
+    from tests.weights_fixture import write_small_weights
+
+    cfg_path, _ = write_small_weights(tmp_path)
+    frames = video(17, h=64, w=64)  # the small config's size
+    one = StreamEngine.create(EngineOptions(model=str(cfg_path), weights=tmp_path, device="cpu"))
+    want = drive(one, frames)
+    with StreamEngine.create(EngineOptions(model=str(cfg_path), weights=tmp_path, device="cpu:2")) as e:
+        assert not e.info.random_weights
+        assert_same(drive(e, frames), want)
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_dead_rank_fails_the_engine_within_seconds(tiny4, victim):
+    e = StreamEngine.create(EngineOptions(model=tiny4, device="cpu:2", **SIZE, parallel=dict(rebalance=False)))
+    try:
+        frames = video(13)
+        s = e.open_session("a cat")
+        s.push(frames[:9], list(range(9)))
+        os.kill(e.rank_pids[victim], signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(EngineFailure, match=f"rank {victim}") as info:
+            for i in range(9, 400):  # keeps pushing until the engine notices
+                s.push(frames[i % 13 : i % 13 + 1], [i])
+        assert time.monotonic() - t0 < 5.0
+        assert info.value.rank == victim
+        with pytest.raises(EngineFailure):
+            e.open_session("another")
+        assert e.stats()["failed"]
+    finally:
+        e.close()
+    for pid in e.rank_pids:  # nothing left behind
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+# -- the CLI --------------------------------------------------------------------------------------------
+
+def test_cli_renders_equal_on_one_two_and_three_ranks(tmp_path, tiny4):
+    from tests.test_engine import write_mp4
+
+    src = tmp_path / "in.mp4"
+    write_mp4(src, 17, w=64, h=64)
+    outs = {}
+    for devices in ("cpu", "cpu:2", "cpu:3"):
+        out = tmp_path / f"{devices.replace(':', '')}.npz"
+        r = subprocess.run([sys.executable, "-m", "engine", "render", "--input", str(src), "--output", str(out),
+                            "--prompt", "a cat", "--model", tiny4, "--devices", devices, "--quiet", "--steps", "2",
+                            "--height", "32", "--width", "32"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[devices] = np.load(out)["frames"]
+    assert outs["cpu"].shape == (17, 32, 32, 3)
+    assert np.array_equal(outs["cpu"], outs["cpu:2"]) and np.array_equal(outs["cpu"], outs["cpu:3"])
