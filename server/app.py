@@ -13,12 +13,14 @@ from aiohttp import web
 from interface.controls import StreamUpdate
 from interface.messages import WorkerOptions
 from server import outputs_api, whip
+from server.auth import token_middleware
 from server.config import ServerConfig, worker_options
 from server.engine_client import EngineUnavailable
 from server.errors import ApiError
-from server.http import cors, json_errors, json_response, read_json
+from server.http import cors_middleware, json_errors, json_response, preflight, read_json
 from server.prometheus import CONTENT_TYPE
 from server.schemas import OfferRequest, OfferResponse, SessionList
+from server.session import ControlRejected
 from server.signaling import accept_offer
 from server.state import STATE, AppState
 from server.virtual_camera import CameraOpener, open_camera
@@ -26,7 +28,6 @@ from server.virtual_camera import CameraOpener, open_camera
 log = logging.getLogger(__name__)
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
-MAX_BODY = 1 << 20
 MAX_ENGINE_RESTARTS = 5
 
 
@@ -36,6 +37,10 @@ MAX_ENGINE_RESTARTS = 5
 async def offer(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await read_json(request, OfferRequest)
+    if len(body.sdp) > state.config.max_sdp_bytes:
+        raise ApiError(413, f"the SDP offer is larger than {state.config.max_sdp_bytes} bytes")
+    if body.prompt is not None and len(body.prompt) > state.config.max_prompt_chars:
+        raise ApiError(422, f"the prompt is longer than {state.config.max_prompt_chars} characters")
     state.check_capacity()
     state.opening += 1  # offers being answered count too, or concurrent ones could overfill
     try:
@@ -63,6 +68,8 @@ async def patch_session(request: web.Request) -> web.Response:
         session.apply_update(update)
     except EngineUnavailable as exc:
         raise ApiError(409, str(exc)) from None
+    except ControlRejected as exc:
+        raise ApiError(exc.status, exc.message, headers={"Retry-After": "1"} if exc.status == 429 else None) from None
     return json_response(session.info())
 
 
@@ -103,16 +110,30 @@ async def view(request: web.Request) -> web.FileResponse:
     return _file(request.app[STATE].web_root / "view.html")
 
 
-async def static_file(request: web.Request) -> web.FileResponse:
-    """A file under web/, nothing else: resolved path must stay inside, no dot-files."""
-    root = request.app[STATE].web_root
+async def api_options(request: web.Request) -> web.Response:
+    return preflight("GET, POST, PATCH, DELETE, OPTIONS")
+
+
+def resolve_static(root: Path, path: str) -> Optional[Path]:
+    """The file of web/ that `path` names, or None: the resolved path (symlinks followed) must
+    stay inside `root`, be a regular file, and no part of it may be a dot-file."""
+    if "\x00" in path or "\\" in path or path.startswith("/"):
+        return None
     try:
-        target = (root / request.match_info["path"]).resolve()
-    except (OSError, ValueError):  # e.g. a NUL byte
-        raise web.HTTPNotFound() from None
-    if not target.is_relative_to(root) or not target.is_file():
-        raise web.HTTPNotFound()
+        target = (root / path).resolve()
+        if not target.is_relative_to(root) or not target.is_file():
+            return None
+    except (OSError, ValueError):  # e.g. a NUL byte, a symlink loop
+        return None
     if any(part.startswith(".") for part in target.relative_to(root).parts):
+        return None
+    return target
+
+
+async def static_file(request: web.Request) -> web.FileResponse:
+    """A file under web/, nothing else."""
+    target = resolve_static(request.app[STATE].web_root, request.match_info["path"])
+    if target is None:
         raise web.HTTPNotFound()
     return _file(target)
 
@@ -157,13 +178,25 @@ async def _supervise_engine(state: AppState) -> None:
 
 async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
     """Run the engine in the background (the page and /healthz answer while it loads); on
-    shutdown close every session, then stop the engine."""
+    shutdown (SIGINT/SIGTERM: the listener is closed first) close every session, then stop the
+    engine, within `drain_timeout_s`."""
     state = app[STATE]
     state.engine_task = asyncio.ensure_future(_supervise_engine(state))
     yield
+    state.draining = True
     state.engine_task.cancel()
-    await state.close()
-    await state.engine.stop()
+    timeout = state.config.drain_timeout_s
+    try:
+        await asyncio.wait_for(state.close(), timeout / 2)
+    except asyncio.TimeoutError:
+        log.warning("sessions did not close within %.0f s", timeout / 2)
+    await state.engine.stop(timeout_s=timeout / 4)
+    log.info("drained: sessions closed, engine stopped")
+
+
+async def _stop_accepting(app: web.Application) -> None:
+    app[STATE].draining = True  # requests still in flight get 503 for new sessions
+    log.info("shutting down: no new sessions, closing %d", len(app[STATE].sessions))
 
 
 def create_app(
@@ -172,8 +205,11 @@ def create_app(
     web_root: Path = WEB_ROOT,
     camera_opener: CameraOpener = open_camera,
 ) -> web.Application:
-    app = web.Application(middlewares=[cors, json_errors], client_max_size=MAX_BODY)
+    middlewares = [cors_middleware(config.cors_origins), json_errors, token_middleware(config.token, config.token_scope)]
+    max_body = max(config.max_body_bytes, config.max_sdp_bytes + 4096)  # an /api/offer carries SDP in JSON
+    app = web.Application(middlewares=middlewares, client_max_size=max_body)
     app[STATE] = AppState(config, options or worker_options(config), web_root, camera_opener)
+    app.on_shutdown.append(_stop_accepting)
     app.cleanup_ctx.append(_engine_lifecycle)
     app.router.add_post("/api/offer", offer)
     app.router.add_get("/api/info", info)
@@ -181,6 +217,7 @@ def create_app(
     app.router.add_get("/api/sessions/{session_id}", get_session)
     app.router.add_patch("/api/sessions/{session_id}", patch_session)
     app.router.add_delete("/api/sessions/{session_id}", delete_session)
+    app.router.add_route("OPTIONS", "/api/{tail:.*}", api_options)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     whip.add_routes(app)

@@ -1,18 +1,23 @@
-"""Who may publish (WHIP) and start outputs (recordings write files, restreams connect out).
+"""Who may use the server.
 
-With a token configured (`--token` or $STREAM_TOKEN) those requests need `Authorization: Bearer
-TOKEN` (RFC 9725 §4.5 / RFC 6750), from anywhere. Without one they are open to loopback clients
-only: a fresh server on a laptop works with OBS on the same machine, while a server started with
-`--host 0.0.0.0` and no token does not hand the machine's disk and uplink to its network.
-Watching (WHEP, /view) needs no token: a session id is 128 random bits.
+With a token configured (`--token` or $STREAM_TOKEN) and `token_scope: all` (the default), the
+API (all of /api/ but /api/info), WHIP, WHEP and /metrics need `Authorization: Bearer TOKEN`
+(RFC 9725 §4.5 / RFC 6750), from anywhere, loopback included (a reverse proxy makes every client
+look local); the token is compared in constant time. The pages, /api/info and /healthz stay open:
+the page asks for the token and sends it as a Bearer header. With `token_scope: publish` only
+WHIP and outputs need it (the rest is open, for trusted networks).
+
+Without a token, WHIP and outputs are open to loopback clients only, and the server refuses to
+listen on a non-loopback address unless started with `--allow-anonymous`.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
-from typing import Optional
+from typing import Awaitable, Callable, Optional
 
+from aiohttp import web
 from pydantic import SecretStr
 
 from server.errors import ApiError
@@ -60,3 +65,38 @@ def authorize(token: Optional[SecretStr], authorization: Optional[str], remote: 
         raise ApiError(
             401, "invalid token", headers={"WWW-Authenticate": f'{REALM}, error="invalid_token"'}
         )
+
+
+PROTECTED_PREFIXES = ("/api/", "/whip", "/whep", "/metrics")
+PUBLIC_PATHS = frozenset({"/api/info"})
+
+
+def needs_token(token: Optional[SecretStr], scope: str, method: str, path: str) -> bool:
+    """Whether a request must carry the token (CORS preflights never do: browsers send none)."""
+    if token is None or scope != "all" or method == "OPTIONS":
+        return False
+    return path.startswith(PROTECTED_PREFIXES) and path not in PUBLIC_PATHS
+
+
+def is_local_host(host: str) -> bool:
+    return host == "localhost" or is_loopback(host)
+
+
+def check_exposure(host: str, token: Optional[SecretStr], allow_anonymous: bool) -> Optional[str]:
+    """Why the server must not start (a non-loopback address and no token), or None."""
+    if token is not None or allow_anonymous or is_local_host(host):
+        return None
+    return (
+        f"refusing to listen on {host} without a token: anyone who can reach it could use the GPU, "
+        "publish and record; set --token TOKEN (or STREAM_TOKEN), or pass --allow-anonymous"
+    )
+
+
+def token_middleware(token: Optional[SecretStr], scope: str) -> Callable:
+    @web.middleware
+    async def require_token(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        if needs_token(token, scope, request.method, request.path):
+            authorize(token, request.headers.get("Authorization"), request.remote)
+        return await handler(request)
+
+    return require_token

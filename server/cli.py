@@ -9,7 +9,7 @@ from typing import Optional
 from aiohttp import web
 
 from server.app import create_app
-from server.auth import is_loopback
+from server.auth import check_exposure, is_loopback
 from server.config import ServerConfig, parse_args, worker_options
 from server.virtual_camera import VirtualCameraUnavailable, check_available
 
@@ -29,6 +29,10 @@ def _announce_ingest(config: ServerConfig) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     config = parse_args(argv)
+    refusal = check_exposure(config.host, config.token, config.allow_anonymous)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        raise SystemExit(2)
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -43,4 +47,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     options = worker_options(config)  # decides the model once (and logs a fallback to tiny)
     log.info("model %s, weights %s, devices %s", options.model, options.weights or "none (random weights)", options.device)
     app = create_app(config, options)
-    web.run_app(app, host=config.host, port=config.port, print=lambda msg: log.info("%s", msg.strip()))
+    # SIGINT and SIGTERM: stop listening, then the app's cleanup closes sessions and the engine.
+    web.run_app(app, host=config.host, port=config.port, shutdown_timeout=config.drain_timeout_s / 4,
+                print=lambda msg: log.info("%s", msg.strip()))
+    log.info("server stopped")

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from engine.config import ConfigError, load_model_config  # torch-free by contract
+from interface.controls import MAX_PROMPT_CHARS
 from interface.messages import WorkerOptions
 from server.ice import IceServer
 
@@ -57,6 +58,28 @@ class ServerConfig(BaseModel):
     virtual_camera_device: Optional[str] = Field(None, description="e.g. /dev/video10; None: the first one found")
     virtual_camera_fps: int = Field(30, ge=1, le=120)
     log_level: str = "INFO"
+    # -- access (docs/RELIABILITY.md) --
+    token_scope: Literal["all", "publish"] = Field(
+        "all",
+        description="with a token, all: the API, WHIP and WHEP need it; publish: only WHIP and outputs (trusted networks)",
+    )
+    allow_anonymous: bool = Field(False, description="listen on a non-loopback address without a token")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="origins allowed to call the API/WHIP/WHEP from pages ('*': any); none: same origin only"
+    )
+    # -- admission and limits --
+    target_fps: float = Field(12.0, gt=0.0, le=120.0, description="frame rate each session must keep (its chunk budget)")
+    capacity_headroom: float = Field(
+        0.9, gt=0.0, le=1.0, description="share of the chunk budget that running sessions' engine time may fill"
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=64 << 20, description="JSON request bodies")
+    max_sdp_bytes: int = Field(100_000, ge=1024, le=1_000_000, description="SDP offers (WHIP/WHEP and /api/offer)")
+    max_prompt_chars: int = Field(MAX_PROMPT_CHARS, ge=1, le=MAX_PROMPT_CHARS)
+    control_rate: float = Field(20.0, gt=0.0, description="control messages per second per session (data channel + PATCH)")
+    control_burst: int = Field(40, ge=1, description="control messages a session may send at once")
+    idle_timeout_s: float = Field(20.0, gt=0.0, description="a session without input frames for this long is closed")
+    max_session_s: Optional[float] = Field(None, gt=0.0, description="longest session; None: unlimited")
+    drain_timeout_s: float = Field(10.0, gt=0.0, description="on SIGTERM, time to close the sessions and stop the engine")
 
     @field_validator("token")
     @classmethod
@@ -132,6 +155,16 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
         "--ice-server", dest="ice_servers", action="append", metavar="URL",
         help="STUN/TURN server, repeatable: stun:host:port or turn:USER:PASSWORD@host:port?transport=udp",
     )
+    parser.add_argument("--token-scope", dest="token_scope", choices=("all", "publish"),
+                        help="all (default): the token guards the API, WHIP and WHEP; publish: only WHIP and outputs")
+    parser.add_argument("--allow-anonymous", dest="allow_anonymous", action="store_true", default=None,
+                        help="allow listening on a non-loopback address without a token")
+    parser.add_argument("--cors-origin", dest="cors_origins", action="append", metavar="ORIGIN",
+                        help="origin allowed to call the API/WHIP/WHEP from its pages, repeatable ('*': any)")
+    parser.add_argument("--max-sessions", dest="max_sessions", type=int, help="sessions at once (default 4)")
+    parser.add_argument("--target-fps", dest="target_fps", type=float, help="frame rate a session must keep (default 12)")
+    parser.add_argument("--idle-timeout", dest="idle_timeout_s", type=float, help="seconds without input before a session closes")
+    parser.add_argument("--max-session-seconds", dest="max_session_s", type=float, help="longest session (default unlimited)")
     parser.add_argument("--max-viewers", dest="max_viewers", type=int, help="WHEP viewers per session (default 16)")
     parser.add_argument("--recordings-dir", dest="recordings_dir", type=Path, help="folder for recordings (default ./recordings)")
     parser.add_argument(

@@ -19,8 +19,9 @@ M = TypeVar("M", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # RFC 9725 §4.7: WHIP/WHEP are called from pages of other origins (and by OBS, which ignores
-# CORS). No cookies are involved (the token is a header), so any origin may call.
-CORS_PREFIXES = ("/whip", "/whep")
+# CORS). Which origins may is configured (`cors_origins`, '*' for any); none: same origin only.
+CORS_PREFIXES = ("/whip", "/whep", "/api/")
+FORM_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"})
 EXPOSED_HEADERS = "Location, ETag, Link, Accept-Post, Accept-Patch, WWW-Authenticate, Allow"
 
 
@@ -37,6 +38,8 @@ def error_response(status: int, message: str, details: Optional[list] = None,
 
 async def read_json(request: web.Request, model: type[M]) -> M:
     """The request body as `model`: 400 when it is not JSON, 422 when it does not validate."""
+    if request.content_type in FORM_TYPES:  # what a cross-site page may post without a CORS preflight
+        raise ApiError(415, "the body must be sent as Content-Type: application/json")
     try:
         data = json.loads(await request.read())
     except ValueError as exc:
@@ -66,14 +69,27 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error_response(500, "internal server error")
 
 
-@web.middleware
-async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """CORS headers on every WHIP/WHEP response, errors included (outermost middleware)."""
-    response = await handler(request)
-    if request.path.startswith(CORS_PREFIXES):
-        response.headers["Access-Control-Allow-Origin"] = "*"
-        response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
-    return response
+def cors_middleware(origins: list[str]) -> Callable:
+    allowed = frozenset(origins)
+
+    @web.middleware
+    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """CORS headers on API/WHIP/WHEP responses, errors included (outermost middleware), for
+        the configured origins only."""
+        response = await handler(request)
+        if request.path.startswith(CORS_PREFIXES):
+            origin = request.headers.get("Origin")
+            if "*" in allowed:
+                response.headers["Access-Control-Allow-Origin"] = "*"
+            elif origin and origin in allowed:
+                response.headers["Access-Control-Allow-Origin"] = origin
+                response.headers["Vary"] = "Origin"
+            else:
+                return response
+            response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
+        return response
+
+    return cors
 
 
 def preflight(methods: str, accept_post: bool = False) -> web.Response:

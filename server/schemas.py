@@ -13,7 +13,7 @@ SessionState = Literal["connecting", "streaming", "closed", "failed"]
 SessionKind = Literal["browser", "whip"]
 OutputKind = Literal["record", "restream", "virtual_camera"]
 OutputState = Literal["starting", "running", "stopped", "failed"]
-MAX_SDP_CHARS = 100_000
+MAX_SDP_CHARS = 1_000_000  # the configured max_sdp_bytes (at most this) applies
 MAX_URL_CHARS = 2000
 
 
@@ -156,6 +156,7 @@ class ServerInfo(BaseModel):
         default_factory=list, description="RTCIceServer dicts for the pages' peer connections"
     )
     whip_token_required: bool = False
+    token_required: bool = Field(False, description="the API and WHEP need `Authorization: Bearer TOKEN`")
     virtual_camera: bool = False
 
 

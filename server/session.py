@@ -52,6 +52,33 @@ class SessionContext:
     on_closed: Callable[["Session"], None]
 
 
+class ControlRejected(Exception):
+    """A live control that the session's limits refuse (too many per second, prompt too long)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class RateLimiter:
+    """A token bucket: `rate` events per second on average, bursts of up to `burst`."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self._clock = rate, float(burst), clock
+        self._tokens = float(burst)
+        self._at = clock()
+
+    def allow(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
 @dataclass
 class _Arrival:
     frame: VideoFrame
@@ -133,6 +160,10 @@ class Session:
         self._output_size: Optional[tuple[int, int]] = None
         self._outputs: asyncio.Queue[list[tuple[np.ndarray, int]]] = asyncio.Queue()
         self._tasks: set[asyncio.Task] = set()
+        self._controls = RateLimiter(ctx.config.control_rate, ctx.config.control_burst, clock)
+        self._opened_at = clock()
+        self._last_input = self._opened_at
+        self.engine_chunk_s: Optional[float] = None  # engine time of a chunk (smoothed): admission control
         pc.on("track", self._on_track)
         pc.on("datachannel", self._on_datachannel)
         pc.on("connectionstatechange", self._on_connection_state)
@@ -165,6 +196,7 @@ class Session:
         self.egress.start()
         self._spawn(self._output_loop())
         self._spawn(self._stats_loop())
+        self._spawn(self._watchdog())
 
     async def close(self, reason: Optional[str] = None, failed: bool = False) -> None:
         if self._closed:
@@ -241,6 +273,7 @@ class Session:
         if self._closed:
             return
         now = self._clock()
+        self._last_input = now
         self.metrics.input_arrived(now)
         self._camera_size = (frame.width, frame.height)
         if self.state == "connecting":
@@ -306,6 +339,8 @@ class Session:
             return
         roundtrip = self._clock() - self._pushed_at
         self._busy = False
+        cost = message.engine_ms / 1000.0  # the engine serves chunks one at a time: sessions add up
+        self.engine_chunk_s = cost if self.engine_chunk_s is None else 0.7 * self.engine_chunk_s + 0.3 * cost
         self._chunk_frames = message.chunk_frames
         self.metrics.engine_chunk(message.stats, roundtrip, message.prompt, message.updates_applied)
         self.metrics.drop("engine", message.dropped)
@@ -370,6 +405,10 @@ class Session:
         """Apply a live change at the next chunk boundary; returns what was applied."""
         if self._closed:
             raise EngineUnavailable("session is closed")
+        if not self._controls.allow():
+            raise ControlRejected(429, f"too many control messages (at most {self._ctx.config.control_rate:g} per second)")
+        if update.prompt is not None and len(update.prompt) > self._ctx.config.max_prompt_chars:
+            raise ControlRejected(422, f"the prompt is longer than {self._ctx.config.max_prompt_chars} characters")
         fields = {k: v for k, v in update.model_dump(exclude_none=True).items() if k in StreamParams.model_fields}
         self.params = self.params.model_copy(update=fields)
         if update.prompt is not None:
@@ -405,12 +444,29 @@ class Session:
         except EngineUnavailable as exc:
             self._send_channel(ChannelError(error=str(exc)))
             return
+        except ControlRejected as exc:
+            self._send_channel(ChannelError(error=exc.message))
+            return
         self._send_channel(ChannelAck(applied=applied))
 
     def _send_channel(self, message: BaseModel) -> None:
         channel = self._channel
         if channel is not None and channel.readyState == "open":
             channel.send(message.model_dump_json())
+
+    async def _watchdog(self) -> None:
+        """Close a session whose input stopped (a vanished client: closed tab, lost network, whose
+        ICE failure aiortc may notice only much later) or that ran past the longest allowed."""
+        config = self._ctx.config
+        while True:
+            await asyncio.sleep(min(1.0, config.idle_timeout_s / 4))
+            now = self._clock()
+            if now - self._last_input > config.idle_timeout_s:
+                await self.close(f"no input for {config.idle_timeout_s:g} s", failed=True)
+                return
+            if config.max_session_s is not None and now - self._opened_at > config.max_session_s:
+                await self.close(f"the session reached its maximum length of {config.max_session_s:g} s")
+                return
 
     async def _stats_loop(self) -> None:
         interval = self._ctx.config.stats_interval_s
@@ -422,6 +478,11 @@ class Session:
     def on_engine_lost(self, reason: str) -> None:
         self._engine_open = self._engine_held = False
         self._spawn(self.close(f"engine lost: {reason}", failed=True))
+
+    @property
+    def chunk_budget_s(self) -> float:
+        """Time between two chunks of this session at the target frame rate."""
+        return self._chunk_frames / self._ctx.config.target_fps
 
     def info(self) -> SessionInfo:
         return SessionInfo(

@@ -34,6 +34,7 @@ class AppState:
         self.metrics = ServerMetrics(config.deadline_s)
         self.sessions: dict[str, Session] = {}
         self.opening = 0
+        self.draining = False  # SIGTERM: no new sessions
         self.context = SessionContext(config, self.engine, self.metrics, self._forget)
         self.virtual_camera: Optional[VirtualCamera] = None
         if config.virtual_camera:
@@ -88,8 +89,35 @@ class AppState:
         return max(live, key=lambda s: s.created_at) if live else None
 
     def check_capacity(self) -> None:
+        """Admission control: 503 + Retry-After when the server drains, holds its maximum of
+        sessions, or when the engine time the running sessions need per chunk (measured, smoothed)
+        plus one more session's would overrun the chunk budget at the target frame rate: a new
+        session must not take the SLO of those already running."""
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", headers={"Retry-After": "30"})
         if len(self.sessions) + self.opening >= self.config.max_sessions:
             raise ApiError(503, f"the server is full ({self.config.max_sessions} sessions)", headers={"Retry-After": "10"})
+        load = self.engine_load()
+        if load is not None and load[0] > self.config.capacity_headroom * load[1]:
+            raise ApiError(
+                503,
+                f"the engine is at capacity: with one more session a chunk would need {1000 * load[0]:.0f} ms of "
+                f"engine time, over {100 * self.config.capacity_headroom:.0f}% of the {1000 * load[1]:.0f} ms "
+                f"budget at {self.config.target_fps:g} fps",
+                headers={"Retry-After": "10"},
+            )
+
+    def engine_load(self) -> Optional[tuple[float, float]]:
+        """(engine seconds per chunk period with one more session, chunk budget in seconds), or
+        None before any session has measured a chunk."""
+        live = [s for s in self.sessions.values() if not s.closed]
+        costs = [s.engine_chunk_s for s in live if s.engine_chunk_s is not None]
+        if not costs:
+            return None
+        mean = sum(costs) / len(costs)
+        unmeasured = len(live) - len(costs) + self.opening
+        need = sum(costs) + mean * (unmeasured + 1)
+        return need, min(s.chunk_budget_s for s in live)
 
     def _engine_labels(self) -> dict[tuple[str, ...], float]:
         i = self.engine.info
@@ -119,6 +147,7 @@ class AppState:
             output_size=self.config.output_size,
             ice_servers=[s.model_dump(exclude_none=True) for s in self.config.ice_servers],
             whip_token_required=self.config.token is not None,
+            token_required=self.config.token is not None and self.config.token_scope == "all",
             virtual_camera=self.virtual_camera is not None,
         )
 

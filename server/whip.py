@@ -24,7 +24,6 @@ from server.auth import authorize
 from server.errors import ApiError, validation_details
 from server.http import preflight
 from server.ice import link_headers
-from server.schemas import MAX_SDP_CHARS
 from server.session import Session
 from server.signaling import accept_viewer, open_session
 from server.state import STATE, AppState
@@ -39,9 +38,10 @@ async def read_sdp(request: web.Request) -> str:
     """The SDP offer of a WHIP/WHEP POST: 415 for another media type, 400 for what is not SDP."""
     if request.content_type != SDP:
         raise ApiError(415, f"the offer must be sent as Content-Type: {SDP}", headers={"Accept-Post": SDP})
+    limit = request.app[STATE].config.max_sdp_bytes
     body = await request.read()
-    if len(body) > MAX_SDP_CHARS:
-        raise ApiError(413, f"the SDP offer is larger than {MAX_SDP_CHARS} bytes")
+    if len(body) > limit:
+        raise ApiError(413, f"the SDP offer is larger than {limit} bytes")
     try:
         sdp = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -51,12 +51,13 @@ async def read_sdp(request: web.Request) -> str:
     return sdp
 
 
-def session_options(request: web.Request, default_prompt: str) -> tuple[str, Optional[StreamParams]]:
+def session_options(request: web.Request, default_prompt: str,
+                    max_prompt_chars: int = MAX_PROMPT_CHARS) -> tuple[str, Optional[StreamParams]]:
     """Prompt and parameters from the WHIP URL's query (OBS has a URL field and a token, no body)."""
     query = dict(request.query)
     prompt = query.pop("prompt", default_prompt)
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ApiError(422, f"the prompt is longer than {MAX_PROMPT_CHARS} characters")
+    if len(prompt) > max_prompt_chars:
+        raise ApiError(422, f"the prompt is longer than {max_prompt_chars} characters")
     if not query:
         return prompt, None
     try:
@@ -79,7 +80,7 @@ async def whip_publish(request: web.Request) -> web.Response:
     state = request.app[STATE]
     authorize(state.config.token, request.headers.get("Authorization"), request.remote)
     sdp = await read_sdp(request)
-    prompt, params = session_options(request, state.config.default_prompt)
+    prompt, params = session_options(request, state.config.default_prompt, state.config.max_prompt_chars)
     state.check_capacity()
     state.opening += 1  # offers being answered count too, or concurrent ones could overfill
     try:

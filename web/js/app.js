@@ -1,7 +1,7 @@
 // The page: camera picker, start/stop, live controls, stats panel and latency plot, and the list of
 // the server's sessions (any of which, e.g. one OBS publishes over WHIP, the controls can drive).
 
-import { fetchInfo, fetchSession, listSessions, patchSession } from './api.js';
+import { authHeaders, fetchInfo, fetchSession, getToken, listSessions, patchSession, setToken } from './api.js';
 import { LatencyPlot } from './plot.js';
 import { StreamSession } from './rtc.js';
 
@@ -13,7 +13,10 @@ const ui = {
   strengthValue: $('strength-value'), steps: $('steps'), stepsValue: $('steps-value'), seed: $('seed'),
   applySeed: $('apply-seed'), motion: $('motion'), reset: $('reset'), feedback: $('control-feedback'),
   target: $('control-target'), sessions: $('sessions'), whipUrl: $('whip-url'), whipToken: $('whip-token-hint'),
+  tokenRow: $('token-row'), token: $('token'),
 };
+ui.token.value = getToken();
+ui.token.addEventListener('change', () => setToken(ui.token.value.trim()));
 const plot = new LatencyPlot($('latency-plot'));
 const touched = new Set(); // params the user changed before starting: sent with the offer
 let session = null;
@@ -66,6 +69,7 @@ async function showEngine() {
     const e = info.engine;
     engineReady = info.engine_state === 'ready';
     iceServers = info.ice_servers ?? [];
+    ui.tokenRow.hidden = !info.token_required;
     ui.whipToken.textContent = info.whip_token_required
       ? ', Bearer Token: the server\'s --token' : ' (no token set: OBS on this machine only)';
     ui.badge.className = `badge ${engineReady ? 'ready' : info.engine_state === 'failed' ? 'failed' : ''}`;
@@ -171,7 +175,7 @@ ui.motion.addEventListener('change', () => sendUpdate({ motion_control: ui.motio
 ui.reset.addEventListener('click', () => sendUpdate({ reset: true }));
 window.addEventListener('pagehide', () => {
   // Free the server's session now rather than when ICE times out.
-  if (session?.sessionId) fetch(`/api/sessions/${session.sessionId}`, { method: 'DELETE', keepalive: true });
+  if (session?.sessionId) fetch(`/api/sessions/${session.sessionId}`, { method: 'DELETE', keepalive: true, headers: authHeaders() });
 });
 
 // -- other sessions ---------------------------------------------------------------------------------

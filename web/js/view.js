@@ -2,7 +2,14 @@
 // its WHIP stream as a new session, so with /view/latest the Browser Source follows it.
 // Query options: ?fit=cover (fill, cropping) · ?background=transparent · ?status=0 (no status line)
 
+// With a server token: the page's stored token (localStorage), or #token=... in the URL (an OBS
+// Browser Source has no other way to get it; a fragment never reaches the server or its logs).
+
+import { authHeaders, setToken } from './api.js';
 import { WhepViewer } from './whep.js';
+
+const fragment = new URLSearchParams(location.hash.slice(1));
+if (fragment.get('token')) setToken(fragment.get('token'));
 
 const RETRY_MS = 2000;
 const CHECK_MS = 2000; // how often the page asks whether its session still exists
@@ -48,6 +55,7 @@ async function connect() {
   if (old) await old.stop();
   const current = new WhepViewer(`/whep/${encodeURIComponent(sessionId)}`, {
     iceServers: await iceServers(),
+    token: authHeaders().Authorization?.slice('Bearer '.length) ?? null,
     onTrack: (stream) => { video.srcObject = stream; },
     onState: (state) => {
       if (viewer !== current) return;
@@ -71,7 +79,7 @@ async function connect() {
 async function checkSession() {
   if (watching && viewer) {
     try {
-      const response = await fetch(`/api/sessions/${watching}`, { cache: 'no-store' });
+      const response = await fetch(`/api/sessions/${watching}`, { cache: 'no-store', headers: authHeaders() });
       if (response.status === 404) {
         watching = null;
         retry('the session ended');

@@ -66,7 +66,8 @@ export class WhepViewer {
     this.pc = null;
     if (resource) {
       // keepalive: the DELETE still goes out when the page is being closed
-      await fetch(resource, { method: 'DELETE', keepalive: true }).catch(() => {});
+      const headers = this.token ? { Authorization: `Bearer ${this.token}` } : {};
+      await fetch(resource, { method: 'DELETE', keepalive: true, headers }).catch(() => {});
     }
   }
 }
