@@ -142,9 +142,10 @@ def build_dit(
         if set(trunk) == set(TRUNK_PARTS) and len(blocks) == cfg.dit.num_layers:
             load_into(dit, state, str(layout.causal), assign=True)
         else:
-            check_state_dict(dit, state, str(layout.causal))
-            keep = {k: v for k, v in state.items() if any(k.startswith(w + ".") for w in wanted)}
-            dit.load_state_dict(keep, strict=False, assign=True)
+            check_state_dict(dit, state, str(layout.causal))  # the whole file matches the architecture
+            for name in wanted:  # then each owned part loads strictly from its own keys
+                part = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
+                dit.get_submodule(name).load_state_dict(part, strict=True, assign=True)
     for name in wanted:
         module = dit.get_submodule(name)
         _finish(module, device, dtype)
