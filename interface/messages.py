@@ -36,13 +36,16 @@ class EngineInfo(BaseModel):
     attention: str
 
 
+# one device, or the ranks of a pipeline-parallel engine: cpu:N / cpu*N, cuda:0,1 / cuda*N, torchrun
+DEVICE_PATTERN = r"^(auto|cpu(:\d+|\*\d+)?|cuda(:\d+(,\d+)*|\*\d+)?|torchrun)$"
+
+
 class WorkerOptions(_Message):
     """How the server asks the engine process to start."""
 
     model: str = "tiny"
     weights: Optional[str] = None
-    # one device, or the ranks of a pipeline-parallel engine: cpu:N / cpu*N, cuda:0,1 / cuda*N, torchrun
-    device: str = Field("auto", pattern=r"^(auto|cpu(:\d+|\*\d+)?|cuda(:\d+(,\d+)*|\*\d+)?|torchrun)$")
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
     height: Optional[int] = Field(None, gt=0)
     width: Optional[int] = Field(None, gt=0)
     seed: int = 0

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from engine.config import ConfigError, load_model_config  # torch-free by contract
 from interface.controls import MAX_PROMPT_CHARS
-from interface.messages import WorkerOptions
+from interface.messages import DEVICE_PATTERN, WorkerOptions
 from server.ice import IceServer
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class ServerConfig(BaseModel):
     model: Optional[str] = Field(None, description="None: `real_model` when its weights exist, else tiny")
     real_model: str = Field("wan-1.3b", description="the model used by default when --weights has it")
     weights: Optional[Path] = None
-    devices: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    devices: str = Field("auto", pattern=DEVICE_PATTERN)
     height: Optional[int] = Field(None, gt=0, multiple_of=16)
     width: Optional[int] = Field(None, gt=0, multiple_of=16)
     seed: int = Field(0, ge=0)
@@ -145,7 +145,7 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
     parser.add_argument("--weights", type=Path, help="folder holding Wan2.1-T2V-*/ and wan_causal_dmd_v2v*/")
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8080)")
-    parser.add_argument("--devices", help="auto, cpu, cuda or cuda:N (default auto: the engine decides)")
+    parser.add_argument("--devices", help="auto, cpu, cuda, cuda:N, or several for a pipeline-parallel engine: cuda:0,1, cuda*N, cpu:N (default auto)")
     parser.add_argument("--config", type=Path, help="YAML or JSON file with ServerConfig fields")
     parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING")
     parser.add_argument(

@@ -71,8 +71,11 @@ class EngineClient:
         self._loop = asyncio.get_running_loop()
         ctx = multiprocessing.get_context("spawn")
         ours, theirs = ctx.Pipe(duplex=True)
+        # Not a daemon: a pipeline-parallel engine starts its rank processes from here, which daemonic
+        # processes may not. stop() shuts it down (Shutdown, then terminate/kill), and the worker also
+        # exits on its own when this end of the pipe closes.
         process = ctx.Process(
-            target=worker.main, args=(theirs, self.options.model_dump()), name="streamgen-engine", daemon=True
+            target=worker.main, args=(theirs, self.options.model_dump()), name="streamgen-engine", daemon=False
         )
         if self._process is not None:
             self._process.join(0)  # reap the previous engine
