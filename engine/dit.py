@@ -99,11 +99,10 @@ class Block(nn.Module):
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         d = cfg.dim
-        self.norm1 = LayerNorm(d, cfg.eps)
+        self.eps = cfg.eps  # norm1/norm2 (LayerNorm without parameters) run inside kernels.modulate
         self.self_attn = SelfAttention(d, cfg.num_heads, cfg.eps)
         self.norm3 = LayerNorm(d, cfg.eps, affine=True)
         self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.eps)
-        self.norm2 = LayerNorm(d, cfg.eps)
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
@@ -113,7 +112,7 @@ class Block(nn.Module):
         """x [R, F*T, dim]; e [R, F, 6, dim] per-frame modulation from the timestep."""
         # [6, R, F, dim]: each of shift/scale/gate contiguous, as the fused kernels want
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation[:, None] + e).permute(2, 0, 1, 3).contiguous()
-        eps = self.norm1.eps
+        eps = self.eps
         x = kernels.gated_add(x, self.self_attn(kernels.modulate(x, shift1, scale1, eps), a, layer), gate1)
         x = x + self.cross_attn(self.norm3(x), cross_kv)
         return kernels.gated_add(x, self.ffn(kernels.modulate(x, shift2, scale2, eps)), gate2)

@@ -30,6 +30,16 @@ FIRST_CHUNK = 5  # 5 pixel frames -> 2 latent frames
 CHUNK = 4  # then 4 -> 1
 
 
+def check_frames(frames: np.ndarray, pts: Sequence[int], height: int, width: int) -> np.ndarray:
+    """The input contract of push(): uint8 [T, height, width, 3] with one pts per frame."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[1:] != (height, width, 3) or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 [T, {height}, {width}, 3], got {frames.dtype} {list(frames.shape)}")
+    if len(pts) != len(frames):
+        raise ValueError(f"{len(frames)} frames but {len(pts)} pts")
+    return frames
+
+
 @dataclass
 class PromptBlend:
     """Cross-attention K/V moving from `old` to `new` over `chunks` chunks (prompt transition)."""
@@ -89,12 +99,7 @@ class StreamSession:
     def push(self, frames: np.ndarray, pts: Sequence[int]) -> list[OutputFrame]:
         """frames uint8 [T, H, W, 3] at the engine's size, with one pts each; any T (buffered)."""
         self._check_open()
-        frames = np.asarray(frames)
-        h, w = self.engine.info.height, self.engine.info.width
-        if frames.ndim != 4 or frames.shape[1:] != (h, w, 3) or frames.dtype != np.uint8:
-            raise ValueError(f"frames must be uint8 [T, {h}, {w}, 3], got {frames.dtype} {list(frames.shape)}")
-        if len(pts) != len(frames):
-            raise ValueError(f"{len(frames)} frames but {len(pts)} pts")
+        frames = check_frames(frames, pts, self.engine.info.height, self.engine.info.width)
         self._buf_frames.extend(frames)
         self._buf_pts.extend(int(p) for p in pts)
         out: list[OutputFrame] = []

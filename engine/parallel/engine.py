@@ -35,12 +35,12 @@ from engine.parallel import protocol as P
 from engine.parallel.balance import even_split
 from engine.parallel.devices import RankDevices, validate_local
 from engine.parallel.errors import EngineFailure
+from engine.session import CHUNK, FIRST_CHUNK, check_frames
 from interface.controls import StreamParams, StreamUpdate
 
 log = logging.getLogger("engine.parallel")
 
 OutputFrame = tuple[np.ndarray, int]
-FIRST_CHUNK, CHUNK = 5, 4  # as engine.session
 
 
 class ParallelSession:
@@ -80,12 +80,7 @@ class ParallelSession:
     def push(self, frames: np.ndarray, pts: Sequence[int]) -> list[OutputFrame]:
         """frames uint8 [T, H, W, 3] at the engine's size, with one pts each; any T (buffered)."""
         self._check_open()
-        frames = np.asarray(frames)
-        h, w = self.engine.info.height, self.engine.info.width
-        if frames.ndim != 4 or frames.shape[1:] != (h, w, 3) or frames.dtype != np.uint8:
-            raise ValueError(f"frames must be uint8 [T, {h}, {w}, 3], got {frames.dtype} {list(frames.shape)}")
-        if len(pts) != len(frames):
-            raise ValueError(f"{len(frames)} frames but {len(pts)} pts")
+        frames = check_frames(frames, pts, self.engine.info.height, self.engine.info.width)
         self._buf_frames.extend(frames)
         self._buf_pts.extend(int(p) for p in pts)
         depth = self.engine.options.parallel.inflight
