@@ -14,7 +14,7 @@ import logging
 import numpy as np
 import torch
 
-from bench.engine_bench import synthetic_video
+from bench.measure import synthetic_video
 from engine import kernels
 from engine.runtime import EngineOptions, StreamEngine
 from interface.controls import StreamParams

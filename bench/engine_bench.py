@@ -11,62 +11,60 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
 
-import numpy as np
 import torch
 
+from bench.measure import STAGES, StageClock, matmul_ceiling_tflops, mfu, run_meta, synthetic_video
+from bench.rows import INPUT_FPS, PROMPT, ROWS, RowResult
 from engine.runtime import EngineOptions, StreamEngine
 
 log = logging.getLogger("bench")
 
-ROWS = {
-    "p1": dict(model="wan-1.3b", height=480, width=832, steps=2),
-    "p2": dict(model="wan-1.3b", height=512, width=512, steps=1),
-    "p3": dict(model="wan-14b", height=512, width=512, steps=1),
-    "p1s1": dict(model="wan-1.3b", height=480, width=832, steps=1),
-}
-INPUT_FPS = 30.0
+
+def count_flops(engine: StreamEngine, session, video, pos: int) -> dict[str, float]:
+    """FLOPs of each stage over one steady-state chunk, the DiT run eagerly (a replayed CUDA graph is
+    invisible to the counter; the graph runs the same kernels)."""
+    clock = StageClock(engine.device)
+    clock.wrap(engine.vae, "stream_encode", "vae_encode")
+    clock.wrap(session.batch, "push", "dit")
+    clock.wrap(engine.vae, "stream_decode", "vae_decode")
+    runner = session.batch.runner
+    graphs, runner.use_graphs = runner.use_graphs, False
+    clock.enabled = clock.count = True
+    try:
+        session.push(video[pos : pos + 4], list(range(pos, pos + 4)))
+    finally:
+        runner.use_graphs = graphs
+        for name in ("stream_encode", "stream_decode"):
+            delattr(engine.vae, name)  # the wrappers were instance attributes over the class methods
+        del session.batch.push
+    return dict(clock.flops)
 
 
-@dataclass
-class Result:
-    row: str
-    model: str
-    size: str
-    steps: int
-    fps: float
-    ttff_s: float
-    first_chunk_ms: float
-    vae_encode_ms: float
-    dit_ms: float
-    vae_decode_ms: float
-    chunk_ms: float
-    peak_gib: float
-    chunks: int
-
-
-def synthetic_video(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
-    """A moving pattern (motion matters to the noise controller), uint8 [n, h, w, 3]."""
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, (h, w + n * 4, 3), dtype=np.uint8)
-    return np.stack([base[:, 4 * i : 4 * i + w] for i in range(n)])
-
-
-def run_row(name: str, chunks: int, warmup: int, profile_dir: str | None = None) -> Result:
-    spec = ROWS[name]
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    engine = StreamEngine.create(EngineOptions(device="cuda", **spec))
+def run_row(name: str, chunks: int, warmup: int, weights: Optional[Path] = None, profile_dir: str | None = None,
+            device: str = "cuda", override: Optional[dict] = None) -> RowResult:
+    """One row of ours; `device`/`override` (e.g. model=tiny) make a CPU dry run of the same code."""
+    spec = {**ROWS[name], **(override or {})}
+    gpu = device.startswith("cuda")
+    if gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    ceiling = matmul_ceiling_tflops(torch.device(device))
+    t0 = time.perf_counter()
+    engine = StreamEngine.create(EngineOptions(device=device, weights=weights, **spec))
+    load_s = time.perf_counter() - t0
     h, w = engine.info.height, engine.info.width
-    video = synthetic_video(5 + 4 * (warmup + chunks), h, w)
+    video = synthetic_video(5 + 4 * (warmup + chunks + 3), h, w)
 
     # warm-up session (kernels, allocator), then a fresh session measures TTFF and steady state
     s = engine.open_session("warm-up")
     s.push(video[: 5 + 4 * warmup], list(range(5 + 4 * warmup)))
     s.close()
 
-    s = engine.open_session("a watercolor painting of a city street")
+    s = engine.open_session(PROMPT)
     engine.synchronize()
     t0 = time.perf_counter()
     first = s.push(video[:5], list(range(5)))
@@ -84,19 +82,26 @@ def run_row(name: str, chunks: int, warmup: int, profile_dir: str | None = None)
         stats.append(dict(s.stats))
     engine.synchronize()
     elapsed = time.perf_counter() - t_start
-    med = {k: statistics.median(st[k] for st in stats) for k in ("vae_encode_ms", "dit_ms", "vae_decode_ms")}
-    res = Result(
-        row=name, model=spec["model"], size=f"{h}x{w}", steps=engine.info.steps,
-        fps=4 * chunks / elapsed, ttff_s=ttff, first_chunk_ms=first_ms,
-        chunk_ms=1000 * elapsed / chunks, peak_gib=torch.cuda.max_memory_allocated() / 2**30, chunks=chunks, **med,
+    peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0
+    flops = count_flops(engine, s, video, 5 + 4 * chunks)
+    res = RowResult(
+        row=name, impl="ours", model=spec["model"], size=f"{h}x{w}", steps=engine.info.steps,
+        fps=4 * chunks / elapsed, ttff_s=ttff, first_chunk_ms=first_ms, chunk_ms=1000 * elapsed / chunks,
+        peak_gib=peak, chunks=chunks, load_s=load_s, ceiling_tflops=ceiling,
+        weights=f"loaded from {weights}" if weights else "random init",
     )
+    for st in STAGES:
+        ms = statistics.median(x[f"{st}_ms"] for x in stats)
+        setattr(res, f"{st}_ms", ms)
+        setattr(res, f"{st}_tflop", flops.get(st, 0.0) / 1e12)
+        setattr(res, f"{st}_mfu", mfu(flops.get(st), ms, ceiling))
     if profile_dir:
         from torch.profiler import ProfilerActivity, profile
 
-        a = 5 + 4 * chunks
+        a = 5 + 4 * (chunks + 1)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for i in range(2):
-                s.push(video[a - 8 + 4 * i : a - 4 + 4 * i], list(range(4)))
+                s.push(video[a + 4 * i : a + 4 + 4 * i], list(range(a + 4 * i, a + 4 + 4 * i)))
             engine.synchronize()
         with open(f"{profile_dir}/profile_{name}.txt", "w") as f:
             f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
@@ -109,20 +114,26 @@ def main() -> None:
     ap.add_argument("--rows", default="p1,p3")
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=6)
+    ap.add_argument("--weights", type=Path, default=None, help="load this weights tree instead of random init")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--model", default=None, help="replace the rows' model (tiny: a CPU dry run)")
+    ap.add_argument("--size", type=int, default=None, help="square frames of this size instead of the row's")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile-dir", default=None, help="write a torch.profiler table per row here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.backends.cudnn.benchmark = True
+    override: dict = {}
+    if args.model:
+        override["model"] = args.model
+    if args.size:
+        override.update(height=args.size, width=args.size)
     results = []
     for name in args.rows.split(","):
-        r = run_row(name, args.chunks, args.warmup, args.profile_dir)
+        r = run_row(name, args.chunks, args.warmup, args.weights, args.profile_dir, args.device, override)
         log.info("%s", asdict(r))
         results.append(r)
-    meta = dict(
-        date=time.strftime("%Y-%m-%d"), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-        cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-    )
+    meta = run_meta()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, results=[asdict(r) for r in results]), f, indent=1)

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a
 
 import torch  # noqa: E402
 
+from bench.measure import synthetic_video  # noqa: E402
 from engine.runtime import EngineOptions, StreamEngine  # noqa: E402
 
 log = logging.getLogger("bench.parallel")
@@ -76,13 +77,6 @@ class RowResult:
     start_s_1: float = 0.0
     start_s_n: float = 0.0
     peak_gib_1: Optional[float] = None
-
-
-def synthetic_video(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
-    """A moving pattern (the noise controller sees motion), uint8 [n, h, w, 3]."""
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, (h, w + n * 4, 3), dtype=np.uint8)
-    return np.stack([base[:, 4 * i : 4 * i + w] for i in range(n)])
 
 
 def clip(engine: Any, video: np.ndarray, seed: int = 1) -> list[np.ndarray]:

@@ -174,7 +174,8 @@ def write_causal_dit(path: Path, state: Mapping[str, torch.Tensor], wrapper: Opt
     torch.save({wrapper: sd} if wrapper else sd, path)
 
 
-def write_wan_folder(folder: Path, cfg: ModelConfig, dit_state: Mapping[str, torch.Tensor], vae_state: Mapping[str, torch.Tensor], t5_state: Optional[Mapping[str, torch.Tensor]]) -> None:
+def write_wan_folder(folder: Path, cfg: ModelConfig, dit_state: Mapping[str, torch.Tensor],
+                     vae_state: Optional[Mapping[str, torch.Tensor]], t5_state: Optional[Mapping[str, torch.Tensor]]) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -182,10 +183,38 @@ def write_wan_folder(folder: Path, cfg: ModelConfig, dit_state: Mapping[str, tor
     (folder / "config.json").write_text(json.dumps({
         "_class_name": "WanModel", "model_type": "t2v", "dim": d.dim, "ffn_dim": d.ffn_dim,
         "num_heads": d.num_heads, "num_layers": d.num_layers, "in_dim": d.in_dim, "out_dim": d.out_dim,
-        "text_len": d.text_len, "freq_dim": d.freq_dim, "eps": d.eps, "patch_size": list(d.patch_size),
+        "text_len": d.text_len, "text_dim": d.text_dim, "freq_dim": d.freq_dim, "eps": d.eps, "patch_size": list(d.patch_size),
         "window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True,
     }))
     save_file({k: v.contiguous() for k, v in dit_state.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
-    torch.save(dict(vae_state), folder / VAE_FILE)
+    if vae_state is not None:
+        torch.save(dict(vae_state), folder / VAE_FILE)
     if t5_state is not None:
         torch.save(dict(t5_state), folder / T5_FILE)
+
+
+STAND_IN_WORDS = ("hello", "world", "a", "cat", "on", "the", "moon", "red", "fox", "jumps")
+
+
+def write_tokenizer_folder(wan_folder: Path) -> Path:
+    """A small stand-in for `google/umt5-xxl/` in the same file layout (tokenizer.json,
+    tokenizer_config.json, special_tokens_map.json) and the T5 special ids (<pad>=0, </s>=1, <unk>=2):
+    a Unigram model over a few words and the letters. For random-weight trees only; users bring the
+    real folder."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(f"▁{w}", -3.0) for w in STAND_IN_WORDS] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                      special_tokens=[("</s>", 1)])
+    folder = Path(wan_folder) / TOKENIZER_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    (folder / "tokenizer_config.json").write_text(json.dumps({**special, "model_max_length": 512}))
+    return folder

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 import torch
 
+from engine.checkpoint import STAND_IN_WORDS, write_tokenizer_folder
 from engine.config import TextConfig, load_model_config
 from engine.text_encoder import TextEncoder, UMT5Encoder, load_umt5_encoder, relative_position_buckets
 from engine.tokenizer import ByteTokenizer, UMT5Tokenizer, clean_prompt
@@ -110,30 +110,13 @@ def test_load_checkpoint_strict(tmp_path):
 
 # ---------------------------------------------------------------- tokenizers
 
-WORDS = ["hello", "world", "a", "cat", "on", "the", "moon", "red", "fox", "jumps"]
+WORDS = STAND_IN_WORDS
 
 
 def _write_tiny_umt5_folder(root):
     """A small Unigram tokenizer in the T5 layout (<pad>=0, </s>=1, <unk>=2) saved like the HF files."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    vocab += [(f"▁{w}", -3.0) for w in WORDS] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                      special_tokens=[("</s>", 1)])
-    folder = root / "google" / "umt5-xxl"
-    folder.mkdir(parents=True)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>", "model_max_length": 512}))
-    return folder
+    pytest.importorskip("tokenizers")
+    return write_tokenizer_folder(root)
 
 
 PROMPTS = ["a red fox jumps on the moon", "  hello\n\tworld  ", "", "cat " * 700, "zzz qq hello &amp; x"]

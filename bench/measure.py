@@ -1,0 +1,125 @@
+"""Measuring tools shared by the benchmarks: the card's matmul ceiling, timed and FLOP-counted stages,
+and the synthetic input clip.
+
+Model-FLOP utilisation (MFU) = FLOPs a stage needs (counted by torch's FlopCounterMode over one real
+call: matmuls, convolutions and attention) / the stage's measured time / the bf16 matmul ceiling
+measured on the same card in the same process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+STAGES = ("vae_encode", "dit", "vae_decode")
+
+
+def synthetic_video(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A moving pattern (motion matters to the noise controller), uint8 [n, h, w, 3]."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (h, w + n * 4, 3), dtype=np.uint8)
+    return np.stack([base[:, 4 * i : 4 * i + w] for i in range(n)])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_ceiling_tflops(device: torch.device, n: int = 8192, repeats: int = 30) -> float:
+    """Best sustained bf16 GEMM rate of this card (n×n×n), in TFLOP/s (0 off the GPU: no MFU there)."""
+    if device.type != "cuda":
+        return 0.0
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - t0) / repeats)
+    return 2 * n**3 / best / 1e12
+
+
+def mfu(flops: Optional[float], ms: Optional[float], ceiling_tflops: float) -> Optional[float]:
+    if not flops or not ms or not ceiling_tflops:
+        return None
+    return flops / (ms / 1000) / (ceiling_tflops * 1e12)
+
+
+class StageClock:
+    """Wraps callables so each call is timed (device-synchronised on both sides) and, while `count` is
+    on, its FLOPs are counted. Used on the reference package's own objects, whose methods it wraps in
+    place; only timing and counting are added."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.ms: dict[str, list[float]] = defaultdict(list)
+        self.flops: dict[str, float] = {}
+        self.enabled = False
+        self.count = False
+
+    def wrap(self, obj: Any, method: str, stage: str) -> None:
+        inner: Callable = getattr(obj, method)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not self.enabled:
+                return inner(*args, **kwargs)
+            with self.stage(stage):
+                return inner(*args, **kwargs)
+
+        setattr(obj, method, timed)
+
+    @contextmanager
+    def stage(self, stage: str) -> Iterator[None]:
+        counter = FlopCounterMode(display=False) if self.count else None
+        sync(self.device)
+        t0 = time.perf_counter()
+        if counter is not None:
+            with counter:
+                yield
+        else:
+            yield
+        sync(self.device)
+        if counter is not None:
+            self.flops[stage] = self.flops.get(stage, 0.0) + float(counter.get_total_flops())
+        else:
+            self.ms[stage].append(1000 * (time.perf_counter() - t0))
+
+    def median_ms(self, stage: str) -> Optional[float]:
+        v = self.ms.get(stage)
+        return float(np.median(v)) if v else None
+
+
+def run_meta() -> dict:
+    """Card, date and software versions of this run."""
+    import platform
+
+    gpu = torch.cuda.is_available()
+    return dict(
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        gpu=torch.cuda.get_device_name() if gpu else "cpu", gpus=torch.cuda.device_count() if gpu else 0,
+        driver=_driver() if gpu else None, torch=torch.__version__, cuda=torch.version.cuda,
+        cudnn=torch.backends.cudnn.version() if gpu else None, python=platform.python_version(),
+    )
+
+
+def _driver() -> str | None:
+    try:
+        import subprocess
+
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -1,0 +1,46 @@
+"""The benchmark rows of the speed issue (DESIGN §6) and the record each run of a row produces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+ROWS = {
+    "p1": dict(model="wan-1.3b", height=480, width=832, steps=2),
+    "p2": dict(model="wan-1.3b", height=512, width=512, steps=1),
+    "p3": dict(model="wan-14b", height=512, width=512, steps=1),
+    "p1s1": dict(model="wan-1.3b", height=480, width=832, steps=1),
+}
+# Published figures for the rows (fps, one H100): the paper, and the reference package measured on one
+# H100 through its own pipeline (DESIGN §6).
+PAPER_FPS = {"p1": 17.97, "p2": 26.21, "p3": 18.71, "p1s1": 20.47}
+INPUT_FPS = 30.0
+PROMPT = "a watercolor painting of a city street"
+
+
+@dataclass
+class RowResult:
+    row: str
+    impl: str  # "ours" or "reference"
+    model: str
+    size: str
+    steps: int
+    fps: float
+    ttff_s: float
+    first_chunk_ms: float
+    chunk_ms: float
+    peak_gib: float
+    chunks: int
+    vae_encode_ms: Optional[float] = None
+    dit_ms: Optional[float] = None
+    vae_decode_ms: Optional[float] = None
+    vae_encode_tflop: float = 0.0
+    dit_tflop: float = 0.0
+    vae_decode_tflop: float = 0.0
+    vae_encode_mfu: Optional[float] = None
+    dit_mfu: Optional[float] = None
+    vae_decode_mfu: Optional[float] = None
+    ceiling_tflops: float = 0.0
+    load_s: float = 0.0
+    weights: str = "random init"
+    note: str = ""
