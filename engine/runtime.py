@@ -170,8 +170,9 @@ def build_text(cfg: ModelConfig, layout: Optional[WeightsLayout], device: torch.
 
     tc = cfg.text
     if layout is not None:
-        enc = UMT5Encoder(tc)
-        load_into(enc, read_tensor_file(layout.t5), str(layout.t5))
+        with torch.device("meta"):  # no 5.7B random init only to be overwritten
+            enc = UMT5Encoder(tc)
+        load_into(enc, read_tensor_file(layout.t5), str(layout.t5), assign=True)
         return TextEncoder(_finish(enc, device, dtype), UMT5Tokenizer.from_folder(layout.tokenizer, tc.text_len))
     if cfg.name != "tiny":
         log.info("random weights at real size: prompts are embedded by a seeded hash, not by umT5")
