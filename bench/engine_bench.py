@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from bench.measure import STAGES, StageClock, matmul_ceiling_tflops, mfu, run_meta, synthetic_video
-from bench.rows import INPUT_FPS, PROMPT, ROWS, RowResult
+from bench.rows import INPUT_FPS, PROMPT, ROWS, RowResult, steady_warmup
 from engine.runtime import EngineOptions, StreamEngine
 
 log = logging.getLogger("bench")
@@ -57,6 +57,7 @@ def run_row(name: str, chunks: int, warmup: int, weights: Optional[Path] = None,
     engine = StreamEngine.create(EngineOptions(device=device, weights=weights, **spec))
     load_s = time.perf_counter() - t0
     h, w = engine.info.height, engine.info.width
+    warmup = steady_warmup(warmup, spec["model"])
     video = synthetic_video(5 + 4 * (warmup + chunks + 3), h, w)
 
     # warm-up session (kernels, allocator), then a fresh session measures TTFF and steady state

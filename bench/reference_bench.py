@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from bench.measure import StageClock, matmul_ceiling_tflops, mfu, synthetic_video
-from bench.rows import INPUT_FPS, PROMPT, ROWS, RowResult
+from bench.rows import INPUT_FPS, PROMPT, ROWS, RowResult, steady_warmup
 from engine.config import load_model_config
 
 log = logging.getLogger("bench.reference")
@@ -68,6 +68,7 @@ def run(row: str, root: Path, chunks: int, warmup: int, profile_chunks: int) -> 
     log.info("%s: reference loaded in %.0f s (steps %s)", row, load_s, list(config.denoising_step_list))
 
     h, w = spec["height"], spec["width"]
+    warmup = steady_warmup(warmup, spec["model"])
     frames = 5 + 4 * (warmup + chunks + profile_chunks + 1)
     video = synthetic_video(frames, h, w)
 

@@ -18,6 +18,15 @@ INPUT_FPS = 30.0
 PROMPT = "a watercolor painting of a city street"
 
 
+def steady_warmup(warmup: int, model: str) -> int:
+    """At least enough warm-up chunks to fill the KV window and evict from it: the steady state's
+    kernels (eviction, sink refresh, the captured graph, cuDNN autotuning of the full-window shapes)
+    then first run in the warm-up, not in the timed chunks."""
+    from engine.config import load_model_config
+
+    return max(warmup, load_model_config(model).stream.num_kv_cache + 2)
+
+
 @dataclass
 class RowResult:
     row: str
