@@ -150,6 +150,38 @@ def test_block_scheduler_moves_toward_balance_with_hysteresis():
     assert even_split(30, 4) == [7, 8, 8, 7] and even_split(4, 3) == [1, 2, 1]
 
 
+def test_block_scheduler_rolls_back_a_move_that_made_things_worse():
+    # what 2×H200 showed for 1.3B 2 steps: after 3 blocks went up, both stages measured slower
+    sched = BlockScheduler([15, 15], every=4, gain=0.05, min_ms=0.5)
+    for _ in range(4):
+        sched.observe([(22.7, 36.5), (29.4, 49.5)])
+    move = sched.decide()
+    assert move is not None and move.blocks < 0
+    sched.applied(move)
+    for _ in range(3):
+        sched.observe([(45.9, 36.1), (35.3, 51.5)])
+    assert sched.decide() is None  # a full fresh window first
+    sched.observe([(45.9, 36.1), (35.3, 51.5)])
+    undo = sched.decide()
+    assert undo == Move(move.boundary, -move.blocks)
+    sched.applied(undo)
+    assert sched.split == [15, 15] and sched.decisions[-1]["rollback"]
+    assert sched.stats()["banned"] == [dict(boundary=0, direction="upstream")]
+    for _ in range(8):  # the same imbalance again: that direction is not tried a second time
+        sched.observe([(22.7, 36.5), (29.4, 49.5)])
+    assert sched.decide() is None
+    # a move that helps is kept
+    ok = BlockScheduler([15, 15], every=2, gain=0.05, min_ms=0.5)
+    for _ in range(2):
+        ok.observe([(22.7, 36.5), (29.4, 49.5)])
+    ok.applied(ok.decide())
+    for _ in range(2):
+        ok.observe([(26.0, 36.5), (24.0, 49.5)])
+    again = ok.decide()  # better (73.5 ms < 78.9 ms): kept, and it may go on in the same direction
+    assert not ok.banned and (again is None or again.blocks < 0)
+    assert not any(d.get("rollback") for d in ok.decisions)
+
+
 def test_slo_batch_scheduler_picks_largest_batch_within_deadline():
     b = BatchScheduler(max_batch=8, target_fps=16.0, deadline_ms=1000.0)
     assert b.budget_ms(lag_chunks=1) == pytest.approx(500.0)  # (1 + 1) chunks of 250 ms

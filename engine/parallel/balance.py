@@ -9,6 +9,11 @@ devices are handled), and takes the best move only when it shortens the slowest 
 and a fresh window of measurements after each change). It then goes half way (at least one block):
 per-block costs are estimates (on a host-bound GPU a stage's time is not proportional to its blocks),
 and overshooting makes the next decision undo this one. Decisions are kept for /metrics.
+
+Every move is checked once a fresh window of measurements exists: if the slowest stage came out worse
+than before the move (per-block costs are only estimates: on 2×H200 a 1.3B 2-step stream got slower
+after its first move), the move is rolled back at once and that direction across that boundary is not
+tried again.
 """
 
 from __future__ import annotations
@@ -75,6 +80,9 @@ class BlockScheduler:
         self.enabled = enabled
         self._samples: list[list[tuple[float, float]]] = []  # since the last change: per forward, per rank
         self._last_sign: dict[int, int] = {}  # boundary -> direction of the last move across it
+        self._check: Optional[tuple[Move, float]] = None  # the last move and the slowest stage before it
+        self._rollback: Optional[Move] = None  # decided and not yet applied
+        self.banned: set[tuple[int, int]] = set()  # (boundary, direction) that made things worse
         self.decisions: list[dict] = []
         self.observed = 0
 
@@ -103,6 +111,10 @@ class BlockScheduler:
             return None
         stage = self.stage_ms()
         assert stage is not None
+        if self._check is not None:
+            undo = self._verify(stage)
+            if undo is not None:
+                return undo
         move, before, after = self.best_move(stage)
         if move is None:
             return None
@@ -127,6 +139,30 @@ class BlockScheduler:
                  apply_move(self.split, move), before, after, [round(d + o, 1) for d, o in stage])
         return move
 
+    def _verify(self, stage: Sequence[tuple[float, float]]) -> Optional[Move]:
+        """The reverse of the last move if it made the slowest stage worse (by a margin), else None."""
+        assert self._check is not None
+        move, before = self._check
+        self._check = None
+        now = max(d + o for d, o in stage)
+        if now <= before + max(self.min_ms, 0.5 * self.gain * before):
+            return None
+        undo = Move(move.boundary, -move.blocks)
+        self.banned.add((move.boundary, 1 if move.blocks > 0 else -1))
+        self._rollback = undo
+        self.decisions.append(dict(
+            time=time.time(), forward=self.observed, boundary=undo.boundary, blocks=undo.blocks,
+            split_before=list(self.split), split_after=apply_move(self.split, undo), rollback=True,
+            slowest_ms_before=round(now, 3), slowest_ms_predicted=round(before, 3),
+            stage_ms=[round(d + o, 3) for d, o in stage],
+        ))
+        del self.decisions[:-32]
+        log.warning("block scheduler: the last move made the slowest stage worse (%.1f ms -> %.1f ms): moving "
+                    "%d block(s) back across boundary %d|%d, split %s -> %s; that direction is not tried again",
+                    before, now, abs(undo.blocks), undo.boundary, undo.boundary + 1, self.split,
+                    apply_move(self.split, undo))
+        return undo
+
     def _per_block(self, stage: Sequence[tuple[float, float]]) -> list[float]:
         known = [d / n for (d, _), n in zip(stage, self.split) if n > 0]
         fallback = statistics.median(known) if known else 0.0
@@ -148,6 +184,8 @@ class BlockScheduler:
         best: tuple[Optional[Move], float] = (None, now)
         for b in range(len(self.split) - 1):
             for sign in (1, -1):
+                if (b, sign) in self.banned:
+                    continue
                 giver, taker = (b, b + 1) if sign > 0 else (b + 1, b)
                 for k in range(1, self.split[giver] - self.min_blocks + 1):
                     t = list(total)
@@ -158,6 +196,11 @@ class BlockScheduler:
         return best[0], now, best[1]
 
     def applied(self, move: Move) -> None:
+        stage = self.stage_ms()
+        rollback = self._rollback is not None and move == self._rollback
+        self._rollback = None
+        # a move the scheduler chose is checked against the slowest stage it replaced (manual ones too)
+        self._check = None if rollback or stage is None else (move, max(d + o for d, o in stage))
         self.split = apply_move(self.split, move)
         self._last_sign[move.boundary] = 1 if move.blocks > 0 else -1
         self._samples.clear()  # measurements of the old split say nothing of the new one
@@ -168,4 +211,5 @@ class BlockScheduler:
             enabled=self.enabled, split=list(self.split),
             stage_ms=None if stage is None else [dict(dit=round(d, 3), other=round(o, 3), total=round(d + o, 3)) for d, o in stage],
             decisions=list(self.decisions), samples=len(self._samples),
+            banned=[dict(boundary=b, direction="downstream" if d > 0 else "upstream") for b, d in sorted(self.banned)],
         )
