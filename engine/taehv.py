@@ -29,8 +29,8 @@ Conventions, chosen so the session can swap this for `WanVAE.stream_decode`:
 Streaming: every MemBlock needs the last frame of its input history; those tensors live in a
 `TAEHVStreamState` owned by the session (never on the module), so one module serves many sessions.
 Decoding a stream latent by latent (or chunk by chunk) equals decoding the whole clip at once. The
-reference wrapper instead re-decodes a window of the last 3 latents on every call and trims, which is
-about 3x the work and only approximates the whole-clip result.
+reference wrapper instead decodes each new latent together with the 3 before it and keeps the last
+frames: 4x the work, and only an approximation, since the stacked memories reach back further.
 
 Checkpoint: `taew2_1.pth` holds `decoder.*` and `encoder.*` tensors. We keep only the decoder but
 check the encoder's keys and shapes too when they are present, so a wrong or truncated file is named,
