@@ -8,7 +8,7 @@
 ranks), cuda:0,1 (those GPUs, in ring order), cuda*N (the first N GPUs), torchrun (ranks started by
 torchrun, possibly over several nodes; every process runs the same command). See docs/PARALLEL.md.
 
---decoder taehv: decode latents with the light TAEHV decoder (faster, lower fidelity) instead of the
+--decoder taehv: decode latents with the light TAEHV decoder (far less compute, lower fidelity) instead of the
 Wan VAE; with --weights it needs --taehv-weights (taew2_1.pth from the TAEHV project).
 """
 
@@ -46,7 +46,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     r.add_argument("--devices", default="auto", help="auto, cpu, cuda, cuda:N, cpu:N, cuda:0,1, cuda*N, torchrun")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--decoder", choices=DECODERS, default="wan",
-                   help="wan: the Wan VAE decoder; taehv: the light TAEHV decoder (faster, lower fidelity)")
+                   help="wan: the Wan VAE decoder; taehv: the light TAEHV decoder (far less compute, lower fidelity)")
     r.add_argument("--taehv-weights", type=Path, help="taew2_1.pth from the TAEHV project, for --decoder taehv")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)

@@ -61,7 +61,7 @@ class EngineOptions(BaseModel):
     steps: Optional[int] = Field(None, ge=1, le=4)
     dtype: Optional[str] = Field(None, pattern="^(float32|bfloat16|float16)$")
     seed: int = 0
-    # Latents -> pixels: the Wan VAE decoder, or the light TAEHV decoder (faster, lower fidelity;
+    # Latents -> pixels: the Wan VAE decoder, or the light TAEHV decoder (far less compute, lower fidelity;
     # its file is taew2_1.pth from the TAEHV project). Encoding always uses the Wan VAE.
     decoder: Decoder = "wan"
     taehv_weights: Optional[Path] = None

@@ -36,7 +36,7 @@ class ServerConfig(BaseModel):
     width: Optional[int] = Field(None, gt=0, multiple_of=16)
     seed: int = Field(0, ge=0)
     decoder: Literal["wan", "taehv"] = Field(
-        "wan", description="latents -> pixels: the Wan VAE, or the light TAEHV decoder (faster, lower fidelity)"
+        "wan", description="latents -> pixels: the Wan VAE, or the light TAEHV decoder (far less compute, lower fidelity)"
     )
     taehv_weights: Optional[Path] = Field(None, description="taew2_1.pth from the TAEHV project, for decoder taehv")
     deadline_s: float = Field(1.0, gt=0.0, description="per-frame latency budget (miss rate)")
@@ -160,7 +160,7 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
     parser.add_argument("--port", type=int, help="port (default 8080)")
     parser.add_argument("--devices", help="auto, cpu, cuda, cuda:N, or several for a pipeline-parallel engine: cuda:0,1, cuda*N, cpu:N (default auto)")
     parser.add_argument("--decoder", choices=("wan", "taehv"),
-                        help="wan (default): the Wan VAE decoder; taehv: the light TAEHV decoder, faster, lower fidelity")
+                        help="wan (default): the Wan VAE decoder; taehv: the light TAEHV decoder, far less compute, lower fidelity")
     parser.add_argument("--taehv-weights", dest="taehv_weights", type=Path,
                         help="taew2_1.pth from the TAEHV project (needed for --decoder taehv with --weights)")
     parser.add_argument("--config", type=Path, help="YAML or JSON file with ServerConfig fields")
