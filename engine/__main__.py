@@ -2,10 +2,14 @@
 
     python -m engine render --input IN --output OUT.mp4|OUT.npz --prompt TEXT [--model tiny|wan-1.3b|wan-14b]
         [--weights DIR] [--steps N] [--height H --width W] [--devices SPEC] [--seed S]
+        [--decoder wan|taehv] [--taehv-weights taew2_1.pth]
 
 --devices: one device (auto, cpu, cuda, cuda:N = GPU N), or pipeline-parallel ranks: cpu:N (N CPU
 ranks), cuda:0,1 (those GPUs, in ring order), cuda*N (the first N GPUs), torchrun (ranks started by
 torchrun, possibly over several nodes; every process runs the same command). See docs/PARALLEL.md.
+
+--decoder taehv: decode latents with the light TAEHV decoder (far less compute, lower fidelity) instead of the
+Wan VAE; with --weights it needs --taehv-weights (taew2_1.pth from the TAEHV project).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from engine.config import ConfigError, model_names
+from engine.config import DECODERS, ConfigError, decoder_problem, model_names
 
 log = logging.getLogger("engine.render")
 
@@ -41,6 +45,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     r.add_argument("--width", type=int)
     r.add_argument("--devices", default="auto", help="auto, cpu, cuda, cuda:N, cpu:N, cuda:0,1, cuda*N, torchrun")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--decoder", choices=DECODERS, default="wan",
+                   help="wan: the Wan VAE decoder; taehv: the light TAEHV decoder (far less compute, lower fidelity)")
+    r.add_argument("--taehv-weights", type=Path, help="taew2_1.pth from the TAEHV project, for --decoder taehv")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if args.devices.strip().lower() == "torchrun" and os.environ.get("RANK", "0") != "0":
@@ -63,6 +70,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         ap.error(f"--steps {args.steps}: must be 1..4")
     if args.weights is not None and not args.weights.is_dir():
         ap.error(f"--weights {args.weights}: no such folder")
+    problem = decoder_problem(args.decoder, args.taehv_weights, args.weights, cli=True)
+    if problem:
+        ap.error(problem)
+    if args.taehv_weights is not None and not args.taehv_weights.is_file():
+        ap.error(f"--taehv-weights {args.taehv_weights}: no such file")
     from engine.parallel.devices import parse_devices
 
     try:

@@ -115,6 +115,24 @@ class ModelConfig(_Strict):
         return data
 
 
+DECODERS = ("wan", "taehv")
+
+
+def decoder_problem(decoder: str, taehv_weights: object, weights: object, cli: bool = False) -> Optional[str]:
+    """Why a decoder choice is inconsistent, or None. One rule for the engine options, the render
+    CLI and the server config: the light TAEHV decoder needs its file (taew2_1.pth) whenever the model
+    has real weights; with random model weights a seeded random TAEHV is fine. `cli` names the flags."""
+    dec, file = ("--decoder", "--taehv-weights") if cli else ("decoder", "taehv_weights")
+    if decoder not in DECODERS:
+        return f"{dec} {decoder!r}: choose one of {', '.join(DECODERS)}"
+    if taehv_weights is not None and decoder != "taehv":
+        return f"{file} is only used with {dec} taehv"
+    if decoder == "taehv" and taehv_weights is None and weights is not None:
+        return (f"{dec} taehv with real model weights needs {file}: the taew2_1.pth file of the "
+                "TAEHV project (random TAEHV weights are only used with random model weights)")
+    return None
+
+
 def model_names() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 

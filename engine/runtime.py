@@ -18,21 +18,22 @@ import contextlib
 import hashlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine import attention
 from engine.checkpoint import WeightsLayout, check_state_dict, load_into, read_tensor_file
-from engine.config import ModelConfig, StreamDefaults, load_model_config
+from engine.config import ModelConfig, StreamDefaults, decoder_problem, load_model_config
 from engine.dit import Block, WanDiT
 from engine.parallel.options import ParallelOptions
 from engine.rope import Rope
 from engine.session import StreamSession
 from engine.stream_batch import mix_seed
+from engine.taehv import LATENT_CHANNELS, TAEHV, load_taehv, random_taehv
 from engine.vae import WanVAE
 from interface.controls import StreamParams
 
@@ -44,7 +45,9 @@ log = logging.getLogger(__name__)
 # The DiT's parts besides its blocks (module names = state-dict prefixes).
 TRUNK_PARTS = ("patch_embedding", "text_embedding", "time_embedding", "time_projection", "head")
 # Sub-seeds of the random-weight init, one per part (DiT blocks add their index).
-_SEED_TRUNK, _SEED_BLOCK, _SEED_VAE, _SEED_TEXT = 1, 2, 3, 4
+_SEED_TRUNK, _SEED_BLOCK, _SEED_VAE, _SEED_TEXT, _SEED_TAEHV = 1, 2, 3, 4, 5
+
+Decoder = Literal["wan", "taehv"]
 
 
 class EngineOptions(BaseModel):
@@ -58,8 +61,19 @@ class EngineOptions(BaseModel):
     steps: Optional[int] = Field(None, ge=1, le=4)
     dtype: Optional[str] = Field(None, pattern="^(float32|bfloat16|float16)$")
     seed: int = 0
+    # Latents -> pixels: the Wan VAE decoder, or the light TAEHV decoder (far less compute, lower fidelity;
+    # its file is taew2_1.pth from the TAEHV project). Encoding always uses the Wan VAE.
+    decoder: Decoder = "wan"
+    taehv_weights: Optional[Path] = None
     # Only for several ranks (pipeline-parallel engine): schedulers, start-up and test hooks.
     parallel: ParallelOptions = Field(default_factory=ParallelOptions)
+
+    @model_validator(mode="after")
+    def _check_decoder(self) -> "EngineOptions":
+        problem = decoder_problem(self.decoder, self.taehv_weights, self.weights)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class EngineInfo(BaseModel):
@@ -73,6 +87,16 @@ class EngineInfo(BaseModel):
     device: str
     dtype: str
     attention: str
+    decoder: str = "wan"
+
+
+class StreamDecoder(Protocol):
+    """What a session needs from a decoder (WanVAE and TAEHV both are one): normalised latents
+    [B,16,t,h,w] -> frames [B,3,T,8h,8w] in [-1,1]; 1+4(t-1) frames on a stream's first call, 4t later."""
+
+    def new_stream_state(self) -> Any: ...
+
+    def stream_decode(self, latent: torch.Tensor, state: Any) -> torch.Tensor: ...
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -162,6 +186,29 @@ def build_vae(cfg: ModelConfig, layout: Optional[WeightsLayout], device: torch.d
     return _finish(vae, device, dtype)  # type: ignore[return-value]
 
 
+def build_taehv(cfg: ModelConfig, path: Optional[Path], device: torch.device, dtype: torch.dtype, seed: int) -> TAEHV:
+    """The light decoder from its file, or seeded random weights (allowed with random model weights only:
+    see EngineOptions)."""
+    if cfg.vae.z_dim != LATENT_CHANNELS:
+        raise ValueError(f"the TAEHV decoder takes {LATENT_CHANNELS} latent channels; model {cfg.name} has {cfg.vae.z_dim}")
+    if path is None:
+        log.warning("TAEHV decoder with RANDOM WEIGHTS (no taehv_weights file given)")
+        model = random_taehv(mix_seed(seed, _SEED_TAEHV))
+    else:
+        model = load_taehv(path)
+    return _finish(model, device, dtype)  # type: ignore[return-value]
+
+
+def build_decoder(cfg: ModelConfig, options: "EngineOptions", vae: Optional[WanVAE], device: torch.device,
+                  dtype: torch.dtype) -> StreamDecoder:
+    """The decoder `options.decoder` names; `vae` is the engine's Wan VAE (needed for "wan")."""
+    if options.decoder == "taehv":
+        return build_taehv(cfg, options.taehv_weights, device, dtype, options.seed)
+    if vae is None:
+        raise ValueError("the Wan decoder needs the Wan VAE")
+    return vae
+
+
 def build_text(cfg: ModelConfig, layout: Optional[WeightsLayout], device: torch.device, dtype: torch.dtype, seed: int):
     """The umT5 encoder with its tokenizer; None for a random-weights real-size model, whose prompts
     are then embedded by a seeded hash (a 5.7B random encoder would only cost time and memory)."""
@@ -236,6 +283,7 @@ class StreamEngine:
         self.layout = WeightsLayout(options.weights, cfg) if options.weights else None
         self.dit = build_dit(cfg, self.layout, self.device, self.dtype, options.seed)
         self.vae = build_vae(cfg, self.layout, self.device, self.dtype, options.seed)
+        self.decoder = build_decoder(cfg, options, self.vae, self.device, self.dtype)
         self.text = build_text(cfg, self.layout, self.device, self.dtype, options.seed)
         self.rope = Rope(cfg.dit.head_dim, self.device)
         self._io = FrameIO(self.device)
@@ -248,6 +296,7 @@ class StreamEngine:
             device=str(self.device),
             dtype=str(self.dtype).replace("torch.", ""),
             attention=attention.log_backend(self.device),
+            decoder=options.decoder,
         )
         if self.layout is None:
             log.warning(

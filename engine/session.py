@@ -140,6 +140,7 @@ class StreamSession:
         self.closed = True
         self.batch = None  # free the KV cache now, not when the last reference goes
         self.vae_state = None
+        self.dec_state = None
 
     # -- internals ----------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -148,6 +149,7 @@ class StreamSession:
 
     def _reset_stream(self) -> None:
         self.vae_state = None  # None until the first chunk: then the next chunk needs 5 frames
+        self.dec_state = None  # the decoder's stream (engine.decoder: Wan VAE or TAEHV), from the same chunk
         self.batch = self._new_batch()
         self.controller = NoiseController(**self._controller_args)
         self._in_flight: deque[Optional[list]] = deque()
@@ -223,6 +225,7 @@ class StreamSession:
         first = self.vae_state is None
         if first:
             self.vae_state = e.vae.new_stream_state()
+            self.dec_state = e.decoder.new_stream_state()
         latent = e.vae.stream_encode(video.to(e.dtype), self.vae_state).to(e.dtype)
         sync()
         t_enc = time.perf_counter()
@@ -252,7 +255,7 @@ class StreamSession:
         pts = self._in_flight.popleft()
         if pts is None:  # a padding chunk from a drain: never decoded, so the VAE stream skips it
             return []
-        frames = self.engine.to_uint8(self.engine.vae.stream_decode(x0, self.vae_state))
+        frames = self.engine.to_uint8(self.engine.decoder.stream_decode(x0, self.dec_state))
         return [(f, p) for f, p in zip(frames, pts) if p is not None]
 
     def _drain(self) -> list[OutputFrame]:

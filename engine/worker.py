@@ -231,6 +231,8 @@ def _create_engine(options: WorkerOptions) -> Any:
         height=options.height,
         width=options.width,
         seed=options.seed,
+        decoder=options.decoder,
+        taehv_weights=Path(options.taehv_weights) if options.taehv_weights else None,
     )
     return StreamEngine.create(engine_options)
 
@@ -276,7 +278,7 @@ def main(conn: Connection, options: dict) -> None:
             conn.close()
         return
     log.info(
-        "engine ready: %s %dx%d, %d steps, %s %s, attention %s%s",
+        "engine ready: %s %dx%d, %d steps, %s %s, attention %s, %s decoder%s",
         info.model,
         info.width,
         info.height,
@@ -284,6 +286,7 @@ def main(conn: Connection, options: dict) -> None:
         info.device,
         info.dtype,
         info.attention,
+        "light TAEHV" if info.decoder == "taehv" else "Wan VAE",
         " (RANDOM WEIGHTS)" if info.random_weights else "",
     )
     conn.send(encode(EngineReady(info=info)))

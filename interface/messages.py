@@ -34,6 +34,7 @@ class EngineInfo(BaseModel):
     device: str
     dtype: str
     attention: str
+    decoder: Literal["wan", "taehv"] = "wan"  # latents -> pixels: the Wan VAE or the light TAEHV
 
 
 # one device, or the ranks of a pipeline-parallel engine: cpu:N / cpu*N, cuda:0,1 / cuda*N, torchrun
@@ -49,6 +50,8 @@ class WorkerOptions(_Message):
     height: Optional[int] = Field(None, gt=0)
     width: Optional[int] = Field(None, gt=0)
     seed: int = 0
+    decoder: Literal["wan", "taehv"] = "wan"
+    taehv_weights: Optional[str] = None  # taew2_1.pth, for decoder taehv
     log_level: str = "INFO"
     warmup: bool = Field(True, description="run a throwaway session once before reporting ready")
     # Test-only: seconds the worker sleeps per pushed chunk, to simulate an engine slower than

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from engine.config import ConfigError, load_model_config  # torch-free by contract
+from engine.config import ConfigError, decoder_problem, load_model_config  # torch-free by contract
 from interface.controls import MAX_PROMPT_CHARS
 from interface.messages import DEVICE_PATTERN, WorkerOptions
 from server.ice import IceServer
@@ -35,6 +35,10 @@ class ServerConfig(BaseModel):
     height: Optional[int] = Field(None, gt=0, multiple_of=16)
     width: Optional[int] = Field(None, gt=0, multiple_of=16)
     seed: int = Field(0, ge=0)
+    decoder: Literal["wan", "taehv"] = Field(
+        "wan", description="latents -> pixels: the Wan VAE, or the light TAEHV decoder (far less compute, lower fidelity)"
+    )
+    taehv_weights: Optional[Path] = Field(None, description="taew2_1.pth from the TAEHV project, for decoder taehv")
     deadline_s: float = Field(1.0, gt=0.0, description="per-frame latency budget (miss rate)")
     max_sessions: int = Field(4, ge=1, le=64)
     output_size: Literal["camera", "crop", "model"] = Field(
@@ -88,6 +92,13 @@ class ServerConfig(BaseModel):
             raise ValueError("the token is empty")
         return token
 
+    @model_validator(mode="after")
+    def _check_decoder(self) -> "ServerConfig":
+        problem = decoder_problem(self.decoder, self.taehv_weights, self.weights)
+        if problem:
+            raise ValueError(problem)
+        return self
+
 
 def resolve_model(config: ServerConfig) -> tuple[str, Optional[Path]]:
     """Which model the engine runs and with which weights root.
@@ -119,6 +130,8 @@ def worker_options(config: ServerConfig) -> WorkerOptions:
         height=config.height,
         width=config.width,
         seed=config.seed,
+        decoder=config.decoder,
+        taehv_weights=str(config.taehv_weights) if config.taehv_weights else None,
         log_level=config.log_level,
     )
 
@@ -146,6 +159,10 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8080)")
     parser.add_argument("--devices", help="auto, cpu, cuda, cuda:N, or several for a pipeline-parallel engine: cuda:0,1, cuda*N, cpu:N (default auto)")
+    parser.add_argument("--decoder", choices=("wan", "taehv"),
+                        help="wan (default): the Wan VAE decoder; taehv: the light TAEHV decoder, far less compute, lower fidelity")
+    parser.add_argument("--taehv-weights", dest="taehv_weights", type=Path,
+                        help="taew2_1.pth from the TAEHV project (needed for --decoder taehv with --weights)")
     parser.add_argument("--config", type=Path, help="YAML or JSON file with ServerConfig fields")
     parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING")
     parser.add_argument(
@@ -182,6 +199,8 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
         config = ServerConfig.model_validate(data)
         if config.model:
             load_model_config(config.model)  # fail now on an unknown model, not in the engine
+        if config.taehv_weights is not None and not config.taehv_weights.is_file():
+            parser.error(f"--taehv-weights {config.taehv_weights}: no such file")
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         parser.error(f"bad configuration: {problems}")

@@ -123,7 +123,8 @@ class AppState:
         i = self.engine.info
         if i is None:
             return {}
-        key = (i.model, i.device, i.dtype, i.attention, str(i.random_weights).lower(), str(i.height), str(i.width))
+        key = (i.model, i.device, i.dtype, i.attention, str(i.random_weights).lower(), str(i.height), str(i.width),
+               i.decoder)
         return {key: 1.0}
 
     def server_info(self) -> ServerInfo:

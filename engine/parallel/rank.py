@@ -4,7 +4,8 @@ and serves the ring.
 Stage roles: rank 0 runs VAE encode, patch/time embedding and the first blocks; middle ranks blocks;
 the last rank the last blocks, the head, the flow step (x0, re-noising) and VAE decode. Only the parts
 a rank runs are materialised (the DiT is built on the meta device, then its own blocks and trunk parts;
-the text encoder on rank 0; the VAE on rank 0 and on the last rank).
+the text encoder on rank 0; the Wan VAE on rank 0 and, when it is the decoder, on the last rank; the
+light TAEHV decoder, when chosen, on the last rank only).
 
 The ring: every message goes rank 0 -> 1 -> ... -> last -> rank 0, and each rank handles messages in
 arrival order, so session state changes (open, prompt, reset, close, block moves) reach each rank at the
@@ -50,7 +51,7 @@ from engine.parallel.stage import Group, Stage
 from engine.parallel.timing import ForwardTimes, StageClock
 from engine.parallel.wire import DistLink, Link, LoopbackLink, Message
 from engine.rope import Rope
-from engine.runtime import EngineOptions, FrameIO, build_dit, build_text, build_vae, embed_prompt
+from engine.runtime import EngineOptions, FrameIO, build_decoder, build_dit, build_text, build_vae, embed_prompt
 from engine.stream_batch import KeyedNoise
 
 log = logging.getLogger("engine.parallel.rank")
@@ -99,7 +100,10 @@ class RankBase:
         layers = list(ranges(self.split)[self.rank])
         t0 = time.perf_counter()
         dit = build_dit(self.cfg, layout, self.device, self.dtype, self.opts.seed, blocks=layers, trunk=trunk)
-        self.vae = build_vae(self.cfg, layout, self.device, self.dtype, self.opts.seed) if (self.first or self.last) else None
+        wan_decodes = self.opts.decoder == "wan"
+        need_vae = self.first or (self.last and wan_decodes)
+        self.vae = build_vae(self.cfg, layout, self.device, self.dtype, self.opts.seed) if need_vae else None
+        self.decoder = build_decoder(self.cfg, self.opts, self.vae, self.device, self.dtype) if self.last else None
         self.text = build_text(self.cfg, layout, self.device, self.dtype, self.opts.seed) if self.first else None
         self.io = FrameIO(self.device)
         self.rope = Rope(self.cfg.dit.head_dim, self.device)
@@ -107,9 +111,10 @@ class RankBase:
         self.clock = StageClock(self.device)
         self.renoise_source = KeyedNoise(0, 0, self.device, self.dtype)  # re-seeded per group (last rank)
         self.layout = layout
-        log.info("rank %d/%d on %s: blocks %s, trunk %s%s%s (%.1f s)", self.rank, self.world, self.device,
-                 _span(layers), trunk, ", VAE" if self.vae is not None else "", ", text encoder" if self.first else "",
-                 time.perf_counter() - t0)
+        parts = [", VAE" if self.vae is not None else "", ", text encoder" if self.first else "",
+                 ", TAEHV decoder" if self.last and not wan_decodes else ""]
+        log.info("rank %d/%d on %s: blocks %s, trunk %s%s (%.1f s)", self.rank, self.world, self.device,
+                 _span(layers), trunk, "".join(parts), time.perf_counter() - t0)
         self.stopped = False
         slow = self.popts.slow_block_ms or []
         self.slow_ms = float(slow[self.rank]) if self.rank < len(slow) else 0.0
@@ -239,10 +244,10 @@ class RankBase:
         for g in groups:
             s = self.stage.sessions[g.sid]
             if g.new_vae:
-                s.decode_state = self.vae.new_stream_state()  # type: ignore[union-attr]
+                s.decode_state = self.decoder.new_stream_state()  # type: ignore[union-attr]
             if g.decode is not None:
                 t_dec = time.perf_counter()
-                video = self.vae.stream_decode(x0[start + g.rows - 1 : start + g.rows], s.decode_state)  # type: ignore[union-attr]
+                video = self.decoder.stream_decode(x0[start + g.rows - 1 : start + g.rows], s.decode_state)  # type: ignore[union-attr]
                 frames = self.io.to_uint8(video)
                 keep = [(f, p) for f, p in zip(frames, g.decode) if p is not None]
                 stats = dict(g.stats, vae_decode_ms=1000.0 * (time.perf_counter() - t_dec))
@@ -347,6 +352,7 @@ class Rank0(RankBase):
             random_weights=self.layout is None,
             device=",".join(self.spec.devices.devices) if not self.spec.devices.external else f"torchrun:{self.world}",
             dtype=str(self.dtype).replace("torch.", ""), attention=attention.backend_name(self.device),
+            decoder=self.opts.decoder,
         )
 
     # -- the loop --------------------------------------------------------------------------------------

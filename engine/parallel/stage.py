@@ -106,7 +106,7 @@ class PromptState:
 class RankSession:
     prompt: PromptState
     cache: Optional[StreamKVCache] = None
-    decode_state: Any = None  # engine.vae.VAEStreamState, on the last rank
+    decode_state: Any = None  # the decoder's stream state (Wan VAEStreamState or TAEHVStreamState), last rank
 
 
 def export_cache_layers(cache: StreamKVCache, layers: Sequence[int], prefix: str, out: dict[str, torch.Tensor]) -> None:
