@@ -30,7 +30,7 @@ def count_flops(engine: StreamEngine, session, video, pos: int) -> dict[str, flo
     clock = StageClock(engine.device)
     clock.wrap(engine.vae, "stream_encode", "vae_encode")
     clock.wrap(session.batch, "push", "dit")
-    clock.wrap(engine.vae, "stream_decode", "vae_decode")
+    clock.wrap(engine.decoder, "stream_decode", "vae_decode")
     runner = session.batch.runner
     graphs, runner.use_graphs = runner.use_graphs, False
     clock.enabled = clock.count = True
@@ -38,8 +38,8 @@ def count_flops(engine: StreamEngine, session, video, pos: int) -> dict[str, flo
         session.push(video[pos : pos + 4], list(range(pos, pos + 4)))
     finally:
         runner.use_graphs = graphs
-        for name in ("stream_encode", "stream_decode"):
-            delattr(engine.vae, name)  # the wrappers were instance attributes over the class methods
+        del engine.vae.stream_encode  # the wrappers were instance attributes over the class methods
+        del engine.decoder.stream_decode
         del session.batch.push
     return dict(clock.flops)
 
@@ -47,7 +47,7 @@ def count_flops(engine: StreamEngine, session, video, pos: int) -> dict[str, flo
 def run_row(name: str, chunks: int, warmup: int, weights: Optional[Path] = None, profile_dir: str | None = None,
             device: str = "cuda", override: Optional[dict] = None) -> RowResult:
     """One row of ours; `device`/`override` (e.g. model=tiny) make a CPU dry run of the same code."""
-    spec = {**ROWS[name], **(override or {})}
+    spec = {**ROWS[name], **(override or {})}  # ROWS keys plus any EngineOptions field
     gpu = device.startswith("cuda")
     if gpu:
         torch.cuda.empty_cache()
@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=6)
     ap.add_argument("--weights", type=Path, default=None, help="load this weights tree instead of random init")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--decoder", choices=("wan", "taehv"), default=None, help="the light TAEHV decoder instead of Wan's")
+    ap.add_argument("--taehv-weights", type=Path, default=None)
     ap.add_argument("--model", default=None, help="replace the rows' model (tiny: a CPU dry run)")
     ap.add_argument("--size", type=int, default=None, help="square frames of this size instead of the row's")
     ap.add_argument("--json", default=None)
@@ -129,6 +131,8 @@ def main() -> None:
         override["model"] = args.model
     if args.size:
         override.update(height=args.size, width=args.size)
+    if args.decoder:
+        override.update(decoder=args.decoder, taehv_weights=args.taehv_weights)
     results = []
     for name in args.rows.split(","):
         r = run_row(name, args.chunks, args.warmup, args.weights, args.profile_dir, args.device, override)
