@@ -31,6 +31,7 @@ test: install browser
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: install
+	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m bench $(ARGS)
 
 docker:
