@@ -17,6 +17,7 @@ from engine.dit import WanDiT
 from engine.noise_control import NoiseController
 from engine.runtime import EngineOptions, StreamEngine
 from interface.controls import StreamParams, StreamUpdate
+from tests.streams import push_interleaved
 from tests.weights_fixture import write_small_weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,12 +130,7 @@ def test_two_sessions_interleaved_equal_each_alone(tiny):
     _, b_alone = run(tiny, b_frames, "a dog", 2, steps=1)
     a = tiny.open_session("a cat", StreamParams(seed=1))
     b = tiny.open_session("a dog", StreamParams(seed=2, steps=1))
-    a_out, b_out = [], []
-    for i in range(0, 21, 4):
-        a_out += a.push(a_frames[i : i + 4], list(range(i, min(i + 4, 21))))
-        b_out += b.push(b_frames[i : i + 4], list(range(i, min(i + 4, 21))))
-    a_out += a.flush()
-    b_out += b.flush()
+    a_out, b_out = push_interleaved([a, b], [a_frames, b_frames])
     assert len(a_out) == len(a_alone) == 21
     assert all(np.array_equal(x[0], y[0]) for x, y in zip(a_out, a_alone))
     assert all(np.array_equal(x[0], y[0]) for x, y in zip(b_out, b_alone))

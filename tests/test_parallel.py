@@ -26,6 +26,7 @@ from engine.parallel.slo import BatchScheduler
 from engine.runtime import EngineOptions, StreamEngine, build_dit
 from engine.stream_batch import KeyedNoise
 from interface.controls import StreamParams, StreamUpdate
+from tests.streams import push_interleaved
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = dict(height=32, width=32)
@@ -316,12 +317,7 @@ def test_two_sessions_batched_equal_each_alone(tiny4, single):
     with StreamEngine.create(EngineOptions(model=tiny4, device="cpu:2", **SIZE, parallel=opts)) as e:
         a = e.open_session("a cat", StreamParams(seed=1))
         b = e.open_session("a dog", StreamParams(seed=2))
-        a_out, b_out = [], []
-        for i in range(0, 29, 4):
-            a_out += a.push(a_frames[i : i + 4], list(range(i, min(i + 4, 29))))
-            b_out += b.push(b_frames[i : i + 4], list(range(i, min(i + 4, 29))))
-        a_out += a.flush()
-        b_out += b.flush()
+        a_out, b_out = push_interleaved([a, b], [a_frames, b_frames])
         st = e.stats()
     assert st["batched_forwards"] > 0
     assert max(int(k) for k in st["batch"]["forwards"]) == 2

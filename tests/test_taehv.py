@@ -16,6 +16,7 @@ from engine.checkpoint import CheckpointError
 from engine.runtime import EngineOptions, StreamEngine
 from engine.taehv import TAEHV, load_taehv, random_taehv_state, write_taehv
 from interface.controls import StreamParams
+from tests.streams import push_interleaved
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = dict(height=64, width=64)
@@ -183,12 +184,7 @@ def test_sessions_interleaved_equal_each_alone(taehv_engine):
     alone_a, alone_b = push_all(taehv_engine, fa, seed=1), push_all(taehv_engine, fb, seed=2)
     a = taehv_engine.open_session("a cat", StreamParams(seed=1))
     b = taehv_engine.open_session("a cat", StreamParams(seed=2))
-    out_a, out_b = [], []
-    for i in range(0, 13, 4):
-        out_a += a.push(fa[i : i + 4], list(range(i, min(i + 4, 13))))
-        out_b += b.push(fb[i : i + 4], list(range(i, min(i + 4, 13))))
-    out_a += a.flush()
-    out_b += b.flush()
+    out_a, out_b = push_interleaved([a, b], [fa, fb])
     assert len(out_a) == len(out_b) == 13
     assert all(np.array_equal(x, y) for (x, _), (y, _) in zip(out_a, alone_a))
     assert all(np.array_equal(x, y) for (x, _), (y, _) in zip(out_b, alone_b))
