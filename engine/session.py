@@ -7,7 +7,6 @@ controller, RNG, prompt K/V); the engine's weights are shared read-only by all s
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from engine.noise_control import NoiseController
+from engine.parallel.timing import Lap
 from engine.stream_batch import KeyedNoise, StreamBatch
 from interface.controls import StreamParams, StreamUpdate
 
@@ -216,8 +216,9 @@ class StreamSession:
     def _run_chunk(self, chunk: np.ndarray, pts: list) -> list[OutputFrame]:
         e = self.engine
         out: list[OutputFrame] = []
-        sync = e.synchronize
-        t_start = time.perf_counter()
+        # stage times from device events, read once the chunk's frames are on the host: no host sync
+        # between the stages, so the GPU never waits for the host to queue the next one
+        lap = Lap(e.device)
         video = e.to_video_tensor(chunk)  # [1, 3, T, H, W] in [-1, 1]
         strength = self.controller.step(video[0])
         t0 = NoiseController.timestep(strength)
@@ -227,25 +228,22 @@ class StreamSession:
             self.vae_state = e.vae.new_stream_state()
             self.dec_state = e.decoder.new_stream_state()
         latent = e.vae.stream_encode(video.to(e.dtype), self.vae_state).to(e.dtype)
-        sync()
-        t_enc = time.perf_counter()
+        enc, lap = lap.stop(), Lap(e.device)
         kv = self._kv_now()
         self._in_flight.append(pts)
         if not self.batch.primed:
             x0: Optional[torch.Tensor] = self.batch.prime(latent, strength, t0, kv)
         else:
             x0 = self.batch.push(latent, strength, t0, kv)
-        sync()
-        t_dit = time.perf_counter()
+        dit, lap = lap.stop(), Lap(e.device)
         if x0 is not None:
             out += self._decode(x0)
-        sync()
-        t_end = time.perf_counter()
+        dec = lap.stop().wait()
         self.chunks_in += 1
         self.stats = {
-            "vae_encode_ms": 1000 * (t_enc - t_start),
-            "dit_ms": 1000 * (t_dit - t_enc),
-            "vae_decode_ms": 1000 * (t_end - t_dit),
+            "vae_encode_ms": enc.ms() or 0.0,
+            "dit_ms": dit.ms() or 0.0,
+            "vae_decode_ms": dec.ms() or 0.0,
             "noise_strength": strength,
             "timestep": float(t0),
         }

@@ -36,6 +36,12 @@ class Lap:
         """Count extra host time (a test hook's sleep) in this lap."""
         self._extra = getattr(self, "_extra", 0.0) + ms
 
+    def wait(self) -> "Lap":
+        """Block until the lap's end has run on the device (no-op on CPU)."""
+        if self.cuda:
+            self._end.synchronize()
+        return self
+
     def ms(self) -> Optional[float]:
         if self._ms is None and self.cuda and self._end.query():
             self._ms = self._start.elapsed_time(self._end)
