@@ -40,6 +40,39 @@ def check_frames(frames: np.ndarray, pts: Sequence[int], height: int, width: int
     return frames
 
 
+class ChunkBuffer:
+    """push() input not yet cut into chunks, with its pts (shared by the in-process session and the
+    pipeline-parallel coordinator)."""
+
+    def __init__(self, height: int, width: int) -> None:
+        self.height, self.width = height, width
+        self.frames: list[np.ndarray] = []
+        self.pts: list[int] = []
+
+    def add(self, frames: np.ndarray, pts: Sequence[int]) -> None:
+        self.frames.extend(check_frames(frames, pts, self.height, self.width))
+        self.pts.extend(int(p) for p in pts)
+
+    def take(self, n: int) -> Optional[tuple[np.ndarray, list]]:
+        """The next n frames and their pts, or None while fewer are buffered."""
+        if len(self.frames) < n:
+            return None
+        chunk, pts = np.stack(self.frames[:n]), self.pts[:n]
+        del self.frames[:n], self.pts[:n]
+        return chunk, pts
+
+    def take_rest(self, n: int) -> Optional[tuple[np.ndarray, list]]:
+        """What is left (fewer than n frames) padded to n with the last frame, whose pts are None (the
+        padding is computed, never output); None when nothing is left."""
+        if not self.frames:
+            return None
+        short = n - len(self.frames)
+        chunk = np.stack(self.frames + [self.frames[-1]] * short)
+        pts: list = self.pts + [None] * short
+        self.frames, self.pts = [], []
+        return chunk, pts
+
+
 @dataclass
 class PromptBlend:
     """Cross-attention K/V moving from `old` to `new` over `chunks` chunks (prompt transition)."""
@@ -85,8 +118,7 @@ class StreamSession:
         self.stats: dict[str, float] = {}
         self.chunks_in = 0
         self.closed = False
-        self._buf_frames: list[np.ndarray] = []  # input not yet cut into a chunk
-        self._buf_pts: list[int] = []
+        self._input = ChunkBuffer(engine.info.height, engine.info.width)
         self._reset_stream()
 
     # -- public API ---------------------------------------------------------------------------------
@@ -99,20 +131,15 @@ class StreamSession:
     def push(self, frames: np.ndarray, pts: Sequence[int]) -> list[OutputFrame]:
         """frames uint8 [T, H, W, 3] at the engine's size, with one pts each; any T (buffered)."""
         self._check_open()
-        frames = check_frames(frames, pts, self.engine.info.height, self.engine.info.width)
-        self._buf_frames.extend(frames)
-        self._buf_pts.extend(int(p) for p in pts)
+        self._input.add(frames, pts)
         out: list[OutputFrame] = []
         while True:
             if self._updates:  # chunk boundary: a reset changes how many frames the next chunk takes
                 out += self._apply_updates()
-            n = self.chunk_frames
-            if len(self._buf_frames) < n:
+            got = self._input.take(self.chunk_frames)
+            if got is None:
                 break
-            chunk = np.stack(self._buf_frames[:n])
-            chunk_pts = self._buf_pts[:n]
-            del self._buf_frames[:n], self._buf_pts[:n]
-            out += self._run_chunk(chunk, chunk_pts)
+            out += self._run_chunk(*got)
         return out
 
     def update(self, update: StreamUpdate) -> None:
@@ -126,13 +153,9 @@ class StreamSession:
         chunk are padded with the last frame so that every input frame yields one output frame."""
         self._check_open()
         out: list[OutputFrame] = self._apply_updates() if self._updates else []
-        if self._buf_frames:
-            short = self.chunk_frames - len(self._buf_frames)
-            pts = list(self._buf_pts)
-            chunk = np.stack(self._buf_frames + [self._buf_frames[-1]] * short)
-            self._buf_frames, self._buf_pts = [], []
-            got = self._run_chunk(chunk, pts + [None] * short)  # type: ignore[list-item]
-            out += [o for o in got if o[1] is not None]
+        rest = self._input.take_rest(self.chunk_frames)
+        if rest is not None:
+            out += [o for o in self._run_chunk(*rest) if o[1] is not None]
         out += self._drain()
         return out
 

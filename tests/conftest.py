@@ -147,25 +147,13 @@ class RtcClient:
     ) -> str:
         import aiohttp
         from aiortc import RTCPeerConnection, RTCSessionDescription
-        from aiortc.mediastreams import MediaStreamError
 
         self.pc = pc = RTCPeerConnection()
         self.channel = pc.createDataChannel("control")
         self.channel.on("message", lambda m: self.messages.append(json.loads(m)))
         pc.addTrack(_make_pattern_track(width, height, fps, color))
 
-        @pc.on("track")
-        def on_track(track: Any) -> None:
-            async def receive() -> None:
-                while True:
-                    try:
-                        f = await track.recv()
-                    except MediaStreamError:
-                        return
-                    rgb = f.to_ndarray(format="rgb24")
-                    self.frames.append(Received(time.monotonic(), f.pts, f.width, f.height, rgb.mean((0, 1))))
-
-            asyncio.ensure_future(receive())
+        pc.on("track", _receive_into(self.frames))
 
         await pc.setLocalDescription(await pc.createOffer())
         body = {"sdp": pc.localDescription.sdp, "type": "offer", "prompt": prompt, "params": params}

@@ -35,7 +35,7 @@ from engine.parallel import protocol as P
 from engine.parallel.balance import even_split
 from engine.parallel.devices import RankDevices, validate_local
 from engine.parallel.errors import EngineFailure
-from engine.session import CHUNK, FIRST_CHUNK, check_frames
+from engine.session import CHUNK, FIRST_CHUNK, ChunkBuffer
 from interface.controls import StreamParams, StreamUpdate
 
 log = logging.getLogger("engine.parallel")
@@ -52,8 +52,7 @@ class ParallelSession:
         self.chunks_in = 0
         self.closed = False
         self._started = False  # the VAE stream has had its first (5-frame) chunk
-        self._buf_frames: list[np.ndarray] = []
-        self._buf_pts: list[Any] = []
+        self._input = ChunkBuffer(engine.info.height, engine.info.width)
         self._updates: list[StreamUpdate] = []
         self._outputs: list[OutputFrame] = []  # filled by the engine's reader thread
         self._seq = 0
@@ -80,21 +79,16 @@ class ParallelSession:
     def push(self, frames: np.ndarray, pts: Sequence[int]) -> list[OutputFrame]:
         """frames uint8 [T, H, W, 3] at the engine's size, with one pts each; any T (buffered)."""
         self._check_open()
-        frames = check_frames(frames, pts, self.engine.info.height, self.engine.info.width)
-        self._buf_frames.extend(frames)
-        self._buf_pts.extend(int(p) for p in pts)
+        self._input.add(frames, pts)
         depth = self.engine.options.parallel.inflight
         while True:
             if self._updates:
                 self._send_updates()
-            n = self.chunk_frames
-            if len(self._buf_frames) < n:
+            got = self._input.take(self.chunk_frames)
+            if got is None:
                 break
-            chunk = np.stack(self._buf_frames[:n])
-            chunk_pts = self._buf_pts[:n]
-            del self._buf_frames[:n], self._buf_pts[:n]
             self._wait(lambda: len(self._chunks) < depth, "a chunk slot")
-            self._send_chunk(chunk, chunk_pts)
+            self._send_chunk(*got)
         self._wait(lambda: len(self._chunks) <= depth - 1, "chunks in flight")
         return self._take()
 
@@ -108,12 +102,9 @@ class ParallelSession:
         self._check_open()
         if self._updates:
             self._send_updates()
-        if self._buf_frames:
-            short = self.chunk_frames - len(self._buf_frames)
-            chunk = np.stack(self._buf_frames + [self._buf_frames[-1]] * short)
-            pts = list(self._buf_pts) + [None] * short
-            self._buf_frames, self._buf_pts = [], []
-            self._send_chunk(chunk, pts)
+        rest = self._input.take_rest(self.chunk_frames)
+        if rest is not None:
+            self._send_chunk(*rest)
         seq = self._send(lambda s: P.DrainCmd(self.sid, s))
         self._wait(lambda: self._done >= seq, "the drain")
         return self._take()
