@@ -30,6 +30,7 @@ from server.metrics import ServerMetrics, SessionMetrics
 from server.pacing import CLOCK_RATE, PtsPacer
 from server.sampling import ChunkSampler
 from server.schemas import ChannelAck, ChannelError, SessionInfo, SessionKind, SessionState, Size
+from server.tasks import BackgroundTasks
 from server.tracks import GeneratedVideoTrack, drain
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ class Session:
         self._camera_size: Optional[tuple[int, int]] = None
         self._output_size: Optional[tuple[int, int]] = None
         self._outputs: asyncio.Queue[list[tuple[np.ndarray, int]]] = asyncio.Queue()
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = BackgroundTasks(self._task_failed)
         self._controls = RateLimiter(ctx.config.control_rate, ctx.config.control_burst, clock)
         self._opened_at = clock()
         self._last_input = self._opened_at
@@ -210,10 +211,7 @@ class Session:
             log.warning("session %s failed: %s", self.id, reason)
         else:
             log.info("session %s closed%s", self.id, f": {reason}" if reason else "")
-        current = asyncio.current_task()
-        for task in list(self._tasks):
-            if task is not current:
-                task.cancel()
+        self._tasks.cancel_all()
         self.output_track.stop()
         await self.egress.close()  # viewers disconnected, recordings finished
         try:
@@ -233,16 +231,12 @@ class Session:
         self._close_done.set()
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        self._tasks.spawn(coro)
 
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("session %s: task failed", self.id, exc_info=task.exception())
-            if not self._closed:
-                self._spawn(self.close(f"internal error: {task.exception()}", failed=True))
+    def _task_failed(self, exc: BaseException) -> None:
+        log.error("session %s: task failed", self.id, exc_info=exc)
+        if not self._closed:
+            self._spawn(self.close(f"internal error: {exc}", failed=True))
 
     # -- WebRTC events ----------------------------------------------------------------------------------
     def _on_track(self, track: MediaStreamTrack) -> None:

@@ -17,6 +17,7 @@ from server.metrics import ServerMetrics
 from server.prometheus import Gauge
 from server.schemas import ServerInfo
 from server.session import Session, SessionContext
+from server.tasks import BackgroundTasks
 from server.virtual_camera import CameraOpener, VirtualCamera, open_camera
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class AppState:
                   read=lambda: {(): float(sum(s.egress.live_outputs() for s in self.sessions.values()))})
         )
         self.engine_task: Optional[asyncio.Task] = None
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks = BackgroundTasks(lambda exc: log.error("virtual camera: %s", exc, exc_info=exc))
 
     # -- sessions ---------------------------------------------------------------------------------------
     def add_session(self, session: Session) -> None:
@@ -69,14 +70,7 @@ class AppState:
             self._spawn(self.virtual_camera.session_closed(session, list(self.sessions.values())))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("virtual camera: %s", task.exception(), exc_info=task.exception())
+        self._tasks.spawn(coro)
 
     def session(self, session_id: str) -> Session:
         session = self.newest_session() if session_id == LATEST else self.sessions.get(session_id)
@@ -154,8 +148,7 @@ class AppState:
 
     async def close(self) -> None:
         await asyncio.gather(*(s.close("server shutting down") for s in list(self.sessions.values())))
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel_all()
 
 
 STATE = web.AppKey("state", AppState)
