@@ -9,7 +9,7 @@ For each row (P1 1.3B 480×832 2 steps, P2 1.3B 512² 1 step, P3 14B 512² 1 ste
 
     python -m bench                                   # all rows, files under /dev/shm/streamgen-ref
     python -m bench --rows p1 --no-reference          # ours only
-    python -m bench --root-14b /data/ref              # the 14B tree (56 GB) somewhere with room
+    python -m bench --root-14b /data/ref              # the 14B tree (57 GB) somewhere with room
 """
 
 from __future__ import annotations

@@ -234,3 +234,31 @@ def test_merge_updates_keeps_the_latest_fields_and_a_reset() -> None:
     b = StreamUpdate(prompt="b", noise_strength=0.5)
     merged = merge_updates(a, b)
     assert (merged.prompt, merged.steps, merged.noise_strength, merged.reset) == ("b", 2, 0.5, True)
+
+
+async def test_background_tasks_report_failures_and_cancel_on_close():
+    import asyncio
+
+    from server.tasks import BackgroundTasks
+
+    errors: list[BaseException] = []
+    tasks = BackgroundTasks(errors.append)
+
+    async def fail() -> None:
+        raise RuntimeError("boom")
+
+    failing = tasks.spawn(fail())
+    forever = tasks.spawn(asyncio.sleep(3600))
+    with pytest.raises(RuntimeError):
+        await failing
+    await asyncio.sleep(0)  # done callbacks run on the next loop turn
+    assert [str(e) for e in errors] == ["boom"]
+
+    async def closer() -> bool:
+        tasks.cancel_all()  # from inside one of its own tasks: that one goes on
+        await asyncio.sleep(0)
+        return True
+
+    assert await tasks.spawn(closer())
+    await asyncio.sleep(0)
+    assert forever.cancelled() and len(errors) == 1
