@@ -30,8 +30,6 @@ from bench.rows import PAPER_FPS, ROWS
 
 log = logging.getLogger("bench")
 
-REFERENCE_DOC_FPS = {"p1": 16.15, "p2": 23.01, "p3": 18.98}  # DESIGN §6, one H100, another day
-
 
 def _run(cmd: list[str], timeout: float, log_path: Path) -> bool:
     log.info("$ %s", " ".join(cmd))

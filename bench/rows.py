@@ -11,8 +11,7 @@ ROWS = {
     "p3": dict(model="wan-14b", height=512, width=512, steps=1),
     "p1s1": dict(model="wan-1.3b", height=480, width=832, steps=1),
 }
-# Published figures for the rows (fps, one H100): the paper, and the reference package measured on one
-# H100 through its own pipeline (DESIGN §6).
+# The paper's figures for the rows (fps, one H100; DESIGN §6).
 PAPER_FPS = {"p1": 17.97, "p2": 26.21, "p3": 18.71, "p1s1": 20.47}
 INPUT_FPS = 30.0
 PROMPT = "a watercolor painting of a city street"
