@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from bench.measure import synthetic_video
-from engine import kernels
+from engine import attention, kernels
 from engine.runtime import EngineOptions, StreamEngine
 from interface.controls import StreamParams
 
@@ -47,6 +47,16 @@ def main() -> None:
     graphed = stream(engine, video, graphs=True)
     d = np.abs(eager - graphed)
     print(f"DiT CUDA graph vs eager: {len(eager)} frames, max |diff| {d.max():.1f}, mean {d.mean():.4f} (uint8 levels)")
+    # every fast path at once against every plain path: CUDA graph + Triton + cuDNN attention vs eager +
+    # plain torch + SDPA's default backend, over the whole clip
+    kernels._HAVE_TRITON, attention.prefer_cudnn = False, False
+    slow = stream(engine, video, graphs=False)
+    kernels._HAVE_TRITON, attention.prefer_cudnn = True, True
+    d = np.abs(slow - graphed)
+    rel = float(np.linalg.norm(slow - graphed) / np.linalg.norm(slow - 127.5))
+    print(f"All fast paths vs all plain paths (graph, Triton, {attention.backend_name(engine.device)} vs eager, torch, "
+          f"SDPA default): {len(slow)} frames, mean |diff| {d.mean():.3f}, p99 {np.percentile(d, 99):.1f} "
+          f"(uint8 levels), relative {rel:.2e}")
     kernels._HAVE_TRITON = False  # everything in plain torch (VAE norm included)
     plain = stream(engine, video[:9], graphs=False)
     kernels._HAVE_TRITON = True

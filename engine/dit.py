@@ -174,7 +174,9 @@ class WanDiT(nn.Module):
         """x [R, 16, F, H, W] latents, t [R, F] timesteps."""
         p = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
         grid = tuple(p.shape[2:])
-        tokens = p.flatten(2).transpose(1, 2)
+        # contiguous: every fused kernel of the blocks wants [R, L, dim] rows, and a transposed view here
+        # would send all of them to their torch fallbacks (and each block's outputs stay strided)
+        tokens = p.flatten(2).transpose(1, 2).contiguous()
         dtype = tokens.dtype
         e = self.time_embedding(timestep_embedding(self.cfg.freq_dim, t.flatten()).to(dtype))
         e6 = self.time_projection(e).unflatten(1, (6, self.cfg.dim)).unflatten(0, t.shape)

@@ -9,6 +9,7 @@ much as the convolutions around them. Triton on CUDA; the torch expression every
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +27,17 @@ except Exception:  # not installed, or no usable backend
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # tests run the kernel on the CPU this way
 
 
-def rms_norm_channels_torch(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool) -> torch.Tensor:
+def _per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A [C] vector shaped to broadcast over x [B, C, ...]."""
+    return v.reshape(-1, *([1] * (x.dim() - 2)))
+
+
+def rms_norm_channels_torch(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool,
+                            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if bias is not None:
+        x = x + _per_channel(bias, x).to(x.dtype)
     norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12)
-    g = (gamma.reshape(-1, *([1] * (x.dim() - 2))) * scale).to(x.dtype)
+    g = (_per_channel(gamma, x) * scale).to(x.dtype)
     y = (x / norm).mul_(g)
     return F.silu(y, inplace=True) if silu else y
 
@@ -36,17 +45,36 @@ def rms_norm_channels_torch(x: torch.Tensor, gamma: torch.Tensor, scale: float, 
 if _HAVE_TRITON:
 
     @triton.jit
-    def _rms_norm_rows(X, G, Y, n_rows, C, scale, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr):
+    def _rms_norm_rows(X, G, B, Y, n_rows, C, scale, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr,
+                       BIAS: tl.constexpr):
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
         cols = tl.arange(0, BLOCK_C)[None, :]
         mask = (rows < n_rows) & (cols < C)
         x = tl.load(X + rows * C + cols, mask=mask, other=0.0).to(tl.float32)
+        if BIAS:  # the bias of the conv before, added here instead of in a pass of its own
+            x += tl.load(B + cols, mask=cols < C, other=0.0).to(tl.float32)
         inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)
         g = tl.load(G + cols, mask=cols < C, other=0.0).to(tl.float32) * scale
         y = x * inv[:, None] * g
         if SILU:
             y = y * tl.sigmoid(y)
         tl.store(Y + rows * C + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _bias_residual_rows(H, B, S, n_rows, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
+        cols = tl.arange(0, BLOCK_C)[None, :]
+        mask = (rows < n_rows) & (cols < C)
+        h = tl.load(H + rows * C + cols, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(S + rows * C + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=cols < C, other=0.0).to(tl.float32)
+        tl.store(H + rows * C + cols, (h + b + s).to(H.dtype.element_ty), mask=mask)
+
+
+def _rows_grid(n_rows: int, c: int) -> tuple[int, int, tuple[int]]:
+    block_c = triton.next_power_of_2(c)
+    block_r = max(1, min(64, 4096 // block_c))
+    return block_c, block_r, (triton.cdiv(n_rows, block_r),)
 
 
 def _usable(x: torch.Tensor) -> bool:
@@ -55,19 +83,31 @@ def _usable(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last_3d)
 
 
-def rms_norm_channels(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool = False) -> torch.Tensor:
-    """Channel RMS norm of x [B, C, T, H, W] (then SiLU if asked), fused when x is channels-last."""
+def rms_norm_channels(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool = False,
+                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Channel RMS norm of (x + bias) for x [B, C, T, H, W] (then SiLU if asked), fused when x is
+    channels-last. `bias` [C] is a conv's bias that conv left out."""
     if not _usable(x):
-        return rms_norm_channels_torch(x, gamma, scale, silu)
+        return rms_norm_channels_torch(x, gamma, scale, silu, bias)
     c = x.shape[1]
     y = torch.empty_like(x)  # keeps channels_last_3d: rows of C contiguous values
     n_rows = x.numel() // c
-    block_c = triton.next_power_of_2(c)
-    block_r = max(1, min(64, 4096 // block_c))
-    grid = (triton.cdiv(n_rows, block_r),)
-    _rms_norm_rows[grid](x, gamma.reshape(-1).contiguous(), y, n_rows, c, float(scale),
-                         BLOCK_R=block_r, BLOCK_C=block_c, SILU=silu)
+    block_c, block_r, grid = _rows_grid(n_rows, c)
+    g = gamma.reshape(-1).contiguous()
+    _rms_norm_rows[grid](x, g, g if bias is None else bias.contiguous(), y, n_rows, c, float(scale),
+                         BLOCK_R=block_r, BLOCK_C=block_c, SILU=silu, BIAS=bias is not None)
     return y
+
+
+def bias_residual_(h: torch.Tensor, bias: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """h += bias (per channel) + s, in place, in one pass when both are channels-last 3D."""
+    if not (_usable(h) and _usable(s) and h.shape == s.shape and h.dtype == s.dtype):
+        return h.add_(_per_channel(bias, h).to(h.dtype)).add_(s)
+    c = h.shape[1]
+    n_rows = h.numel() // c
+    block_c, block_r, grid = _rows_grid(n_rows, c)
+    _bias_residual_rows[grid](h, bias.contiguous(), s, n_rows, c, BLOCK_R=block_r, BLOCK_C=block_c)
+    return h
 
 
 # -- DiT: per-token fusions ----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.config import VAEConfig
-from engine.kernels import rms_norm_channels
+from engine.kernels import bias_residual_, rms_norm_channels
 
 # Per-channel statistics of the Wan2.1 latent space: normalised z = (mu - mean) / std.
 LATENT_MEAN: tuple[float, ...] = (
@@ -127,30 +127,34 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(cin, cout, kernel, padding=(0, ph, pw))
         self.t_pad = 2 * pt
 
-    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+    def _conv(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         kt = self.kernel_size[0]
+        bias_t = self.bias if bias else None
         if x.is_cuda or kt == 1:
-            return super().forward(x)
+            # cuDNN convs get their bias added by torch in a pass of its own over the output; callers
+            # that can fuse it into the next kernel pass bias=False
+            return F.conv3d(x, self.weight, bias_t, self.stride, self.padding)
         # CPU: ATen's conv3d here is a slow reference loop; the same sum as one 2D conv over the
         # kt time-shifted frames stacked on channels runs on oneDNN (about 2x faster for `tiny`).
         b, c, t, h, w = x.shape
         frames = x.unfold(2, kt, 1).permute(0, 2, 5, 1, 3, 4).reshape(b * (t - kt + 1), kt * c, h, w)
         weight = self.weight.permute(0, 2, 1, 3, 4).reshape(self.out_channels, kt * c, *self.kernel_size[1:])
-        y = F.conv2d(frames, weight, self.bias, padding=self.padding[1:])
+        y = F.conv2d(frames, weight, bias_t, padding=self.padding[1:])
         return y.view(b, t - kt + 1, *y.shape[1:]).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[Cache] = None, bias: bool = True) -> torch.Tensor:
+        """`bias=False` leaves the bias out: the caller adds it (fused into its next kernel)."""
         if cache is None:
             if self.t_pad:
                 x = F.pad(x, (0, 0, 0, 0, self.t_pad, 0))
-            return self._conv(x)
+            return self._conv(x, bias)
         prev = cache[self.slot]
         cache[self.slot] = _history_tail(prev, x)
         parts = [x] if prev is None else [prev, x]
         missing = self.t_pad - (0 if prev is None else prev.shape[2])
         if missing > 0:
             parts.insert(0, _zeros_like_layout(x, missing))
-        return self._conv(torch.cat(parts, 2) if len(parts) > 1 else x)
+        return self._conv(torch.cat(parts, 2) if len(parts) > 1 else x, bias)
 
 
 class RMSNorm(nn.Module):
@@ -164,8 +168,9 @@ class RMSNorm(nn.Module):
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
-    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-        return rms_norm_channels(x, self.gamma, self.scale, silu)
+    def forward(self, x: torch.Tensor, silu: bool = False, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Norm of x + bias (a [C] bias the conv before left out)."""
+        return rms_norm_channels(x, self.gamma, self.scale, silu, bias)
 
 
 def _norm_silu(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
@@ -185,9 +190,11 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
         r = self.residual
-        h = r[2](_norm_silu(r[0], x), cache)
-        h = r[6](_norm_silu(r[3], h), cache)
-        return h.add_(self.shortcut(x))
+        # both convs run without their bias: the first's goes into the next norm, the second's into
+        # the residual add (two passes over the activations fewer per block)
+        h = r[2](_norm_silu(r[0], x), cache, bias=False)
+        h = r[6](r[3](h, silu=True, bias=r[2].bias), cache, bias=False)
+        return bias_residual_(h, r[6].bias, self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):

@@ -1,4 +1,4 @@
-"""The fused VAE norm kernel against the plain torch expression, run by Triton's interpreter on the CPU
+"""The fused kernels against the plain torch expressions (and a DiT forward that must reach them), run by Triton's interpreter on the CPU
 (on the GPU the same kernel is compiled; bench/check_fast_paths.py compares it there)."""
 
 from __future__ import annotations
@@ -30,6 +30,19 @@ for c, shape in [(96, (1, 96, 3, 6, 10)), (24, (2, 24, 1, 5, 7)), (384, (1, 384,
 x = torch.randn(1, 8, 2, 4, 4)  # not channels-last: the torch path
 assert not kernels._usable(x)
 
+# a conv bias folded into the norm, and into the residual add, equals adding it first
+x = torch.randn(1, 96, 3, 6, 10).contiguous(memory_format=torch.channels_last_3d)
+b, g = torch.randn(96), torch.rand(96, 1, 1, 1) + 0.5
+want = kernels.rms_norm_channels_torch(x + b.view(-1, 1, 1, 1), g, 96 ** 0.5, True)
+for xin in (x, x.contiguous()):  # fused, and the torch fallback
+    got = kernels.rms_norm_channels(xin, g, 96 ** 0.5, True, bias=b)
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+s = torch.randn_like(x)
+want = x + b.view(-1, 1, 1, 1) + s
+for h in (x.clone(), x.contiguous()):
+    got = kernels.bias_residual_(h, b, s)
+    assert got is h and ((got - want).norm() / want.norm()).item() < 1e-6
+
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
@@ -45,6 +58,22 @@ ang = torch.rand(r, f * t, d // heads // 2) * 6
 got = kernels.qk_norm_rope(x, w, ang.cos(), ang.sin(), heads, 1e-6)
 want = kernels.qk_norm_rope_torch(x, w, ang.cos(), ang.sin(), heads, 1e-6)
 assert got.shape == (r, f * t, heads, d // heads) and rel(got, want) < 1e-5, rel(got, want)
+
+# a whole DiT forward reaches the fused kernels: no torch fallback is ever taken
+from engine.config import load_model_config
+from engine.dit import WanDiT
+from engine.rope import Rope
+
+def never(*a, **k):
+    raise AssertionError("a fused DiT kernel fell back to torch")
+
+kernels.modulate_torch = kernels.gated_add_torch = kernels.qk_norm_rope_torch = never
+cfg = load_model_config("tiny").dit
+dit = WanDiT(cfg).eval()
+with torch.no_grad():
+    out = dit.forward_block_causal(torch.randn(1, 16, 2, 8, 8), torch.tensor([[700, 700]]),
+                                   torch.randn(1, 512, cfg.text_dim), [1, 1], Rope(cfg.head_dim))
+assert out.shape == (1, 16, 2, 8, 8)
 print("ok")
 """
 
