@@ -7,7 +7,9 @@ its own under torch.profiler (device synchronised around it) and its kernels are
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +45,31 @@ def _profile(fn, reps: int = 3, ops: bool = False) -> tuple[float, float, list[t
     return wall, sum(r[1] for r in rows), rows
 
 
+def idle_gaps(fn, top: int, min_us: float = 30.0) -> list[str]:
+    """The GPU's idle gaps during fn (one call), largest first, each with the host ops running while the
+    GPU waited and the kernel that ended the wait: where the host, not the GPU, sets the pace."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        fn()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))["traceEvents"]
+    dev = sorted((e for e in trace if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    host = [e for e in trace if e.get("cat") in ("cpu_op", "python_function") and "dur" in e]
+    gaps, end = [], dev[0]["ts"] + dev[0]["dur"] if dev else 0
+    for e in dev[1:]:
+        if e["ts"] - end >= min_us:
+            busy = [h for h in host if h["ts"] < e["ts"] and h["ts"] + h["dur"] > end]
+            # the innermost few host frames alive during the gap name what the host was doing
+            names = [h["name"][:60] for h in sorted(busy, key=lambda h: h["dur"])[:4]]
+            gaps.append((e["ts"] - end, f"{e['ts'] - end:8.1f} us before {e['name'][:50]!r}; host: {names}"))
+        end = max(end, e["ts"] + e["dur"])
+    total = sum(g for g, _ in gaps)
+    gaps.sort(key=lambda g: -g[0])
+    return [f"idle gaps >= {min_us:.0f} us: {len(gaps)}, {total / 1e3:.2f} ms in all"] + [t for _, t in gaps[:top]]
+
+
 def profile_row(name: str, top: int) -> str:
     spec = ROWS[name]
     engine = StreamEngine.create(EngineOptions(device="cuda", **spec))
@@ -70,6 +97,7 @@ def profile_row(name: str, top: int) -> str:
         wall, busy, rows = _profile(fn)
         lines.append(f"### {label}: wall {wall:.2f} ms, kernels {busy:.2f} ms ({100 * busy / wall:.0f}% busy)")
         lines += [f"  {ms:8.3f} ms  x{n:<4d} {k}" for k, ms, n in rows[:top]]
+    lines += idle_gaps(stages["whole chunk (session.push)"], top)
     # the same stages by torch op and shape; the DiT eagerly (a replayed graph hides its ops)
     s.batch.runner.use_graphs = False
     for label in ("vae_encode", "dit (stream batch push)", "vae_decode"):

@@ -71,6 +71,19 @@ if _HAVE_TRITON:
         tl.store(H + rows * C + cols, (h + b + s).to(H.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _upsample2x_rows(X, Y, n_out_rows, H, W, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        # one output pixel (n, oh, ow) = one row of C values, copied from input pixel (n, oh//2, ow//2)
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        ow = rows % (2 * W)
+        oh = (rows // (2 * W)) % (2 * H)
+        n = rows // (4 * H * W)
+        src = ((n * H + oh // 2) * W + ow // 2)[:, None]
+        cols = tl.arange(0, BLOCK_C)[None, :]
+        mask = (rows[:, None] < n_out_rows) & (cols < C)
+        tl.store(Y + rows[:, None] * C + cols, tl.load(X + src * C + cols, mask=mask), mask=mask)
+
+
 def _rows_grid(n_rows: int, c: int) -> tuple[int, int, tuple[int]]:
     block_c = triton.next_power_of_2(c)
     block_r = max(1, min(64, 4096 // block_c))
@@ -84,18 +97,33 @@ def _usable(x: torch.Tensor) -> bool:
 
 
 def rms_norm_channels(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool = False,
-                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Channel RMS norm of (x + bias) for x [B, C, T, H, W] (then SiLU if asked), fused when x is
-    channels-last. `bias` [C] is a conv's bias that conv left out."""
-    if not _usable(x):
-        return rms_norm_channels_torch(x, gamma, scale, silu, bias)
+    channels-last. `bias` [C] is a conv's bias that conv left out; `out` (x's shape) receives the result."""
+    if not (_usable(x) and (out is None or _usable(out))):
+        y = rms_norm_channels_torch(x, gamma, scale, silu, bias)
+        return y if out is None else out.copy_(y)
     c = x.shape[1]
-    y = torch.empty_like(x)  # keeps channels_last_3d: rows of C contiguous values
+    y = torch.empty_like(x) if out is None else out  # channels_last_3d: rows of C contiguous values
     n_rows = x.numel() // c
     block_c, block_r, grid = _rows_grid(n_rows, c)
     g = gamma.reshape(-1).contiguous()
     _rms_norm_rows[grid](x, g, g if bias is None else bias.contiguous(), y, n_rows, c, float(scale),
                          BLOCK_R=block_r, BLOCK_C=block_c, SILU=silu, BIAS=bias is not None)
+    return y
+
+
+def upsample2x_nearest(x: torch.Tensor) -> torch.Tensor:
+    """Nearest 2x spatial upsample of x [N, C, H, W]; one pass when x is channels-last (torch's NHWC
+    nearest kernel took 1.9 ms for a 4x192x240x416 bf16 input on an H200, ten times its memory time)."""
+    n, c, h, w = x.shape
+    if not (_HAVE_TRITON and (x.is_cuda or _INTERPRET) and c > 1 and c <= 2048
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    y = torch.empty((n, c, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    rows = n * 4 * h * w
+    block_c, block_r, grid = _rows_grid(rows, c)
+    _upsample2x_rows[grid](x, y, rows, h, w, c, BLOCK_R=block_r, BLOCK_C=block_c)
     return y
 
 

@@ -59,6 +59,13 @@ class StreamKVCache:
         # rows of (evicting?, slot when not evicting, position): written by begin(), read by the layers
         self.plan = torch.zeros(3, rows, dtype=torch.long, device=device)
         self._plan: Optional[dict] = None
+        # Per layer, the token-mean key and value of each sink slot, for the refresh test: kept up to date
+        # where sinks are written instead of being recomputed over the sink slots at every eviction.
+        self._refresh = sink_threshold is not None and num_sink > 0
+        self.sink_mean: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self._refresh:
+            for i in self.layers:
+                self._update_sink_mean(i)
 
     # -- per forward ------------------------------------------------------------------------------
     def begin(self, positions: Sequence[int], frames: int) -> None:
@@ -83,7 +90,8 @@ class StreamKVCache:
         if not all(full):
             slots = torch.arange(self.window * self.frame_tokens, device=self.device) // self.frame_tokens
             valid = slots[None, :] < h2d(self.filled, self.device)[:, None]
-        self._plan = dict(frames=frames, any_full=any(full), all_full=all(full), host_slot=host_slot, valid=valid)
+        self._plan = dict(frames=frames, any_full=any(full), all_full=all(full), host_slot=host_slot, valid=valid,
+                          full=full)
 
     @property
     def positions(self) -> torch.Tensor:
@@ -106,32 +114,49 @@ class StreamKVCache:
                 kc[r, p * t : (p + f) * t] = k[r]
                 vc[r, p * t : (p + f) * t] = v[r]
                 self.slot_pos[layer][r, p : p + f] = torch.arange(p, p + f, device=self.device)
+            if self._refresh and min(plan["host_slot"]) < self.num_sink:
+                self._update_sink_mean(layer)
             return kc, vc, plan["valid"]
         slot = self.plan[1]
         if plan["any_full"]:
             full = self.plan[0].bool()
             slot = torch.where(full, self._evict_slot(layer, k, v, full), slot)
         idx = torch.arange(rows, device=self.device)
-        kc.view(rows, self.window, t, *kc.shape[2:])[idx, slot] = k.view(rows, t, *k.shape[2:])
-        vc.view(rows, self.window, t, *vc.shape[2:])[idx, slot] = v.view(rows, t, *v.shape[2:])
+        # one index_copy_ per tensor (a row's frame is one contiguous block): about twice as fast as
+        # advanced-index assignment, which computes an index per element
+        dst = idx * self.window + slot
+        kc.view(rows * self.window, -1).index_copy_(0, dst, k.reshape(rows, -1))
+        vc.view(rows * self.window, -1).index_copy_(0, dst, v.reshape(rows, -1))
         self.slot_pos[layer][idx, slot] = self.plan[2]
+        if self._refresh and not plan["all_full"] and any(
+                s < self.num_sink for s, f in zip(plan["host_slot"], plan["full"]) if not f):
+            self._update_sink_mean(layer)  # a filling row wrote a sink slot
         return kc, vc, plan["valid"]
+
+    def _update_sink_mean(self, layer: int) -> None:
+        rows, s, t = self.rows, self.num_sink, self.frame_tokens
+        self.sink_mean[layer] = (self.k[layer][:, : s * t].reshape(rows, s, t, -1).mean(2),
+                                 self.v[layer][:, : s * t].reshape(rows, s, t, -1).mean(2))
 
     def _evict_slot(self, layer: int, k: torch.Tensor, v: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
         s, rolling = self.num_sink, self.window - self.num_sink
         rr = self.rr[layer]
         slot = s + rr % rolling
-        if self.sink_threshold is not None and s > 0:
+        if self._refresh:
             rows, t = self.rows, self.frame_tokens
-            ks = self.k[layer][:, : s * t].reshape(rows, s, t, -1).mean(2)
-            vs = self.v[layer][:, : s * t].reshape(rows, s, t, -1).mean(2)
+            ks, vs = self.sink_mean[layer]
             kn = k.reshape(rows, 1, t, -1).mean(2)
             vn = v.reshape(rows, 1, t, -1).mean(2)
             sim = (F.cosine_similarity(ks.float(), kn.float(), dim=-1) + F.cosine_similarity(vs.float(), vn.float(), dim=-1)) / 2
             low_val, low_idx = sim.min(dim=1)
-            refresh = low_val < self.sink_threshold
+            refresh = full & (low_val < self.sink_threshold)
             slot = torch.where(refresh, low_idx, slot)
             rr += (full & ~refresh).long()
+            # the refreshed sink now holds the new frame: its means are the new frame's
+            ridx = torch.arange(rows, device=self.device)
+            keep = ~refresh[:, None]
+            ks[ridx, low_idx] = torch.where(keep, ks[ridx, low_idx], kn[:, 0])
+            vs[ridx, low_idx] = torch.where(keep, vs[ridx, low_idx], vn[:, 0])
         else:
             rr += full.long()
         return slot
@@ -148,6 +173,8 @@ class StreamKVCache:
             k = self.k[layer][row : row + 1]
             self.k[layer][row : row + 1] = rotate(k, ang.cos(), ang.sin())
             self.slot_pos[layer][row] = new
+            if self._refresh:
+                self._update_sink_mean(layer)
 
     # -- stream batch bookkeeping -------------------------------------------------------------------
     def expand_rows(self, rows: int) -> None:
@@ -157,6 +184,8 @@ class StreamKVCache:
             self.v[i] = self.v[i][:1].repeat(rows, 1, 1, 1)
             self.rr[i] = self.rr[i][:1].repeat(rows)
             self.slot_pos[i] = self.slot_pos[i][:1].repeat(rows, 1)
+            if self._refresh:
+                self.sink_mean[i] = tuple(m[:1].repeat(rows, 1, 1) for m in self.sink_mean[i])  # type: ignore[assignment]
         self.filled = self.filled[:1] * rows
         self.last_pos = self.last_pos[:1] * rows
         self.plan = torch.zeros(3, rows, dtype=torch.long, device=self.device)

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.config import VAEConfig
-from engine.kernels import bias_residual_, rms_norm_channels
+from engine.kernels import bias_residual_, rms_norm_channels, upsample2x_nearest
 
 # Per-channel statistics of the Wan2.1 latent space: normalised z = (mu - mean) / std.
 LATENT_MEAN: tuple[float, ...] = (
@@ -107,7 +107,7 @@ def _conv2d_per_frame(conv: nn.Conv2d, x: torch.Tensor, pad_right_bottom: bool =
     if pad_right_bottom:
         y = F.pad(y, (0, 1, 0, 1))
     if upsample:
-        y = F.interpolate(y, scale_factor=2.0, mode="nearest")
+        y = upsample2x_nearest(y)
     return _unframes(conv(y), x.shape[0])
 
 
@@ -142,8 +142,35 @@ class CausalConv3d(nn.Conv3d):
         y = F.conv2d(frames, weight, bias_t, padding=self.padding[1:])
         return y.view(b, t - kt + 1, *y.shape[1:]).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, cache: Optional[Cache] = None, bias: bool = True) -> torch.Tensor:
-        """`bias=False` leaves the bias out: the caller adds it (fused into its next kernel)."""
+    def window(self, like: torch.Tensor, cache: Optional[Cache]) -> Optional[torch.Tensor]:
+        """Streaming, channels-last (CUDA): a fresh input window [1, C, t_pad+T, H, W] for an input shaped
+        like `like`, its first t_pad frames already holding this conv's history. The caller writes the
+        T new frames into window[:, :, t_pad:] (the norm before this conv does, directly), then calls
+        forward(None, cache, window=window): the chunk is never copied by a torch.cat. None where this
+        does not apply (not streaming, not channels-last, batch > 1, chunks shorter than the history)."""
+        if (cache is None or self.t_pad != CACHE_T or like.shape[0] != 1
+                or like.shape[2] < CACHE_T or not _is_channels_last(like)):
+            return None
+        prev = cache[self.slot]
+        b, c, t, h, w = like.shape
+        buf = torch.empty((1, c, CACHE_T + t, h, w), dtype=like.dtype, device=like.device,
+                          memory_format=torch.channels_last_3d)
+        have = 0 if prev is None else min(prev.shape[2], CACHE_T)
+        if have < CACHE_T:
+            buf[:, :, : CACHE_T - have].zero_()
+        if have:
+            buf[:, :, CACHE_T - have : CACHE_T].copy_(prev[:, :, prev.shape[2] - have :])
+        return buf
+
+    def forward(self, x: Optional[torch.Tensor], cache: Optional[Cache] = None, bias: bool = True,
+                window: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`bias=False` leaves the bias out: the caller adds it (fused into its next kernel). `window`:
+        an input window from `window()`, filled by the caller (x is then unused)."""
+        if window is not None:
+            assert cache is not None
+            cache[self.slot] = window[:, :, -CACHE_T:].clone()
+            return self._conv(window, bias)
+        assert x is not None
         if cache is None:
             if self.t_pad:
                 x = F.pad(x, (0, 0, 0, 0, self.t_pad, 0))
@@ -173,8 +200,15 @@ class RMSNorm(nn.Module):
         return rms_norm_channels(x, self.gamma, self.scale, silu, bias)
 
 
-def _norm_silu(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    return norm(x, silu=True)
+def _norm_conv(norm: RMSNorm, conv: CausalConv3d, x: torch.Tensor, cache: Optional[Cache],
+               bias: Optional[torch.Tensor] = None, conv_bias: bool = False) -> torch.Tensor:
+    """conv(SiLU(norm(x + bias))), by default without the conv's own bias (the caller adds it later).
+    Streaming on CUDA, the norm writes straight into the conv's input window behind the history."""
+    win = conv.window(x, cache)
+    if win is None:
+        return conv(norm(x, silu=True, bias=bias), cache, bias=conv_bias)
+    rms_norm_channels(x, norm.gamma, norm.scale, True, bias, out=win[:, :, CACHE_T:])
+    return conv(None, cache, bias=conv_bias, window=win)
 
 
 class ResidualBlock(nn.Module):
@@ -192,8 +226,8 @@ class ResidualBlock(nn.Module):
         r = self.residual
         # both convs run without their bias: the first's goes into the next norm, the second's into
         # the residual add (two passes over the activations fewer per block)
-        h = r[2](_norm_silu(r[0], x), cache, bias=False)
-        h = r[6](r[3](h, silu=True, bias=r[2].bias), cache, bias=False)
+        h = _norm_conv(r[0], r[2], x, cache)
+        h = _norm_conv(r[3], r[6], h, cache, r[2].bias)
         return bias_residual_(h, r[6].bias, self.shortcut(x))
 
 
@@ -310,7 +344,7 @@ class Encoder3d(nn.Module):
         x = self.conv1(x, cache)
         for block in (*self.downsamples, *self.middle):
             x = block(x, cache)
-        return self.head[2](_norm_silu(self.head[0], x), cache)
+        return _norm_conv(self.head[0], self.head[2], x, cache, conv_bias=True)
 
 
 class Decoder3d(nn.Module):
@@ -337,7 +371,7 @@ class Decoder3d(nn.Module):
         x = self.conv1(x, cache)
         for block in (*self.middle, *self.upsamples):
             x = block(x, cache)
-        return self.head[2](_norm_silu(self.head[0], x), cache)
+        return _norm_conv(self.head[0], self.head[2], x, cache, conv_bias=True)
 
 
 def _assign_slots(root: nn.Module) -> int:

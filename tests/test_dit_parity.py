@@ -232,3 +232,8 @@ def test_sink_refresh_rule():
     assert write(basis[0] - 0.05 * basis[4], 5) == 3
     assert write(basis[7], 6) == 0  # unlike both sinks (sim 0): refresh the least similar (first) sink
     assert write(basis[0] + basis[7], 7) == 2  # FIFO resumes where it was
+    assert write(basis[7] + 0.1 * basis[9], 8) == 1  # unlike sink 1 (sim 0): it is refreshed in turn
+    # the sinks' means, kept up to date where sinks are written, equal a fresh computation
+    kept = c.sink_mean[0]
+    c._update_sink_mean(0)
+    assert all(torch.equal(a, b) for a, b in zip(kept, c.sink_mean[0]))

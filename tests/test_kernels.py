@@ -37,6 +37,16 @@ want = kernels.rms_norm_channels_torch(x + b.view(-1, 1, 1, 1), g, 96 ** 0.5, Tr
 for xin in (x, x.contiguous()):  # fused, and the torch fallback
     got = kernels.rms_norm_channels(xin, g, 96 ** 0.5, True, bias=b)
     assert ((got - want).norm() / want.norm()).item() < 1e-5
+# ... and written into a slice of a conv's input window, leaving the history frames in front alone
+win = torch.zeros(1, 96, 5, 6, 10).contiguous(memory_format=torch.channels_last_3d)
+got = kernels.rms_norm_channels(x, g, 96 ** 0.5, True, bias=b, out=win[:, :, 2:])
+assert got.data_ptr() == win[:, :, 2:].data_ptr() and win[:, :, :2].abs().max() == 0
+assert ((win[:, :, 2:] - want).norm() / want.norm()).item() < 1e-5
+# nearest 2x upsample of a channels-last batch of frames
+u = torch.randn(3, 24, 5, 7).contiguous(memory_format=torch.channels_last)
+up = kernels.upsample2x_nearest(u)
+assert torch.equal(up, torch.nn.functional.interpolate(u, scale_factor=2.0, mode="nearest"))
+assert up.is_contiguous(memory_format=torch.channels_last)
 s = torch.randn_like(x)
 want = x + b.view(-1, 1, 1, 1) + s
 for h in (x.clone(), x.contiguous()):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.config import VAEConfig
-from engine.vae import LATENT_MEAN, LATENT_STD, Upsample, WanVAE
+from engine.vae import LATENT_MEAN, LATENT_STD, CausalConv3d, RMSNorm, Upsample, WanVAE, _norm_conv
 
 SMALL = VAEConfig(dim=8)  # real z_dim/mult/blocks/temporal layout, narrow channels
 H, W = 32, 48
@@ -187,6 +187,30 @@ def test_channels_last_layout_gives_same_results(ours: WanVAE, video: torch.Tens
         s1, s2 = ours.new_stream_state(), ours.new_stream_state()
         for lo, hi in ((0, 1), (1, 3)):
             assert _rel(up(x_cl[:, :, lo:hi], s1.dec), up(x[:, :, lo:hi], s2.dec)) <= 1e-6
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("chunks", [((0, 1), (1, 2), (2, 6), (6, 10)), ((0, 1), (1, 5), (5, 9), (9, 10)), ((0, 4), (4, 10))])
+def test_streamed_input_window_equals_whole_clip(chunks):
+    """The norm writing straight into a conv's input window (history frames in front, no cat) gives
+    the whole clip's result, whatever the history holds when the first window is made."""
+    g = torch.Generator().manual_seed(3)
+    conv, norm = CausalConv3d(8, 6, 3, padding=1), RMSNorm(8)
+    conv.slot = 0
+    with torch.no_grad():
+        norm.gamma.copy_(torch.rand(8, 1, 1, 1, generator=g) + 0.5)
+    x = torch.randn(1, 8, 10, 6, 5, generator=g).contiguous(memory_format=torch.channels_last_3d)
+    bias = torch.randn(8, generator=g)
+    whole = _norm_conv(norm, conv, x, None, bias, conv_bias=True)
+    cache: list = [None]
+    windows = 0
+    parts = []
+    for lo, hi in chunks:
+        part = x[:, :, lo:hi]
+        windows += conv.window(part, list(cache)) is not None
+        parts.append(_norm_conv(norm, conv, part, cache, bias, conv_bias=True))
+    assert windows == sum(hi - lo >= 2 for lo, hi in chunks) > 0
+    assert _rel(torch.cat(parts, 2), whole) <= 1e-6
 
 
 def test_shapes_and_input_checks(ours: WanVAE):
