@@ -176,6 +176,22 @@ class StreamKVCache:
             if self._refresh:
                 self._update_sink_mean(layer)
 
+    # -- moving a layer to another cache (pipeline block moves) --------------------------------------
+    LAYER_STATE = ("k", "v", "rr", "pos")
+
+    def export_layer(self, layer: int) -> dict[str, torch.Tensor]:
+        """Remove `layer` from this cache and return its state (LAYER_STATE names)."""
+        self.layers.remove(layer)
+        self.sink_mean.pop(layer, None)  # derived: the taker recomputes it
+        return dict(k=self.k.pop(layer), v=self.v.pop(layer), rr=self.rr.pop(layer), pos=self.slot_pos.pop(layer))
+
+    def import_layer(self, layer: int, state: dict[str, torch.Tensor]) -> None:
+        self.k[layer], self.v[layer] = state["k"], state["v"]
+        self.rr[layer], self.slot_pos[layer] = state["rr"], state["pos"]
+        self.layers = sorted(set(self.layers) | {layer})
+        if self._refresh:
+            self._update_sink_mean(layer)
+
     # -- stream batch bookkeeping -------------------------------------------------------------------
     def expand_rows(self, rows: int) -> None:
         """Replicate row 0 into `rows` rows (after the first chunk, one row per denoising step)."""

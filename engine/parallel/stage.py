@@ -111,20 +111,12 @@ class RankSession:
 
 def export_cache_layers(cache: StreamKVCache, layers: Sequence[int], prefix: str, out: dict[str, torch.Tensor]) -> None:
     for i in layers:
-        out[f"{prefix}k.{i}"] = cache.k.pop(i)
-        out[f"{prefix}v.{i}"] = cache.v.pop(i)
-        out[f"{prefix}rr.{i}"] = cache.rr.pop(i)
-        out[f"{prefix}pos.{i}"] = cache.slot_pos.pop(i)
-        cache.layers.remove(i)
+        out.update({f"{prefix}{name}.{i}": t for name, t in cache.export_layer(i).items()})
 
 
 def import_cache_layers(cache: StreamKVCache, layers: Sequence[int], prefix: str, tensors: dict[str, torch.Tensor]) -> None:
     for i in layers:
-        cache.k[i] = tensors[f"{prefix}k.{i}"]
-        cache.v[i] = tensors[f"{prefix}v.{i}"]
-        cache.rr[i] = tensors[f"{prefix}rr.{i}"]
-        cache.slot_pos[i] = tensors[f"{prefix}pos.{i}"]
-    cache.layers = sorted(set(cache.layers) | set(layers))
+        cache.import_layer(i, {name: tensors[f"{prefix}{name}.{i}"] for name in StreamKVCache.LAYER_STATE})
 
 
 class BatchedCache:
