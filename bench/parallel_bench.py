@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a
 import torch  # noqa: E402
 
 from bench.measure import synthetic_video  # noqa: E402
+from engine.parallel.devices import parse_devices  # noqa: E402
 from engine.runtime import EngineOptions, StreamEngine  # noqa: E402
 
 log = logging.getLogger("bench.parallel")
@@ -56,6 +57,8 @@ class RowResult:
     size: str
     steps: int
     devices: str
+    step_lag: int = 1
+    stream_overlap: int = 0  # most forwards of the stream in flight at once (parallel engine)
     fps_1: float = 0.0
     fps_n_before: float = 0.0
     fps_n_after: float = 0.0
@@ -164,7 +167,12 @@ def run_row(name: str, spec: dict, args: argparse.Namespace) -> RowResult:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    one = StreamEngine.create(EngineOptions(device=args.single, **spec))
+    # several steps: a forward's later rows come from the output `lag` forwards back, so one stream
+    # keeps every rank busy (engine.stream_batch); the single device runs the same schedule, so the
+    # frames agree (its throughput does not depend on the lag, only its latency does)
+    lag = args.step_lag if args.step_lag is not None else (parse_devices(args.devices).world if spec["steps"] > 1 else 1)
+    res.step_lag = lag
+    one = StreamEngine.create(EngineOptions(device=args.single, step_lag=lag, **spec))
     res.start_s_1 = time.perf_counter() - t0
     stream_fps(one, video, 2, 2, prompt="warm-up")
     ref = clip(one, agree_video)
@@ -179,8 +187,8 @@ def run_row(name: str, spec: dict, args: argparse.Namespace) -> RowResult:
     # -- N devices, the parallel engine -------------------------------------------------------------
     log.info("%s: %s", name, args.devices)
     t0 = time.perf_counter()
-    par = dict(inflight=args.inflight, rebalance=False, rebalance_every=args.rebalance_every)
-    eng = StreamEngine.create(EngineOptions(device=args.devices, parallel=par, **spec))
+    par = dict(inflight=max(args.inflight, lag), rebalance=False, rebalance_every=args.rebalance_every)
+    eng = StreamEngine.create(EngineOptions(device=args.devices, parallel=par, step_lag=lag, **spec))
     res.start_s_n = time.perf_counter() - t0
     try:
         stream_fps(eng, video, 2, 2, prompt="warm-up")
@@ -196,6 +204,7 @@ def run_row(name: str, spec: dict, args: argparse.Namespace) -> RowResult:
 
         res.fps_n_before = stream_fps(eng, video, args.warmup, args.chunks)
         st = eng.stats()
+        res.stream_overlap = st.get("max_stream_overlap", 0)
         res.split_before, res.stage_ms_before = st["split"], st["balance"]["stage_ms"]
         log.info("%s: before balancing %.2f fps, split %s, stages %s", name, res.fps_n_before, res.split_before,
                  res.stage_ms_before)
@@ -249,6 +258,8 @@ def main() -> None:
     ap.add_argument("--settle", type=int, default=30, help="most chunks given to the block scheduler")
     ap.add_argument("--agree-chunks", type=int, default=4)
     ap.add_argument("--inflight", type=int, default=2, help="chunks of a stream in flight (parallel engine)")
+    ap.add_argument("--step-lag", type=int, default=None,
+                    help="EngineOptions.step_lag for both engines (default: the number of ranks for multi-step rows)")
     ap.add_argument("--rebalance-every", type=int, default=6)
     ap.add_argument("--sessions", type=int, default=2, help="sessions sharing the pipeline (0/1: skip)")
     ap.add_argument("--hop-repeats", type=int, default=20)
@@ -280,7 +291,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, results=[asdict(r) for r in results]), f, indent=1, default=str)
     print(f"\n{meta}")
-    head = (f"{'row':4} {'model':9} {'size':8} {'st':>2} {'fps 1':>7} {'fps N':>7} {'fps N bal':>9} "
+    head = (f"{'row':4} {'model':9} {'size':8} {'st':>2} {'lag':>3} {'ovl':>3} {'fps 1':>7} {'fps N':>7} {'fps N bal':>9} "
             f"{'N sess':>7} {'hop ms':>7} {'agree':>14} {'split':>14} {'stage ms before (dit+other)':>28} "
             f"{'stage ms after':>20}")
     print(head)
@@ -288,7 +299,7 @@ def main() -> None:
         agree = "exact" if r.agree_psnr_db is None and r.agree_ok else (
             f"{r.agree_psnr_db:.1f}dB" if r.agree_psnr_db else "n/a") + (" ok" if r.agree_ok else " BAD")
         split = f"{r.split_before}->{r.split_after}".replace(" ", "")
-        print(f"{r.row:4} {r.model:9} {r.size:8} {r.steps:>2} {r.fps_1:7.2f} {r.fps_n_before:7.2f} "
+        print(f"{r.row:4} {r.model:9} {r.size:8} {r.steps:>2} {r.step_lag:>3} {r.stream_overlap:>3} {r.fps_1:7.2f} {r.fps_n_before:7.2f} "
               f"{r.fps_n_after:9.2f} {r.fps_n_sessions:7.2f} {r.hop_ms if r.hop_ms is not None else float('nan'):7.3f} "
               f"{agree:>14} {split:>14} {_fmt_stage(r.stage_ms_before):>28} {_fmt_stage(r.stage_ms_after):>20}")
 

@@ -48,6 +48,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     r.add_argument("--decoder", choices=DECODERS, default="wan",
                    help="wan: the Wan VAE decoder; taehv: the light TAEHV decoder (far less compute, lower fidelity)")
     r.add_argument("--taehv-weights", type=Path, help="taew2_1.pth from the TAEHV project, for --decoder taehv")
+    r.add_argument("--step-lag", type=int, default=1,
+                   help="forwards between a chunk's denoising steps; with several steps on N ranks, N keeps "
+                        "every rank busy (frames equal any engine with the same value)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if args.devices.strip().lower() == "torchrun" and os.environ.get("RANK", "0") != "0":

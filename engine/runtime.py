@@ -65,6 +65,10 @@ class EngineOptions(BaseModel):
     # its file is taew2_1.pth from the TAEHV project). Encoding always uses the Wan VAE.
     decoder: Decoder = "wan"
     taehv_weights: Optional[Path] = None
+    # Forwards between a chunk's consecutive denoising steps (engine.stream_batch). 1, the reference's
+    # schedule, has the lowest latency; with several steps and several ranks, the number of ranks lets
+    # one stream keep every rank busy. Frames equal those of any engine with the same value.
+    step_lag: int = Field(1, ge=1, le=8)
     # Only for several ranks (pipeline-parallel engine): schedulers, start-up and test hooks.
     parallel: ParallelOptions = Field(default_factory=ParallelOptions)
 

@@ -192,6 +192,7 @@ class StreamSession:
             rope_reset=d.rope_reset_frames,
             latent_hw=(e.info.height // 8, e.info.width // 8),
             noise=noise,
+            step_lag=e.options.step_lag,
         )
 
     def _apply_updates(self) -> list[OutputFrame]:

@@ -1,11 +1,20 @@
 """The DiT side of the streaming algorithm for one session (DESIGN §3): the first chunk is denoised
 step by step in one row; after it, n chunks are in flight, one per noise level, run as one batch of n
 rows through the DiT. Each forward takes a new chunk in at the noisiest level and lets the cleanest out.
+
+Step lag L (default 1, the reference's schedule): row i of forward f holds the chunk that entered at
+forward f - i*L, fed from row i-1 of forward f-L's output. With L = 1 a forward needs the previous
+forward's output, so one forward of a stream can be in flight; with L > 1, L forwards of one stream can
+be (the pipeline-parallel engine keeps its ranks busy that way). Every chunk still meets the same steps,
+each row attends to its own KV cache row in chunk order, and a chunk leaves (n-1)*L forwards after it
+entered. What differs is the start: the rows a chunk has not reached yet are filler (zero latents), and
+with L > 1 there are more of them, so frames equal those of another engine with the same L, not L = 1.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -80,8 +89,12 @@ class StreamBatch:
         rope_reset: int,
         latent_hw: tuple[int, int],
         noise: Noise,
+        step_lag: int = 1,
     ) -> None:
+        if step_lag < 1:
+            raise ValueError(f"step_lag must be >= 1, got {step_lag}")
         cfg = dit.cfg
+        self.step_lag = step_lag
         p = dit.patch_embedding.weight
         self.dit, self.rope, self.noise = dit, rope, noise
         self.steps = flow.step_list(steps)
@@ -101,18 +114,22 @@ class StreamBatch:
             device=p.device,
         )
         self.runner = DiTRunner(dit, rope, self.cache)
-        self.hidden: Optional[torch.Tensor] = None  # [n, 16, 1, h, w] rows in flight
+        # the last step_lag forwards' outputs [n, 16, 1, h, w] (re-noised), oldest first: forward f's
+        # rows 1.. come from rows ..n-2 of forward f - step_lag
+        self.outputs: Optional[deque[torch.Tensor]] = None
+        self.entered: deque[int] = deque()  # positions of the chunks that entered, newest last
         self.row_pos: list[int] = []
         self.next_pos = 0
         self.forwards = 0  # stream forwards since the first chunk
 
     @property
     def primed(self) -> bool:
-        return self.hidden is not None
+        return self.outputs is not None
 
     @property
     def lag(self) -> int:
-        return len(self.steps) - 1
+        """Forwards between a chunk entering and leaving."""
+        return (len(self.steps) - 1) * self.step_lag
 
     def _eps(self, shape: Sequence[int], *key: int) -> torch.Tensor:
         """Keyed noise when the session gives a KeyedNoise; otherwise a plain `noise(shape)` callable,
@@ -133,7 +150,9 @@ class StreamBatch:
                 x = flow.renoise(x0, self._eps(x0.shape, KeyedNoise.PRIME, 0, i + 1), ts[i + 1])
         n = len(self.steps)
         self.cache.expand_rows(n)
-        self.hidden = torch.zeros((n, *latent.shape[1:2], 1, *latent.shape[3:]), dtype=latent.dtype, device=latent.device)
+        filler = torch.zeros((n, *latent.shape[1:2], 1, *latent.shape[3:]), dtype=latent.dtype, device=latent.device)
+        self.outputs = deque([filler] * self.step_lag)
+        self.entered = deque([frames] * (self.lag + 1), maxlen=self.lag + 1)
         self.row_pos = [frames] * n
         self.next_pos = frames
         self.forwards = 0
@@ -142,8 +161,9 @@ class StreamBatch:
     def push(self, latent: Optional[torch.Tensor], strength: float, t0: int, cross_kv: list) -> Optional[torch.Tensor]:
         """One stream forward with a new 1-frame chunk (latent [1, 16, 1, h, w], or None for pure noise
         while draining). Returns the x0 of the chunk that leaves, or None while the pipeline fills."""
-        assert self.hidden is not None, "prime() first"
-        shape = (1, *self.hidden.shape[1:])
+        assert self.outputs is not None, "prime() first"
+        prev = self.outputs.popleft()  # the output of forward j - step_lag (filler at the start)
+        shape = (1, *prev.shape[1:])
         j = self.forwards
         eps = self._eps(shape, KeyedNoise.STREAM, j, 0)
         new = eps if latent is None else strength * eps + (1 - strength) * latent
@@ -151,12 +171,13 @@ class StreamBatch:
         if pos >= self.rope_reset:  # RoPE refresh: wrap to the last window slot
             pos = self.window - 1
         self.next_pos = pos + 1
-        self.hidden = torch.cat([new.to(self.hidden.dtype), self.hidden[:-1]])
-        self.row_pos = [pos] + self.row_pos[:-1]
+        x = torch.cat([new.to(prev.dtype), prev[:-1]])
+        self.entered.append(pos)
+        self.row_pos = [self.entered[-1 - i * self.step_lag] for i in range(len(self.steps))]
         ts = [t0] + self.steps[1:]
-        x0 = self.runner(cross_kv, self.hidden, ts, self.row_pos)
+        x0 = self.runner(cross_kv, x, ts, self.row_pos)
         for i in range(len(ts) - 1):
             x0[i : i + 1] = flow.renoise(x0[i : i + 1], self._eps(shape, KeyedNoise.STREAM, j, i + 1), self.steps[i + 1])
-        self.hidden = x0
+        self.outputs.append(x0)
         self.forwards += 1
         return x0[-1:] if self.forwards > self.lag else None

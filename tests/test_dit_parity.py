@@ -74,7 +74,7 @@ def run_ours(dit, ctx, steps, chunks, num_sink=3, window=6, tau=None, rope_reset
     for lat, t0 in zip(rest, t0s):
         s = (t0 + 100) / 1000
         sb.push(lat, s, t0, kv)
-        outs.append(sb.hidden.clone())
+        outs.append(sb.outputs[-1].clone())
     return outs, noise, sb
 
 

@@ -294,6 +294,57 @@ def test_pipelined_pushes_keep_every_frame(tiny4, reference):
             s.push(frames[:4], list(range(4)))
 
 
+def test_step_lag_keeps_one_multi_step_stream_pipelined_with_the_frames_of_one_process(tiny4, reference):
+    """steps 2 with step_lag 2: a forward's later rows come from the output two forwards back, so two
+    forwards of one stream share the ring of 2 ranks (with step_lag 1 only one can be in it). The
+    frames, through live updates (prompt blend, seed, steps 1 and 3, reset), equal the in-process
+    engine's with the same step_lag; its step-1 rows equal step_lag 1's."""
+    frames, ref = reference
+    lagged = StreamEngine.create(EngineOptions(model=tiny4, device="cpu", step_lag=2, **SIZE))
+    want = drive(lagged, frames, steps=2)
+    want_updates = drive(lagged, frames, updates=UPDATES)
+    lagged.close()
+    assert [p for _, p in want] == [p for _, p in ref["steps2"]]  # every frame, in order
+    opts = dict(inflight=2, rebalance=False)
+    for lag, most in ((1, 1), (2, 2)):
+        with StreamEngine.create(EngineOptions(model=tiny4, device="cpu:2", step_lag=lag, **SIZE, parallel=opts)) as e:
+            got = drive(e, frames, steps=2)
+            st = e.stats()
+            assert st["max_stream_overlap"] == most, (lag, st["max_stream_overlap"])
+            if lag == 2:
+                assert_same(got, want)
+                assert_same(drive(e, frames, updates=UPDATES), want_updates)
+            else:
+                assert_same(got, ref["steps2"])
+
+
+@torch.no_grad()
+def test_step_lag_leaves_the_first_step_alone(tiny4):
+    """Row 0 (the new chunk's first step) attends only to its own KV row, which sees the same chunks
+    in the same order whatever the lag: its output is the same for step_lag 1 and 3; chunks leave
+    (steps - 1) * lag forwards after they entered."""
+    from engine.rope import Rope
+    from engine.stream_batch import StreamBatch
+
+    cfg = load_model_config(tiny4).dit
+    dit = build_dit(load_model_config(tiny4), None, torch.device("cpu"), torch.float32, 0)
+    kv = dit.cross_kv(torch.randn(1, 512, cfg.text_dim, generator=torch.Generator().manual_seed(1)))
+    g = torch.Generator().manual_seed(2)
+    first = torch.randn(1, 16, 2, 4, 4, generator=g)
+    rest = [torch.randn(1, 16, 1, 4, 4, generator=g) for _ in range(9)]
+    rows0, left = {}, {}
+    for lag in (1, 3):
+        sb = StreamBatch(dit, Rope(cfg.head_dim), 3, 6, 3, 0.2, 50, (4, 4), KeyedNoise(7, 0, torch.device("cpu"), torch.float32), step_lag=lag)
+        sb.prime(first, 0.8, 700, kv)
+        rows0[lag], left[lag] = [], []
+        for i, lat in enumerate(rest):
+            out = sb.push(lat, 0.7, 650, kv)
+            rows0[lag].append(sb.outputs[-1][0].clone())
+            left[lag].append(out is not None)
+    assert all(torch.equal(a, b) for a, b in zip(rows0[1], rows0[3]))
+    assert left[1] == [i >= 2 for i in range(9)] and left[3] == [i >= 6 for i in range(9)]
+
+
 def test_block_scheduler_rebalances_a_slow_rank_without_changing_frames(tiny4, single):
     frames = video(45, seed=5)
     want = drive(single, frames, steps=2)

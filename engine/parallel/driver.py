@@ -13,9 +13,9 @@ forwards in flight and batch sessions together:
 - `AwaitRows(fid)`: the re-noised rows of that forward, back from the last rank;
 - `Emit(msg)`: a control message for every rank (prompt, reset, close), sent in order with forwards.
 With one denoising step a forward needs nothing from the previous one, so consecutive chunks of one
-stream pipeline across the ranks; with n >= 2 steps row j of a forward is row j-1 of the previous
-forward's output, so a session has one forward in flight and the ranks fill up with other sessions
-(and with the VAE work, which runs outside the DiT chain).
+stream pipeline across the ranks. With n >= 2 steps row j of a forward is row j-1 of the output of the
+forward `step_lag` (L) before it (engine.stream_batch): with L = 1 a session has one forward in flight
+and the ranks fill up with other sessions; with L = the number of ranks, one stream keeps them all busy.
 """
 
 from __future__ import annotations
@@ -105,15 +105,18 @@ class DriverSession:
         self.last_t0 = NoiseController.timestep(self.controller.s_max)
 
     def _new_batch(self) -> None:
-        if getattr(self, "await_fid", None) is not None:
-            self.host.discard.add((self.await_fid, self.sid))
+        for fid in getattr(self, "sources", ()):
+            if fid is not None:  # rows nobody will wait for any more
+                self.host.discard.add((fid, self.sid))
         self.steps = flow.step_list(self.steps_count)
         self.noise = KeyedNoise(self.seed, self.epoch, self.host.device, self.host.dtype)
         self.epoch += 1
         self.primed = False
         self.fresh = True  # the next forward starts a new KV cache on every rank
-        self.tail: Optional[torch.Tensor] = None  # rows 0..n-2 of the last output, re-noised
-        self.await_fid: Optional[int] = None  # the forward whose rows `tail` must wait for
+        # The last step_lag forwards, oldest first: a forward id whose re-noised rows 0..n-2 the next
+        # forwards take as their rows 1.., or None for filler (zeros) while the stream starts.
+        self.sources: deque[Optional[int]] = deque()
+        self.entered: deque[int] = deque()  # positions of the chunks that entered, newest last
         self.row_pos: list[int] = []
         self.next_pos = 0
         self.forwards = 0
@@ -188,11 +191,16 @@ class DriverSession:
                 x = yield AwaitRows(fid)
         self.fresh = False
         self.primed = True
-        h, w = self.latent_hw
-        self.tail = torch.zeros((n - 1, latent.shape[1], 1, h, w), dtype=latent.dtype, device=latent.device)
+        lag = self.step_lag
+        self.sources = deque([None] * lag)
+        self.entered = deque([frames] * ((n - 1) * lag + 1), maxlen=(n - 1) * lag + 1)
         self.row_pos = [frames] * n
         self.next_pos = frames
         self.forwards = 0
+
+    @property
+    def step_lag(self) -> int:
+        return self.host.opts.step_lag
 
     def _push(self, latent: Optional[torch.Tensor], strength: float, t0: int, seq: Optional[int], lap: Any,
               stats: dict) -> Driver:
@@ -207,16 +215,17 @@ class DriverSession:
         if pos >= self.host.defaults.rope_reset_frames:  # RoPE refresh: wrap to the last window slot
             pos = self.host.defaults.num_kv_cache - 1
         self.next_pos = pos + 1
-        if self.await_fid is not None:
-            tail = yield AwaitRows(self.await_fid)
-            self.await_fid = None
-        else:
-            tail = self.tail
+        src = self.sources.popleft() if n > 1 else None
+        if src is not None:
+            tail = yield AwaitRows(src)
+        else:  # filler rows while the stream starts (none with one step)
+            tail = torch.zeros((n - 1, 16, 1, h, w), dtype=self.host.dtype, device=self.host.device)
         x = torch.cat([new.to(self.host.dtype), tail])
-        self.row_pos = [pos] + self.row_pos[:-1]
+        self.entered.append(pos)
+        self.row_pos = [self.entered[-1 - i * self.step_lag] for i in range(n)]
         ts = [t0] + self.steps[1:]
         self.forwards += 1
-        decode = self.in_flight.popleft() if self.forwards > n - 1 else None
+        decode = self.in_flight.popleft() if self.forwards > (n - 1) * self.step_lag else None
         g = self._group(
             rows=n, frames=1, positions=list(self.row_pos), t=ts, kv_tick=True,
             renoise=[(i, self.steps[i + 1], (KeyedNoise.STREAM, j, i + 1)) for i in range(n - 1)],
@@ -224,9 +233,7 @@ class DriverSession:
         )
         fid = yield Submit(g, x, [lap] if lap is not None else [])
         if n > 1:
-            self.await_fid = fid
-        else:
-            self.tail = x[:0]
+            self.sources.append(fid)
 
     def _drain(self) -> Driver:
         """StreamSession._drain: pure-noise chunks until every real chunk in flight has left."""

@@ -308,6 +308,9 @@ class _InFlight:
     issued: float
     sessions: int
     frames: int
+    sids: frozenset = frozenset()
+    chain: bool = False
+    rows_back: bool = False  # its re-noised rows came back ("ret"): the DiT chain is through
 
 
 class Rank0(RankBase):
@@ -328,6 +331,8 @@ class Rank0(RankBase):
         self.returns: dict[tuple[int, int], torch.Tensor] = {}
         self.discard: set[tuple[int, int]] = set()
         self.inflight: dict[int, _InFlight] = {}
+        self.max_inflight = 0  # most forwards in the ring at once so far
+        self.max_stream_overlap = 0  # most steady multi-step forwards of one stream in flight at once
         self.next_fid = 0
         self.timing: dict[int, dict[int, tuple[float, float]]] = {}
         self.balance_from_fid = 0  # forwards before the last move say nothing of the new split
@@ -451,7 +456,8 @@ class Rank0(RankBase):
             return False
         frames = self.pending[0][1].group.frames
         same = [p for p in self.pending if p[1].group.frames == frames]
-        lag = max(len(p[1].group.t) - 1 if p[1].group.frames == 1 else 0 for p in same)
+        # forwards between a chunk entering and leaving (engine.stream_batch)
+        lag = max((len(p[1].group.t) - 1) * self.opts.step_lag if p[1].group.frames == 1 else 0 for p in same)
         b = self.batcher.choose(len(same), lag)
         chosen = same[:b]
         for p in chosen:
@@ -468,7 +474,13 @@ class Rank0(RankBase):
         times.other.append(lap.stop())
         tokens = self.run_stage(groups, emb, times)
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
-        self.inflight[fid] = _InFlight(fid, time.perf_counter(), len(groups), frames)
+        sids = frozenset(g.sid for g in groups)
+        chain = frames == 1 and all(g.renoise for g in groups)  # steady forwards of multi-step streams
+        if chain:  # ... of the same streams whose rows are not back yet: > 1 means such a stream pipelines
+            overlap = 1 + sum(1 for f in self.inflight.values() if f.chain and f.sids & sids and not f.rows_back)
+            self.max_stream_overlap = max(self.max_stream_overlap, overlap)
+        self.inflight[fid] = _InFlight(fid, time.perf_counter(), len(groups), frames, sids, chain)
+        self.max_inflight = max(self.max_inflight, len(self.inflight))
         if frames != 1:
             self.skip_fids.add(fid)
         header = {"fid": fid, "groups": groups, "grid": list(emb.grid), "times": []}
@@ -502,6 +514,8 @@ class Rank0(RankBase):
     def _on_return(self, msg: Message) -> None:
         kind, h = msg.kind, msg.header
         if kind == "ret":
+            if h["fid"] in self.inflight:
+                self.inflight[h["fid"]].rows_back = True
             for name, rows in msg.tensors.items():
                 key = (h["fid"], int(name[1:]))
                 if key in self.discard:
@@ -612,6 +626,7 @@ class Rank0(RankBase):
             world=self.world, devices=list(self.spec.devices.devices), split=list(self.split),
             blocks=[_span(list(r)) for r in ranges(self.split)], forwards=self.forwards,
             batched_forwards=self.batched_forwards, inflight=len(self.inflight), capacity=self.capacity,
+            max_inflight=self.max_inflight, max_stream_overlap=self.max_stream_overlap,
             sessions=len(self.drivers), hop_ms=self.hop_ms, moves=list(self.moves),
             balance=self.balancer.stats(), batch=self.batcher.stats(),
         )
