@@ -90,8 +90,11 @@ class StreamKVCache:
         if not all(full):
             slots = torch.arange(self.window * self.frame_tokens, device=self.device) // self.frame_tokens
             valid = slots[None, :] < h2d(self.filled, self.device)[:, None]
+        # a row still filling writes a sink slot: the kept sink means of every layer follow (once per
+        # layer, decided here once per forward)
+        writes_sink = self._refresh and any(not f and p < self.num_sink for f, p in zip(full, host_slot))
         self._plan = dict(frames=frames, any_full=any(full), all_full=all(full), host_slot=host_slot, valid=valid,
-                          full=full)
+                          writes_sink=writes_sink)
 
     @property
     def positions(self) -> torch.Tensor:
@@ -114,23 +117,22 @@ class StreamKVCache:
                 kc[r, p * t : (p + f) * t] = k[r]
                 vc[r, p * t : (p + f) * t] = v[r]
                 self.slot_pos[layer][r, p : p + f] = torch.arange(p, p + f, device=self.device)
-            if self._refresh and min(plan["host_slot"]) < self.num_sink:
+            if plan["writes_sink"]:
                 self._update_sink_mean(layer)
             return kc, vc, plan["valid"]
         slot = self.plan[1]
+        idx = torch.arange(rows, device=self.device)
         if plan["any_full"]:
             full = self.plan[0].bool()
-            slot = torch.where(full, self._evict_slot(layer, k, v, full), slot)
-        idx = torch.arange(rows, device=self.device)
+            slot = torch.where(full, self._evict_slot(layer, k, v, full, idx), slot)
         # one index_copy_ per tensor (a row's frame is one contiguous block): about twice as fast as
         # advanced-index assignment, which computes an index per element
         dst = idx * self.window + slot
         kc.view(rows * self.window, -1).index_copy_(0, dst, k.reshape(rows, -1))
         vc.view(rows * self.window, -1).index_copy_(0, dst, v.reshape(rows, -1))
         self.slot_pos[layer][idx, slot] = self.plan[2]
-        if self._refresh and not plan["all_full"] and any(
-                s < self.num_sink for s, f in zip(plan["host_slot"], plan["full"]) if not f):
-            self._update_sink_mean(layer)  # a filling row wrote a sink slot
+        if plan["writes_sink"]:
+            self._update_sink_mean(layer)
         return kc, vc, plan["valid"]
 
     def _update_sink_mean(self, layer: int) -> None:
@@ -138,7 +140,9 @@ class StreamKVCache:
         self.sink_mean[layer] = (self.k[layer][:, : s * t].reshape(rows, s, t, -1).mean(2),
                                  self.v[layer][:, : s * t].reshape(rows, s, t, -1).mean(2))
 
-    def _evict_slot(self, layer: int, k: torch.Tensor, v: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    def _evict_slot(self, layer: int, k: torch.Tensor, v: torch.Tensor, full: torch.Tensor,
+                    idx: torch.Tensor) -> torch.Tensor:
+        """The slot each full row writes (FIFO, or a sink to refresh); idx = arange(rows)."""
         s, rolling = self.num_sink, self.window - self.num_sink
         rr = self.rr[layer]
         slot = s + rr % rolling
@@ -153,10 +157,9 @@ class StreamKVCache:
             slot = torch.where(refresh, low_idx, slot)
             rr += (full & ~refresh).long()
             # the refreshed sink now holds the new frame: its means are the new frame's
-            ridx = torch.arange(rows, device=self.device)
             keep = ~refresh[:, None]
-            ks[ridx, low_idx] = torch.where(keep, ks[ridx, low_idx], kn[:, 0])
-            vs[ridx, low_idx] = torch.where(keep, vs[ridx, low_idx], vn[:, 0])
+            ks[idx, low_idx] = torch.where(keep, ks[idx, low_idx], kn[:, 0])
+            vs[idx, low_idx] = torch.where(keep, vs[idx, low_idx], vn[:, 0])
         else:
             rr += full.long()
         return slot
