@@ -137,8 +137,16 @@ class StreamKVCache:
 
     def _update_sink_mean(self, layer: int) -> None:
         rows, s, t = self.rows, self.num_sink, self.frame_tokens
-        self.sink_mean[layer] = (self.k[layer][:, : s * t].reshape(rows, s, t, -1).mean(2),
-                                 self.v[layer][:, : s * t].reshape(rows, s, t, -1).mean(2))
+        km = self.k[layer][:, : s * t].reshape(rows, s, t, -1).mean(2)
+        vm = self.v[layer][:, : s * t].reshape(rows, s, t, -1).mean(2)
+        cur = self.sink_mean.get(layer)
+        if cur is None or cur[0].shape != km.shape:
+            self.sink_mean[layer] = (km, vm)
+            return
+        # in place: a captured CUDA graph of the steady state reads these very tensors, and a position
+        # wrap (_rebase, between replays) changes the means
+        cur[0].copy_(km)
+        cur[1].copy_(vm)
 
     def _evict_slot(self, layer: int, k: torch.Tensor, v: torch.Tensor, full: torch.Tensor,
                     idx: torch.Tensor) -> torch.Tensor:

@@ -234,6 +234,14 @@ def test_sink_refresh_rule():
     assert write(basis[0] + basis[7], 7) == 2  # FIFO resumes where it was
     assert write(basis[7] + 0.1 * basis[9], 8) == 1  # unlike sink 1 (sim 0): it is refreshed in turn
     # the sinks' means, kept up to date where sinks are written, equal a fresh computation
-    kept = c.sink_mean[0]
+    kept = tuple(m.clone() for m in c.sink_mean[0])
     c._update_sink_mean(0)
     assert all(torch.equal(a, b) for a, b in zip(kept, c.sink_mean[0]))
+    # a position wrap re-rotates the refreshed sinks (they held frames 6 and 8): their means change, in
+    # the very tensors a captured CUDA graph of the steady state reads
+    held = c.sink_mean[0]
+    c.begin([3], 1)
+    assert c.sink_mean[0][0] is held[0] and c.sink_mean[0][1] is held[1]
+    assert not torch.equal(held[0], kept[0])
+    fresh = c.k[0][:, :2].reshape(1, 2, 1, -1).mean(2)
+    assert torch.equal(held[0], fresh)
