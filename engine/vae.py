@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from engine.config import VAEConfig
 from engine.kernels import bias_residual_, rms_norm_channels, upsample2x_nearest
+from engine.stream_graph import StepGraph
 
 # Per-channel statistics of the Wan2.1 latent space: normalised z = (mu - mean) / std.
 LATENT_MEAN: tuple[float, ...] = (
@@ -57,14 +58,19 @@ class VAEStreamState:
     dec_started: bool = False
     _enc_slots: int = field(default=0, repr=False)
     _dec_slots: int = field(default=0, repr=False)
+    # the steady-state calls of this stream as CUDA graphs (WanVAE.use_graphs)
+    enc_graph: Optional[StepGraph] = field(default=None, repr=False)
+    dec_graph: Optional[StepGraph] = field(default=None, repr=False)
 
     def reset_encode(self) -> None:
         self.enc = [None] * self._enc_slots
         self.enc_started = False
+        self.enc_graph = None
 
     def reset_decode(self) -> None:
         self.dec = [None] * self._dec_slots
         self.dec_started = False
+        self.dec_graph = None
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -396,6 +402,9 @@ class WanVAE(nn.Module):
     """
 
     channels_last: Optional[bool] = None
+    # Streamed 4-frame encodes and 1-latent decodes replay from a per-stream CUDA graph on CUDA
+    # (engine.stream_graph); False keeps them eager (for comparisons).
+    use_graphs: bool = True
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
@@ -426,6 +435,15 @@ class WanVAE(nn.Module):
     def new_stream_state(self) -> VAEStreamState:
         return VAEStreamState(enc=[None] * self._enc_slots, dec=[None] * self._dec_slots,
                               _enc_slots=self._enc_slots, _dec_slots=self._dec_slots)
+
+    def _step_graph(self, name: str) -> StepGraph:
+        # one memory pool for all streams' VAE graphs on this module's device (see engine.stream_graph)
+        if getattr(self, "_graph_pool", None) is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        return StepGraph(f"the VAE {name}", self._graph_pool)
+
+    def _graphs_for(self, x: torch.Tensor) -> bool:
+        return self.use_graphs and x.is_cuda
 
     # -- latent (de)normalisation and heads -------------------------------------------------
 
@@ -529,7 +547,12 @@ class WanVAE(nn.Module):
                 raise ValueError(f"stream_encode needs 4k frames after the first call, got {t}")
             start = 0
         for i in range(start, t, 4):
-            outs.append(self.encoder(x[:, :, i:i + 4], state.enc))
+            group = x[:, :, i:i + 4]
+            if start == 0 and self._graphs_for(group):
+                state.enc_graph = state.enc_graph or self._step_graph("encode")
+                outs.append(state.enc_graph(self.encoder, group, state.enc))
+            else:
+                outs.append(self.encoder(group, state.enc))
         h = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
         return self._mu(h, normalize).contiguous()
 
@@ -541,8 +564,15 @@ class WanVAE(nn.Module):
         later calls 4t. Latents are decoded one at a time, as the reference does.
         """
         self._check_latent(latent)
+        if state.dec_started and latent.shape[2] == 1 and self._graphs_for(latent):
+            state.dec_graph = state.dec_graph or self._step_graph("decode")
+            return state.dec_graph(self._decode_step, latent, state.dec)
         x = self._prepare(self._unnormalize(latent))
         outs = [self.decoder(x[:, :, i:i + 1], state.dec) for i in range(x.shape[2])]
         state.dec_started = True
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
         return out.clamp_(-1, 1).contiguous()
+
+    def _decode_step(self, latent: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """One later latent -> 4 frames, the whole step from the normalised latent (graph-captured)."""
+        return self.decoder(self._prepare(self._unnormalize(latent)), cache).clamp_(-1, 1).contiguous()

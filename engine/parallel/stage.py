@@ -14,6 +14,7 @@ layers' entries with them (`export_layers` / `import_layers`).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -23,8 +24,11 @@ from engine import flow
 from engine.config import StreamDefaults
 from engine.dit import AttnInputs, Embedded, WanDiT
 from engine.kv_cache import StreamKVCache
+from engine.parallel.stage_graph import StageGraph
 from engine.rope import Rope
 from engine.transfer import h2d
+
+log = logging.getLogger(__name__)
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -107,6 +111,7 @@ class RankSession:
     prompt: PromptState
     cache: Optional[StreamKVCache] = None
     decode_state: Any = None  # the decoder's stream state (Wan VAEStreamState or TAEHVStreamState), last rank
+    graph: Optional[StageGraph] = None  # this rank's blocks for the session's steady state
 
 
 def export_cache_layers(cache: StreamKVCache, layers: Sequence[int], prefix: str, out: dict[str, torch.Tensor]) -> None:
@@ -158,6 +163,8 @@ class Stage:
         self.latent_hw = (defaults.height // 8, defaults.width // 8)
         self.frame_tokens = (self.latent_hw[0] // cfg.patch_size[1]) * (self.latent_hw[1] // cfg.patch_size[2])
         self.sessions: dict[int, RankSession] = {}
+        # a lone session's steady-state forwards replay from a CUDA graph (False: always eager)
+        self.use_graphs = device.type == "cuda"
 
     # -- sessions ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -204,16 +211,43 @@ class Stage:
                 s.prompt.tick()
             s.cache.begin(g.positions, g.frames)
             caches.append(s.cache)
-        f, h, w = emb.grid
-        positions = [p for g in groups for p in g.positions]
-        ang = self.rope.angles(h2d(positions, self.device), f, h, w)
-        cache: Any = caches[0] if len(caches) == 1 else BatchedCache(caches, self.layers)
-        a = AttnInputs(cos=ang.cos(), sin=ang.sin(), cache=cache)
-        tokens = self.dit.run_blocks(emb.tokens, emb, a, self._batched_kv(groups), self.layers)
+        tokens = self._graphed(groups, emb) if len(groups) == 1 else None
+        if tokens is None:
+            f, h, w = emb.grid
+            positions = [p for g in groups for p in g.positions]
+            ang = self.rope.angles(h2d(positions, self.device), f, h, w)
+            cache: Any = caches[0] if len(caches) == 1 else BatchedCache(caches, self.layers)
+            a = AttnInputs(cos=ang.cos(), sin=ang.sin(), cache=cache)
+            tokens = self.dit.run_blocks(emb.tokens, emb, a, self._batched_kv(groups), self.layers)
         for g in groups:
             if g.expand:
                 self.sessions[g.sid].cache.expand_rows(g.expand)  # type: ignore[union-attr]
         return tokens
+
+    def _graphed(self, groups: Sequence[Group], emb: Embedded) -> Optional[torch.Tensor]:
+        """The blocks' output from the session's CUDA graph; None where this forward runs eagerly (not
+        the steady state, the graph's warm-up forward, graphs off or failed)."""
+        g = groups[0]
+        s = self.sessions[g.sid]
+        cache = s.cache
+        if not (self.use_graphs and cache is not None and cache.all_full and g.frames == 1 and not g.expand):
+            return None
+        key = (tuple(self.layers), tuple(emb.tokens.shape), tuple(emb.e6.shape), emb.grid)
+        if s.graph is None or not s.graph.fits(cache, key):
+            s.graph = StageGraph(cache, key)
+        kv = self._batched_kv(groups)
+        if s.graph.graph is None:
+            if not s.graph.warm:  # the first steady forward runs eagerly: it initialises the kernels
+                s.graph.warm = True
+                return None
+            try:
+                s.graph.capture(self.dit, self.rope, emb, kv, self.layers)
+            except Exception as exc:  # an op that cannot be captured: stay eager, loudly
+                log.warning("CUDA graph capture of layers %s failed, they stay eager: %s", self.layers, exc)
+                self.use_graphs, s.graph = False, None
+                return None
+            log.info("captured layers %d-%d of session %d as a CUDA graph", self.layers[0], self.layers[-1], g.sid)
+        return s.graph.replay(emb, kv)
 
     def _batched_kv(self, groups: Sequence[Group]) -> list[KV]:
         if len(groups) == 1:
