@@ -29,7 +29,7 @@ def stream(engine: StreamEngine, video: np.ndarray, graphs: bool) -> np.ndarray:
     engine.vae.use_graphs = graphs
     out = s.push(video, list(range(len(video))))
     captured = s.batch.runner._graph is not None
-    vae_replays = [g.replays if g else 0 for g in (s.vae_state.enc_graph, s.vae_state.dec_graph)]
+    vae_replays = [g.replays if g else 0 for g in (s.vae_state.enc_graph, s.dec_state.dec_graph)]
     s.close()
     engine.vae.use_graphs = True
     if len(video) >= 30:

@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
@@ -251,7 +251,8 @@ class FrameIO:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._pinned: Optional[torch.Tensor] = None
-        self._pinned_out: Optional[torch.Tensor] = None
+        self._pinned_out: list[torch.Tensor] = []
+        self._next_out = 0
 
     def to_video_tensor(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 [T, H, W, 3] -> [1, 3, T, H, W] in [-1, 1] on the device (pinned, async copy on CUDA)."""
@@ -266,18 +267,30 @@ class FrameIO:
 
     def to_uint8(self, video: torch.Tensor) -> np.ndarray:
         """[1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3] on the host (a new array)."""
+        return self.to_uint8_later(video)()
+
+    def to_uint8_later(self, video: torch.Tensor) -> Callable[[], np.ndarray]:
+        """Queue the conversion and the device-to-host copy; the returned call waits for that copy alone
+        and gives the array. At most two may be pending at once (the pinned buffers alternate)."""
         v = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
         if video.device.type != "cuda":
-            return v.contiguous().numpy()
-        # into pinned memory and wait for that copy alone: a pageable .cpu() of a 480p chunk took
-        # several ms more (a staging copy on the host after the device copy)
-        if self._pinned_out is None or self._pinned_out.shape != v.shape:
-            self._pinned_out = torch.empty(v.shape, dtype=torch.uint8, pin_memory=True)
-        self._pinned_out.copy_(v.contiguous(), non_blocking=True)
+            arr = v.contiguous().numpy()
+            return lambda: arr
+        # into pinned memory: a pageable .cpu() of a 480p chunk took several ms more (a staging copy on
+        # the host after the device copy)
+        if not self._pinned_out or self._pinned_out[0].shape != v.shape:
+            self._pinned_out = [torch.empty(v.shape, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        buf = self._pinned_out[self._next_out]
+        self._next_out ^= 1
+        buf.copy_(v.contiguous(), non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        done.synchronize()
-        return self._pinned_out.numpy().copy()  # the pinned buffer is reused by the next chunk
+
+        def result() -> np.ndarray:
+            done.synchronize()
+            return buf.numpy().copy()  # the pinned buffer is reused two chunks later
+
+        return result
 
 
 class StreamEngine:

@@ -7,9 +7,11 @@ history back into them. A call then costs one graph launch plus the input copy, 
 host's time to queue a few hundred convolutions, norms and adds, which is what kept the GPU waiting
 (docs/BENCHMARKS.md, second speed round).
 
-Graphs of one device may share a memory pool: each replay writes every intermediate it later reads,
-and keeps nothing there past its own return (outputs are cloned, the history copied into tensors
-outside the pool), so replays in any order do not disturb each other.
+Each graph has its own memory pool (the step's intermediates: about what one eager call peaks at).
+Sharing one pool between the streams of a device would be sound in principle (a replay writes every
+intermediate it reads and keeps nothing there past its return), but torch 2.11 asserted in its caching
+allocator once graphs on a shared pool had been freed and new ones captured into it (2×H200, ranks
+opening and closing sessions), so `pool` is left to the caller and the VAE passes none.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class StepGraph:
         self._history = list(cache)
         work = list(cache)
         graph = torch.cuda.CUDAGraph()
+        before = torch.cuda.memory_reserved(x.device)
         try:
             with torch.cuda.graph(graph, pool=self.pool):
                 self._y = fn(self._x, work)
@@ -83,7 +86,8 @@ class StepGraph:
         # capturing recorded the kernels without running them: run this call now
         self._graph = graph
         cache[:] = self._history
-        log.info("captured %s as a CUDA graph", self.name)
+        log.info("captured %s as a CUDA graph (its memory pool took %.2f GiB more from the device)", self.name,
+                 (torch.cuda.memory_reserved(x.device) - before) / 2**30)
         self._graph.replay()
         self.replays += 1
         return self._y.clone()

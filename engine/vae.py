@@ -437,10 +437,7 @@ class WanVAE(nn.Module):
                               _enc_slots=self._enc_slots, _dec_slots=self._dec_slots)
 
     def _step_graph(self, name: str) -> StepGraph:
-        # one memory pool for all streams' VAE graphs on this module's device (see engine.stream_graph)
-        if getattr(self, "_graph_pool", None) is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
-        return StepGraph(f"the VAE {name}", self._graph_pool)
+        return StepGraph(f"the VAE {name}")
 
     def _graphs_for(self, x: torch.Tensor) -> bool:
         return self.use_graphs and x.is_cuda

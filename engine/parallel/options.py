@@ -23,9 +23,10 @@ class ParallelOptions(BaseModel):
     # Block scheduler (engine.parallel.balance).
     rebalance: bool = True
     rebalance_every: int = Field(8, ge=1, description="forwards between two decisions")
-    rebalance_gain: float = Field(0.08, ge=0.0, description="least relative gain of the slowest stage")
+    rebalance_gain: float = Field(0.04, ge=0.0, description="least relative gain of the slowest stage")
     rebalance_min_ms: float = Field(0.5, ge=0.0, description="least absolute gain in ms")
     min_blocks: int = Field(1, ge=0, description="blocks a rank keeps at least")
+    rebalance_settle: int = Field(4, ge=0, description="forwards not measured after a move (old split, graph capture)")
 
     # SLO-aware batch scheduler (engine.parallel.slo).
     max_batch: int = Field(4, ge=1, le=64, description="sessions in one forward at most")

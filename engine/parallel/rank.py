@@ -116,6 +116,10 @@ class RankBase:
         log.info("rank %d/%d on %s: blocks %s, trunk %s%s (%.1f s)", self.rank, self.world, self.device,
                  _span(layers), trunk, "".join(parts), time.perf_counter() - t0)
         self.stopped = False
+        # The last rank sends a forward's frames once the next forward's work is queued (or the ring is
+        # idle): waiting for their copy to the host right after the decode left its GPU idle while the
+        # host pickled and sent them (about 5 ms a forward on 2×H200).
+        self.deferred: Optional[_Outputs] = None
         slow = self.popts.slow_block_ms or []
         self.slow_ms = float(slow[self.rank]) if self.rank < len(slow) else 0.0
         if self.world > 1:
@@ -170,6 +174,8 @@ class RankBase:
     def handle(self, msg: Message) -> None:
         """Apply a message arriving from the previous rank (or made by rank 0) and pass it on."""
         kind, h = msg.kind, msg.header
+        if kind != "fwd":
+            self.flush_outputs()  # outputs go back before anything that follows them in the ring
         log.debug("message %s %s", kind, {k: v for k, v in h.items() if k in ("sid", "fid", "done")})
         if kind == "fwd":
             self.on_forward(msg)
@@ -240,24 +246,43 @@ class RankBase:
             self.out_link.send(Message("ret", {"fid": h["fid"]}, back))
         times.other.append(lap.stop())
         lap = self.clock.lap()
-        outputs, start = [], 0
+        frames, start = [], 0
         for g in groups:
             s = self.stage.sessions[g.sid]
             if g.new_vae:
                 s.decode_state = self.decoder.new_stream_state()  # type: ignore[union-attr]
             if g.decode is not None:
-                t_dec = time.perf_counter()
                 video = self.decoder.stream_decode(x0[start + g.rows - 1 : start + g.rows], s.decode_state)  # type: ignore[union-attr]
-                frames = self.io.to_uint8(video)
-                keep = [(f, p) for f, p in zip(frames, g.decode) if p is not None]
-                stats = dict(g.stats, vae_decode_ms=1000.0 * (time.perf_counter() - t_dec))
-                outputs.append((g.sid, [f for f, _ in keep], [p for _, p in keep], stats))
+                frames.append((g, self.io.to_uint8_later(video)))
             start += g.rows
-        times.other.append(lap.stop())
+        decode = lap.stop()
+        times.other.append(decode)
         self.clock.add(times)
-        records = h.get("times", []) + [(self.rank, *r) for r in self.clock.harvest()]
-        done = [(g.sid, g.done) for g in groups if g.done is not None]
-        self.out_link.send(Message("out", {"fid": h["fid"], "outputs": outputs, "done": done, "times": records}))
+        out = _Outputs(h["fid"], groups, frames, decode, h.get("times", []))
+        previous, self.deferred = self.deferred, None
+        if previous is not None:
+            self.send_outputs(previous)  # its frames were copied before this forward's work began
+        if self.first:  # one rank only: nothing else would send them later
+            self.send_outputs(out)
+        else:
+            self.deferred = out
+
+    def send_outputs(self, out: "_Outputs") -> None:
+        """The forward's frames to rank 0 (waits for their device-to-host copy), with its completions and
+        the stage times measured so far."""
+        outputs = []
+        for g, result in out.frames:
+            keep = [(f, p) for f, p in zip(result(), g.decode) if p is not None]
+            stats = dict(g.stats, vae_decode_ms=out.decode.wait().ms() or 0.0)
+            outputs.append((g.sid, [f for f, _ in keep], [p for _, p in keep], stats))
+        records = out.times + [(self.rank, *r) for r in self.clock.harvest()]
+        done = [(g.sid, g.done) for g in out.groups if g.done is not None]
+        self.out_link.send(Message("out", {"fid": out.fid, "outputs": outputs, "done": done, "times": records}))
+
+    def flush_outputs(self) -> None:
+        if self.deferred is not None:
+            out, self.deferred = self.deferred, None
+            self.send_outputs(out)
 
     # -- block moves ---------------------------------------------------------------------------------
     def on_rebalance(self, msg: Message) -> None:
@@ -280,7 +305,10 @@ class RankBase:
     # -- the loop of ranks 1..N-1 ----------------------------------------------------------------------
     def serve(self) -> None:
         while not self.stopped:
+            if self.deferred is not None and not self.in_link.ready():
+                self.flush_outputs()  # nothing to start first: send the last forward's frames now
             self.handle(self.in_link.recv())
+        self.flush_outputs()
 
     def close(self) -> None:
         """After "stop" went around: every message was delivered, so a peer that already closed its
@@ -303,6 +331,17 @@ def _span(layers: list[int]) -> str:
 
 
 @dataclass
+class _Outputs:
+    """A forward's decoded frames on their way to the host, and what goes back to rank 0 with them."""
+
+    fid: int
+    groups: list[Group]
+    frames: list[tuple[Group, Any]]  # (group, FrameIO.to_uint8_later result)
+    decode: Any  # timing.Lap of the decodes
+    times: list  # upstream ranks' stage times carried by the forward
+
+
+@dataclass
 class _InFlight:
     fid: int
     issued: float
@@ -321,7 +360,8 @@ class Rank0(RankBase):
         self.commands = commands
         p = self.popts
         self.balancer = BlockScheduler(self.split, every=p.rebalance_every, gain=p.rebalance_gain,
-                                       min_ms=p.rebalance_min_ms, min_blocks=p.min_blocks, enabled=p.rebalance)
+                                       min_ms=p.rebalance_min_ms, min_blocks=p.min_blocks, enabled=p.rebalance,
+                                       settle=p.rebalance_settle)
         self.batcher = BatchScheduler(p.max_batch, p.target_fps, p.deadline_ms)
         self.capacity = p.ring_capacity or self.world
         self.drivers: dict[int, tuple[DriverSession, Any]] = {}  # sid -> (driver, generator)
