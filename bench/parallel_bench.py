@@ -186,7 +186,8 @@ def run_row(name: str, spec: dict, args: argparse.Namespace) -> RowResult:
     # -- N devices, the parallel engine -------------------------------------------------------------
     log.info("%s: %s", name, args.devices)
     t0 = time.perf_counter()
-    par = dict(inflight=max(args.inflight, lag), rebalance=False, rebalance_every=args.rebalance_every)
+    par = dict(inflight=max(args.inflight, lag), rebalance=False, rebalance_every=args.rebalance_every,
+               ring_capacity=args.ring)
     eng = StreamEngine.create(EngineOptions(device=args.devices, parallel=par, step_lag=lag, **spec))
     res.start_s_n = time.perf_counter() - t0
     try:
@@ -258,6 +259,7 @@ def main() -> None:
     ap.add_argument("--settle", type=int, default=30, help="most chunks given to the block scheduler")
     ap.add_argument("--agree-chunks", type=int, default=4)
     ap.add_argument("--inflight", type=int, default=2, help="chunks of a stream in flight (parallel engine)")
+    ap.add_argument("--ring", type=int, default=None, help="forwards in the ring at once (default: the number of ranks)")
     ap.add_argument("--step-lag", type=int, default=None,
                     help="EngineOptions.step_lag for both engines (default: the number of ranks for multi-step rows)")
     ap.add_argument("--rebalance-every", type=int, default=6)
