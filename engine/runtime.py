@@ -103,6 +103,15 @@ class StreamDecoder(Protocol):
     def stream_decode(self, latent: torch.Tensor, state: Any) -> torch.Tensor: ...
 
 
+def tune_backends(device: torch.device) -> None:
+    """Process-wide backend settings for an engine process on `device`. A stream's shapes never change,
+    so cuDNN may time its convolution algorithms once per shape and keep the fastest (the VAE is most
+    of a chunk's convolutions). The benchmarks set this too: without it here, the server and every
+    pipeline rank (their own processes) ran on cuDNN's heuristic choices instead."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -298,6 +307,7 @@ class StreamEngine:
         self.cfg = cfg
         self.options = options
         self.device = resolve_device(options.device)
+        tune_backends(self.device)
         default_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype: torch.dtype = getattr(torch, options.dtype or default_dtype)
         height = options.height or cfg.stream.height

@@ -51,7 +51,8 @@ from engine.parallel.stage import Group, Stage
 from engine.parallel.timing import ForwardTimes, StageClock
 from engine.parallel.wire import DistLink, Link, LoopbackLink, Message
 from engine.rope import Rope
-from engine.runtime import EngineOptions, FrameIO, build_decoder, build_dit, build_text, build_vae, embed_prompt
+from engine.runtime import (EngineOptions, FrameIO, build_decoder, build_dit, build_text, build_vae, embed_prompt,
+                            tune_backends)
 from engine.stream_batch import KeyedNoise
 
 log = logging.getLogger("engine.parallel.rank")
@@ -82,6 +83,7 @@ class RankBase:
         self.popts: ParallelOptions = self.opts.parallel
         self.cfg: ModelConfig = load_model_config(self.opts.model)
         self.device = self._device()
+        tune_backends(self.device)
         default_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype: torch.dtype = getattr(torch, self.opts.dtype or default_dtype)
         height = self.opts.height or self.cfg.stream.height
