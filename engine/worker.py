@@ -219,12 +219,25 @@ def _as_dict(info: Any) -> dict:
     return dict(vars(info))
 
 
-def _create_engine(options: WorkerOptions) -> Any:
+def engine_options(options: WorkerOptions) -> Any:
+    """The EngineOptions the server's engine runs with.
+
+    On several ranks one session keeps as many chunks in flight as there are ranks (a push returns the
+    outputs that are ready, and later chunks' outputs come with later replies), and a multi-step model
+    defaults to a step lag of that many forwards, so that one stream keeps every rank busy; in one
+    process both stay 1 (a push returns its own chunk's frames)."""
     from pathlib import Path
 
-    from engine.runtime import EngineOptions, StreamEngine  # torch: engine process only
+    from engine.config import load_model_config
+    from engine.parallel.devices import parse_devices
+    from engine.runtime import EngineOptions  # torch: engine process only
 
-    engine_options = EngineOptions(
+    ranks = parse_devices(options.device)
+    world = ranks.world if ranks is not None else 1
+    steps = load_model_config(options.model).stream.steps
+    step_lag = options.step_lag or (world if world > 1 and steps > 1 else 1)
+    parallel = {"inflight": world} if world > 1 else {}
+    return EngineOptions(
         model=options.model,
         weights=Path(options.weights) if options.weights else None,
         device=options.device,  # "auto": the engine picks CUDA when present
@@ -233,8 +246,15 @@ def _create_engine(options: WorkerOptions) -> Any:
         seed=options.seed,
         decoder=options.decoder,
         taehv_weights=Path(options.taehv_weights) if options.taehv_weights else None,
+        step_lag=step_lag,
+        parallel=parallel,
     )
-    return StreamEngine.create(engine_options)
+
+
+def _create_engine(options: WorkerOptions) -> Any:
+    from engine.runtime import StreamEngine  # torch: engine process only
+
+    return StreamEngine.create(engine_options(options))
 
 
 def _warm_up(engine: Any, info: EngineInfo) -> None:

@@ -52,6 +52,9 @@ class WorkerOptions(_Message):
     seed: int = 0
     decoder: Literal["wan", "taehv"] = "wan"
     taehv_weights: Optional[str] = None  # taew2_1.pth, for decoder taehv
+    # Forwards between a chunk's denoising steps (EngineOptions.step_lag); None: the number of ranks
+    # for a multi-step model on several ranks, else 1.
+    step_lag: Optional[int] = Field(None, ge=1, le=8)
     log_level: str = "INFO"
     warmup: bool = Field(True, description="run a throwaway session once before reporting ready")
     # Test-only: seconds the worker sleeps per pushed chunk, to simulate an engine slower than

@@ -143,3 +143,43 @@ def test_a_failing_request_does_not_stop_other_sessions(engine_conn: Connection)
     good.close()
     # The engine already dropped "bad": closing it again is harmless.
     bad.close()
+
+
+def test_engine_options_pipeline_one_stream_over_several_ranks() -> None:
+    one = worker.engine_options(WorkerOptions(model="tiny", device="cpu"))
+    assert one.step_lag == 1 and one.parallel.inflight == 1
+    two = worker.engine_options(WorkerOptions(model="tiny", device="cpu:2"))  # tiny runs 2 steps
+    assert two.step_lag == 2 and two.parallel.inflight == 2
+    assert worker.engine_options(WorkerOptions(model="tiny", device="cpu:3", step_lag=1)).step_lag == 1
+
+
+def test_a_two_rank_engine_process_pipelines_one_session() -> None:
+    """Over two ranks the server's engine keeps chunks of one session in flight: a push is answered
+    before its chunk is done, and the frames come with later replies, every one once and in order."""
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    options = WorkerOptions(model="tiny", device="cpu:2", height=SIZE, width=SIZE, warmup=False)
+    # not a daemon: the engine process starts its rank processes (as server/engine_client.py does)
+    process = ctx.Process(target=worker.main, args=(theirs, options.model_dump()))
+    process.start()
+    theirs.close()
+    try:
+        assert isinstance(_recv(ours, 300.0), EngineReady)
+        client = Client(ours, "P", "a lighthouse")
+        counts, out, sent = [], [], []
+        for round_ in range(8):
+            sent += list(range(client.pts, client.pts + 3000 * client.chunk_frames, 3000))
+            client.send_chunk(_inputs(round_))
+            reply = _recv(ours)
+            assert isinstance(reply, FramesOut), reply
+            counts.append(reply.count)
+            out += client.take(reply)
+        assert counts[0] == 0, "the first push waited for its own chunk: nothing in flight"
+        pts = [p for _, p in out]
+        assert pts == sent[: len(pts)] and len(pts) >= 5 + 4 * 3
+        client.close()
+    finally:
+        ours.send(encode(Shutdown()))
+        process.join(60)
+        if process.is_alive():
+            process.kill()
