@@ -30,6 +30,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _serving_rank(devices: str) -> bool:
+    """Under torchrun, every process but RANK 0 is a serving rank (RANK 0 reads and writes the video)."""
+    return devices.strip().lower() == "torchrun" and os.environ.get("RANK", "0") != "0"
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = _Parser(prog="python -m engine")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -53,7 +58,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "every rank busy (frames equal any engine with the same value)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    if args.devices.strip().lower() == "torchrun" and os.environ.get("RANK", "0") != "0":
+    if _serving_rank(args.devices):
         return args  # a serving rank: RANK 0 reads the input and writes the output
     if not args.input.is_file():
         ap.error(f"--input {args.input}: no such file")
@@ -73,11 +78,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         ap.error(f"--steps {args.steps}: must be 1..4")
     if args.weights is not None and not args.weights.is_dir():
         ap.error(f"--weights {args.weights}: no such folder")
-    problem = decoder_problem(args.decoder, args.taehv_weights, args.weights, cli=True)
+    problem = decoder_problem(args.decoder, args.taehv_weights, args.weights, cli=True, check_file=True)
     if problem:
         ap.error(problem)
-    if args.taehv_weights is not None and not args.taehv_weights.is_file():
-        ap.error(f"--taehv-weights {args.taehv_weights}: no such file")
     from engine.parallel.devices import parse_devices
 
     try:
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.parallel.errors import EngineFailure
     from engine.render import render
 
-    if args.devices.strip().lower() == "torchrun" and os.environ.get("RANK", "0") != "0":
+    if _serving_rank(args.devices):
         from engine.render import serve_rank
 
         serve_rank(args)  # this process is one rank; RANK 0 reads and writes the video

@@ -6,7 +6,7 @@ This module imports no torch so that tools and tests can validate configs cheapl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -115,21 +115,25 @@ class ModelConfig(_Strict):
         return data
 
 
-DECODERS = ("wan", "taehv")
+Decoder = Literal["wan", "taehv"]  # latents -> pixels: the Wan VAE, or the light TAEHV decoder
+DECODERS: tuple[str, ...] = get_args(Decoder)
 
 
-def decoder_problem(decoder: str, taehv_weights: object, weights: object, cli: bool = False) -> Optional[str]:
+def decoder_problem(decoder: Decoder, taehv_weights: object, weights: object, cli: bool = False,
+                    check_file: bool = False) -> Optional[str]:
     """Why a decoder choice is inconsistent, or None. One rule for the engine options, the render
     CLI and the server config: the light TAEHV decoder needs its file (taew2_1.pth) whenever the model
-    has real weights; with random model weights a seeded random TAEHV is fine. `cli` names the flags."""
+    has real weights; with random model weights a seeded random TAEHV is fine. `cli` names the flags.
+    Callers validate `decoder` against Decoder first. `check_file`: a given taehv_weights must also be
+    an existing file (the command lines check it up front; the engine fails on it when loading)."""
     dec, file = ("--decoder", "--taehv-weights") if cli else ("decoder", "taehv_weights")
-    if decoder not in DECODERS:
-        return f"{dec} {decoder!r}: choose one of {', '.join(DECODERS)}"
     if taehv_weights is not None and decoder != "taehv":
         return f"{file} is only used with {dec} taehv"
     if decoder == "taehv" and taehv_weights is None and weights is not None:
         return (f"{dec} taehv with real model weights needs {file}: the taew2_1.pth file of the "
                 "TAEHV project (random TAEHV weights are only used with random model weights)")
+    if check_file and taehv_weights is not None and not Path(str(taehv_weights)).is_file():
+        return f"{file} {taehv_weights}: no such file"
     return None
 
 

@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine import attention
 from engine.checkpoint import WeightsLayout, check_state_dict, load_into, read_tensor_file
-from engine.config import ModelConfig, StreamDefaults, decoder_problem, load_model_config
+from engine.config import Decoder, ModelConfig, StreamDefaults, decoder_problem, load_model_config
 from engine.dit import Block, WanDiT
 from engine.parallel.options import ParallelOptions
 from engine.rope import Rope
@@ -46,8 +46,6 @@ log = logging.getLogger(__name__)
 TRUNK_PARTS = ("patch_embedding", "text_embedding", "time_embedding", "time_projection", "head")
 # Sub-seeds of the random-weight init, one per part (DiT blocks add their index).
 _SEED_TRUNK, _SEED_BLOCK, _SEED_VAE, _SEED_TEXT, _SEED_TAEHV = 1, 2, 3, 4, 5
-
-Decoder = Literal["wan", "taehv"]
 
 
 class EngineOptions(BaseModel):

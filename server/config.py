@@ -12,7 +12,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from engine.config import ConfigError, decoder_problem, load_model_config  # torch-free by contract
+from engine.config import DECODERS, ConfigError, Decoder, decoder_problem, load_model_config  # torch-free by contract
 from interface.controls import MAX_PROMPT_CHARS
 from interface.messages import DEVICE_PATTERN, WorkerOptions
 from server.ice import IceServer
@@ -35,7 +35,7 @@ class ServerConfig(BaseModel):
     height: Optional[int] = Field(None, gt=0, multiple_of=16)
     width: Optional[int] = Field(None, gt=0, multiple_of=16)
     seed: int = Field(0, ge=0)
-    decoder: Literal["wan", "taehv"] = Field(
+    decoder: Decoder = Field(
         "wan", description="latents -> pixels: the Wan VAE, or the light TAEHV decoder (far less compute, lower fidelity)"
     )
     taehv_weights: Optional[Path] = Field(None, description="taew2_1.pth from the TAEHV project, for decoder taehv")
@@ -159,7 +159,7 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8080)")
     parser.add_argument("--devices", help="auto, cpu, cuda, cuda:N, or several for a pipeline-parallel engine: cuda:0,1, cuda*N, cpu:N (default auto)")
-    parser.add_argument("--decoder", choices=("wan", "taehv"),
+    parser.add_argument("--decoder", choices=DECODERS,
                         help="wan (default): the Wan VAE decoder; taehv: the light TAEHV decoder, far less compute, lower fidelity")
     parser.add_argument("--taehv-weights", dest="taehv_weights", type=Path,
                         help="taew2_1.pth from the TAEHV project (needed for --decoder taehv with --weights)")
@@ -199,8 +199,9 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
         config = ServerConfig.model_validate(data)
         if config.model:
             load_model_config(config.model)  # fail now on an unknown model, not in the engine
-        if config.taehv_weights is not None and not config.taehv_weights.is_file():
-            parser.error(f"--taehv-weights {config.taehv_weights}: no such file")
+        problem = decoder_problem(config.decoder, config.taehv_weights, config.weights, cli=True, check_file=True)
+        if problem:  # the validator checked the rest: only a missing file is left
+            parser.error(problem)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         parser.error(f"bad configuration: {problems}")
