@@ -183,8 +183,7 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
     engine, within `drain_timeout_s`."""
     state = app[STATE]
     state.engine_task = asyncio.ensure_future(_supervise_engine(state))
-    yield
-    state.draining = True
+    yield  # on_shutdown (_stop_accepting) has set draining already
     state.engine_task.cancel()
     timeout = state.config.drain_timeout_s
     try:
