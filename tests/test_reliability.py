@@ -201,6 +201,7 @@ async def test_over_capacity_gets_503_with_retry_after(rserver: ServerProcess) -
             ids.append(body["session_id"])
         status, body, headers = await post_offer(http, rserver.url, sdp)
         assert status == 503 and int(headers["Retry-After"]) > 0 and "full" in body["error"], body
+        full_refusal = body["error"]
         for sid in ids:
             await http.delete(f"{rserver.url}/api/sessions/{sid}")
 
@@ -213,7 +214,7 @@ async def test_over_capacity_gets_503_with_retry_after(rserver: ServerProcess) -
         assert status == 503 and int(headers["Retry-After"]) > 0 and "capacity" in body["error"], body
         n = len(client.frames)
         await client.wait_for(lambda: len(client.frames) >= n + 4, 30, "the running session to go on")
-        record("admission", refused_full=body["error"][:0] or "503 at 4th session", headroom_refusal=body["error"])
+        record("admission", refused_full=full_refusal, headroom_refusal=body["error"])
         await client.close()
         await wait_until(lambda: not rserver.get("/api/sessions")["sessions"], 15, "the session to close")
         status, body, _ = await post_offer(http, rserver.url, sdp)  # capacity is back
