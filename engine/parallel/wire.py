@@ -76,10 +76,6 @@ def unpack(entries: list[Entry], buf: Optional[torch.Tensor]) -> dict[str, torch
     return out
 
 
-def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for t in tensors.values())
-
-
 class Link:
     """A directed channel between two ranks (or a rank and itself)."""
 
