@@ -94,6 +94,7 @@ class DriverSession:
         h, w = d.height // 8, d.width // 8
         self.latent_hw = (h, w)
         self.commands: deque = deque()
+        self.sources: deque[Optional[int]] = deque()  # per batch: see _new_batch
         self._reset_stream()
 
     # -- stream state (StreamSession._reset_stream / _new_batch, StreamBatch.__init__) ----------------
@@ -105,7 +106,7 @@ class DriverSession:
         self.last_t0 = NoiseController.timestep(self.controller.s_max)
 
     def _new_batch(self) -> None:
-        for fid in getattr(self, "sources", ()):
+        for fid in self.sources:
             if fid is not None:  # rows nobody will wait for any more
                 self.host.discard.add((fid, self.sid))
         self.steps = flow.step_list(self.steps_count)
@@ -115,7 +116,7 @@ class DriverSession:
         self.fresh = True  # the next forward starts a new KV cache on every rank
         # The last step_lag forwards, oldest first: a forward id whose re-noised rows 0..n-2 the next
         # forwards take as their rows 1.., or None for filler (zeros) while the stream starts.
-        self.sources: deque[Optional[int]] = deque()
+        self.sources = deque()
         self.entered: deque[int] = deque()  # positions of the chunks that entered, newest last
         self.row_pos: list[int] = []
         self.next_pos = 0

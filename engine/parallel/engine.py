@@ -44,10 +44,9 @@ OutputFrame = tuple[np.ndarray, int]
 
 
 class ParallelSession:
-    def __init__(self, engine: "ParallelEngine", sid: int, prompt: str, params: StreamParams) -> None:
+    def __init__(self, engine: "ParallelEngine", sid: int) -> None:
         self.engine, self.sid = engine, sid
         self.id = uuid.uuid4().hex[:12]
-        self.prompt, self.params = prompt, params
         self.stats: dict[str, float] = {}
         self.chunks_in = 0
         self.closed = False
@@ -174,8 +173,6 @@ class ParallelEngine:
         width = options.width or cfg.stream.width
         if height % 16 or width % 16:
             raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
-        self.defaults = cfg.stream.model_copy(
-            update={"height": height, "width": width, "steps": options.steps or cfg.stream.steps})
         self._cond = threading.Condition(threading.RLock())
         self._failure: Optional[EngineFailure] = None
         self._sessions: dict[int, ParallelSession] = {}
@@ -400,7 +397,7 @@ class ParallelEngine:
         with self._cond:
             sid = self._next_sid
             self._next_sid += 1
-            s = ParallelSession(self, sid, prompt, params)
+            s = ParallelSession(self, sid)
             self._sessions[sid] = s
         seq = s._send(lambda q: P.OpenCmd(sid, q, prompt, params.model_dump()))
         self._wait(lambda: s._done >= seq or s._error is not None, "the session to open")

@@ -24,6 +24,7 @@ class Lap:
         else:
             self._t0 = time.perf_counter()
         self._ms: Optional[float] = None
+        self._extra = 0.0  # host time added by add()
 
     def stop(self) -> "Lap":
         if self.cuda:
@@ -34,7 +35,7 @@ class Lap:
 
     def add(self, ms: float) -> None:
         """Count extra host time (a test hook's sleep) in this lap."""
-        self._extra = getattr(self, "_extra", 0.0) + ms
+        self._extra += ms
 
     def wait(self) -> "Lap":
         """Block until the lap's end has run on the device (no-op on CPU)."""
@@ -45,7 +46,7 @@ class Lap:
     def ms(self) -> Optional[float]:
         if self._ms is None and self.cuda and self._end.query():
             self._ms = self._start.elapsed_time(self._end)
-        return None if self._ms is None else self._ms + getattr(self, "_extra", 0.0)
+        return None if self._ms is None else self._ms + self._extra
 
 
 @dataclass
