@@ -303,6 +303,7 @@ def test_pipelined_pushes_keep_every_frame(tiny4, reference):
         assert s.chunk_frames == 4
         out += s.flush()
         assert_same(out, ref["steps1"])
+        assert e.stats()["max_inflight"] > 1  # the chunks really overlapped in the ring
         with pytest.raises(ValueError, match="uint8"):
             s.push(np.zeros((4, 16, 16, 3), np.uint8), list(range(4)))
         s.close()
@@ -395,15 +396,30 @@ def test_two_sessions_batched_equal_each_alone(tiny4, single):
 def test_ranks_load_only_their_part_of_real_checkpoints(tmp_path):
     """Real-layout weights: each rank reads its blocks and trunk parts from the (strictly checked)
     checkpoint, the text encoder on rank 0, and the frames equal one process's."""
+    from engine.checkpoint import WeightsLayout
+    from engine.parallel.balance import ranges
     from tests.weights_fixture import write_small_weights
 
-    cfg_path, _ = write_small_weights(tmp_path)
+    cfg_path, states = write_small_weights(tmp_path)
     frames = video(17, h=64, w=64)  # the small config's size
     one = StreamEngine.create(EngineOptions(model=str(cfg_path), weights=tmp_path, device="cpu"))
     want = drive(one, frames)
     with StreamEngine.create(EngineOptions(model=str(cfg_path), weights=tmp_path, device="cpu:2")) as e:
         assert not e.info.random_weights
         assert_same(drive(e, frames), want)
+        split = e.stats()["split"]
+    # What each rank builds (the ranks are other processes, so build their parts here as they do):
+    # its blocks and trunk parts hold the file's weights, every other block stays on the meta device.
+    cfg = load_model_config(cfg_path)
+    layout = WeightsLayout(tmp_path, cfg)
+    trunks = [["text_embedding", "patch_embedding", "time_embedding", "time_projection"], ["text_embedding", "head"]]
+    for layers, trunk in zip(ranges(split), trunks):
+        dit = build_dit(cfg, layout, torch.device("cpu"), torch.float32, 0, blocks=layers, trunk=trunk)
+        for i, block in enumerate(dit.blocks):
+            assert all(p.is_meta != (i in layers) for p in block.parameters()), (list(layers), i)
+        for name, p in dit.named_parameters():
+            if not p.is_meta:
+                assert torch.equal(p, states["dit"][name]), name
 
 
 @pytest.mark.parametrize("victim", [1, 0])

@@ -39,8 +39,13 @@ def tree(tmp_path_factory):
     small = {**SMALL, "text": {**SMALL["text"], "dim": 4096, "num_heads": 32}}
     cfg_path.write_text(yaml.safe_dump(small))
     weights = write_tree(root, str(cfg_path), seed=3, device="cpu")
-    again = write_tree(root, str(cfg_path), seed=3, device="cpu")  # a finished tree is reused
-    assert again == weights
+
+    def files() -> dict:
+        return {p: (p.lstat().st_ino, p.lstat().st_mtime_ns) for p in sorted(root.rglob("*")) if not p.is_dir()}
+
+    before = files()
+    assert write_tree(root, str(cfg_path), seed=3, device="cpu") == weights
+    assert files() == before  # a finished tree is reused: nothing rewritten
     return root, load_model_config(cfg_path), weights
 
 
