@@ -5,7 +5,7 @@ For each row (P1 1.3B 480×832 2 steps, P2 1.3B 512² 1 step, P3 14B 512² 1 ste
 2. ours runs in its own process (bench/engine_bench.py), then the reference in its own process through
    its own entry points and loader (bench/reference_bench.py), on the same card;
 3. a table is printed last (fps, ratio ours/reference, TTFF, per-stage ms, MFU, peak memory) and a
-   Markdown section with card, date, versions and command is appended to --md.
+   Markdown section with card, date, versions and command is appended to --md (--md none: not appended).
 
     python -m bench                                   # all rows, files under /dev/shm/streamgen-ref
     python -m bench --rows p1 --no-reference          # ours only
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -93,7 +92,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=6)
     ap.add_argument("--out", type=Path, default=Path("bench-out"), help="JSON and logs per row")
-    ap.add_argument("--md", type=Path, default=Path("docs/BENCHMARKS.md"), help="append the Markdown table here")
+    ap.add_argument("--md", default="docs/BENCHMARKS.md", help="append the Markdown table here ('' or none: don't)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per step")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -140,7 +139,7 @@ def main() -> None:
     command = "python -m bench " + " ".join(sys.argv[1:])
     md = table(results, meta, command)
     (args.out / "results.json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
-    if args.md:
+    if args.md.strip().lower() not in ("", "none"):
         with open(args.md, "a") as f:
             f.write(f"\n## Side by side with the reference package, {meta['date']}, {meta['gpu']}\n\n{md}\n")
     print("\n" + md)

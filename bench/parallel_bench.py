@@ -36,17 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable as a
 import torch  # noqa: E402
 
 from bench.measure import synthetic_video  # noqa: E402
+from bench.rows import PROMPT, ROWS  # noqa: E402
 from engine.parallel.devices import parse_devices  # noqa: E402
 from engine.runtime import EngineOptions, StreamEngine  # noqa: E402
 
 log = logging.getLogger("bench.parallel")
-
-ROWS = {
-    "p1": dict(model="wan-1.3b", height=480, width=832, steps=2),
-    "p3": dict(model="wan-14b", height=512, width=512, steps=1),
-    "p2": dict(model="wan-1.3b", height=512, width=512, steps=1),
-}
-PROMPT = "a watercolor painting of a city street"
 
 
 @dataclass
