@@ -39,6 +39,11 @@ class ServerConfig(BaseModel):
         "wan", description="latents -> pixels: the Wan VAE, or the light TAEHV decoder (far less compute, lower fidelity)"
     )
     taehv_weights: Optional[Path] = Field(None, description="taew2_1.pth from the TAEHV project, for decoder taehv")
+    step_lag: Optional[int] = Field(
+        None, ge=1, le=8,
+        description="forwards between a chunk's denoising steps; default: the number of ranks for a multi-step model"
+                    " on several ranks (one stream keeps every rank busy), else 1",
+    )
     deadline_s: float = Field(1.0, gt=0.0, description="per-frame latency budget (miss rate)")
     max_sessions: int = Field(4, ge=1, le=64)
     output_size: Literal["camera", "crop", "model"] = Field(
@@ -132,6 +137,7 @@ def worker_options(config: ServerConfig) -> WorkerOptions:
         seed=config.seed,
         decoder=config.decoder,
         taehv_weights=str(config.taehv_weights) if config.taehv_weights else None,
+        step_lag=config.step_lag,
         log_level=config.log_level,
     )
 
@@ -163,6 +169,9 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
                         help="wan (default): the Wan VAE decoder; taehv: the light TAEHV decoder, far less compute, lower fidelity")
     parser.add_argument("--taehv-weights", dest="taehv_weights", type=Path,
                         help="taew2_1.pth from the TAEHV project (needed for --decoder taehv with --weights)")
+    parser.add_argument("--step-lag", dest="step_lag", type=int,
+                        help="forwards between a chunk's denoising steps (default: the number of ranks for a multi-step "
+                             "model on several ranks, else 1; 1 is the reference's schedule)")
     parser.add_argument("--config", type=Path, help="YAML or JSON file with ServerConfig fields")
     parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING")
     parser.add_argument(

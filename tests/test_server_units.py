@@ -217,6 +217,10 @@ def test_model_choice_follows_the_weights_folder(tmp_path: Path) -> None:
     assert resolve_model(ServerConfig(weights=tmp_path, model="tiny")) == ("tiny", None)  # tiny has none
     assert resolve_model(ServerConfig(model="wan-14b")) == ("wan-14b", None)  # random weights at real size
     assert worker_options(ServerConfig(devices="cuda:1")).device == "cuda:1"
+    assert worker_options(ServerConfig(devices="cuda:0,1")).step_lag is None  # the engine process decides
+    assert worker_options(parse_args(["--devices", "cuda:0,1", "--step-lag", "1"])).step_lag == 1
+    with pytest.raises(SystemExit):
+        parse_args(["--step-lag", "0"])
 
 
 def test_cli_reads_a_config_file_and_flags_override_it(tmp_path: Path) -> None:
