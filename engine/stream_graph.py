@@ -11,13 +11,13 @@ Each graph has its own memory pool (the step's intermediates: about what one eag
 Sharing one pool between the streams of a device would be sound in principle (a replay writes every
 intermediate it reads and keeps nothing there past its return), but torch 2.11 asserted in its caching
 allocator once graphs on a shared pool had been freed and new ones captured into it (2×H200, ranks
-opening and closing sessions), so `pool` is left to the caller and the VAE passes none.
+opening and closing sessions).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -37,9 +37,8 @@ class StepGraph:
     """Runs one stream's step eagerly until two calls in a row have the same shapes, then captures it
     and replays it for as long as the shapes (and the history tensors themselves) stay the same."""
 
-    def __init__(self, name: str, pool: Any = None) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.pool = pool
         self._graph: Optional[torch.cuda.CUDAGraph] = None
         self._sig: Optional[tuple] = None
         self._x: Optional[torch.Tensor] = None
@@ -74,7 +73,7 @@ class StepGraph:
         graph = torch.cuda.CUDAGraph()
         before = torch.cuda.memory_reserved(x.device)
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph):
                 self._y = fn(self._x, work)
                 for static, new in zip(self._history, work):
                     if new is not static:
