@@ -221,6 +221,36 @@ if _HAVE_TRITON:
         tl.store(Out + row * D + 2 * j + 1, (a * s + b * c).to(Out.dtype.element_ty), mask=m)
 
 
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _rms_norm_weight_rows(X, W, Out, D, eps, BLOCK_D: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_D)
+        m = cols < D
+        x = tl.load(X + row * D + cols, mask=m, other=0.0).to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+        h = (x * inv).to(Out.dtype.element_ty).to(tl.float32)  # rounded before the weight, as the module
+        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(Out + row * D + cols, (h * w).to(Out.dtype.element_ty), mask=m)
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The DiT's RMSNorm over the last dim of x, times weight (engine.dit.RMSNorm's expression)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_norm_torch in one pass (the cross-attention query's norm: six kernels per block in torch)."""
+    if not (_dit_usable(x) and weight.is_contiguous() and x.dtype == weight.dtype):
+        return rms_norm_torch(x, weight, eps)
+    d = x.shape[-1]
+    out = torch.empty_like(x)
+    _rms_norm_weight_rows[(x.numel() // d,)](x, weight, out, d, float(eps), BLOCK_D=triton.next_power_of_2(d))
+    return out
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     if not (_dit_usable(x) and shift.is_contiguous() and scale.is_contiguous()):
         return modulate_torch(x, shift, scale, eps)
@@ -248,3 +278,136 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: 
     _qk_norm_rope_rows[(r * n,)](x, weight, cos, sin, out, d, cos.shape[-1], float(eps),
                                  BLOCK_H=triton.next_power_of_2(d // 2))
     return out
+
+
+# -- KV cache: where a full row's new frame goes (FIFO or a sink refresh), decided on the device ----------
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _token_sums_kv(K, V, PK, PV, T, D, NP, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        # partial sums over one block of a row's T tokens of k and v [rows, T, D] -> PK, PV [rows, NP, D]
+        r = tl.program_id(0).to(tl.int64)
+        p = tl.program_id(1)
+        cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+        toks = p * BLOCK_T + tl.arange(0, BLOCK_T)
+        m = (toks[:, None] < T) & (cols[None, :] < D)
+        off = (r * T + toks[:, None]) * D + cols[None, :]
+        dst = (r * NP + p) * D + cols
+        tl.store(PK + dst, tl.sum(tl.load(K + off, mask=m, other=0.0).to(tl.float32), axis=0), mask=cols < D)
+        tl.store(PV + dst, tl.sum(tl.load(V + off, mask=m, other=0.0).to(tl.float32), axis=0), mask=cols < D)
+
+    @triton.jit
+    def _evict_rows(PK, PV, KS, VS, PLAN, RR, SLOT, rows, S, rolling, T, D, NP, threshold,
+                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, REFRESH: tl.constexpr):
+        # one program per row: the slot this forward's frame goes to, the round robin, the sink means
+        r = tl.program_id(0)
+        full = tl.load(PLAN + r) != 0
+        host_slot = tl.load(PLAN + rows + r)
+        rr = tl.load(RR + r)
+        fifo = S + rr % rolling
+        slot = fifo
+        advance = full
+        if REFRESH:
+            si = tl.arange(0, BLOCK_S)
+            d = tl.arange(0, BLOCK_D)
+            sm = si < S
+            dm = d < D
+            m2 = sm[:, None] & dm[None, :]
+            kn = tl.zeros([BLOCK_D], dtype=tl.float32)
+            vn = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for p in range(0, NP):  # the token blocks' sums, in a fixed order
+                kn += tl.load(PK + (r * NP + p) * D + d, mask=dm, other=0.0)
+                vn += tl.load(PV + (r * NP + p) * D + d, mask=dm, other=0.0)
+            # the mean rounded to the cache's dtype, as torch's mean of the keys returns it
+            kn = (kn / T).to(KS.dtype.element_ty).to(tl.float32)
+            vn = (vn / T).to(VS.dtype.element_ty).to(tl.float32)
+            soff = (r * S + si[:, None]) * D + d[None, :]
+            ks = tl.load(KS + soff, mask=m2, other=0.0).to(tl.float32)
+            vs = tl.load(VS + soff, mask=m2, other=0.0).to(tl.float32)
+            # cosine similarity as torch computes it: each vector over its norm (clamped at 1e-8)
+            kn_n = tl.maximum(tl.sqrt(tl.sum(kn * kn, axis=0)), 1e-8)
+            vn_n = tl.maximum(tl.sqrt(tl.sum(vn * vn, axis=0)), 1e-8)
+            ks_n = tl.maximum(tl.sqrt(tl.sum(ks * ks, axis=1)), 1e-8)
+            vs_n = tl.maximum(tl.sqrt(tl.sum(vs * vs, axis=1)), 1e-8)
+            sim_k = tl.sum((ks / ks_n[:, None]) * (kn / kn_n)[None, :], axis=1)
+            sim_v = tl.sum((vs / vs_n[:, None]) * (vn / vn_n)[None, :], axis=1)
+            sim = tl.where(sm, (sim_k + sim_v) / 2, float("inf"))
+            low = tl.min(sim, axis=0)
+            low_idx = tl.argmin(sim, axis=0)
+            refresh = full & (low < threshold)
+            slot = tl.where(refresh, low_idx.to(tl.int64), fifo)
+            advance = full & (refresh == 0)
+            dst = (r * S + low_idx) * D + d
+            wm = dm & (tl.zeros([BLOCK_D], dtype=tl.int32) + refresh.to(tl.int32) > 0)
+            tl.store(KS + dst, kn.to(KS.dtype.element_ty), mask=wm)
+            tl.store(VS + dst, vn.to(VS.dtype.element_ty), mask=wm)
+        tl.store(SLOT + r, tl.where(full, slot, host_slot))
+        tl.store(RR + r, rr + advance.to(tl.int64))
+
+
+def evict_usable(k: torch.Tensor) -> bool:
+    return _HAVE_TRITON and (k.is_cuda or _INTERPRET) and k.is_contiguous()
+
+
+def evict_slots(k: torch.Tensor, v: torch.Tensor, plan: torch.Tensor, rr: torch.Tensor,
+                sink_mean: Optional[tuple[torch.Tensor, torch.Tensor]], num_sink: int, rolling: int,
+                threshold: Optional[float]) -> torch.Tensor:
+    """Where each row of a forward writes its frame (k, v [rows, T, heads, hd]): rows that are not full
+    go to plan[1]; full rows to the next rolling slot (FIFO), or, with sink refresh, to the sink whose
+    kept mean k/v is least like the frame's when that similarity is under `threshold` (the sink's means
+    then become the frame's). Updates rr and the sink means in place; returns the slots [rows].
+    StreamKVCache._evict_slot is the same rule in torch; this is three kernels instead of about twenty."""
+    rows, t = k.shape[0], k.shape[1]
+    d = k[0, 0].numel()
+    slot = torch.empty(rows, dtype=torch.long, device=k.device)
+    refresh = sink_mean is not None
+    block_t, block_d = 64, 128
+    n_blocks = triton.cdiv(t, block_t)
+    if refresh:
+        # partial sums over token blocks first: one program per row would leave most of the GPU idle
+        pk = torch.empty(rows, n_blocks, d, dtype=torch.float32, device=k.device)
+        pv = torch.empty_like(pk)
+        _token_sums_kv[(rows, n_blocks, triton.cdiv(d, block_d))](k, v, pk, pv, t, d, n_blocks,
+                                                                   BLOCK_T=block_t, BLOCK_D=block_d)
+        ks, vs = sink_mean
+    else:
+        pk = pv = ks = vs = slot  # unused
+    _evict_rows[(rows,)](pk, pv, ks, vs, plan, rr, slot, rows, num_sink, rolling, t, d, n_blocks,
+                         float(threshold if threshold is not None else 0.0),
+                         BLOCK_S=triton.next_power_of_2(max(num_sink, 1)), BLOCK_D=triton.next_power_of_2(d),
+                         REFRESH=refresh)
+    return slot
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _write_frames(K, V, KC, VC, SLOT, SLOT_POS, POS, window, E, BLOCK: tl.constexpr):
+        # row r's frame (E = tokens * heads * head_dim values of k and of v) into cache slot SLOT[r]
+        r = tl.program_id(0).to(tl.int64)
+        blk = tl.program_id(1)
+        slot = tl.load(SLOT + r)
+        cols = blk * BLOCK + tl.arange(0, BLOCK)
+        m = cols < E
+        dst = (r * window + slot) * E + cols
+        tl.store(KC + dst, tl.load(K + r * E + cols, mask=m), mask=m)
+        tl.store(VC + dst, tl.load(V + r * E + cols, mask=m), mask=m)
+        if blk == 0:
+            tl.store(SLOT_POS + r * window + slot, tl.load(POS + r))
+
+
+def write_frames(kc: torch.Tensor, vc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor,
+                 slot_pos: torch.Tensor, positions: torch.Tensor) -> bool:
+    """Write each row's one-frame k, v [rows, T, heads, hd] into its cache kc, vc [rows, window*T, heads, hd]
+    at slot[r], and record positions[r] in slot_pos[r, slot[r]]: one kernel for what index_copy_ (twice)
+    and an index_put did in three. False (nothing done) where the kernel does not apply."""
+    if not (evict_usable(k) and v.is_contiguous() and kc.is_contiguous() and vc.is_contiguous()
+            and slot_pos.is_contiguous() and positions.is_contiguous() and k.dtype == kc.dtype and v.dtype == vc.dtype):
+        return False
+    rows, window = k.shape[0], slot_pos.shape[1]
+    e = k[0].numel()
+    block = 4096
+    _write_frames[(rows, triton.cdiv(e, block))](k, v, kc, vc, slot, slot_pos, positions, window, e, BLOCK=block)
+    return True

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from engine import kernels
 from engine.rope import Rope, rotate
 from engine.transfer import h2d, h2d_into
 
@@ -86,15 +87,21 @@ class StreamKVCache:
             self.filled[r] = self.window if is_full else p + frames
             self.last_pos[r] = p + frames - 1
         h2d_into(self.plan, [full, host_slot, list(positions)])
+        # A first chunk (several frames, rows alike) attends to the filled prefix alone and without a
+        # mask: with the whole window behind a mask, SDPA left cuDNN's kernel for a slower one and read
+        # the empty slots too (60 ms per 480x832 first-chunk forward instead of about 15). Later
+        # forwards keep the window's length while it fills, so that a forward batching several
+        # sessions' rows computes exactly what each session alone does.
+        prefix = self.filled[0] if frames > 1 and len(set(self.filled)) == 1 and not any(full) else None
         valid = None
-        if not all(full):
+        if not all(full) and prefix is None:
             slots = torch.arange(self.window * self.frame_tokens, device=self.device) // self.frame_tokens
             valid = slots[None, :] < h2d(self.filled, self.device)[:, None]
         # a row still filling writes a sink slot: the kept sink means of every layer follow (once per
         # layer, decided here once per forward)
         writes_sink = self._refresh and any(not f and p < self.num_sink for f, p in zip(full, host_slot))
         self._plan = dict(frames=frames, any_full=any(full), all_full=all(full), host_slot=host_slot, valid=valid,
-                          writes_sink=writes_sink)
+                          prefix=prefix, writes_sink=writes_sink)
 
     @property
     def positions(self) -> torch.Tensor:
@@ -119,18 +126,28 @@ class StreamKVCache:
                 self.slot_pos[layer][r, p : p + f] = torch.arange(p, p + f, device=self.device)
             if plan["writes_sink"]:
                 self._update_sink_mean(layer)
+            if plan["prefix"] is not None:
+                return kc[:, : plan["prefix"] * t], vc[:, : plan["prefix"] * t], None
             return kc, vc, plan["valid"]
+        # On CUDA the slot decision and the write are Triton kernels (kernels.evict_slots, write_frames:
+        # the same rule and copies, in 3 + 1 kernels instead of about 25 per layer); elsewhere torch.
         slot = self.plan[1]
-        idx = torch.arange(rows, device=self.device)
-        if plan["any_full"]:
+        fused = kernels.evict_usable(k) and v.is_contiguous()
+        if plan["any_full"] and fused:
+            slot = kernels.evict_slots(k, v, self.plan, self.rr[layer], self.sink_mean.get(layer) if self._refresh else None,
+                                       self.num_sink, self.window - self.num_sink, self.sink_threshold)
+        elif plan["any_full"]:
             full = self.plan[0].bool()
+            idx = torch.arange(rows, device=self.device)
             slot = torch.where(full, self._evict_slot(layer, k, v, full, idx), slot)
-        # one index_copy_ per tensor (a row's frame is one contiguous block): about twice as fast as
-        # advanced-index assignment, which computes an index per element
-        dst = idx * self.window + slot
-        kc.view(rows * self.window, -1).index_copy_(0, dst, k.reshape(rows, -1))
-        vc.view(rows * self.window, -1).index_copy_(0, dst, v.reshape(rows, -1))
-        self.slot_pos[layer][idx, slot] = self.plan[2]
+        if not (fused and kernels.write_frames(kc, vc, k, v, slot, self.slot_pos[layer], self.plan[2])):
+            # one index_copy_ per tensor (a row's frame is one contiguous block): about twice as fast as
+            # advanced-index assignment, which computes an index per element
+            idx = torch.arange(rows, device=self.device)
+            dst = idx * self.window + slot
+            kc.view(rows * self.window, -1).index_copy_(0, dst, k.reshape(rows, -1))
+            vc.view(rows * self.window, -1).index_copy_(0, dst, v.reshape(rows, -1))
+            self.slot_pos[layer][idx, slot] = self.plan[2]
         if plan["writes_sink"]:
             self._update_sink_mean(layer)
         return kc, vc, plan["valid"]

@@ -258,7 +258,7 @@ class FrameIO:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._pinned: Optional[torch.Tensor] = None
-        self._pinned_out: list[torch.Tensor] = []
+        self._pinned_out: dict[tuple[int, ...], list[torch.Tensor]] = {}  # two per frame shape
         self._next_out = 0
 
     def to_video_tensor(self, frames: np.ndarray) -> torch.Tensor:
@@ -285,9 +285,10 @@ class FrameIO:
             return lambda: arr
         # into pinned memory: a pageable .cpu() of a 480p chunk took several ms more (a staging copy on
         # the host after the device copy)
-        if not self._pinned_out or self._pinned_out[0].shape != v.shape:
-            self._pinned_out = [torch.empty(v.shape, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-        buf = self._pinned_out[self._next_out]
+        bufs = self._pinned_out.get(tuple(v.shape))
+        if bufs is None:  # a first chunk's frame 0 is one frame, later chunks four: a pair for each
+            bufs = self._pinned_out[tuple(v.shape)] = [torch.empty(v.shape, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        buf = bufs[self._next_out]
         self._next_out ^= 1
         buf.copy_(v.contiguous(), non_blocking=True)
         done = torch.cuda.Event()
@@ -369,6 +370,10 @@ class StreamEngine:
     def to_uint8(self, video: torch.Tensor) -> np.ndarray:
         """[1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3] on the host."""
         return self._io.to_uint8(video)
+
+    def to_uint8_later(self, video: torch.Tensor) -> Callable[[], np.ndarray]:
+        """As to_uint8, queued: the returned call waits for the copy and gives the frames."""
+        return self._io.to_uint8_later(video)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

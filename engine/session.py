@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OutputFrame = tuple[np.ndarray, int]
-FIRST_CHUNK = 5  # 5 pixel frames -> 2 latent frames
+EarlyFrames = Callable[[list[OutputFrame]], None]
+FIRST_CHUNK = 5  # the DiT's first chunk: 5 pixel frames -> 2 latent frames
 CHUNK = 4  # then 4 -> 1
 
 
@@ -88,8 +89,14 @@ class PromptBlend:
 
 
 @dataclass
-class _Pending:
-    pts: list[int] = field(default_factory=list)
+class _FrameZero:
+    """A fresh stream's frame 0, encoded on arrival while frames 1-4 are still on their way (the VAE
+    encodes frame 0 on its own anyway); the first chunk then takes only frames 1-4."""
+
+    frame: np.ndarray
+    pts: int
+    video: torch.Tensor  # [1, 3, 1, H, W] in [-1, 1], for the noise controller
+    latent: torch.Tensor  # [1, 16, 1, h, w]
 
 
 class StreamSession:
@@ -124,22 +131,28 @@ class StreamSession:
     # -- public API ---------------------------------------------------------------------------------
     @property
     def chunk_frames(self) -> int:
-        """How many frames the next chunk takes."""
-        return FIRST_CHUNK if self.vae_state is None else CHUNK
+        """How many frames the next push should bring: a fresh stream's frame 0 alone (it is encoded on
+        arrival), then chunks of 4 (the first of them completes the DiT's 5-frame first chunk)."""
+        return 1 if self.vae_state is None else CHUNK
 
     @torch.no_grad()
-    def push(self, frames: np.ndarray, pts: Sequence[int]) -> list[OutputFrame]:
-        """frames uint8 [T, H, W, 3] at the engine's size, with one pts each; any T (buffered)."""
+    def push(self, frames: np.ndarray, pts: Sequence[int], early: Optional[EarlyFrames] = None) -> list[OutputFrame]:
+        """frames uint8 [T, H, W, 3] at the engine's size, with one pts each; any T (buffered).
+
+        Returns the generated frames that are ready. With `early`, frames ready before the push ends are
+        handed to it as soon as they reach the host (a fresh stream's first frame leaves while the
+        rest of its first chunk is still being decoded) and are not returned again."""
         self._check_open()
         self._input.add(frames, pts)
         out: list[OutputFrame] = []
+        early = early or out.extend
         while True:
             if self._updates:  # chunk boundary: a reset changes how many frames the next chunk takes
                 out += self._apply_updates()
             got = self._input.take(self.chunk_frames)
             if got is None:
                 break
-            out += self._run_chunk(*got)
+            out += self._run_chunk(*got, early=early)
         return out
 
     def update(self, update: StreamUpdate) -> None:
@@ -155,7 +168,10 @@ class StreamSession:
         out: list[OutputFrame] = self._apply_updates() if self._updates else []
         rest = self._input.take_rest(self.chunk_frames)
         if rest is not None:
-            out += [o for o in self._run_chunk(*rest) if o[1] is not None]
+            out += [o for o in self._run_chunk(*rest, early=out.extend) if o[1] is not None]
+        if self.frame0 is not None:  # frame 0 alone: pad its first chunk with copies of it
+            pad = np.stack([self.frame0.frame] * CHUNK)
+            out += [o for o in self._run_chunk(pad, [None] * CHUNK, early=out.extend) if o[1] is not None]
         out += self._drain()
         return out
 
@@ -164,6 +180,7 @@ class StreamSession:
         self.batch = None  # free the KV cache now, not when the last reference goes
         self.vae_state = None
         self.dec_state = None
+        self.frame0 = None
 
     # -- internals ----------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -171,7 +188,12 @@ class StreamSession:
             raise RuntimeError(f"session {self.id} is closed")
 
     def _reset_stream(self) -> None:
-        self.vae_state = None  # None until the first chunk: then the next chunk needs 5 frames
+        frame0 = getattr(self, "frame0", None)
+        if frame0 is not None:  # not generated yet: the new stream starts from it again
+            self._input.frames.insert(0, frame0.frame)
+            self._input.pts.insert(0, frame0.pts)
+        self.frame0: Optional[_FrameZero] = None
+        self.vae_state = None  # None until frame 0 is encoded
         self.dec_state = None  # the decoder's stream (engine.decoder: Wan VAE or TAEHV), from the same chunk
         self.batch = self._new_batch()
         self.controller = NoiseController(**self._controller_args)
@@ -237,21 +259,34 @@ class StreamSession:
             self.blend = None
         return kv
 
-    def _run_chunk(self, chunk: np.ndarray, pts: list) -> list[OutputFrame]:
+    def _encode_frame0(self, frame: np.ndarray, pts: int) -> None:
         e = self.engine
+        lap = Lap(e.device)
+        self.vae_state = e.vae.new_stream_state()
+        self.dec_state = e.decoder.new_stream_state()
+        video = e.to_video_tensor(frame)
+        latent = e.vae.stream_encode(video.to(e.dtype), self.vae_state).to(e.dtype)
+        self.frame0 = _FrameZero(frame=frame[0], pts=pts, video=video, latent=latent)
+        enc = lap.stop().wait()
+        self.stats = {"vae_encode_ms": enc.ms() or 0.0, "dit_ms": 0.0, "vae_decode_ms": 0.0}
+
+    def _run_chunk(self, chunk: np.ndarray, pts: list, early: EarlyFrames) -> list[OutputFrame]:
+        e = self.engine
+        if self.vae_state is None:  # chunk_frames was 1
+            self._encode_frame0(chunk, pts[0])
+            return []
         out: list[OutputFrame] = []
         # stage times from device events, read once the chunk's frames are on the host: no host sync
         # between the stages, so the GPU never waits for the host to queue the next one
         lap = Lap(e.device)
         video = e.to_video_tensor(chunk)  # [1, 3, T, H, W] in [-1, 1]
+        latent = e.vae.stream_encode(video.to(e.dtype), self.vae_state).to(e.dtype)
+        f0, self.frame0 = self.frame0, None
+        if f0 is not None:  # the DiT's first chunk: frame 0's latent and these 4 frames'
+            video, latent, pts = torch.cat([f0.video, video], 2), torch.cat([f0.latent, latent], 2), [f0.pts, *pts]
         strength = self.controller.step(video[0])
         t0 = NoiseController.timestep(strength)
         self._last_t0 = t0
-        first = self.vae_state is None
-        if first:
-            self.vae_state = e.vae.new_stream_state()
-            self.dec_state = e.decoder.new_stream_state()
-        latent = e.vae.stream_encode(video.to(e.dtype), self.vae_state).to(e.dtype)
         enc, lap = lap.stop(), Lap(e.device)
         kv = self._kv_now()
         self._in_flight.append(pts)
@@ -261,7 +296,7 @@ class StreamSession:
             x0 = self.batch.push(latent, strength, t0, kv)
         dit, lap = lap.stop(), Lap(e.device)
         if x0 is not None:
-            out += self._decode(x0)
+            out += self._decode(x0, early)
         dec = lap.stop().wait()
         self.chunks_in += 1
         self.stats = {
@@ -273,11 +308,22 @@ class StreamSession:
         }
         return out
 
-    def _decode(self, x0: torch.Tensor) -> list[OutputFrame]:
+    def _decode(self, x0: torch.Tensor, early: Optional[EarlyFrames] = None) -> list[OutputFrame]:
         pts = self._in_flight.popleft()
         if pts is None:  # a padding chunk from a drain: never decoded, so the VAE stream skips it
             return []
-        frames = self.engine.to_uint8(self.engine.decoder.stream_decode(x0, self.dec_state))
+        e = self.engine
+        if x0.shape[2] > 1 and early is not None:
+            # the first chunk: latent 0 decodes to frame 0 alone; that frame goes out while the GPU
+            # decodes the rest (the decoder is causal, one latent at a time, so the frames are the same)
+            first = e.to_uint8_later(e.decoder.stream_decode(x0[:, :, :1], self.dec_state))
+            rest = e.to_uint8_later(e.decoder.stream_decode(x0[:, :, 1:], self.dec_state))
+            if pts[0] is not None:
+                early([(first()[0], pts[0])])
+            frames = rest()
+            pts = pts[1:]
+        else:
+            frames = e.to_uint8(e.decoder.stream_decode(x0, self.dec_state))
         return [(f, p) for f, p in zip(frames, pts) if p is not None]
 
     def _drain(self) -> list[OutputFrame]:

@@ -117,6 +117,9 @@ def _conv2d_per_frame(conv: nn.Conv2d, x: torch.Tensor, pad_right_bottom: bool =
     return _unframes(conv(y), x.shape[0])
 
 
+PADDED_IN_CHANNELS = 16  # RGB inputs of a conv are zero-padded to this on CUDA (see CausalConv3d._conv_padded)
+
+
 class CausalConv3d(nn.Conv3d):
     """3D conv that pads time on the past side only, with the past taken from a cache when streaming.
 
@@ -136,6 +139,8 @@ class CausalConv3d(nn.Conv3d):
     def _conv(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         kt = self.kernel_size[0]
         bias_t = self.bias if bias else None
+        if x.is_cuda and self.in_channels < 8:
+            return self._conv_padded(x, bias)
         if x.is_cuda or kt == 1:
             # cuDNN convs get their bias added by torch in a pass of its own over the output; callers
             # that can fuse it into the next kernel pass bias=False
@@ -147,6 +152,22 @@ class CausalConv3d(nn.Conv3d):
         weight = self.weight.permute(0, 2, 1, 3, 4).reshape(self.out_channels, kt * c, *self.kernel_size[1:])
         y = F.conv2d(frames, weight, bias_t, padding=self.padding[1:])
         return y.view(b, t - kt + 1, *y.shape[1:]).transpose(1, 2)
+
+    def _conv_padded(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
+        """The conv with its 3 input channels (the encoder's RGB input) zero-padded to PADDED_IN_CHANNELS:
+        cuDNN took 1.39 ms for the 480x832 chunk's first conv as it is and 1.04 ms padded to 16 on an
+        H200 (8 channels: 1.55 ms; the decoder's 3-channel output gained nothing from padding). The
+        zero channels add nothing to the sums."""
+        ci, cip = self.in_channels, PADDED_IN_CHANNELS
+        key = (self.weight.data_ptr(), self.weight._version)
+        if getattr(self, "_padded_key", None) != key:
+            w = self.weight.new_zeros((self.out_channels, cip, *self.kernel_size))
+            w[:, :ci] = self.weight
+            self._padded_weight, self._padded_key = w.contiguous(memory_format=torch.channels_last_3d), key
+        fmt = torch.channels_last_3d if _is_channels_last(x) else torch.contiguous_format
+        xp = x.new_zeros((x.shape[0], cip, *x.shape[2:])).contiguous(memory_format=fmt)
+        xp[:, :ci] = x
+        return F.conv3d(xp, self._padded_weight, self.bias if bias else None, self.stride, self.padding)
 
     def window(self, like: torch.Tensor, cache: Optional[Cache]) -> Optional[torch.Tensor]:
         """Streaming, channels-last (CUDA): a fresh input window [1, C, t_pad+T, H, W] for an input shaped
@@ -174,7 +195,11 @@ class CausalConv3d(nn.Conv3d):
         an input window from `window()`, filled by the caller (x is then unused)."""
         if window is not None:
             assert cache is not None
-            cache[self.slot] = window[:, :, -CACHE_T:].clone()
+            tail = window[:, :, -CACHE_T:]
+            # eagerly a clone (a view would keep the whole window alive); while a StepGraph captures,
+            # the view: the graph copies the new history into its static tensors at its end anyway,
+            # so a clone would be a third copy of the history per conv (the window's head is the first)
+            cache[self.slot] = tail if window.is_cuda and torch.cuda.is_current_stream_capturing() else tail.clone()
             return self._conv(window, bias)
         assert x is not None
         if cache is None:

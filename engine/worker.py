@@ -170,30 +170,36 @@ class Worker:
         session.input_ring.release(message.first_seq + message.count)
         if self._chunk_delay_s:
             time.sleep(self._chunk_delay_s)  # test-only: an engine slower than its input
-        outputs = session.stream.push(frames, pts)
-        first_seq = session.output_ring.write_seq
-        out_pts: list[int] = []
-        dropped = 0
-        for frame, frame_pts in outputs:
-            try:
-                session.output_ring.write(frame, frame_pts)
-                out_pts.append(int(frame_pts))
-            except RingFull:  # the server reads every reply at once, so this means it is stuck
-                dropped += 1
-        self._send(
-            FramesOut(
-                session_id=message.session_id,
-                first_seq=first_seq,
-                count=len(out_pts),
-                pts=out_pts,
-                dropped=dropped,
-                chunk_frames=session.stream.chunk_frames,
-                engine_ms=1000.0 * (time.perf_counter() - started),
-                stats={k: float(v) for k, v in dict(session.stream.stats).items()},
-                prompt=session.prompt,
-                updates_applied=session.updates_applied,
+
+        def reply(outputs: list, partial: bool) -> None:
+            first_seq = session.output_ring.write_seq
+            out_pts: list[int] = []
+            dropped = 0
+            for frame, frame_pts in outputs:
+                try:
+                    session.output_ring.write(frame, frame_pts)
+                    out_pts.append(int(frame_pts))
+                except RingFull:  # the server reads every reply at once, so this means it is stuck
+                    dropped += 1
+            self._send(
+                FramesOut(
+                    session_id=message.session_id,
+                    first_seq=first_seq,
+                    count=len(out_pts),
+                    pts=out_pts,
+                    dropped=dropped,
+                    partial=partial,
+                    chunk_frames=session.stream.chunk_frames,
+                    engine_ms=1000.0 * (time.perf_counter() - started),
+                    stats={k: float(v) for k, v in dict(session.stream.stats).items()},
+                    prompt=session.prompt,
+                    updates_applied=session.updates_applied,
+                )
             )
-        )
+
+        # frames ready early (a fresh stream's first frame) go out at once, in a reply of their own
+        outputs = session.stream.push(frames, pts, early=lambda early: reply(early, partial=True))
+        reply(outputs, partial=False)
 
     def _drop(self, session_id: str) -> None:
         session = self._sessions.pop(session_id, None)

@@ -331,6 +331,12 @@ class Session:
                 log.warning("session %s: engine %s failed: %s", self.id, message.request, message.message)
                 self._send_channel(ChannelError(error=f"engine {message.request} failed: {message.message}"))
             return
+        if message.partial:  # frames ahead of the push's reply (a fresh stream's first frame)
+            self.metrics.drop("engine", message.dropped)
+            outputs = self._read_outputs(message)
+            if outputs:
+                self._outputs.put_nowait(outputs)
+            return
         roundtrip = self._clock() - self._pushed_at
         self._busy = False
         cost = message.engine_ms / 1000.0  # the engine serves chunks one at a time: sessions add up

@@ -213,6 +213,20 @@ def test_kv_cached_stream_equals_block_causal_forward(models):
     assert rel(torch.cat(outs, dim=2), offline_x0) <= 1e-5
 
 
+def test_first_chunk_attends_to_its_own_frames_without_a_mask():
+    """The first chunk's keys are the frames it wrote, unmasked (SDPA keeps its fastest kernel); a
+    forward that does not fill rows alike sees the whole window behind a mask (as before)."""
+    rope = Rope(128)
+    c = StreamKVCache([0], 1, 6, 3, 1, 128, 2, None, rope, torch.float32, torch.device("cpu"))
+    k = torch.randn(1, 6, 1, 128)
+    c.begin([0], 2)
+    keys, values, valid = c.update(0, k, k)
+    assert valid is None and torch.equal(keys, k) and torch.equal(values, k)
+    c.begin([2], 1)
+    keys, _, valid = c.update(0, k[:, :3], k[:, :3])
+    assert keys.shape[1] == 18 and valid.tolist() == [[True] * 9 + [False] * 9]
+
+
 def test_sink_refresh_rule():
     """Cache full: a frame unlike every sink replaces the least similar sink; otherwise FIFO over the
     rolling slots, each layer deciding on its own keys."""

@@ -172,6 +172,35 @@ def test_steps_change_and_reset_lose_no_frame(tiny):
     assert pts[-12:] == list(range(21, 33))  # after a reset the stream restarts at a 5-frame chunk
 
 
+def test_frame_zero_is_encoded_on_arrival_and_leaves_first(tiny):
+    """A fresh stream takes frame 0 alone (its encode overlaps the wait for frames 1-4); the push that
+    completes the first chunk hands frame 0 to `early` before it returns frames 1-4. The frames are
+    those of a session fed all at once."""
+    frames = video(13, seed=3)
+    _, whole = run(tiny, frames, "a cat", 7, step=13)
+    s = tiny.open_session("a cat", StreamParams(seed=7))
+    assert s.chunk_frames == 1
+    assert s.push(frames[:1], [0]) == [] and s.chunk_frames == 4
+    early: list = []
+    rest = s.push(frames[1:5], [1, 2, 3, 4], early=early.extend)
+    assert [p for _, p in early] == [0] and [p for _, p in rest] == [1, 2, 3, 4]
+    got = early + rest + s.push(frames[5:13], list(range(5, 13))) + s.flush()
+    assert [p for _, p in got] == list(range(13))
+    assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(got, whole))
+
+
+def test_a_lone_frame_zero_still_comes_out(tiny):
+    """A stream of one frame (flush), and a reset while frame 0 waits for its chunk, lose nothing."""
+    s = tiny.open_session("a cat", StreamParams(seed=1))
+    s.push(video(1), [0])
+    assert [p for _, p in s.flush()] == [0]
+    s = tiny.open_session("a cat", StreamParams(seed=1))
+    s.push(video(1), [0])
+    s.update(StreamUpdate(reset=True))
+    out = s.push(video(6)[1:], [1, 2, 3, 4, 5]) + s.flush()
+    assert [p for _, p in out] == [0, 1, 2, 3, 4, 5]
+
+
 def test_bad_frames_are_rejected_clearly(tiny):
     s = tiny.open_session("x")
     with pytest.raises(ValueError, match=r"uint8 \[T, 128, 128, 3\]"):

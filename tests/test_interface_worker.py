@@ -75,6 +75,18 @@ class Client:
             self.pts += 3000
         self.conn.send(encode(PushFrames(session_id=self.id, first_seq=first, count=self.chunk_frames)))
 
+    def exchange(self, frames: np.ndarray) -> tuple[list[FramesOut], list[tuple[np.ndarray, int]]]:
+        """Push a chunk and read replies up to the push's own (partial ones come first)."""
+        self.send_chunk(frames)
+        replies, out = [], []
+        while True:
+            reply = _recv(self.conn)
+            assert isinstance(reply, FramesOut), reply
+            replies.append(reply)
+            out += self.take(reply)
+            if not reply.partial:
+                return replies, out
+
     def take(self, reply: FramesOut) -> list[tuple[np.ndarray, int]]:
         assert reply.session_id == self.id
         self.chunk_frames = reply.chunk_frames
@@ -105,10 +117,7 @@ def test_sessions_in_one_engine_process_do_not_share_state(engine_conn: Connecti
     out: dict[str, list] = {"A": [], "B": [], "C": []}
     for round_ in range(3):
         for client, seed in ((a, 10 + round_), (b, 50 + round_), (c, 10 + round_)):
-            client.send_chunk(_inputs(seed))
-            reply = _recv(engine_conn)
-            assert isinstance(reply, FramesOut), reply
-            out[client.id] += client.take(reply)
+            out[client.id] += client.exchange(_inputs(seed))[1]
     assert len(out["A"]) >= 4
     assert [p for _, p in out["A"]] == [p for _, p in out["C"]] == [p for _, p in out["B"]]
     for (fa, _), (fc, _) in zip(out["A"], out["C"]):
@@ -135,14 +144,30 @@ def test_a_failing_request_does_not_stop_other_sessions(engine_conn: Connection)
 
     produced = 0
     for round_ in range(3):
-        good.send_chunk(_inputs(round_))
-        reply = _recv(engine_conn)
-        assert isinstance(reply, FramesOut) and reply.session_id == "good"
-        produced += len(good.take(reply))
+        produced += len(good.exchange(_inputs(round_))[1])
     assert produced >= 4
     good.close()
     # The engine already dropped "bad": closing it again is harmless.
     bad.close()
+
+
+def test_a_fresh_stream_sends_frame_zero_ahead(engine_conn: Connection) -> None:
+    """A fresh session asks for frame 0 alone (encoded on arrival), then chunks of 4. The push that
+    completes the first chunk sends frame 0 in a partial reply before its own reply with frames 1-4."""
+    client = Client(engine_conn, "F", "a harbour")
+    assert client.chunk_frames == 1
+    replies, out = client.exchange(_inputs(1, 1))
+    assert [(r.partial, r.count) for r in replies] == [(False, 0)] and client.chunk_frames == 4
+    replies, out = client.exchange(_inputs(2, 4))
+    assert [(r.partial, r.count) for r in replies] == [(True, 1), (False, 4)]
+    assert [p for _, p in out] == [0, 3000, 6000, 9000, 12000]
+    later = []
+    for round_ in range(3):  # later chunks: one reply each
+        replies, out = client.exchange(_inputs(3 + round_, 4))
+        assert [r.partial for r in replies] == [False]
+        later += [p for _, p in out]
+    assert later == list(range(15000, 15000 + 3000 * len(later), 3000)) and len(later) >= 4
+    client.close()
 
 
 def test_engine_options_pipeline_one_stream_over_several_ranks() -> None:

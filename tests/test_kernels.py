@@ -68,6 +68,46 @@ ang = torch.rand(r, f * t, d // heads // 2) * 6
 got = kernels.qk_norm_rope(x, w, ang.cos(), ang.sin(), heads, 1e-6)
 want = kernels.qk_norm_rope_torch(x, w, ang.cos(), ang.sin(), heads, 1e-6)
 assert got.shape == (r, f * t, heads, d // heads) and rel(got, want) < 1e-5, rel(got, want)
+assert rel(kernels.rms_norm(x, w, 1e-6), kernels.rms_norm_torch(x, w, 1e-6)) < 1e-6
+
+# KV cache eviction decided by the three kernels == the torch rule (StreamKVCache._evict_slot): FIFO,
+# sink refreshes, round robin, sink means, over 2 rows and 2 layers, with and without refresh
+from engine.kv_cache import StreamKVCache
+from engine.rope import Rope
+
+def stream_cache(use_kernels, threshold):
+    usable = kernels.evict_usable
+    kernels.evict_usable = usable if use_kernels else (lambda k: False)
+    calls = []
+    real = kernels.evict_slots
+    kernels.evict_slots = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    try:
+        g = torch.Generator().manual_seed(3)
+        # 70 tokens a frame: the token sums run over two blocks of 64
+        c = StreamKVCache([0, 1], 2, 5, 70, 2, 16, 2, threshold, Rope(16), torch.float32, torch.device("cpu"))
+        base = torch.randn(70, 2, 16, generator=g)
+        for p in range(16):
+            for layer in (0, 1):
+                # mostly frames like the first ones (FIFO), every fifth one unlike them (a refresh)
+                new = torch.randn(2, 70, 2, 16, generator=g)
+                k = new if p % 5 == 4 else base + 0.2 * new
+                if layer == 0:
+                    c.begin([p, p], 1)
+                c.update(layer, k.contiguous(), (k * 0.5 + 0.1).contiguous())
+    finally:
+        kernels.evict_usable, kernels.evict_slots = usable, real
+    assert bool(calls) == use_kernels
+    return c
+
+for threshold in (0.3, None):
+    a, b = stream_cache(True, threshold), stream_cache(False, threshold)
+    for i in (0, 1):
+        assert torch.equal(a.k[i], b.k[i]) and torch.equal(a.v[i], b.v[i]), (threshold, i)
+        assert torch.equal(a.rr[i], b.rr[i]) and torch.equal(a.slot_pos[i], b.slot_pos[i])
+        if threshold is not None:
+            assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a.sink_mean[i], b.sink_mean[i]))
+    if threshold is not None:  # the scenario did refresh sinks: positions beyond the first two sit in sink slots
+        assert (a.slot_pos[0][:, :2] >= 2).any()
 
 # a whole DiT forward reaches the fused kernels: no torch fallback is ever taken
 from engine.config import load_model_config
@@ -77,7 +117,7 @@ from engine.rope import Rope
 def never(*a, **k):
     raise AssertionError("a fused DiT kernel fell back to torch")
 
-kernels.modulate_torch = kernels.gated_add_torch = kernels.qk_norm_rope_torch = never
+kernels.modulate_torch = kernels.gated_add_torch = kernels.qk_norm_rope_torch = kernels.rms_norm_torch = never
 cfg = load_model_config("tiny").dit
 dit = WanDiT(cfg).eval()
 with torch.no_grad():

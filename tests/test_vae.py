@@ -265,3 +265,19 @@ def test_meta_build_then_assign_load(ours: WanVAE, latent: torch.Tensor):
     assert torch.equal(vae.decode(latent[:, :, :2]), ours.decode(latent[:, :, :2]))
     assert torch.equal(vae.encode(torch.zeros(1, 3, 1, 16, 16), normalize=True),
                        ours.encode(torch.zeros(1, 3, 1, 16, 16), normalize=True))
+
+
+def test_rgb_input_of_a_conv_padded_with_zero_channels_is_the_same_conv():
+    """On CUDA the VAE's first conv has its 3 input channels padded to PADDED_IN_CHANNELS (a faster
+    cuDNN kernel); the padded conv, run here on the CPU, equals the plain one, bias or not, and tracks a
+    change of the weights."""
+    torch.manual_seed(0)
+    conv = CausalConv3d(3, 12, 3, padding=1)
+    x = torch.randn(1, 3, 4, 6, 10).contiguous(memory_format=torch.channels_last_3d)
+    for bias in (True, False):
+        want = torch.nn.functional.conv3d(x, conv.weight, conv.bias if bias else None, conv.stride, conv.padding)
+        got = conv._conv_padded(x, bias)
+        assert got.shape == want.shape and _rel(got, want) < 1e-6
+    with torch.no_grad():
+        conv.weight.mul_(2)
+    assert _rel(conv._conv_padded(x, False), 2 * want) < 1e-6

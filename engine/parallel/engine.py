@@ -75,8 +75,9 @@ class ParallelSession:
     def chunk_frames(self) -> int:
         return CHUNK if self._started else FIRST_CHUNK
 
-    def push(self, frames: np.ndarray, pts: Sequence[int]) -> list[OutputFrame]:
-        """frames uint8 [T, H, W, 3] at the engine's size, with one pts each; any T (buffered)."""
+    def push(self, frames: np.ndarray, pts: Sequence[int], early: Optional[Callable] = None) -> list[OutputFrame]:
+        """frames uint8 [T, H, W, 3] at the engine's size, with one pts each; any T (buffered). `early`
+        is not used: the ranks return a chunk's frames together."""
         self._check_open()
         self._input.add(frames, pts)
         depth = self.engine.options.parallel.inflight

@@ -1,0 +1,97 @@
+"""Where a fresh session's first chunk spends its time (the part of TTFF after the 5th input frame).
+
+The first chunk (5 frames -> 2 latents) runs the session's own steps one by one here, each between two
+CUDA events, in a warmed-up engine, for a few fresh sessions:
+
+    python -m bench.first_chunk --rows p1 --sessions 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import torch
+
+from bench.measure import synthetic_video
+from bench.rows import PROMPT, ROWS, steady_warmup
+from engine.runtime import EngineOptions, StreamEngine
+
+log = logging.getLogger("bench.first_chunk")
+
+
+def first_chunk_steps(engine: StreamEngine, video) -> dict[str, float]:
+    """ms per step of one fresh session's first chunk, by device events, and its wall time."""
+    s = engine.open_session(PROMPT)
+    marks: list[tuple[str, torch.cuda.Event]] = []
+
+    def mark(name: str) -> None:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        marks.append((name, ev))
+
+    engine.synchronize()
+    t0 = time.perf_counter()
+    mark("start")
+    x = engine.to_video_tensor(video[:5])
+    s.controller.step(x[0])
+    mark("upload")
+    s.vae_state, s.dec_state = engine.vae.new_stream_state(), engine.decoder.new_stream_state()
+    xd = x.to(engine.dtype)
+    h0 = engine.vae.encoder(engine.vae._prepare(xd[:, :, :1]), s.vae_state.enc)
+    mark("encode frame 0")
+    s.vae_state.enc_started = True
+    h1 = engine.vae.encoder(engine.vae._prepare(xd[:, :, 1:5]), s.vae_state.enc)
+    latent = engine.vae._mu(torch.cat([h0, h1], 2), False).contiguous().to(engine.dtype)
+    mark("encode frames 1-4")
+    x0 = s.batch.prime(latent, s.controller.s_max, 700, s._kv_now())
+    mark("DiT prime (all steps)")
+    f0 = engine.decoder.stream_decode(x0[:, :, :1], s.dec_state)
+    mark("decode latent 0")
+    f1 = engine.decoder.stream_decode(x0[:, :, 1:], s.dec_state)
+    mark("decode latent 1")
+    engine.to_uint8(torch.cat([f0, f1], 2))
+    mark("to host")
+    engine.synchronize()
+    wall = 1000 * (time.perf_counter() - t0)
+    out = {name: prev.elapsed_time(ev) for (_, prev), (name, ev) in zip(marks, marks[1:])}
+    out["sum of steps"] = sum(out.values())
+    out["wall"] = wall
+    # the session's own first push, for comparison (a second fresh session)
+    s2 = engine.open_session(PROMPT)
+    engine.synchronize()
+    t0 = time.perf_counter()
+    s2.push(video[:5], list(range(5)))
+    engine.synchronize()
+    out["session.push wall"] = 1000 * (time.perf_counter() - t0)
+    out.update({f"push {k}": v for k, v in s2.stats.items() if k.endswith("_ms")})
+    s.close()
+    s2.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="p1")
+    ap.add_argument("--sessions", type=int, default=3)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    for name in args.rows.split(","):
+        spec = ROWS[name]
+        engine = StreamEngine.create(EngineOptions(device="cuda", **spec))
+        warm = steady_warmup(6, spec["model"])
+        video = synthetic_video(5 + 4 * warm, engine.info.height, engine.info.width)
+        s = engine.open_session("warm-up")
+        s.push(video, list(range(len(video))))
+        s.close()
+        runs = [first_chunk_steps(engine, video) for _ in range(args.sessions)]
+        print(f"## {name} {spec}: first chunk, ms per step (fresh sessions {args.sessions}, last is warmest)")
+        for key in runs[0]:
+            print(f"  {key:28s} " + " ".join(f"{r[key]:8.1f}" for r in runs))
+        del engine
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
