@@ -77,8 +77,8 @@ def table(results: dict, meta: dict, command: str) -> str:
     ceilings = sorted({round(r["ceiling_tflops"]) for by in results.values() for r in by.values() if r})
     lines += ["", f"bf16 matmul ceiling measured in the run: {', '.join(map(str, ceilings))} TFLOP/s. "
               f"Paper fps (H100): " + ", ".join(f"{k.upper()} {PAPER_FPS[k]}" for k in results if k in PAPER_FPS) + "."]
-    notes = {r["note"] for by in results.values() for r in by.values() if r and r.get("note")}
-    lines += [f"Reference: {n}." for n in sorted(notes)]
+    lines += [f"{row.upper()} {'ours' if impl == 'ours' else 'reference'}: {r['note']}."
+              for row, by in results.items() for impl, r in by.items() if r and r.get("note")]
     return "\n".join(lines)
 
 

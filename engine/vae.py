@@ -180,6 +180,10 @@ class CausalConv3d(nn.Conv3d):
             return None
         prev = cache[self.slot]
         b, c, t, h, w = like.shape
+        base = None if prev is None else prev._base
+        if (base is not None and base.shape == (1, c, CACHE_T + t, h, w) and base.dtype == like.dtype
+                and prev.shape[2] == CACHE_T and prev.data_ptr() == base.data_ptr()):
+            return base  # the last call's window: its head already holds the history (see forward)
         buf = torch.empty((1, c, CACHE_T + t, h, w), dtype=like.dtype, device=like.device,
                           memory_format=torch.channels_last_3d)
         have = 0 if prev is None else min(prev.shape[2], CACHE_T)
@@ -195,12 +199,16 @@ class CausalConv3d(nn.Conv3d):
         an input window from `window()`, filled by the caller (x is then unused)."""
         if window is not None:
             assert cache is not None
-            tail = window[:, :, -CACHE_T:]
-            # eagerly a clone (a view would keep the whole window alive); while a StepGraph captures,
-            # the view: the graph copies the new history into its static tensors at its end anyway,
-            # so a clone would be a third copy of the history per conv (the window's head is the first)
-            cache[self.slot] = tail if window.is_cuda and torch.cuda.is_current_stream_capturing() else tail.clone()
-            return self._conv(window, bias)
+            y = self._conv(window, bias)
+            # The window is kept for the next call, its last frames moved to its head as that call's
+            # history (one copy; the regions do not overlap, T >= CACHE_T): no per-call window to fill
+            # with a copy of the history, and under a CUDA graph no copy back into static history
+            # tensors, since the history entry stays the same view object of the same memory.
+            window[:, :, :CACHE_T].copy_(window[:, :, -CACHE_T:])
+            prev = cache[self.slot]
+            reused = prev is not None and prev._base is window and prev.data_ptr() == window.data_ptr()
+            cache[self.slot] = prev if reused else window[:, :, :CACHE_T]
+            return y
         assert x is not None
         if cache is None:
             if self.t_pad:

@@ -190,10 +190,12 @@ def test_channels_last_layout_gives_same_results(ours: WanVAE, video: torch.Tens
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("chunks", [((0, 1), (1, 2), (2, 6), (6, 10)), ((0, 1), (1, 5), (5, 9), (9, 10)), ((0, 4), (4, 10))])
+@pytest.mark.parametrize("chunks", [((0, 1), (1, 2), (2, 6), (6, 10)), ((0, 1), (1, 5), (5, 9), (9, 10)), ((0, 4), (4, 10)),
+                                    ((0, 1), (1, 3), (3, 5), (5, 7), (7, 9), (9, 10))])
 def test_streamed_input_window_equals_whole_clip(chunks):
     """The norm writing straight into a conv's input window (history frames in front, no cat) gives
-    the whole clip's result, whatever the history holds when the first window is made."""
+    the whole clip's result, whatever the history holds when the first window is made; a chunk as long
+    as the last one reuses that window, whose head holds the history."""
     g = torch.Generator().manual_seed(3)
     conv, norm = CausalConv3d(8, 6, 3, padding=1), RMSNorm(8)
     conv.slot = 0
@@ -205,11 +207,16 @@ def test_streamed_input_window_equals_whole_clip(chunks):
     cache: list = [None]
     windows = 0
     parts = []
+    reused = 0
     for lo, hi in chunks:
         part = x[:, :, lo:hi]
-        windows += conv.window(part, list(cache)) is not None
+        win = conv.window(part, list(cache))
+        windows += win is not None
+        reused += win is not None and cache[0] is not None and win is cache[0]._base
         parts.append(_norm_conv(norm, conv, part, cache, bias, conv_bias=True))
     assert windows == sum(hi - lo >= 2 for lo, hi in chunks) > 0
+    same_as_last = sum(1 for (a, b), (c, d) in zip(chunks, chunks[1:]) if d - c == b - a >= 2)
+    assert reused == same_as_last
     assert _rel(torch.cat(parts, 2), whole) <= 1e-6
 
 
