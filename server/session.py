@@ -36,7 +36,7 @@ from server.tracks import GeneratedVideoTrack, drain
 log = logging.getLogger(__name__)
 
 CONTROL_CHANNEL = "control"
-MAX_CHUNK = 5  # the first chunk takes 5 frames, later ones 4
+MAX_CHUNK = 5  # the largest push: a parallel engine's first chunk (in process: frame 0 alone, then 4s)
 INPUT_SLOTS = 2 * MAX_CHUNK  # one chunk in flight per session; room to spare
 OUTPUT_SLOTS = 4 * MAX_CHUNK  # a steps change can drain several chunks in one reply
 PENDING_FRAMES = 3 * MAX_CHUNK  # camera frames kept while the engine is busy
@@ -148,6 +148,7 @@ class Session:
         self._chunk_frames = MAX_CHUNK
         self._busy = False  # a chunk is with the engine: frames wait in the sampler
         self._pushed_at = 0.0
+        self._pushed_frames = 0
         self._pending_update: Optional[StreamUpdate] = None
         self._input_ring: Optional[FrameRing] = None
         self._output_ring: Optional[FrameRing] = None
@@ -308,6 +309,7 @@ class Session:
                 self._remember(arrival)
             self._flush_update()
             self._pushed_at = self._clock()
+            self._pushed_frames = len(chosen)
             self._ctx.engine.send(PushFrames(session_id=self.id, first_seq=first_seq, count=len(chosen)))
         except EngineUnavailable as exc:
             await self.close(f"engine unavailable: {exc}", failed=True)
@@ -340,7 +342,8 @@ class Session:
         roundtrip = self._clock() - self._pushed_at
         self._busy = False
         cost = message.engine_ms / 1000.0  # the engine serves chunks one at a time: sessions add up
-        self.engine_chunk_s = cost if self.engine_chunk_s is None else 0.7 * self.engine_chunk_s + 0.3 * cost
+        if self._pushed_frames > 1:  # a fresh stream's frame 0 alone is only encoded: not a chunk's cost
+            self.engine_chunk_s = cost if self.engine_chunk_s is None else 0.7 * self.engine_chunk_s + 0.3 * cost
         self._chunk_frames = message.chunk_frames
         self.metrics.engine_chunk(message.stats, roundtrip, message.prompt, message.updates_applied)
         self.metrics.drop("engine", message.dropped)
