@@ -31,6 +31,13 @@ FIRST_CHUNK = 5  # the DiT's first chunk: 5 pixel frames -> 2 latent frames
 CHUNK = 4  # then 4 -> 1
 
 
+def first_latent_apart(x0: torch.Tensor) -> list[torch.Tensor]:
+    """A stream's first chunk decodes latent 0 (frame 0 alone) before the rest, so that frame 0 can
+    leave early; every path decodes it so (same frames in process and on a pipeline's last rank: a
+    decoder's numbers may depend on how many latents one call takes)."""
+    return [x0[:, :, :1], x0[:, :, 1:]] if x0.shape[2] > 1 else [x0]
+
+
 def check_frames(frames: np.ndarray, pts: Sequence[int], height: int, width: int) -> np.ndarray:
     """The input contract of push(): uint8 [T, height, width, 3] with one pts per frame."""
     frames = np.asarray(frames)
@@ -313,18 +320,18 @@ class StreamSession:
         if pts is None:  # a padding chunk from a drain: never decoded, so the VAE stream skips it
             return []
         e = self.engine
-        if x0.shape[2] > 1 and early is not None:
-            # the first chunk: latent 0 decodes to frame 0 alone; that frame goes out while the GPU
-            # decodes the rest (the decoder is causal, one latent at a time, so the frames are the same)
-            first = e.to_uint8_later(e.decoder.stream_decode(x0[:, :, :1], self.dec_state))
-            rest = e.to_uint8_later(e.decoder.stream_decode(x0[:, :, 1:], self.dec_state))
-            if pts[0] is not None:
-                early([(first()[0], pts[0])])
-            frames = rest()
-            pts = pts[1:]
-        else:
+        parts = first_latent_apart(x0)
+        if len(parts) == 1:
             frames = e.to_uint8(e.decoder.stream_decode(x0, self.dec_state))
-        return [(f, p) for f, p in zip(frames, pts) if p is not None]
+            return [(f, p) for f, p in zip(frames, pts) if p is not None]
+        # the first chunk: frame 0 goes out (to `early`) while the GPU decodes the rest; both decodes
+        # are queued before waiting for the first
+        first, rest = (e.to_uint8_later(e.decoder.stream_decode(p, self.dec_state)) for p in parts)
+        out = [(first()[0], pts[0])] if pts[0] is not None else []
+        if early is not None and out:
+            early(out)
+            out = []
+        return out + [(f, p) for f, p in zip(rest(), pts[1:]) if p is not None]
 
     def _drain(self) -> list[OutputFrame]:
         """Push pure-noise chunks until every real chunk in flight has left the batch."""

@@ -45,6 +45,7 @@ from engine.parallel import protocol as P
 from engine.parallel.balance import BlockScheduler, Move, apply_move, even_split, moved_layers, ranges
 from engine.parallel.devices import RankDevices
 from engine.parallel.driver import AwaitRows, DriverSession, Emit, Failure, NeedCommand, Submit
+from engine.session import first_latent_apart
 from engine.parallel.options import ParallelOptions
 from engine.parallel.slo import BatchScheduler
 from engine.parallel.stage import Group, Stage
@@ -254,7 +255,8 @@ class RankBase:
             if g.new_vae:
                 s.decode_state = self.decoder.new_stream_state()  # type: ignore[union-attr]
             if g.decode is not None:
-                video = self.decoder.stream_decode(x0[start + g.rows - 1 : start + g.rows], s.decode_state)  # type: ignore[union-attr]
+                latents = first_latent_apart(x0[start + g.rows - 1 : start + g.rows])
+                video = torch.cat([self.decoder.stream_decode(z, s.decode_state) for z in latents], 2)  # type: ignore[union-attr]
                 frames.append((g, self.io.to_uint8_later(video)))
             start += g.rows
         decode = lap.stop()
