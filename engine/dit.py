@@ -60,8 +60,7 @@ class SelfAttention(nn.Module):
         k = kernels.qk_norm_rope(self.k(x), self.norm_k.weight, a.cos, a.sin, self.num_heads, self.norm_k.eps)
         v = self.v(x).view(r, n, self.num_heads, -1)
         if a.cache is not None:
-            keys, values, valid = a.cache.update(layer, k, v)
-            out = attention(q, keys, values, valid)
+            out = a.cache.attend(layer, q, k, v)
         else:
             out = torch.nn.functional.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=a.mask

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import kernels
+from engine.attention import attention
 from engine.rope import Rope, rotate
 from engine.transfer import h2d, h2d_into
 
@@ -111,6 +112,11 @@ class StreamKVCache:
     @property
     def all_full(self) -> bool:
         return bool(self._plan and self._plan["all_full"])
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write this forward's k/v of `layer`, then attention of q [rows, L, heads, hd] to the window."""
+        keys, values, valid = self.update(layer, k, v)
+        return attention(q, keys, values, valid)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write this forward's keys/values of `layer`; return (keys, values, key_valid) to attend to."""

@@ -125,7 +125,7 @@ def import_cache_layers(cache: StreamKVCache, layers: Sequence[int], prefix: str
 
 
 class BatchedCache:
-    """The KV caches of several sessions behind StreamKVCache's update(): rows [a, b) of a forward
+    """The KV caches of several sessions behind StreamKVCache's attend(): rows [a, b) of a forward
     belong to one session and attend to its cache only (results equal running each session alone)."""
 
     def __init__(self, caches: Sequence[StreamKVCache], layers: Sequence[int]) -> None:
@@ -135,20 +135,10 @@ class BatchedCache:
             self.bounds.append((start, start + c.rows))
             start += c.rows
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        ks, vs, valids = [], [], []
-        for c, (a, b) in zip(self.caches, self.bounds):
-            kk, vv, valid = c.update(layer, k[a:b], v[a:b])
-            ks.append(kk)
-            vs.append(vv)
-            valids.append(valid)
-        valid = None
-        if any(m is not None for m in valids):
-            valid = torch.cat(
-                [m if m is not None else torch.ones(c.rows, kk.shape[1], dtype=torch.bool, device=kk.device)
-                 for m, c, kk in zip(valids, self.caches, ks)]
-            )
-        return torch.cat(ks), torch.cat(vs), valid
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # each session's rows attend to its own cache in a call of their own: the same call as that
+        # session alone (so the same numbers), and no per-layer copy of every session's whole window
+        return torch.cat([c.attend(layer, q[a:b], k[a:b], v[a:b]) for c, (a, b) in zip(self.caches, self.bounds)])
 
 
 class Stage:
