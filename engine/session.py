@@ -167,6 +167,11 @@ class StreamSession:
         self._check_open()
         self._updates.append(update)
 
+    def take_finished(self) -> list[OutputFrame]:
+        """Frames finished since the last push: none here, a push returns its own (the parallel
+        engine's sessions finish chunks in the background)."""
+        return []
+
     @torch.no_grad()
     def flush(self) -> list[OutputFrame]:
         """Drain the chunks in flight (the stream can go on afterwards). Leftover frames short of a

@@ -46,6 +46,10 @@ from interface.messages import (
 
 log = logging.getLogger("engine.worker")
 
+# Between requests, how often the loop looks for frames a pipeline-parallel engine finished on its own
+# (they leave at once instead of with the reply to the session's next push, up to a chunk period later).
+OUTPUT_POLL_S = 0.002
+
 TEST_DELAY_ENV = "STREAMGEN_TEST_CHUNK_DELAY_S"
 
 
@@ -75,9 +79,13 @@ class Worker:
         self._sessions: dict[str, _Session] = {}
 
     def serve(self) -> None:
+        # a pipeline-parallel engine finishes chunks in the background (StreamSession does not)
+        background = bool(getattr(self._engine, "finishes_in_background", False))
         try:
             while True:
                 try:
+                    while background and not self._conn.poll(OUTPUT_POLL_S):
+                        self._send_finished()
                     data = self._conn.recv()
                 except (EOFError, OSError):
                     log.info("server went away; engine process exits")
@@ -170,36 +178,44 @@ class Worker:
         session.input_ring.release(message.first_seq + message.count)
         if self._chunk_delay_s:
             time.sleep(self._chunk_delay_s)  # test-only: an engine slower than its input
-
-        def reply(outputs: list, partial: bool) -> None:
-            first_seq = session.output_ring.write_seq
-            out_pts: list[int] = []
-            dropped = 0
-            for frame, frame_pts in outputs:
-                try:
-                    session.output_ring.write(frame, frame_pts)
-                    out_pts.append(int(frame_pts))
-                except RingFull:  # the server reads every reply at once, so this means it is stuck
-                    dropped += 1
-            self._send(
-                FramesOut(
-                    session_id=message.session_id,
-                    first_seq=first_seq,
-                    count=len(out_pts),
-                    pts=out_pts,
-                    dropped=dropped,
-                    partial=partial,
-                    chunk_frames=session.stream.chunk_frames,
-                    engine_ms=1000.0 * (time.perf_counter() - started),
-                    stats={k: float(v) for k, v in dict(session.stream.stats).items()},
-                    prompt=session.prompt,
-                    updates_applied=session.updates_applied,
-                )
-            )
-
         # frames ready early (a fresh stream's first frame) go out at once, in a reply of their own
-        outputs = session.stream.push(frames, pts, early=lambda early: reply(early, partial=True))
-        reply(outputs, partial=False)
+        outputs = session.stream.push(
+            frames, pts, early=lambda early: self._send_frames(message.session_id, session, early, True, started))
+        self._send_frames(message.session_id, session, outputs, False, started)
+
+    def _send_finished(self) -> None:
+        """Frames that sessions finished since their last push (pipeline-parallel engines), as partial replies."""
+        for session_id, session in list(self._sessions.items()):
+            outputs = session.stream.take_finished()
+            if outputs:
+                self._send_frames(session_id, session, outputs, True, time.perf_counter())
+
+    def _send_frames(self, session_id: str, session: _Session, outputs: list, partial: bool, started: float) -> None:
+        """Write frames to the session's output ring and announce them: the push's reply, or a partial one."""
+        first_seq = session.output_ring.write_seq
+        out_pts: list[int] = []
+        dropped = 0
+        for frame, frame_pts in outputs:
+            try:
+                session.output_ring.write(frame, frame_pts)
+                out_pts.append(int(frame_pts))
+            except RingFull:  # the server reads every reply at once, so this means it is stuck
+                dropped += 1
+        self._send(
+            FramesOut(
+                session_id=session_id,
+                first_seq=first_seq,
+                count=len(out_pts),
+                pts=out_pts,
+                dropped=dropped,
+                partial=partial,
+                chunk_frames=session.stream.chunk_frames,
+                engine_ms=1000.0 * (time.perf_counter() - started),
+                stats={k: float(v) for k, v in dict(session.stream.stats).items()},
+                prompt=session.prompt,
+                updates_applied=session.updates_applied,
+            )
+        )
 
     def _drop(self, session_id: str) -> None:
         session = self._sessions.pop(session_id, None)

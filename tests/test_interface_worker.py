@@ -97,7 +97,10 @@ class Client:
 
     def close(self) -> None:
         self.conn.send(encode(CloseSession(session_id=self.id)))
-        assert isinstance(_recv(self.conn), SessionClosed)
+        reply = _recv(self.conn)
+        while isinstance(reply, FramesOut) and reply.partial:  # frames finished after the last push
+            reply = _recv(self.conn)
+        assert isinstance(reply, SessionClosed), reply
         for ring in (self.input, self.output):
             ring.close()
             ring.unlink()
@@ -194,11 +197,9 @@ def test_a_two_rank_engine_process_pipelines_one_session() -> None:
         counts, out, sent = [], [], []
         for round_ in range(8):
             sent += list(range(client.pts, client.pts + 3000 * client.chunk_frames, 3000))
-            client.send_chunk(_inputs(round_))
-            reply = _recv(ours)
-            assert isinstance(reply, FramesOut), reply
-            counts.append(reply.count)
-            out += client.take(reply)
+            replies, got = client.exchange(_inputs(round_))
+            counts.append(replies[-1].count)
+            out += got
         assert counts[0] == 0, "the first push waited for its own chunk: nothing in flight"
         pts = [p for _, p in out]
         assert pts == sent[: len(pts)] and len(pts) >= 5 + 4 * 3
@@ -208,3 +209,48 @@ def test_a_two_rank_engine_process_pipelines_one_session() -> None:
         process.join(60)
         if process.is_alive():
             process.kill()
+
+
+class _BackgroundStream:
+    """A session whose frames get finished between pushes (as a pipeline-parallel engine's do)."""
+
+    chunk_frames = 4
+    stats: dict = {}
+
+    def __init__(self) -> None:
+        self.finished = [(np.full((SIZE, SIZE, 3), 7, np.uint8), 1234)]
+
+    def take_finished(self) -> list:
+        out, self.finished = self.finished, []
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class _BackgroundEngine:
+    finishes_in_background = True
+
+    def open_session(self, prompt: str, params: Any) -> _BackgroundStream:
+        return _BackgroundStream()
+
+
+def test_frames_finished_in_the_background_leave_without_a_push() -> None:
+    """With an engine that finishes chunks on its own, the loop sends their frames as a partial reply
+    at once, without waiting for the session's next push."""
+    import threading
+
+    ours, theirs = multiprocessing.Pipe()
+    loop = worker.Worker(_BackgroundEngine(), theirs)
+    thread = threading.Thread(target=loop.serve, daemon=True)
+    thread.start()
+    client = Client(ours, "B", "a quiet street")
+    reply = _recv(ours, 10.0)
+    assert isinstance(reply, FramesOut) and reply.partial and reply.pts == [1234]
+    frame, pts = client.output.read(reply.first_seq)
+    assert pts == 1234 and int(frame[0, 0, 0]) == 7
+    assert not ours.poll(0.2)  # taken once, sent once
+    client.close()
+    ours.send(encode(Shutdown()))
+    thread.join(10)
+    assert not thread.is_alive()

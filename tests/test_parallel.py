@@ -311,6 +311,28 @@ def test_pipelined_pushes_keep_every_frame(tiny4, reference):
             s.push(frames[:4], list(range(4)))
 
 
+def test_frames_finished_between_pushes_are_taken_without_a_push(tiny4, reference):
+    """A pipelined session's frames need not wait for its next push: once the ranks finish a chunk,
+    take_finished() hands its frames over (the engine process sends them at once). Taken that way or
+    returned by pushes, they are the frames of one process."""
+    frames, ref = reference
+    with StreamEngine.create(EngineOptions(model=tiny4, device="cpu:2", **SIZE,
+                                           parallel=dict(inflight=3, rebalance=False))) as e:
+        s = e.open_session("a cat", StreamParams(seed=3, steps=1))
+        out, taken = [], 0
+        for i in range(0, len(frames), 4):
+            out += s.push(frames[i : i + 4], list(range(i, min(i + 4, len(frames)))))
+            e._wait(lambda: not s._chunks, "the chunks in flight")  # let the ranks finish
+            got = s.take_finished()
+            taken += len(got)
+            out += got
+        out += s.flush()
+        assert taken > 0
+        assert_same(out, ref["steps1"])
+        s.close()
+        assert s.take_finished() == []
+
+
 def test_step_lag_keeps_one_multi_step_stream_pipelined_with_the_frames_of_one_process(tiny4, reference):
     """steps 2 with step_lag 2: a forward's later rows come from the output two forwards back, so two
     forwards of one stream share the ring of 2 ranks (with step_lag 1 only one can be in it). The

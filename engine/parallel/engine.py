@@ -97,6 +97,10 @@ class ParallelSession:
         self._check_open()
         self._updates.append(update)
 
+    def take_finished(self) -> list[OutputFrame]:
+        """Frames the ranks finished since the last push or take (never waits)."""
+        return [] if self.closed else self._take()
+
     def flush(self) -> list[OutputFrame]:
         """Drain the chunks in flight; leftover frames are padded with the last one (as StreamSession)."""
         self._check_open()
@@ -157,6 +161,8 @@ class ParallelSession:
 
 class ParallelEngine:
     """N ranks behind the StreamEngine API. See the module docstring and docs/PARALLEL.md."""
+
+    finishes_in_background = True  # sessions' frames arrive between pushes: see take_finished()
 
     def __init__(self, cfg: ModelConfig, options: Any, ranks: RankDevices) -> None:
         from engine.runtime import EngineInfo
