@@ -36,6 +36,7 @@ from server.tracks import GeneratedVideoTrack, drain
 log = logging.getLogger(__name__)
 
 CONTROL_CHANNEL = "control"
+STEADY_CHUNK = 4  # frames of a chunk once a stream runs
 MAX_CHUNK = 5  # the largest push: a parallel engine's first chunk (in process: frame 0 alone, then 4s)
 INPUT_SLOTS = 2 * MAX_CHUNK  # one chunk in flight per session; room to spare
 OUTPUT_SLOTS = 4 * MAX_CHUNK  # a steps change can drain several chunks in one reply
@@ -484,8 +485,9 @@ class Session:
 
     @property
     def chunk_budget_s(self) -> float:
-        """Time between two chunks of this session at the target frame rate."""
-        return self._chunk_frames / self._ctx.config.target_fps
+        """Time between two chunks of this session at the target frame rate (a steady chunk's at least:
+        a fresh stream's frame-0 push is not a chunk, and its 1/fps must not tighten admission)."""
+        return max(self._chunk_frames, STEADY_CHUNK) / self._ctx.config.target_fps
 
     def info(self) -> SessionInfo:
         return SessionInfo(
