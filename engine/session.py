@@ -133,6 +133,7 @@ class StreamSession:
         self.chunks_in = 0
         self.closed = False
         self._input = ChunkBuffer(engine.info.height, engine.info.width)
+        self.frame0: Optional[_FrameZero] = None
         self._reset_stream()
 
     # -- public API ---------------------------------------------------------------------------------
@@ -200,11 +201,10 @@ class StreamSession:
             raise RuntimeError(f"session {self.id} is closed")
 
     def _reset_stream(self) -> None:
-        frame0 = getattr(self, "frame0", None)
-        if frame0 is not None:  # not generated yet: the new stream starts from it again
-            self._input.frames.insert(0, frame0.frame)
-            self._input.pts.insert(0, frame0.pts)
-        self.frame0: Optional[_FrameZero] = None
+        if self.frame0 is not None:  # not generated yet: the new stream starts from it again
+            self._input.frames.insert(0, self.frame0.frame)
+            self._input.pts.insert(0, self.frame0.pts)
+        self.frame0 = None
         self.vae_state = None  # None until frame 0 is encoded
         self.dec_state = None  # the decoder's stream (engine.decoder: Wan VAE or TAEHV), from the same chunk
         self.batch = self._new_batch()

@@ -121,7 +121,8 @@ class SessionOpened(_Message):
 
 class FramesOut(_Message):
     """Reply to one PushFrames: generated frames [first_seq, first_seq + count) of the output ring.
-    A push may first send `partial` ones (frames ready before it ends); exactly one is not partial.
+    A push has exactly one reply that is not `partial`. Partial ones carry frames ready before that
+    reply (a fresh stream's frame 0) or finished between pushes (a pipeline-parallel engine).
 
     `count` may be 0 (the pipeline is still filling). `pts[i]` is the input pts of frame i.
     """
@@ -132,7 +133,7 @@ class FramesOut(_Message):
     count: int = Field(ge=0)
     pts: list[int]
     dropped: int = Field(0, ge=0, description="outputs lost because the output ring was full")
-    partial: bool = Field(False, description="frames sent ahead while the push goes on; its reply follows")
+    partial: bool = Field(False, description="frames sent outside a push's own reply (see above)")
     chunk_frames: int = Field(ge=1, description="frames the next push should carry")
     engine_ms: float = Field(ge=0.0, description="wall time of this push inside the engine process")
     stats: dict[str, float] = {}

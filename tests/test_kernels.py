@@ -78,9 +78,10 @@ from engine.rope import Rope
 def stream_cache(use_kernels, threshold):
     usable = kernels.evict_usable
     kernels.evict_usable = usable if use_kernels else (lambda k: False)
-    calls = []
-    real = kernels.evict_slots
+    calls, writes = [], []
+    real, real_write = kernels.evict_slots, kernels.write_frames
     kernels.evict_slots = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    kernels.write_frames = lambda *a, **kw: writes.append(real_write(*a, **kw)) or writes[-1]
     try:
         g = torch.Generator().manual_seed(3)
         # 70 tokens a frame: the token sums run over two blocks of 64
@@ -95,8 +96,8 @@ def stream_cache(use_kernels, threshold):
                     c.begin([p, p], 1)
                 c.update(layer, k.contiguous(), (k * 0.5 + 0.1).contiguous())
     finally:
-        kernels.evict_usable, kernels.evict_slots = usable, real
-    assert bool(calls) == use_kernels
+        kernels.evict_usable, kernels.evict_slots, kernels.write_frames = usable, real, real_write
+    assert bool(calls) == use_kernels and any(writes) == use_kernels  # the kernels really ran (or not)
     return c
 
 for threshold in (0.3, None):

@@ -45,7 +45,6 @@ from engine.parallel import protocol as P
 from engine.parallel.balance import BlockScheduler, Move, apply_move, even_split, moved_layers, ranges
 from engine.parallel.devices import RankDevices
 from engine.parallel.driver import AwaitRows, DriverSession, Emit, Failure, NeedCommand, Submit
-from engine.session import first_latent_apart
 from engine.parallel.options import ParallelOptions
 from engine.parallel.slo import BatchScheduler
 from engine.parallel.stage import Group, Stage
@@ -54,6 +53,7 @@ from engine.parallel.wire import DistLink, Link, LoopbackLink, Message
 from engine.rope import Rope
 from engine.runtime import (EngineOptions, FrameIO, build_decoder, build_dit, build_text, build_vae, embed_prompt,
                             tune_backends)
+from engine.session import first_latent_apart
 from engine.stream_batch import KeyedNoise
 
 log = logging.getLogger("engine.parallel.rank")
