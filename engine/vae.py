@@ -19,7 +19,7 @@ posterior mean unless `normalize=True`; decode always expects normalised latents
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -106,15 +106,43 @@ def _unframes(y: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def _conv2d_per_frame(conv: nn.Conv2d, x: torch.Tensor, pad_right_bottom: bool = False,
-                      upsample: bool = False) -> torch.Tensor:
+                      upsample: bool = False, bias: bool = True) -> torch.Tensor:
     """A 2D conv on every frame of [B,C,T,H,W], optionally after zero-padding right/bottom by one or
-    after a nearest 2x spatial upsample (nearest and nearest-exact agree for a factor of 2)."""
+    after a nearest 2x spatial upsample (nearest and nearest-exact agree for a factor of 2);
+    `bias=False` leaves the conv's bias to the caller."""
     y = _frames(x)
     if pad_right_bottom:
         y = F.pad(y, (0, 1, 0, 1))
     if upsample:
         y = upsample2x_nearest(y)
-    return _unframes(conv(y), x.shape[0])
+    y = F.conv2d(y, conv.weight, conv.bias if bias else None, conv.stride, conv.padding)
+    return _unframes(y, x.shape[0])
+
+
+def _add_channel_bias(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return x if bias is None else x + bias.view(1, -1, 1, 1, 1).to(x.dtype)
+
+
+# A conv's bias is a pass of its own over the output on cuDNN. Where a conv's output goes straight into
+# a ResidualBlock, the block adds the bias inside its first norm kernel and its residual kernel instead
+# (`in_bias`); `forward_deferred` returns a block's output without its last conv's bias and that bias
+# (None when it was added). Deferring stops at anything with zero padding in between (a conv of
+# x + b is not conv(x) + const at the borders) and at frame 0 of a temporal resample (never biased).
+Deferred = tuple[torch.Tensor, Optional[torch.Tensor]]
+
+
+def _run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, cache: Optional[Cache],
+                pending: Optional[torch.Tensor]) -> torch.Tensor:
+    for block in blocks:
+        if isinstance(block, ResidualBlock):
+            x, pending = block(x, cache, in_bias=pending), None
+            continue
+        x = _add_channel_bias(x, pending)
+        if isinstance(block, (Downsample, Upsample)):
+            x, pending = block.forward_deferred(x, cache)
+        else:
+            x, pending = block(x, cache), None
+    return _add_channel_bias(x, pending)
 
 
 PADDED_IN_CHANNELS = 16  # RGB inputs of a conv are zero-padded to this on CUDA (see CausalConv3d._conv_padded)
@@ -261,13 +289,27 @@ class ResidualBlock(nn.Module):
             RMSNorm(cout), nn.SiLU(), nn.Identity(), CausalConv3d(cout, cout, 3, padding=1))
         self.shortcut = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[Cache] = None, in_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`in_bias`: a [C] bias that x still lacks (the conv before left it out)."""
         r = self.residual
         # both convs run without their bias: the first's goes into the next norm, the second's into
-        # the residual add (two passes over the activations fewer per block)
-        h = _norm_conv(r[0], r[2], x, cache)
+        # the residual add (two passes over the activations fewer per block); so does the shortcut
+        # conv's, and so does in_bias (through the shortcut conv: W(x + b) = Wx + Wb)
+        h = _norm_conv(r[0], r[2], x, cache, in_bias)
         h = _norm_conv(r[3], r[6], h, cache, r[2].bias)
-        return bias_residual_(h, r[6].bias, self.shortcut(x))
+        acc = torch.promote_types(x.dtype, torch.float32)  # the biases summed in float32 at least
+        bias = r[6].bias.to(acc)
+        if isinstance(self.shortcut, nn.Conv3d):
+            w = self.shortcut.weight
+            s = F.conv3d(x, w)
+            bias = bias + self.shortcut.bias.to(acc)
+            if in_bias is not None:
+                bias = bias + w.flatten(1).to(acc) @ in_bias.to(acc)
+        else:
+            s = x
+            if in_bias is not None:
+                bias = bias + in_bias.to(acc)
+        return bias_residual_(h, bias, s)
 
 
 class AttentionBlock(nn.Module):
@@ -307,9 +349,14 @@ class Downsample(nn.Module):
             self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
 
     def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
-        x = _conv2d_per_frame(self.resample[1], x, pad_right_bottom=True)
+        return _add_channel_bias(*self.forward_deferred(x, cache))
+
+    def forward_deferred(self, x: torch.Tensor, cache: Optional[Cache] = None) -> Deferred:
+        """The output without its last conv's bias, and that bias (None: added)."""
+        conv = self.resample[1]
         if not self.temporal:
-            return x
+            return _conv2d_per_frame(conv, x, pad_right_bottom=True, bias=False), conv.bias
+        x = _conv2d_per_frame(conv, x, pad_right_bottom=True)
         if cache is None:
             prev, first = None, True
         else:
@@ -319,8 +366,9 @@ class Downsample(nn.Module):
         if first:
             # frame 0 is kept as is; the rest starts windowing at frame 0
             rest = self.time_conv(x) if x.shape[2] > 1 else None
-            return x[:, :, :1] if rest is None else torch.cat([x[:, :, :1], rest], 2)
-        return self.time_conv(torch.cat([prev, x], 2))
+            return (x[:, :, :1] if rest is None else torch.cat([x[:, :, :1], rest], 2)), None
+        tc = self.time_conv
+        return F.conv3d(torch.cat([prev, x], 2), tc.weight, None, tc.stride, tc.padding), tc.bias
 
 
 class Upsample(nn.Module):
@@ -347,6 +395,10 @@ class Upsample(nn.Module):
         return y.permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
 
     def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        return _add_channel_bias(*self.forward_deferred(x, cache))
+
+    def forward_deferred(self, x: torch.Tensor, cache: Optional[Cache] = None) -> Deferred:
+        """The output without the spatial conv's bias, and that bias."""
         if self.temporal:
             first = cache is None or cache[self.time_conv.slot] is None
             if first:
@@ -358,7 +410,8 @@ class Upsample(nn.Module):
                     x = torch.cat([x[:, :, :1], self._double_time(x[:, :, 1:], cache)], 2)
             else:
                 x = self._double_time(x, cache)
-        return _conv2d_per_frame(self.resample[1], x, upsample=True)
+        conv = self.resample[1]
+        return _conv2d_per_frame(conv, x, upsample=True, bias=False), conv.bias
 
 
 class Encoder3d(nn.Module):
@@ -380,9 +433,7 @@ class Encoder3d(nn.Module):
         self.head = nn.Sequential(RMSNorm(c), nn.SiLU(), CausalConv3d(c, z_out, 3, padding=1))
 
     def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        for block in (*self.downsamples, *self.middle):
-            x = block(x, cache)
+        x = _run_blocks((*self.downsamples, *self.middle), self.conv1(x, cache, bias=False), cache, self.conv1.bias)
         return _norm_conv(self.head[0], self.head[2], x, cache, conv_bias=True)
 
 
@@ -407,9 +458,7 @@ class Decoder3d(nn.Module):
         self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
 
     def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        for block in (*self.middle, *self.upsamples):
-            x = block(x, cache)
+        x = _run_blocks((*self.middle, *self.upsamples), self.conv1(x, cache, bias=False), cache, self.conv1.bias)
         return _norm_conv(self.head[0], self.head[2], x, cache, conv_bias=True)
 
 

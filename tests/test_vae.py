@@ -288,3 +288,34 @@ def test_rgb_input_of_a_conv_padded_with_zero_channels_is_the_same_conv():
     with torch.no_grad():
         conv.weight.mul_(2)
     assert _rel(conv._conv_padded(x, False), 2 * want) < 1e-6
+
+
+def test_conv_biases_deferred_into_the_next_block_change_nothing(ours: WanVAE, video: torch.Tensor, latent: torch.Tensor):
+    """The encoder and decoder leave the bias of a conv whose output goes straight into a ResidualBlock
+    to that block (added inside its norm and residual kernels, and through its shortcut conv). In
+    float64, streamed chunk by chunk (a temporal resample's first and later calls), that equals every
+    block adding its own biases."""
+    import copy
+
+    vae = copy.deepcopy(ours).double().requires_grad_(False)
+
+    def plain(coder, blocks, x, cache):
+        x = coder.conv1(x, cache)
+        for block in blocks:
+            x = block(x, cache)
+        return _norm_conv(coder.head[0], coder.head[2], x, cache, conv_bias=True)
+
+    enc, dec = vae.encoder, vae.decoder
+    caches = [[None] * vae._enc_slots for _ in range(2)]
+    x = video.double()
+    for a, b in ((0, 5), (5, 9), (9, 13)):
+        got = enc(x[:, :, a:b], caches[0])
+        want = plain(enc, (*enc.downsamples, *enc.middle), x[:, :, a:b], caches[1])
+        assert (got - want).abs().max() < 1e-10 * want.abs().max()
+    caches = [[None] * vae._dec_slots for _ in range(2)]
+    z = latent.double()
+    for t in range(z.shape[2]):
+        got = dec(z[:, :, t : t + 1], caches[0])
+        want = plain(dec, (*dec.middle, *dec.upsamples), z[:, :, t : t + 1], caches[1])
+        assert (got - want).abs().max() < 1e-10 * want.abs().max()
+    assert any(m.bias is not None and m.bias.abs().max() > 0 for m in enc.modules() if isinstance(m, torch.nn.Conv2d))
