@@ -28,6 +28,8 @@ def stream(engine: StreamEngine, video: np.ndarray, graphs: bool) -> np.ndarray:
     s.batch.runner.use_graphs = graphs
     engine.vae.use_graphs = graphs
     out = s.push(video, list(range(len(video))))
+    engine.synchronize()
+    out += s.take_finished()  # every decoded frame (a push returns before its last chunks are on the host)
     captured = s.batch.runner._graph is not None
     vae_replays = [g.replays if g else 0 for g in (s.vae_state.enc_graph, s.dec_state.dec_graph)]
     s.close()

@@ -7,9 +7,11 @@ s = lam * (s_max - (s_max - s_min) * m) + (1 - lam) * s_prev;  first timestep = 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+
+from engine.transfer import host_scalar_later
 
 
 @dataclass
@@ -28,19 +30,28 @@ class NoiseController:
 
     def step(self, frames: torch.Tensor) -> float:
         """frames [C, T, H, W] in [-1, 1]; returns the noise strength s for this chunk."""
-        if self.last_frame is None:
-            # first chunk: nothing to compare with yet; the stream starts at s_max
-            self.last_frame = frames[:, -1]
-            return float(self.strength)
-        if self.enabled:
-            seq = torch.cat([self.last_frame[:, None], frames], dim=1).float()
-            rms = (seq[:, 1:] - seq[:, :-1]).pow(2).mean(dim=(0, 2, 3)).sqrt()
-            m = float((rms.max() / self.sigma).clamp(0, 1))
-            target = self.s_max - (self.s_max - self.s_min) * m
-            self.strength = self.smoothing * target + (1 - self.smoothing) * float(self.strength)
-        else:
+        return self.queue_step(frames)()
+
+    def queue_step(self, frames: torch.Tensor) -> Callable[[], float]:
+        """step() in two halves: the motion measure is queued on the device now, and the returned call
+        waits for that measure alone and gives s. Queue the VAE encode in between, and the host reads
+        the measure while the GPU encodes (a plain float() here waited for the whole GPU queue)."""
+        last, self.last_frame = self.last_frame, frames[:, -1]
+        if last is None or not self.enabled:
+            # first chunk: nothing to compare with yet, the stream starts at s_max; disabled: always s_max
+            return self._apply_motion if last is not None else (lambda: float(self.strength))
+        seq = torch.cat([last[:, None], frames], dim=1).float()
+        rms = (seq[:, 1:] - seq[:, :-1]).pow(2).mean(dim=(0, 2, 3)).sqrt()
+        read = host_scalar_later((rms.max() / self.sigma).clamp(0, 1))
+        return lambda: self._apply_motion(read())
+
+    def _apply_motion(self, m: Optional[float] = None) -> float:
+        """s from the motion m in [0, 1]; None: motion control is off, s = s_max."""
+        if m is None:
             self.strength = self.s_max
-        self.last_frame = frames[:, -1]
+            return float(self.strength)
+        target = self.s_max - (self.s_max - self.s_min) * m
+        self.strength = self.smoothing * target + (1 - self.smoothing) * float(self.strength)
         return float(self.strength)
 
     @staticmethod

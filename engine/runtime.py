@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
@@ -252,53 +252,62 @@ def embed_prompt(text, cfg: ModelConfig, prompt: str, device: torch.device, dtyp
     return text.encode_prompts([prompt]).to(device, dtype)
 
 
+class PendingFrames:
+    """uint8 frames on their way to the host: ready() polls, result() waits for this copy alone."""
+
+    def __init__(self, frames: torch.Tensor, done: Optional[torch.cuda.Event] = None) -> None:
+        self._frames, self._done = frames, done
+
+    def ready(self) -> bool:
+        return self._done is None or self._done.query()
+
+    def result(self) -> np.ndarray:
+        if self._done is None:
+            return self._frames.numpy()
+        self._done.synchronize()
+        # a copy: the pinned block goes back to torch's cache (a renderer may keep every frame it gets)
+        return self._frames.numpy().copy()
+
+    __call__ = result
+
+
 class FrameIO:
-    """uint8 frames on the host <-> video tensors on the device."""
+    """uint8 frames on the host <-> video tensors on the device.
+
+    Host buffers are pinned blocks from torch's caching host allocator, a fresh one per copy: the
+    allocator hands a block out again only once the copy that used it has run, so the host may queue
+    the next chunk while the GPU still works on this one (several sessions too), which one reused
+    buffer would not allow."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._pinned: Optional[torch.Tensor] = None
-        self._pinned_out: dict[tuple[int, ...], list[torch.Tensor]] = {}  # two per frame shape
-        self._next_out = 0
 
     def to_video_tensor(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 [T, H, W, 3] -> [1, 3, T, H, W] in [-1, 1] on the device (pinned, async copy on CUDA)."""
         src = torch.from_numpy(np.ascontiguousarray(frames))
         if self.device.type == "cuda":
-            if self._pinned is None or self._pinned.shape != src.shape:
-                self._pinned = torch.empty(src.shape, dtype=torch.uint8, pin_memory=True)
-            self._pinned.copy_(src)
-            src = self._pinned.to(self.device, non_blocking=True)
+            pinned = torch.empty(src.shape, dtype=torch.uint8, pin_memory=True)
+            pinned.copy_(src)
+            src = pinned.to(self.device, non_blocking=True)
         video = src.permute(3, 0, 1, 2)[None].float().div_(127.5).sub_(1.0)
         return video
 
     def to_uint8(self, video: torch.Tensor) -> np.ndarray:
         """[1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3] on the host (a new array)."""
-        return self.to_uint8_later(video)()
+        return self.to_uint8_later(video).result()
 
-    def to_uint8_later(self, video: torch.Tensor) -> Callable[[], np.ndarray]:
-        """Queue the conversion and the device-to-host copy; the returned call waits for that copy alone
-        and gives the array. At most two may be pending at once (the pinned buffers alternate)."""
+    def to_uint8_later(self, video: torch.Tensor) -> PendingFrames:
+        """Queue the conversion and the device-to-host copy without waiting for them."""
         v = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
         if video.device.type != "cuda":
-            arr = v.contiguous().numpy()
-            return lambda: arr
+            return PendingFrames(v.contiguous())
         # into pinned memory: a pageable .cpu() of a 480p chunk took several ms more (a staging copy on
         # the host after the device copy)
-        bufs = self._pinned_out.get(tuple(v.shape))
-        if bufs is None:  # a first chunk's frame 0 is one frame, later chunks four: a pair for each
-            bufs = self._pinned_out[tuple(v.shape)] = [torch.empty(v.shape, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-        buf = bufs[self._next_out]
-        self._next_out ^= 1
+        buf = torch.empty(v.shape, dtype=torch.uint8, pin_memory=True)
         buf.copy_(v.contiguous(), non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-
-        def result() -> np.ndarray:
-            done.synchronize()
-            return buf.numpy().copy()  # the pinned buffer is reused two chunks later
-
-        return result
+        return PendingFrames(buf, done)
 
 
 class StreamEngine:
@@ -371,9 +380,15 @@ class StreamEngine:
         """[1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3] on the host."""
         return self._io.to_uint8(video)
 
-    def to_uint8_later(self, video: torch.Tensor) -> Callable[[], np.ndarray]:
-        """As to_uint8, queued: the returned call waits for the copy and gives the frames."""
+    def to_uint8_later(self, video: torch.Tensor) -> PendingFrames:
+        """As to_uint8, queued: result() waits for the copy and gives the frames."""
         return self._io.to_uint8_later(video)
+
+    @property
+    def finishes_in_background(self) -> bool:
+        """On CUDA a session's push returns once its chunk is queued; the frames follow through later
+        pushes and take_finished() (the engine process polls it between requests)."""
+        return self.device.type == "cuda"
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

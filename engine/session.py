@@ -21,7 +21,7 @@ from engine.stream_batch import KeyedNoise, StreamBatch
 from interface.controls import StreamParams, StreamUpdate
 
 if TYPE_CHECKING:
-    from engine.runtime import StreamEngine
+    from engine.runtime import PendingFrames, StreamEngine
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,9 @@ OutputFrame = tuple[np.ndarray, int]
 EarlyFrames = Callable[[list[OutputFrame]], None]
 FIRST_CHUNK = 5  # the DiT's first chunk: 5 pixel frames -> 2 latent frames
 CHUNK = 4  # then 4 -> 1
+# Chunks whose frames may be on their way to the host while the next one is queued: a push returns once
+# its chunk is queued, so the GPU goes from one chunk to the next without waiting for the host.
+MAX_PENDING = 2
 
 
 def first_latent_apart(x0: torch.Tensor) -> list[torch.Tensor]:
@@ -96,6 +99,21 @@ class PromptBlend:
 
 
 @dataclass
+class _Pending:
+    """A chunk queued on the device: its frames (None while the stream batch fills) and stage laps."""
+
+    frames: Optional[PendingFrames]
+    pts: list
+    laps: Optional[tuple[Lap, Lap, Lap]] = None  # VAE encode, DiT, decode: the chunk's stats
+    extra: Optional[dict] = None
+
+    def ready(self) -> bool:
+        if self.frames is not None:
+            return self.frames.ready()
+        return self.laps is None or all(lap.ms() is not None for lap in self.laps)
+
+
+@dataclass
 class _FrameZero:
     """A fresh stream's frame 0, encoded on arrival while frames 1-4 are still on their way (the VAE
     encodes frame 0 on its own anyway); the first chunk then takes only frames 1-4."""
@@ -134,6 +152,8 @@ class StreamSession:
         self.closed = False
         self._input = ChunkBuffer(engine.info.height, engine.info.width)
         self.frame0: Optional[_FrameZero] = None
+        # queued chunks, oldest first; a reset keeps them (they are finished frames of the old stream)
+        self._pending: deque[_Pending] = deque()
         self._reset_stream()
 
     # -- public API ---------------------------------------------------------------------------------
@@ -147,21 +167,31 @@ class StreamSession:
     def push(self, frames: np.ndarray, pts: Sequence[int], early: Optional[EarlyFrames] = None) -> list[OutputFrame]:
         """frames uint8 [T, H, W, 3] at the engine's size, with one pts each; any T (buffered).
 
-        Returns the generated frames that are ready. With `early`, frames ready before the push ends are
-        handed to it as soon as they reach the host (a fresh stream's first frame leaves while the
-        rest of its first chunk is still being decoded) and are not returned again."""
+        Returns the generated frames that are ready, in order: on CUDA the push queues its chunks and
+        returns without waiting for them, so a chunk's frames usually come with a later push or from
+        take_finished(); flush() waits for all. With `early`, a fresh stream's first frame is handed
+        to it as soon as it reaches the host (with any frames before it), while the rest of its
+        first chunk is still being decoded, and is not returned again."""
         self._check_open()
         self._input.add(frames, pts)
         out: list[OutputFrame] = []
-        early = early or out.extend
+
+        def ahead(frames: list[OutputFrame]) -> None:
+            # frames collected earlier in this push leave first: the order never changes
+            if early is None:
+                out.extend(frames)
+            else:
+                early(out + frames)
+                out.clear()
+
         while True:
             if self._updates:  # chunk boundary: a reset changes how many frames the next chunk takes
-                out += self._apply_updates()
+                self._apply_updates()
             got = self._input.take(self.chunk_frames)
             if got is None:
                 break
-            out += self._run_chunk(*got, early=early)
-        return out
+            out += self._run_chunk(*got, early=ahead)
+        return out + self._collect()
 
     def update(self, update: StreamUpdate) -> None:
         """Queue a live change; it is applied at the next chunk boundary."""
@@ -169,24 +199,25 @@ class StreamSession:
         self._updates.append(update)
 
     def take_finished(self) -> list[OutputFrame]:
-        """Frames finished since the last push: none here, a push returns its own (the parallel
-        engine's sessions finish chunks in the background)."""
-        return []
+        """Frames of chunks that finished since the last push or call, in order (never waits)."""
+        return [] if self.closed else self._collect()
 
     @torch.no_grad()
     def flush(self) -> list[OutputFrame]:
         """Drain the chunks in flight (the stream can go on afterwards). Leftover frames short of a
         chunk are padded with the last frame so that every input frame yields one output frame."""
         self._check_open()
-        out: list[OutputFrame] = self._apply_updates() if self._updates else []
+        if self._updates:
+            self._apply_updates()
+        out: list[OutputFrame] = []
         rest = self._input.take_rest(self.chunk_frames)
         if rest is not None:
-            out += [o for o in self._run_chunk(*rest, early=out.extend) if o[1] is not None]
+            out += self._run_chunk(*rest, early=out.extend)
         if self.frame0 is not None:  # frame 0 alone: pad its first chunk with copies of it
             pad = np.stack([self.frame0.frame] * CHUNK)
-            out += [o for o in self._run_chunk(pad, [None] * CHUNK, early=out.extend) if o[1] is not None]
-        out += self._drain()
-        return out
+            out += self._run_chunk(pad, [None] * CHUNK, early=out.extend)
+        self._drain()
+        return out + self._collect(keep=0)
 
     def close(self) -> None:
         self.closed = True
@@ -194,6 +225,7 @@ class StreamSession:
         self.vae_state = None
         self.dec_state = None
         self.frame0 = None
+        self._pending.clear()
 
     # -- internals ----------------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -229,8 +261,8 @@ class StreamSession:
             step_lag=e.options.step_lag,
         )
 
-    def _apply_updates(self) -> list[OutputFrame]:
-        out: list[OutputFrame] = []
+    def _apply_updates(self) -> None:
+        """The queued live changes, at a chunk boundary (frames they finish are queued, see _collect)."""
         updates, self._updates = self._updates, []
         for u in updates:
             if u.reset:
@@ -256,11 +288,10 @@ class StreamSession:
             if u.steps is not None and u.steps != self.steps:
                 # A new row count needs a new stream batch: finish the chunks in flight first so no
                 # frame is lost, then the next chunk primes the new batch on the same VAE stream.
-                out += self._drain()
+                self._drain()
                 self.steps = u.steps
                 self.batch = self._new_batch()
                 self._in_flight.clear()  # only padding chunks were left
-        return out
 
     def _kv_now(self) -> list:
         if self.blend is None:
@@ -283,20 +314,26 @@ class StreamSession:
         self.stats = {"vae_encode_ms": enc.ms() or 0.0, "dit_ms": 0.0, "vae_decode_ms": 0.0}
 
     def _run_chunk(self, chunk: np.ndarray, pts: list, early: EarlyFrames) -> list[OutputFrame]:
+        """Queue one chunk; returns frames of earlier chunks collected on the way (at most MAX_PENDING
+        chunks stay queued)."""
         e = self.engine
         if self.vae_state is None:  # chunk_frames was 1
             self._encode_frame0(chunk, pts[0])
             return []
-        out: list[OutputFrame] = []
+        # a first chunk collects everything before its frame 0 goes out (see _decode)
+        out = self._collect(keep=MAX_PENDING - 1) if self.frame0 is None else []
         # stage times from device events, read once the chunk's frames are on the host: no host sync
         # between the stages, so the GPU never waits for the host to queue the next one
         lap = Lap(e.device)
         video = e.to_video_tensor(chunk)  # [1, 3, T, H, W] in [-1, 1]
-        latent = e.vae.stream_encode(video.to(e.dtype), self.vae_state).to(e.dtype)
         f0, self.frame0 = self.frame0, None
-        if f0 is not None:  # the DiT's first chunk: frame 0's latent and these 4 frames'
-            video, latent, pts = torch.cat([f0.video, video], 2), torch.cat([f0.latent, latent], 2), [f0.pts, *pts]
-        strength = self.controller.step(video[0])
+        # the DiT's first chunk holds frame 0 too: its video for the motion measure, its latent below
+        full = video if f0 is None else torch.cat([f0.video, video], 2)
+        strength_later = self.controller.queue_step(full[0])  # queued before the encode, read after it
+        latent = e.vae.stream_encode(video.to(e.dtype), self.vae_state).to(e.dtype)
+        if f0 is not None:
+            latent, pts = torch.cat([f0.latent, latent], 2), [f0.pts, *pts]
+        strength = strength_later()
         t0 = NoiseController.timestep(strength)
         self._last_t0 = t0
         enc, lap = lap.stop(), Lap(e.device)
@@ -307,45 +344,59 @@ class StreamSession:
         else:
             x0 = self.batch.push(latent, strength, t0, kv)
         dit, lap = lap.stop(), Lap(e.device)
-        if x0 is not None:
-            out += self._decode(x0, early)
-        dec = lap.stop().wait()
+        extra = {"noise_strength": strength, "timestep": float(t0)}
+        if x0 is None:
+            self._pending.append(_Pending(None, [], (enc, dit, lap.stop()), extra))
+        else:
+            self._decode(x0, early, (enc, dit, lap), extra)
         self.chunks_in += 1
-        self.stats = {
-            "vae_encode_ms": enc.ms() or 0.0,
-            "dit_ms": dit.ms() or 0.0,
-            "vae_decode_ms": dec.ms() or 0.0,
-            "noise_strength": strength,
-            "timestep": float(t0),
-        }
         return out
 
-    def _decode(self, x0: torch.Tensor, early: Optional[EarlyFrames] = None) -> list[OutputFrame]:
+    def _decode(self, x0: torch.Tensor, early: Optional[EarlyFrames] = None,
+                laps: Optional[tuple[Lap, Lap, Lap]] = None, extra: Optional[dict] = None) -> None:
+        """Queue the decode of a chunk leaving the stream batch (`laps`' last one is stopped here)."""
         pts = self._in_flight.popleft()
         if pts is None:  # a padding chunk from a drain: never decoded, so the VAE stream skips it
-            return []
+            return
         e = self.engine
         parts = first_latent_apart(x0)
+        pending = [e.to_uint8_later(e.decoder.stream_decode(p, self.dec_state)) for p in parts]
+        if laps is not None:
+            laps[2].stop()
         if len(parts) == 1:
-            frames = e.to_uint8(e.decoder.stream_decode(x0, self.dec_state))
-            return [(f, p) for f, p in zip(frames, pts) if p is not None]
-        # the first chunk: frame 0 goes out (to `early`) while the GPU decodes the rest; both decodes
-        # are queued before waiting for the first
-        first, rest = (e.to_uint8_later(e.decoder.stream_decode(p, self.dec_state)) for p in parts)
-        out = [(first()[0], pts[0])] if pts[0] is not None else []
-        if early is not None and out:
-            early(out)
-            out = []
-        return out + [(f, p) for f, p in zip(rest(), pts[1:]) if p is not None]
+            self._pending.append(_Pending(pending[0], pts, laps, extra))
+            return
+        # the first chunk: frame 0 goes out (to `early`, after every frame before it) while the GPU
+        # decodes the rest; both decodes are queued before waiting for the first
+        first, rest = pending
+        if early is not None and pts[0] is not None:
+            ahead = self._collect(keep=0)
+            early(ahead + [(first.result()[0], pts[0])])
+            self._pending.append(_Pending(rest, pts[1:], laps, extra))
+            return
+        self._pending.append(_Pending(first, pts[:1]))
+        self._pending.append(_Pending(rest, pts[1:], laps, extra))
 
-    def _drain(self) -> list[OutputFrame]:
-        """Push pure-noise chunks until every real chunk in flight has left the batch."""
+    def _collect(self, keep: Optional[int] = None) -> list[OutputFrame]:
+        """Frames of the queued chunks that are ready, oldest first, without waiting; with `keep`, waits
+        for the oldest until at most `keep` chunks are left queued."""
         out: list[OutputFrame] = []
+        while self._pending and ((keep is not None and len(self._pending) > keep) or self._pending[0].ready()):
+            p = self._pending.popleft()
+            if p.frames is not None:
+                out += [(f, t) for f, t in zip(p.frames.result(), p.pts) if t is not None]
+            if p.laps is not None:
+                enc, dit, dec = (lap.wait().ms() or 0.0 for lap in p.laps)
+                self.stats = {"vae_encode_ms": enc, "dit_ms": dit, "vae_decode_ms": dec, **(p.extra or {})}
+        return out
+
+    def _drain(self) -> None:
+        """Push pure-noise chunks until every real chunk in flight has left the batch (their frames
+        are queued: _collect gives them)."""
         if not self.batch.primed:
-            return out
+            return
         while any(p is not None for p in self._in_flight):
             self._in_flight.append(None)
             x0 = self.batch.push(None, 1.0, self._last_t0, self._kv_now())
             if x0 is not None:
-                out += self._decode(x0)
-        return out
+                self._decode(x0)

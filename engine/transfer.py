@@ -8,6 +8,8 @@ reuse the pinned block before the copy has run.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -25,3 +27,21 @@ def h2d_into(dst: torch.Tensor, values) -> None:
         dst.copy_(src.pin_memory(), non_blocking=True)
     else:
         dst.copy_(src)
+
+
+def host_scalar_later(value: torch.Tensor) -> Callable[[], float]:
+    """Queue a device scalar's copy to the host; the returned call waits for that copy alone (not for
+    work queued after it) and gives the float."""
+    if not value.is_cuda:
+        v = float(value)
+        return lambda: v
+    buf = torch.empty((), dtype=value.dtype, pin_memory=True)
+    buf.copy_(value, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def result() -> float:
+        done.synchronize()
+        return float(buf)
+
+    return result

@@ -342,7 +342,10 @@ class Session:
             return
         roundtrip = self._clock() - self._pushed_at
         self._busy = False
-        cost = message.engine_ms / 1000.0  # the engine serves chunks one at a time: sessions add up
+        # the engine serves chunks one at a time: sessions add up. A CUDA engine's push returns once its
+        # chunk is queued, so its wall time may be short of the chunk's GPU time (the stage times).
+        gpu_ms = sum(message.stats.get(k, 0.0) for k in ("vae_encode_ms", "dit_ms", "vae_decode_ms"))
+        cost = max(message.engine_ms, gpu_ms) / 1000.0
         if self._pushed_frames > 1:  # a fresh stream's frame 0 alone is only encoded: not a chunk's cost
             self.engine_chunk_s = cost if self.engine_chunk_s is None else 0.7 * self.engine_chunk_s + 0.3 * cost
         self._chunk_frames = message.chunk_frames

@@ -201,6 +201,71 @@ def test_a_lone_frame_zero_still_comes_out(tiny):
     assert [p for _, p in out] == [0, 1, 2, 3, 4, 5]
 
 
+class _HeldCopies:
+    """Device-to-host copies that stay in flight until released: what a push sees on CUDA while the GPU
+    still works on its chunk (on the CPU every copy is done at once)."""
+
+    def __init__(self, engine: StreamEngine) -> None:
+        self.real = engine.to_uint8_later
+        self.released = False
+
+    def __call__(self, video):
+        pending, held = self.real(video), self
+
+        class Held:
+            def ready(self) -> bool:
+                return held.released
+
+            def result(self):
+                return pending.result()
+
+        return Held()
+
+
+def test_a_push_returns_before_its_frames_and_they_follow_in_order(tiny, monkeypatch):
+    """On CUDA a push queues its chunk and returns; its frames come with a later push (which waits only
+    when MAX_PENDING chunks are queued), from take_finished(), or from flush(), always in order, across
+    a reset too, and equal to a session that waits for every chunk."""
+    from engine.session import MAX_PENDING
+
+    frames = video(29, seed=4)
+    _, whole = run(tiny, frames, "a cat", 5, step=4, steps=1)
+    monkeypatch.setattr(tiny, "to_uint8_later", _HeldCopies(tiny))
+    s = tiny.open_session("a cat", StreamParams(seed=5, steps=1))
+    early: list = []
+    assert s.push(frames[:1], [0]) == []
+    assert s.push(frames[1:5], [1, 2, 3, 4], early=early.extend) == []  # frames 1-4 still on their way
+    assert [p for _, p in early] == [0]  # frame 0 is waited for: it leaves ahead
+    assert s.take_finished() == []
+    got = list(early)
+    pts = [list(range(a, a + 4)) for a in range(5, 29, 4)]
+    for i, chunk_pts in enumerate(pts[:3]):
+        out = s.push(frames[chunk_pts[0] : chunk_pts[-1] + 1], chunk_pts)
+        queued_before = 1 + i  # frames 1-4, then one chunk more per push
+        # the push waits for the oldest chunks only to keep MAX_PENDING queued
+        assert [p for _, p in out] == list(range(1, 1 + 4 * max(0, queued_before + 1 - MAX_PENDING)))[len(got) - 1:]
+        got += out
+        assert len(s._pending) == MAX_PENDING
+    tiny.to_uint8_later.released = True
+    got += s.take_finished()
+    assert [p for _, p in got] == list(range(17)) and s.take_finished() == []
+    got += s.push(frames[17:29], list(range(17, 29))) + s.flush()
+    assert [p for _, p in got] == list(range(29))
+    assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(got, whole))
+
+    # a reset while chunks are queued: the old stream's frames leave before the new stream's frame 0
+    tiny.to_uint8_later.released = False
+    s = tiny.open_session("a cat", StreamParams(seed=5, steps=1))
+    # frame 0 is waited for, frames 1-4 once two chunks more are queued
+    assert [p for _, p in s.push(frames[:13], list(range(13)))] == [0, 1, 2, 3, 4]
+    s.update(StreamUpdate(reset=True))
+    early = []
+    out = s.push(frames[13:18], list(range(13, 18)), early=early.extend)
+    assert [p for _, p in early] == list(range(5, 14)) and out == []
+    tiny.to_uint8_later.released = True
+    assert [p for _, p in s.flush()] == [14, 15, 16, 17]
+
+
 def test_bad_frames_are_rejected_clearly(tiny):
     s = tiny.open_session("x")
     with pytest.raises(ValueError, match=r"uint8 \[T, 128, 128, 3\]"):

@@ -154,13 +154,14 @@ class DriverSession:
         host = self.host
         lap = host.clock.lap()
         video = host.io.to_video_tensor(cmd.frames)
-        strength = self.controller.step(video[0])
-        t0 = NoiseController.timestep(strength)
-        self.last_t0 = t0
+        strength_later = self.controller.queue_step(video[0])  # read after the encode is queued
         new_vae = self.vae_state is None
         if new_vae:
             self.vae_state = host.vae.new_stream_state()
         latent = host.vae.stream_encode(video.to(host.dtype), self.vae_state).to(host.dtype)
+        strength = strength_later()
+        t0 = NoiseController.timestep(strength)
+        self.last_t0 = t0
         lap.stop()
         self.in_flight.append(list(cmd.pts))
         stats = {"noise_strength": strength, "timestep": float(t0)}
