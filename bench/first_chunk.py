@@ -71,10 +71,22 @@ def first_chunk_steps(engine: StreamEngine, video) -> dict[str, float]:
     return out
 
 
+def first_push_gaps(engine: StreamEngine, video) -> list[str]:
+    """Where the GPU waits for the host in a fresh session's push of frames 1-4 (frame 0 pushed first)."""
+    from bench.profile_stages import idle_gaps
+
+    s = engine.open_session(PROMPT)
+    s.push(video[:1], [0])
+    lines = idle_gaps(lambda: s.push(video[1:5], [1, 2, 3, 4], early=lambda out: None), top=12)
+    s.close()
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="p1")
     ap.add_argument("--sessions", type=int, default=3)
+    ap.add_argument("--gaps", type=int, default=0, help="fresh sessions whose first push is profiled for idle gaps")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     for name in args.rows.split(","):
@@ -89,6 +101,9 @@ def main() -> None:
         print(f"## {name} {spec}: first chunk, ms per step (fresh sessions {args.sessions}, last is warmest)")
         for key in runs[0]:
             print(f"  {key:28s} " + " ".join(f"{r[key]:8.1f}" for r in runs))
+        for i in range(args.gaps):
+            print(f"### fresh session {i + 1}: the push of frames 1-4, the GPU's idle gaps")
+            print("\n".join(first_push_gaps(engine, video)))
         del engine
         torch.cuda.empty_cache()
 

@@ -150,6 +150,53 @@ def attention_variants() -> list[dict]:
         flops = 4 * r * hds * lq * lk * 128
         res["tflop"] = flops / 1e12
         rows.append(res)
+    # the VAE's single-head attention over one frame's positions (head size 384: no flash/cuDNN kernel)
+    for name, n in (("vae-480x832", 60 * 104), ("vae-512x512", 64 * 64)):
+        q, k, v = (torch.randn(1, 1, n, 384, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        res = dict(row=name)
+        variants = {
+            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+            "math_bf16": lambda: _attention_math(q, k, v),
+        }
+        for label, fn in variants.items():
+            y = fn()
+            res[label] = round(_time(fn), 3)
+            res[label + "_err"] = float((y.float() - ref).abs().max())
+        rows.append(res)
+    return rows
+
+
+def _attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Scores in bf16 (fp32 accumulation), softmax in fp32, probabilities back to bf16 for the PV GEMM."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    return torch.matmul(torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def norm_variants() -> list[dict]:
+    """The VAE's fused channel RMS norm (+ SiLU) at the decoder's shapes, per launch configuration, next
+    to a plain copy of the same tensor (the memory-bound floor)."""
+    from engine import kernels
+
+    rows = []
+    for c, t, h, w in ((96, 4, 480, 832), (192, 4, 240, 416), (384, 2, 120, 208)):
+        x = torch.randn(1, c, t, h, w, device=DEVICE, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+        y = torch.empty_like(x)
+        g = torch.rand(c, device=DEVICE, dtype=torch.bfloat16)
+        n_rows = x.numel() // c
+        block_c = 1 << (c - 1).bit_length()
+        res = dict(shape=[c, t, h, w], copy=round(_time(lambda: y.copy_(x)), 4))
+        for block_r, warps in ((4096 // block_c, 4), (4096 // block_c, 8), (8192 // block_c, 8), (2048 // block_c, 4),
+                               (1024 // block_c, 2), (16384 // block_c, 16)):
+            grid = ((n_rows + block_r - 1) // block_r,)
+
+            def run() -> torch.Tensor:
+                kernels._rms_norm_rows[grid](x, g, g, y, n_rows, c, 1.0, BLOCK_R=block_r, BLOCK_C=block_c, SILU=True,
+                                             BIAS=False, num_warps=warps)
+                return y
+
+            res[f"r{block_r}w{warps}"] = round(_time(run), 4)
+        rows.append(res)
     return rows
 
 
@@ -159,9 +206,14 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=832)
     ap.add_argument("--json", default=None)
     ap.add_argument("--attention-only", action="store_true")
+    ap.add_argument("--norms-only", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.backends.cudnn.benchmark = True
+    if args.norms_only:
+        for r in norm_variants():
+            log.info("norm %s", r)
+        return
     if args.attention_only:
         for r in attention_variants():
             log.info("attention %s", r)
