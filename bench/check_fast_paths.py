@@ -31,11 +31,13 @@ def stream(engine: StreamEngine, video: np.ndarray, graphs: bool) -> np.ndarray:
     engine.synchronize()
     out += s.take_finished()  # every decoded frame (a push returns before its last chunks are on the host)
     captured = s.batch.runner._graph is not None
+    primed_from_graph = s.batch.runner._prime is not None  # the first chunk's forwards (captured at frame 0)
     vae_replays = [g.replays if g else 0 for g in (s.vae_state.enc_graph, s.dec_state.dec_graph)]
     s.close()
     engine.vae.use_graphs = True
     if len(video) >= 30:
         assert captured == graphs, f"DiT graph captured={captured}, wanted {graphs}"
+        assert primed_from_graph == graphs, f"first chunk from a graph={primed_from_graph}, wanted {graphs}"
         assert (min(vae_replays) > 0) == graphs, f"VAE graph replays {vae_replays}, graphs wanted: {graphs}"
     return np.stack([f for f, _ in out]).astype(np.float32)
 

@@ -332,6 +332,8 @@ class StreamEngine:
         self.text = build_text(cfg, self.layout, self.device, self.dtype, options.seed)
         self.rope = Rope(cfg.dit.head_dim, self.device)
         self._io = FrameIO(self.device)
+        # first-chunk DiT input shapes whose kernels ran once in this process (see DiTRunner.prepare_prime)
+        self.warm_shapes: set = set()
         self.info = EngineInfo(
             model=cfg.name,
             height=height,

@@ -259,6 +259,7 @@ class StreamSession:
             latent_hw=(e.info.height // 8, e.info.width // 8),
             noise=noise,
             step_lag=e.options.step_lag,
+            warm_shapes=e.warm_shapes,
         )
 
     def _apply_updates(self) -> None:
@@ -310,7 +311,12 @@ class StreamSession:
         video = e.to_video_tensor(frame)
         latent = e.vae.stream_encode(video.to(e.dtype), self.vae_state).to(e.dtype)
         self.frame0 = _FrameZero(frame=frame[0], pts=pts, video=video, latent=latent)
-        enc = lap.stop().wait()
+        enc = lap.stop()
+        # while frames 1-4 are on their way: the first chunk's DiT forward as a CUDA graph (its latents:
+        # frame 0's and one per 4 frames after it)
+        first = (1, latent.shape[1], 1 + CHUNK // 4, *latent.shape[3:])
+        self.batch.runner.prepare_prime(first, self.cross_kv)
+        enc.wait()
         self.stats = {"vae_encode_ms": enc.ms() or 0.0, "dit_ms": 0.0, "vae_decode_ms": 0.0}
 
     def _run_chunk(self, chunk: np.ndarray, pts: list, early: EarlyFrames) -> list[OutputFrame]:

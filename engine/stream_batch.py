@@ -90,6 +90,7 @@ class StreamBatch:
         latent_hw: tuple[int, int],
         noise: Noise,
         step_lag: int = 1,
+        warm_shapes: Optional[set] = None,
     ) -> None:
         if step_lag < 1:
             raise ValueError(f"step_lag must be >= 1, got {step_lag}")
@@ -113,7 +114,7 @@ class StreamBatch:
             dtype=p.dtype,
             device=p.device,
         )
-        self.runner = DiTRunner(dit, rope, self.cache)
+        self.runner = DiTRunner(dit, rope, self.cache, warm_shapes=warm_shapes)
         # the last step_lag forwards' outputs [n, 16, 1, h, w] (re-noised), oldest first: forward f's
         # rows 1.. come from rows ..n-2 of forward f - step_lag
         self.outputs: Optional[deque[torch.Tensor]] = None
