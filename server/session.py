@@ -44,6 +44,13 @@ PENDING_FRAMES = 3 * MAX_CHUNK  # camera frames kept while the engine is busy
 REMEMBERED_PTS = 256  # input frames whose output has not left yet
 
 
+def chunk_cost_s(reply: FramesOut) -> float:
+    """Engine time one chunk of a session costs, from a push's reply: its wall time in the engine, or the
+    chunk's GPU stage times where more (a CUDA engine's push returns once its chunk is queued)."""
+    gpu_ms = sum(reply.stats.get(k, 0.0) for k in ("vae_encode_ms", "dit_ms", "vae_decode_ms"))
+    return max(reply.engine_ms, gpu_ms) / 1000.0
+
+
 @dataclass
 class SessionContext:
     """What a session needs from the app; passed in so sessions hold no global state."""
@@ -342,10 +349,7 @@ class Session:
             return
         roundtrip = self._clock() - self._pushed_at
         self._busy = False
-        # the engine serves chunks one at a time: sessions add up. A CUDA engine's push returns once its
-        # chunk is queued, so its wall time may be short of the chunk's GPU time (the stage times).
-        gpu_ms = sum(message.stats.get(k, 0.0) for k in ("vae_encode_ms", "dit_ms", "vae_decode_ms"))
-        cost = max(message.engine_ms, gpu_ms) / 1000.0
+        cost = chunk_cost_s(message)  # the engine serves chunks one at a time: sessions add up
         if self._pushed_frames > 1:  # a fresh stream's frame 0 alone is only encoded: not a chunk's cost
             self.engine_chunk_s = cost if self.engine_chunk_s is None else 0.7 * self.engine_chunk_s + 0.3 * cost
         self._chunk_frames = message.chunk_frames

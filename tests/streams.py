@@ -1,4 +1,4 @@
-"""Helpers shared by tests that stream several sessions."""
+"""Helpers shared by tests that stream sessions."""
 
 from __future__ import annotations
 
@@ -18,3 +18,24 @@ def push_interleaved(sessions: Sequence[Any], clips: Sequence[np.ndarray], chunk
     for s, out in zip(sessions, outs):
         out += s.flush()
     return outs
+
+
+class HeldCopies:
+    """Device-to-host copies that stay in flight until released: what a push sees on CUDA while the GPU
+    still works on its chunk (on the CPU every copy is done at once)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.real = engine.to_uint8_later
+        self.released = False
+
+    def __call__(self, video):
+        pending, held = self.real(video), self
+
+        class Held:
+            def ready(self) -> bool:
+                return held.released
+
+            def result(self):
+                return pending.result()
+
+        return Held()

@@ -17,7 +17,7 @@ from engine.dit import WanDiT
 from engine.noise_control import NoiseController
 from engine.runtime import EngineOptions, StreamEngine
 from interface.controls import StreamParams, StreamUpdate
-from tests.streams import push_interleaved
+from tests.streams import HeldCopies, push_interleaved
 from tests.weights_fixture import write_small_weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,27 +201,6 @@ def test_a_lone_frame_zero_still_comes_out(tiny):
     assert [p for _, p in out] == [0, 1, 2, 3, 4, 5]
 
 
-class _HeldCopies:
-    """Device-to-host copies that stay in flight until released: what a push sees on CUDA while the GPU
-    still works on its chunk (on the CPU every copy is done at once)."""
-
-    def __init__(self, engine: StreamEngine) -> None:
-        self.real = engine.to_uint8_later
-        self.released = False
-
-    def __call__(self, video):
-        pending, held = self.real(video), self
-
-        class Held:
-            def ready(self) -> bool:
-                return held.released
-
-            def result(self):
-                return pending.result()
-
-        return Held()
-
-
 def test_a_push_returns_before_its_frames_and_they_follow_in_order(tiny, monkeypatch):
     """On CUDA a push queues its chunk and returns; its frames come with a later push (which waits only
     when MAX_PENDING chunks are queued), from take_finished(), or from flush(), always in order, across
@@ -230,7 +209,7 @@ def test_a_push_returns_before_its_frames_and_they_follow_in_order(tiny, monkeyp
 
     frames = video(29, seed=4)
     _, whole = run(tiny, frames, "a cat", 5, step=4, steps=1)
-    monkeypatch.setattr(tiny, "to_uint8_later", _HeldCopies(tiny))
+    monkeypatch.setattr(tiny, "to_uint8_later", HeldCopies(tiny))
     s = tiny.open_session("a cat", StreamParams(seed=5, steps=1))
     early: list = []
     assert s.push(frames[:1], [0]) == []

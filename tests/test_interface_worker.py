@@ -254,3 +254,46 @@ def test_frames_finished_in_the_background_leave_without_a_push() -> None:
     ours.send(encode(Shutdown()))
     thread.join(10)
     assert not thread.is_alive()
+
+
+class _QueuingEngine:
+    """A real engine that answers as a CUDA one does: a push returns once its chunk is queued and the
+    frames follow (here: held until the test releases them)."""
+
+    finishes_in_background = True
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+def test_queued_chunks_leave_as_partial_replies_when_done(monkeypatch) -> None:
+    """In-process sessions on CUDA: frame 0 still leaves ahead; frames 1-4 are not in the push's reply
+    while their copy is in flight, and leave in a partial reply as soon as it is done, with no push."""
+    import threading
+
+    from engine.runtime import EngineOptions, StreamEngine
+    from tests.streams import HeldCopies
+
+    engine = StreamEngine.create(EngineOptions(model="tiny", device="cpu", height=SIZE, width=SIZE))
+    held = HeldCopies(engine)
+    monkeypatch.setattr(engine, "to_uint8_later", held)
+    ours, theirs = multiprocessing.Pipe()
+    loop = worker.Worker(_QueuingEngine(engine), theirs)
+    thread = threading.Thread(target=loop.serve, daemon=True)
+    thread.start()
+    client = Client(ours, "Q", "a harbour")
+    client.exchange(_inputs(1, 1))
+    replies, out = client.exchange(_inputs(2, 4))
+    assert [(r.partial, r.count) for r in replies] == [(True, 1), (False, 0)] and [p for _, p in out] == [0]
+    assert not ours.poll(0.3)  # nothing while the copy is in flight
+    held.released = True
+    reply = _recv(ours, 10.0)
+    assert isinstance(reply, FramesOut) and reply.partial and reply.pts == [3000, 6000, 9000, 12000]
+    assert len(client.take(reply)) == 4
+    client.close()
+    ours.send(encode(Shutdown()))
+    thread.join(10)
+    assert not thread.is_alive()

@@ -266,3 +266,17 @@ async def test_background_tasks_report_failures_and_cancel_on_close():
     assert await tasks.spawn(closer())
     await asyncio.sleep(0)
     assert forever.cancelled() and len(errors) == 1
+
+
+def test_a_chunks_cost_is_its_gpu_time_when_the_push_returned_sooner() -> None:
+    """Admission counts what a chunk costs the engine: a CUDA engine's push returns once the chunk is
+    queued, so its stage times, not the push's wall time, are the cost then."""
+    from interface.messages import FramesOut
+    from server.session import chunk_cost_s
+
+    def reply(engine_ms: float, **stats: float) -> FramesOut:
+        return FramesOut(session_id="s", first_seq=0, count=0, pts=[], chunk_frames=4, engine_ms=engine_ms, stats=stats)
+
+    assert chunk_cost_s(reply(5.0, vae_encode_ms=14.0, dit_ms=9.0, vae_decode_ms=21.0, noise_strength=0.7)) == pytest.approx(0.044)
+    assert chunk_cost_s(reply(80.0, vae_encode_ms=14.0, dit_ms=9.0, vae_decode_ms=21.0)) == pytest.approx(0.080)
+    assert chunk_cost_s(reply(30.0)) == pytest.approx(0.030)  # no stage times (a parallel engine's reply)
