@@ -77,7 +77,8 @@ class ParallelSession:
 
     def push(self, frames: np.ndarray, pts: Sequence[int], early: Optional[Callable] = None) -> list[OutputFrame]:
         """frames uint8 [T, H, W, 3] at the engine's size, with one pts each; any T (buffered). `early`
-        is not used: the ranks return a chunk's frames together."""
+        is not used: a fresh stream's frame 0 comes back from the last rank ahead of the rest of its
+        chunk on its own, and leaves with whatever returns or takes frames first."""
         self._check_open()
         self._input.add(frames, pts)
         depth = self.engine.options.parallel.inflight

@@ -255,9 +255,18 @@ class RankBase:
             if g.new_vae:
                 s.decode_state = self.decoder.new_stream_state()  # type: ignore[union-attr]
             if g.decode is not None:
-                latents = first_latent_apart(x0[start + g.rows - 1 : start + g.rows])
-                video = torch.cat([self.decoder.stream_decode(z, s.decode_state) for z in latents], 2)  # type: ignore[union-attr]
-                frames.append((g, self.io.to_uint8_later(video)))
+                first, *rest = first_latent_apart(x0[start + g.rows - 1 : start + g.rows])
+                video = self.decoder.stream_decode(first, s.decode_state)  # type: ignore[union-attr]
+                if rest and g.decode[0] is not None:
+                    # a fresh stream's first chunk: frame 0 leaves now, while the GPU decodes the rest
+                    frame0 = self.io.to_uint8_later(video)
+                    video = self.decoder.stream_decode(rest[0], s.decode_state)  # type: ignore[union-attr]
+                    self.send_early(g, frame0)
+                    frames.append((g, self.io.to_uint8_later(video), g.decode[1:]))
+                else:
+                    if rest:
+                        video = torch.cat([video, self.decoder.stream_decode(rest[0], s.decode_state)], 2)  # type: ignore[union-attr]
+                    frames.append((g, self.io.to_uint8_later(video), g.decode))
             start += g.rows
         decode = lap.stop()
         times.other.append(decode)
@@ -275,13 +284,19 @@ class RankBase:
         """The forward's frames to rank 0 (waits for their device-to-host copy), with its completions and
         the stage times measured so far."""
         outputs = []
-        for g, result in out.frames:
-            keep = [(f, p) for f, p in zip(result(), g.decode) if p is not None]
+        for g, result, pts in out.frames:
+            keep = [(f, p) for f, p in zip(result(), pts) if p is not None]
             stats = dict(g.stats, vae_decode_ms=out.decode.wait().ms() or 0.0)
             outputs.append((g.sid, [f for f, _ in keep], [p for _, p in keep], stats))
         records = out.times + [(self.rank, *r) for r in self.clock.harvest()]
         done = [(g.sid, g.done) for g in out.groups if g.done is not None]
         self.out_link.send(Message("out", {"fid": out.fid, "outputs": outputs, "done": done, "times": records}))
+
+    def send_early(self, g: Group, frame0: Any) -> None:
+        """A fresh stream's frame 0 to rank 0 ahead of the rest of its chunk (waits for that frame's copy
+        alone). Frames of earlier forwards go first, so that no stream's frames change order."""
+        self.flush_outputs()
+        self.out_link.send(Message("early", {"outputs": [(g.sid, [frame0()[0]], [g.decode[0]], dict(g.stats))]}))
 
     def flush_outputs(self) -> None:
         if self.deferred is not None:
@@ -340,7 +355,7 @@ class _Outputs:
 
     fid: int
     groups: list[Group]
-    frames: list[tuple[Group, Any]]  # (group, FrameIO.to_uint8_later result)
+    frames: list[tuple[Group, Any, list]]  # (group, FrameIO.to_uint8_later result, the frames' pts)
     decode: Any  # timing.Lap of the decodes
     times: list  # upstream ranks' stage times carried by the forward
 
@@ -386,6 +401,7 @@ class Rank0(RankBase):
         self.rebalancing = False
         self.awaiting_blocks: Optional[tuple[int, int]] = None
         self.batched_forwards = 0
+        self.early_frames = 0  # first frames of fresh streams sent ahead of their chunks
         self.forwards = 0
         self.hop_ms: Optional[float] = None
         self._ping_back: Optional[Message] = None
@@ -568,6 +584,11 @@ class Rank0(RankBase):
                     self.returns[key] = rows
         elif kind == "out":
             self._on_out(h)
+        elif kind == "early":  # a fresh stream's frame 0, ahead of its chunk's "out"
+            for sid, frames, pts, stats in h["outputs"]:
+                self._send_event(P.Output(sid, frames, pts, stats))
+                self.early_frames += len(frames)
+            self._stats_dirty = True
         elif kind == "blocks":
             self.stage.import_layers(h["layers"], msg.tensors)
             self.awaiting_blocks = None
@@ -669,7 +690,8 @@ class Rank0(RankBase):
         return dict(
             world=self.world, devices=list(self.spec.devices.devices), split=list(self.split),
             blocks=[_span(list(r)) for r in ranges(self.split)], forwards=self.forwards,
-            batched_forwards=self.batched_forwards, inflight=len(self.inflight), capacity=self.capacity,
+            batched_forwards=self.batched_forwards, early_frames=self.early_frames, inflight=len(self.inflight),
+            capacity=self.capacity,
             max_inflight=self.max_inflight, max_stream_overlap=self.max_stream_overlap,
             sessions=len(self.drivers), hop_ms=self.hop_ms, moves=list(self.moves),
             balance=self.balancer.stats(), batch=self.batcher.stats(),
