@@ -37,9 +37,10 @@ class NoiseController:
         waits for that measure alone and gives s. Queue the VAE encode in between, and the host reads
         the measure while the GPU encodes (a plain float() here waited for the whole GPU queue)."""
         last, self.last_frame = self.last_frame, frames[:, -1]
-        if last is None or not self.enabled:
-            # first chunk: nothing to compare with yet, the stream starts at s_max; disabled: always s_max
-            return self._apply_motion if last is not None else (lambda: float(self.strength))
+        if last is None:  # first chunk: nothing to compare with yet, the stream starts at s_max
+            return lambda: float(self.strength)
+        if not self.enabled:
+            return self._apply_motion  # s = s_max
         seq = torch.cat([last[:, None], frames], dim=1).float()
         rms = (seq[:, 1:] - seq[:, :-1]).pow(2).mean(dim=(0, 2, 3)).sqrt()
         read = host_scalar_later((rms.max() / self.sigma).clamp(0, 1))

@@ -34,6 +34,7 @@ from engine.rope import Rope
 from engine.session import StreamSession
 from engine.stream_batch import mix_seed
 from engine.taehv import LATENT_CHANNELS, TAEHV, load_taehv, random_taehv
+from engine.transfer import d2h_later
 from engine.vae import WanVAE
 from interface.controls import StreamParams
 
@@ -299,15 +300,9 @@ class FrameIO:
     def to_uint8_later(self, video: torch.Tensor) -> PendingFrames:
         """Queue the conversion and the device-to-host copy without waiting for them."""
         v = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
-        if video.device.type != "cuda":
-            return PendingFrames(v.contiguous())
         # into pinned memory: a pageable .cpu() of a 480p chunk took several ms more (a staging copy on
         # the host after the device copy)
-        buf = torch.empty(v.shape, dtype=torch.uint8, pin_memory=True)
-        buf.copy_(v.contiguous(), non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return PendingFrames(buf, done)
+        return PendingFrames(*d2h_later(v.contiguous()))
 
 
 class StreamEngine:

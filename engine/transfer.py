@@ -1,4 +1,4 @@
-"""Small host->device copies that never stall the host.
+"""Host<->device copies that never stall the host.
 
 A plain torch.tensor(..., device="cuda") copies from pageable memory, which waits for the GPU queue to
 drain: one such copy per DiT forward removes all CPU/GPU overlap. Pinned memory from torch's caching
@@ -8,7 +8,7 @@ reuse the pinned block before the copy has run.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -29,19 +29,26 @@ def h2d_into(dst: torch.Tensor, values) -> None:
         dst.copy_(src)
 
 
-def host_scalar_later(value: torch.Tensor) -> Callable[[], float]:
-    """Queue a device scalar's copy to the host; the returned call waits for that copy alone (not for
-    work queued after it) and gives the float."""
+def d2h_later(value: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
+    """Queue a copy of a device tensor into a fresh pinned host block: (the host tensor, an event that
+    marks the copy done; None off CUDA, where the copy is done already)."""
     if not value.is_cuda:
-        v = float(value)
-        return lambda: v
-    buf = torch.empty((), dtype=value.dtype, pin_memory=True)
+        return value.contiguous(), None
+    buf = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
     buf.copy_(value, non_blocking=True)
     done = torch.cuda.Event()
     done.record()
+    return buf, done
+
+
+def host_scalar_later(value: torch.Tensor) -> Callable[[], float]:
+    """Queue a device scalar's copy to the host; the returned call waits for that copy alone (not for
+    work queued after it) and gives the float."""
+    buf, done = d2h_later(value)
 
     def result() -> float:
-        done.synchronize()
+        if done is not None:
+            done.synchronize()
         return float(buf)
 
     return result

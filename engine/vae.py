@@ -297,19 +297,29 @@ class ResidualBlock(nn.Module):
         # conv's, and so does in_bias (through the shortcut conv: W(x + b) = Wx + Wb)
         h = _norm_conv(r[0], r[2], x, cache, in_bias)
         h = _norm_conv(r[3], r[6], h, cache, r[2].bias)
-        acc = torch.promote_types(x.dtype, torch.float32)  # the biases summed in float32 at least
-        bias = r[6].bias.to(acc)
-        if isinstance(self.shortcut, nn.Conv3d):
-            w = self.shortcut.weight
-            s = F.conv3d(x, w)
+        s = F.conv3d(x, self.shortcut.weight) if isinstance(self.shortcut, nn.Conv3d) else x
+        return bias_residual_(h, self._residual_bias(in_bias, x), s)
+
+    def _residual_bias(self, in_bias: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The residual kernel's bias: the second conv's, the shortcut conv's and in_bias (through the
+        shortcut conv), summed in float32 at least. A function of the weights alone, so it is computed
+        once and kept until a weight changes, not per call (nor per replay of a captured chunk)."""
+        conv = isinstance(self.shortcut, nn.Conv3d)
+        params = [self.residual[6].bias, *([self.shortcut.weight, self.shortcut.bias] if conv else []),
+                  *([] if in_bias is None else [in_bias])]
+        key = (x.dtype, conv, in_bias is None, tuple((p.data_ptr(), p._version) for p in params))
+        if getattr(self, "_bias_key", None) == key:
+            return self._bias
+        acc = torch.promote_types(x.dtype, torch.float32)
+        bias = self.residual[6].bias.detach().to(acc)
+        if conv:
             bias = bias + self.shortcut.bias.to(acc)
-            if in_bias is not None:
-                bias = bias + w.flatten(1).to(acc) @ in_bias.to(acc)
-        else:
-            s = x
-            if in_bias is not None:
-                bias = bias + in_bias.to(acc)
-        return bias_residual_(h, bias, s)
+        if in_bias is not None:
+            b = in_bias.to(acc)
+            bias = bias + (self.shortcut.weight.flatten(1).to(acc) @ b if conv else b)
+        if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):  # a capture computes nothing yet
+            self._bias_key, self._bias = key, bias
+        return bias
 
 
 class AttentionBlock(nn.Module):

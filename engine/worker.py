@@ -46,8 +46,8 @@ from interface.messages import (
 
 log = logging.getLogger("engine.worker")
 
-# Between requests, how often the loop looks for frames a pipeline-parallel engine finished on its own
-# (they leave at once instead of with the reply to the session's next push, up to a chunk period later).
+# Between requests, how often the loop looks for frames an engine finished after a push returned (CUDA
+# and pipeline-parallel engines): they leave at once instead of with the session's next push's reply.
 OUTPUT_POLL_S = 0.002
 
 TEST_DELAY_ENV = "STREAMGEN_TEST_CHUNK_DELAY_S"
@@ -79,7 +79,7 @@ class Worker:
         self._sessions: dict[str, _Session] = {}
 
     def serve(self) -> None:
-        # a pipeline-parallel engine finishes chunks in the background (StreamSession does not)
+        # CUDA and pipeline-parallel engines finish chunks after their push has returned
         background = bool(getattr(self._engine, "finishes_in_background", False))
         try:
             while True:
@@ -184,7 +184,7 @@ class Worker:
         self._send_frames(message.session_id, session, outputs, False, started)
 
     def _send_finished(self) -> None:
-        """Frames that sessions finished since their last push (pipeline-parallel engines), as partial replies."""
+        """Frames that sessions finished since their last push, as partial replies."""
         for session_id, session in list(self._sessions.items()):
             outputs = session.stream.take_finished()
             if outputs:

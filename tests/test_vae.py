@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.config import VAEConfig
-from engine.vae import LATENT_MEAN, LATENT_STD, CausalConv3d, RMSNorm, Upsample, WanVAE, _norm_conv
+from engine.vae import LATENT_MEAN, LATENT_STD, CausalConv3d, ResidualBlock, RMSNorm, Upsample, WanVAE, _norm_conv
 
 SMALL = VAEConfig(dim=8)  # real z_dim/mult/blocks/temporal layout, narrow channels
 H, W = 32, 48
@@ -290,7 +290,8 @@ def test_rgb_input_of_a_conv_padded_with_zero_channels_is_the_same_conv():
     assert _rel(conv._conv_padded(x, False), 2 * want) < 1e-6
 
 
-def test_conv_biases_deferred_into_the_next_block_change_nothing(ours: WanVAE, video: torch.Tensor, latent: torch.Tensor):
+def test_conv_biases_deferred_into_the_next_block_change_nothing(ours: WanVAE, video: torch.Tensor, latent: torch.Tensor,
+                                                                monkeypatch):
     """The encoder and decoder leave the bias of a conv whose output goes straight into a ResidualBlock
     to that block (added inside its norm and residual kernels, and through its shortcut conv). In
     float64, streamed chunk by chunk (a temporal resample's first and later calls), that equals every
@@ -306,16 +307,37 @@ def test_conv_biases_deferred_into_the_next_block_change_nothing(ours: WanVAE, v
         return _norm_conv(coder.head[0], coder.head[2], x, cache, conv_bias=True)
 
     enc, dec = vae.encoder, vae.decoder
+    # the fold happens: blocks get biases their input lacks (and only the streamed forward passes them)
+    folded = []
+    block_forward = ResidualBlock.forward
+
+    def spy(self, x, cache=None, in_bias=None):
+        folded.append(in_bias is not None)
+        return block_forward(self, x, cache, in_bias)
+
+    monkeypatch.setattr(ResidualBlock, "forward", spy)
     caches = [[None] * vae._enc_slots for _ in range(2)]
     x = video.double()
     for a, b in ((0, 5), (5, 9), (9, 13)):
         got = enc(x[:, :, a:b], caches[0])
         want = plain(enc, (*enc.downsamples, *enc.middle), x[:, :, a:b], caches[1])
         assert (got - want).abs().max() < 1e-10 * want.abs().max()
+    assert any(folded), "no encoder block was handed a bias"
+    enc(x[:, :, :5], [None] * vae._enc_slots)  # the blocks keep this call's summed biases...
+    with torch.no_grad():  # ...which must follow a change of the weights
+        for m in enc.modules():
+            if isinstance(m, ResidualBlock):
+                m.residual[6].bias.add_(0.5)
+    caches = [[None] * vae._enc_slots for _ in range(2)]
+    got = enc(x[:, :, :5], caches[0])
+    want = plain(enc, (*enc.downsamples, *enc.middle), x[:, :, :5], caches[1])
+    assert (got - want).abs().max() < 1e-10 * want.abs().max()
+    folded.clear()
     caches = [[None] * vae._dec_slots for _ in range(2)]
     z = latent.double()
     for t in range(z.shape[2]):
         got = dec(z[:, :, t : t + 1], caches[0])
         want = plain(dec, (*dec.middle, *dec.upsamples), z[:, :, t : t + 1], caches[1])
         assert (got - want).abs().max() < 1e-10 * want.abs().max()
+    assert any(folded), "no decoder block was handed a bias"
     assert any(m.bias is not None and m.bias.abs().max() > 0 for m in enc.modules() if isinstance(m, torch.nn.Conv2d))

@@ -255,18 +255,15 @@ class RankBase:
             if g.new_vae:
                 s.decode_state = self.decoder.new_stream_state()  # type: ignore[union-attr]
             if g.decode is not None:
-                first, *rest = first_latent_apart(x0[start + g.rows - 1 : start + g.rows])
-                video = self.decoder.stream_decode(first, s.decode_state)  # type: ignore[union-attr]
-                if rest and g.decode[0] is not None:
+                latents = first_latent_apart(x0[start + g.rows - 1 : start + g.rows])
+                pts = [g.decode[:1], g.decode[1:]] if len(latents) > 1 else [g.decode]
+                # every decode is queued before any wait
+                parts = [(g, self.io.to_uint8_later(self.decoder.stream_decode(z, s.decode_state)), p)  # type: ignore[union-attr]
+                         for z, p in zip(latents, pts)]
+                if len(parts) > 1 and g.decode[0] is not None:
                     # a fresh stream's first chunk: frame 0 leaves now, while the GPU decodes the rest
-                    frame0 = self.io.to_uint8_later(video)
-                    video = self.decoder.stream_decode(rest[0], s.decode_state)  # type: ignore[union-attr]
-                    self.send_early(g, frame0)
-                    frames.append((g, self.io.to_uint8_later(video), g.decode[1:]))
-                else:
-                    if rest:
-                        video = torch.cat([video, self.decoder.stream_decode(rest[0], s.decode_state)], 2)  # type: ignore[union-attr]
-                    frames.append((g, self.io.to_uint8_later(video), g.decode))
+                    self.send_early(g, parts.pop(0)[1])
+                frames += parts
             start += g.rows
         decode = lap.stop()
         times.other.append(decode)
