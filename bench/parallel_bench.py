@@ -70,6 +70,7 @@ class RowResult:
     stage_ms_after: Any = None
     moves: list = field(default_factory=list)
     batch: Any = None
+    graphs: Any = None  # per rank: forwards whose blocks replayed a CUDA graph, and eager ones
     start_s_1: float = 0.0
     start_s_n: float = 0.0
     peak_gib_1: Optional[float] = None
@@ -101,20 +102,24 @@ def stream_fps(engine: Any, video: np.ndarray, warmup: int, chunks: int, prompt:
     return fps
 
 
-def sessions_fps(engine: Any, video: np.ndarray, sessions: int, chunks: int) -> float:
-    """Aggregate output fps of several sessions pushing round robin (after one warm-up chunk each)."""
+def sessions_fps(engine: Any, video: np.ndarray, sessions: int, warmup: int, chunks: int) -> float:
+    """Aggregate output fps of several sessions pushing round robin (after `warmup` chunks each: their KV
+    caches fill and their forwards reach the steady state, as one stream's do in stream_fps)."""
     ss = [engine.open_session(f"{PROMPT} #{k}", None) for k in range(sessions)]
     for s in ss:
         s.push(video[:5], list(range(5)))
     pos = 5
-    for s in ss:
-        s.push(video[pos : pos + 4], list(range(pos, pos + 4)))
-    pos += 4
+    for _ in range(warmup):
+        for s in ss:
+            s.push(video[pos : pos + 4], list(range(pos, pos + 4)))
+        pos += 4
+    engine.synchronize()
     t0 = time.perf_counter()
     for _ in range(chunks):
         for s in ss:
             s.push(video[pos : pos + 4], list(range(pos, pos + 4)))
         pos += 4
+    engine.synchronize()
     fps = 4 * chunks * sessions / (time.perf_counter() - t0)
     for s in ss:
         s.close()
@@ -224,9 +229,11 @@ def run_row(name: str, spec: dict, args: argparse.Namespace) -> RowResult:
                  res.stage_ms_after)
         if args.sessions > 1:
             res.sessions = args.sessions
-            res.fps_n_sessions = sessions_fps(eng, video, args.sessions, max(2, args.chunks // 2))
+            res.fps_n_sessions = sessions_fps(eng, video, args.sessions, args.warmup, max(2, args.chunks // 2))
             log.info("%s: %d sessions %.2f fps in all", name, args.sessions, res.fps_n_sessions)
-        res.batch = eng.stats()["batch"]
+        st = eng.stats()
+        res.batch, res.graphs = st["batch"], st.get("graphs")
+        log.info("%s: forwards per rank from CUDA graphs / eager: %s", name, res.graphs)
     finally:
         eng.close()
         free_gpu()

@@ -413,6 +413,9 @@ def test_two_sessions_batched_equal_each_alone(tiny4, single):
         st = e.stats()
     assert st["batched_forwards"] > 0
     assert max(int(k) for k in st["batch"]["forwards"]) == 2
+    # every rank's stage times reach rank 0, each saying whether its blocks replayed a CUDA graph (never on CPU)
+    assert [g["rank"] for g in st["graphs"]] == [0, 1]
+    assert all(g["eager"] > 0 and g["replayed"] == 0 for g in st["graphs"])
     assert_same(a_out, a_want)
     assert_same(b_out, b_want)
 

@@ -191,10 +191,11 @@ class RankBase:
                 s.prompt.reset_blend()
                 s.cache = None
                 s.decode_state = None
+                self.stage.drop_graphs(h["sid"])
             if h.get("prompt"):
                 self.stage.set_prompt(h["sid"], msg.tensors["ctx"], h["chunks"])
         elif kind == "close":
-            self.stage.sessions.pop(h["sid"], None)
+            self.stage.close(h["sid"])
         elif kind == "reb":
             self.on_rebalance(msg)
             return
@@ -210,6 +211,7 @@ class RankBase:
     def run_stage(self, groups: list[Group], emb: Embedded, times: ForwardTimes) -> torch.Tensor:
         lap = self.clock.lap()
         tokens = self.stage.run(groups, emb)
+        times.graphed = self.stage.last_graphed
         if self.slow_ms:  # test hook: a slower device
             extra = self.slow_ms * len(self.stage.layers)
             time.sleep(extra / 1000.0)
@@ -400,6 +402,7 @@ class Rank0(RankBase):
         self.batched_forwards = 0
         self.early_frames = 0  # first frames of fresh streams sent ahead of their chunks
         self.forwards = 0
+        self.rank_forwards = [[0, 0] for _ in range(self.world)]  # per rank: blocks from a graph, eager
         self.hop_ms: Optional[float] = None
         self._ping_back: Optional[Message] = None
         self._stats_dirty = True
@@ -519,6 +522,9 @@ class Rank0(RankBase):
         chosen = same[:b]
         for p in chosen:
             self.pending.remove(p)
+        # rows in session order: the same sessions always make the same forward, so one CUDA graph per
+        # set of sessions serves it on every rank (a forward's order changes no number)
+        chosen.sort(key=lambda p: p[0])
         fid = self.next_fid
         self.next_fid += 1
         groups = [s.group for _, s in chosen]
@@ -612,8 +618,9 @@ class Rank0(RankBase):
             self._send_event(P.Done(sid, seq))
         if f is not None and f.frames == 1 and latency is not None:
             self.batcher.observe(f.sessions, latency)
-        for rank, fid, dit_ms, other_ms in list(h["times"]) + [(self.rank, *r) for r in self.clock.harvest()]:
+        for rank, fid, dit_ms, other_ms, graphed in list(h["times"]) + [(self.rank, *r) for r in self.clock.harvest()]:
             self.timing.setdefault(fid, {})[rank] = (dit_ms, other_ms)
+            self.rank_forwards[rank][0 if graphed else 1] += 1
         for fid in sorted(self.timing):
             rec = self.timing[fid]
             if len(rec) == self.world:
@@ -689,6 +696,7 @@ class Rank0(RankBase):
             blocks=[_span(list(r)) for r in ranges(self.split)], forwards=self.forwards,
             batched_forwards=self.batched_forwards, early_frames=self.early_frames, inflight=len(self.inflight),
             capacity=self.capacity,
+            graphs=[dict(rank=r, replayed=g, eager=e) for r, (g, e) in enumerate(self.rank_forwards)],
             max_inflight=self.max_inflight, max_stream_overlap=self.max_stream_overlap,
             sessions=len(self.drivers), hop_ms=self.hop_ms, moves=list(self.moves),
             balance=self.balancer.stats(), batch=self.batcher.stats(),

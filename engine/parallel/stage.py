@@ -15,6 +15,7 @@ layers' entries with them (`export_layers` / `import_layers`).
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -24,7 +25,7 @@ from engine import flow
 from engine.config import StreamDefaults
 from engine.dit import AttnInputs, Embedded, WanDiT
 from engine.kv_cache import StreamKVCache
-from engine.parallel.stage_graph import StageGraph
+from engine.parallel.stage_graph import StageGraph, _cross
 from engine.rope import Rope
 from engine.transfer import h2d
 
@@ -144,6 +145,8 @@ class BatchedCache:
 class Stage:
     """The DiT work of one rank: its layers (a contiguous range), the sessions' state for them."""
 
+    MAX_BATCH_GRAPHS = 4
+
     def __init__(self, dit: WanDiT, rope: Rope, defaults: StreamDefaults, device: torch.device, dtype: torch.dtype,
                  layers: Sequence[int]) -> None:
         self.dit, self.rope, self.defaults = dit, rope, defaults
@@ -153,13 +156,20 @@ class Stage:
         self.latent_hw = (defaults.height // 8, defaults.width // 8)
         self.frame_tokens = (self.latent_hw[0] // cfg.patch_size[1]) * (self.latent_hw[1] // cfg.patch_size[2])
         self.sessions: dict[int, RankSession] = {}
-        # a lone session's steady-state forwards replay from a CUDA graph (False: always eager)
+        # steady-state forwards replay from CUDA graphs (False: always eager)
         self.use_graphs = device.type == "cuda"
+        self.batch_graphs: "OrderedDict[tuple[int, ...], StageGraph]" = OrderedDict()  # several sessions' forwards
+        self.captures = self.replays = 0
+        self.last_graphed = False  # whether the last run() replayed a graph
 
     # -- sessions ------------------------------------------------------------------------------------
     @torch.no_grad()
     def open(self, sid: int, context: torch.Tensor) -> None:
         self.sessions[sid] = RankSession(PromptState(self._cross_kv(context)))
+
+    def close(self, sid: int) -> None:
+        self.drop_graphs(sid)
+        self.sessions.pop(sid, None)
 
     @torch.no_grad()
     def set_prompt(self, sid: int, context: torch.Tensor, chunks: int) -> None:
@@ -201,57 +211,80 @@ class Stage:
                 s.prompt.tick()
             s.cache.begin(g.positions, g.frames)
             caches.append(s.cache)
-        tokens = self._graphed(groups, emb) if len(groups) == 1 else None
+        tokens = self._graphed(groups, emb, caches)
+        self.last_graphed = tokens is not None
         if tokens is None:
             f, h, w = emb.grid
             positions = [p for g in groups for p in g.positions]
             ang = self.rope.angles(h2d(positions, self.device), f, h, w)
             cache: Any = caches[0] if len(caches) == 1 else BatchedCache(caches, self.layers)
             a = AttnInputs(cos=ang.cos(), sin=ang.sin(), cache=cache)
-            tokens = self.dit.run_blocks(emb.tokens, emb, a, self._batched_kv(groups), self.layers)
+            kv = _cross(self._session_kv(groups), [g.rows for g in groups])
+            tokens = self.dit.run_blocks(emb.tokens, emb, a, kv, self.layers)
         for g in groups:
             if g.expand:
                 self.sessions[g.sid].cache.expand_rows(g.expand)  # type: ignore[union-attr]
         return tokens
 
-    def _graphed(self, groups: Sequence[Group], emb: Embedded) -> Optional[torch.Tensor]:
-        """The blocks' output from the session's CUDA graph; None where this forward runs eagerly (not
-        the steady state, the graph's warm-up forward, graphs off or failed)."""
-        g = groups[0]
-        s = self.sessions[g.sid]
-        cache = s.cache
-        if not (self.use_graphs and cache is not None and cache.all_full and g.frames == 1 and not g.expand):
+    def _graphed(self, groups: Sequence[Group], emb: Embedded, caches: list[StreamKVCache]) -> Optional[torch.Tensor]:
+        """The blocks' output from a CUDA graph of this forward's sessions; None where this forward runs
+        eagerly (not the steady state, the graph's warm-up forward, graphs off or failed)."""
+        if not (self.use_graphs and all(c.all_full for c in caches) and all(g.frames == 1 and not g.expand for g in groups)):
             return None
-        key = (tuple(self.layers), tuple(emb.tokens.shape), tuple(emb.e6.shape), emb.grid)
-        if s.graph is None or not s.graph.fits(cache, key):
-            s.graph = StageGraph(cache, key)
-        kv = self._batched_kv(groups)
-        if s.graph.graph is None:
-            if not s.graph.warm:  # the first steady forward runs eagerly: it initialises the kernels
-                s.graph.warm = True
+        key = (tuple(self.layers), tuple(g.rows for g in groups), tuple(emb.tokens.shape), tuple(emb.e6.shape), emb.grid)
+        sids = tuple(g.sid for g in groups)
+        graph = self._graph_of(sids)
+        if graph is None or not graph.fits(caches, key):
+            graph = StageGraph(caches, key)
+            self._keep_graph(sids, graph)
+        kv = self._session_kv(groups)
+        if graph.graph is None:
+            if not graph.warm:  # the first steady forward runs eagerly: it initialises the kernels
+                graph.warm = True
                 return None
+            attend: Any = caches[0] if len(caches) == 1 else BatchedCache(caches, self.layers)
             try:
-                s.graph.capture(self.dit, self.rope, emb, kv, self.layers)
+                graph.capture(self.dit, self.rope, emb, kv, [g.rows for g in groups], self.layers, attend)
             except Exception as exc:  # an op that cannot be captured: stay eager, loudly
                 log.warning("CUDA graph capture of layers %s failed, they stay eager: %s", self.layers, exc)
-                self.use_graphs, s.graph = False, None
+                self.use_graphs = False
+                self.drop_graphs()
                 return None
-            log.info("captured layers %d-%d of session %d as a CUDA graph", self.layers[0], self.layers[-1], g.sid)
-        return s.graph.replay(emb, kv)
+            self.captures += 1
+            log.info("captured layers %d-%d of session(s) %s as a CUDA graph", self.layers[0], self.layers[-1],
+                     ",".join(map(str, sids)))
+        self.replays += 1
+        return graph.replay(emb, kv)
 
-    def _batched_kv(self, groups: Sequence[Group]) -> list[KV]:
-        if len(groups) == 1:
-            cur = self.sessions[groups[0].sid].prompt.cur
-            return [cur[i] for i in self.layers]
-        out = []
-        for i in self.layers:
-            ks, vs = [], []
-            for g in groups:
-                k, v = self.sessions[g.sid].prompt.cur[i]
-                ks.append(k.expand(g.rows, -1, -1, -1))
-                vs.append(v.expand(g.rows, -1, -1, -1))
-            out.append((torch.cat(ks), torch.cat(vs)))
-        return out
+    # -- graphs: a lone session's lives with it, batches' in a small LRU --------------------------------
+    def _graph_of(self, sids: tuple[int, ...]) -> Optional[StageGraph]:
+        if len(sids) == 1:
+            return self.sessions[sids[0]].graph
+        graph = self.batch_graphs.pop(sids, None)
+        if graph is not None:
+            self.batch_graphs[sids] = graph  # most recently used last
+        return graph
+
+    def _keep_graph(self, sids: tuple[int, ...], graph: StageGraph) -> None:
+        if len(sids) == 1:
+            self.sessions[sids[0]].graph = graph
+            return
+        self.batch_graphs.pop(sids, None)
+        self.batch_graphs[sids] = graph
+        while len(self.batch_graphs) > self.MAX_BATCH_GRAPHS:  # each holds its caches and a memory pool
+            self.batch_graphs.pop(next(iter(self.batch_graphs)))
+
+    def drop_graphs(self, sid: Optional[int] = None) -> None:
+        """Graphs involving `sid` (all graphs when None): they hold its caches."""
+        for key in [k for k in self.batch_graphs if sid is None or sid in k]:
+            del self.batch_graphs[key]
+        for s_id, s in self.sessions.items():
+            if sid is None or s_id == sid:
+                s.graph = None
+
+    def _session_kv(self, groups: Sequence[Group]) -> list[list[KV]]:
+        """Per group, its session's cross-attention K/V for this rank's layers (as the last tick chose)."""
+        return [[self.sessions[g.sid].prompt.cur[i] for i in self.layers] for g in groups]
 
     @torch.no_grad()
     def finish(self, groups: Sequence[Group], emb: Embedded, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -274,6 +307,7 @@ class Stage:
         for i in layers:
             self.dit.blocks[i] = self.dit.blocks[i].to("meta")
         self.layers = [i for i in self.layers if i not in set(layers)]
+        self.drop_graphs()  # they ran the old layers; their memory pools go before the new captures
         return out
 
     def import_layers(self, layers: Sequence[int], tensors: dict[str, torch.Tensor]) -> None:
@@ -286,3 +320,4 @@ class Stage:
             if s.cache is not None:
                 import_cache_layers(s.cache, layers, f"s{sid}.c.", tensors)
         self.layers = sorted(set(self.layers) | set(layers))
+        self.drop_graphs()

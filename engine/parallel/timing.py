@@ -56,13 +56,14 @@ class ForwardTimes:
     fid: int
     dit: list[Lap] = field(default_factory=list)
     other: list[Lap] = field(default_factory=list)
+    graphed: bool = False  # the blocks replayed a CUDA graph
 
-    def result(self) -> Optional[tuple[int, float, float]]:
+    def result(self) -> Optional[tuple[int, float, float, bool]]:
         d = [lap.ms() for lap in self.dit]
         o = [lap.ms() for lap in self.other]
         if any(v is None for v in d + o):
             return None
-        return self.fid, float(sum(d)), float(sum(o))  # type: ignore[arg-type]
+        return self.fid, float(sum(d)), float(sum(o)), self.graphed  # type: ignore[arg-type]
 
 
 class StageClock:
@@ -76,8 +77,8 @@ class StageClock:
     def add(self, times: ForwardTimes) -> None:
         self._open.append(times)
 
-    def harvest(self) -> list[tuple[int, float, float]]:
-        """Completed (fid, dit_ms, other_ms) records, oldest first; later ones wait for earlier ones."""
+    def harvest(self) -> list[tuple[int, float, float, bool]]:
+        """Completed (fid, dit_ms, other_ms, graphed) records, oldest first; later ones wait for earlier ones."""
         out = []
         while self._open:
             r = self._open[0].result()
