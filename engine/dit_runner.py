@@ -18,6 +18,7 @@ from engine import flow
 from engine.dit import AttnInputs, WanDiT
 from engine.kv_cache import StreamKVCache
 from engine.rope import Rope
+from engine.stream_graph import capture_error_mode
 from engine.transfer import h2d_into
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def capture_graph(fn: Callable[[], Any], device: torch.device) -> tuple[torch.cu
     side = torch.cuda.Stream(device)
     side.wait_stream(current)
     with torch.cuda.stream(side):
-        graph.capture_begin()
+        graph.capture_begin(capture_error_mode=capture_error_mode())
         try:
             out = fn()
         finally:
@@ -138,7 +139,7 @@ class DiTRunner:
         graph = torch.cuda.CUDAGraph()
         try:
             # capturing records kernels without running them, so the KV cache is not touched here
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode=capture_error_mode()):
                 self._out = self._forward(self._x, self._ts, self._kv)
         except Exception as exc:  # an op that cannot be captured: stay eager, loudly
             log.warning("CUDA graph capture failed, the DiT stays eager: %s", exc)

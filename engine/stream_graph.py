@@ -24,6 +24,16 @@ import torch
 log = logging.getLogger(__name__)
 
 Cache = list[Optional[torch.Tensor]]
+
+
+def capture_error_mode() -> str:
+    """How strictly a capture forbids other CUDA calls: "global" in one process; "thread_local" in a
+    pipeline rank, where torch's NCCL watchdog thread queries the events of communication work that
+    was queued before the capture (on another stream). In global mode such a query invalidates the
+    capture, and a rank whose capture failed runs eagerly from then on."""
+    import torch.distributed as dist
+
+    return "thread_local" if dist.is_available() and dist.is_initialized() else "global"
 StepFn = Callable[[torch.Tensor, Cache], torch.Tensor]
 
 
@@ -73,7 +83,7 @@ class StepGraph:
         graph = torch.cuda.CUDAGraph()
         before = torch.cuda.memory_reserved(x.device)
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode=capture_error_mode()):
                 self._y = fn(self._x, work)
                 for static, new in zip(self._history, work):
                     if new is not static:

@@ -24,6 +24,7 @@ import torch
 from engine.dit import AttnInputs, Embedded, WanDiT
 from engine.kv_cache import StreamKVCache
 from engine.rope import Rope
+from engine.stream_graph import capture_error_mode
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class StageGraph:
         f, h, w = emb.grid
         graph = torch.cuda.CUDAGraph()
         # capturing records kernels without running them, so the KV caches are not touched here
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode=capture_error_mode()):
             positions = self.caches[0].positions if len(self.caches) == 1 else \
                 torch.cat([c.positions for c in self.caches])
             ang = rope.angles(positions, f, h, w)
