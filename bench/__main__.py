@@ -1,6 +1,7 @@
 """`make bench`: ours and the reference package side by side on this GPU, random weights at real shapes.
 
-For each row (P1 1.3B 480×832 2 steps, P2 1.3B 512² 1 step, P3 14B 512² 1 step):
+For each row (P1 1.3B 480×832 2 steps, P2 1.3B 512² 1 step, P3 14B 512² 1 step; with two GPUs also P4 = P1
+and P5 = P3 on both, through the pipeline-parallel engine, ours only):
 1. random-weight trees in the real file layouts are written once (bench/reference_files.py);
 2. ours runs in its own process (bench/engine_bench.py), then the reference in its own process through
    its own entry points and loader (bench/reference_bench.py), on the same card;
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from bench.measure import run_meta
-from bench.rows import PAPER_FPS, ROWS
+from bench.rows import MULTI_GPU_ROWS, PAPER_FPS, ROWS
 
 log = logging.getLogger("bench")
 
@@ -76,15 +77,24 @@ def table(results: dict, meta: dict, command: str) -> str:
             )
     ceilings = sorted({round(r["ceiling_tflops"]) for by in results.values() for r in by.values() if r})
     lines += ["", f"bf16 matmul ceiling measured in the run: {', '.join(map(str, ceilings))} TFLOP/s. "
-              f"Paper fps (H100): " + ", ".join(f"{k.upper()} {PAPER_FPS[k]}" for k in results if k in PAPER_FPS) + "."]
+              f"Paper fps (H100; P4, P5: two): " + ", ".join(f"{k.upper()} {PAPER_FPS[k]}" for k in results if k in PAPER_FPS) + "."]
+    if any(row in MULTI_GPU_ROWS for row in results):
+        lines += [f"{', '.join(r.upper() for r in results if r in MULTI_GPU_ROWS)}: two GPUs, the pipeline-parallel "
+                  "engine; the reference was not run on two GPUs (this bench drives its one-GPU entry point only)."]
     lines += [f"{row.upper()} {'ours' if impl == 'ours' else 'reference'}: {r['note']}."
               for row, by in results.items() for impl, r in by.items() if r and r.get("note")]
     return "\n".join(lines)
 
 
+def default_rows() -> list[str]:
+    import torch
+
+    return ["p1", "p2", "p3"] + (list(MULTI_GPU_ROWS) if torch.cuda.device_count() >= 2 else [])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="p1,p2,p3")
+    ap.add_argument("--rows", default=None, help="default: p1,p2,p3, and p4,p5 (two GPUs) where there are two")
     ap.add_argument("--root", type=Path, default=Path("/dev/shm/streamgen-ref"), help="random-weight trees")
     ap.add_argument("--root-14b", type=Path, default=None, help="the 14B tree (default --root; it needs ~57 GB)")
     ap.add_argument("--no-reference", action="store_true")
@@ -98,7 +108,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    rows = args.rows.split(",")
+    rows = args.rows.split(",") if args.rows else default_rows()
     root14 = args.root_14b or args.root
     logf = args.out / "bench.log"
     results: dict = {r: {} for r in rows}
@@ -106,7 +116,9 @@ def main() -> None:
     for row in rows:
         spec = ROWS[row]
         root = root14 if spec["model"] == "wan-14b" else args.root
-        files = not args.no_reference or row in args.ours_from_files.split(",")
+        # the reference runs on one GPU here (its own multi-GPU launcher is not driven by this bench)
+        reference = not args.no_reference and row not in MULTI_GPU_ROWS
+        files = reference or row in args.ours_from_files.split(",")
         if files:
             need = [spec["model"]] + (["wan-1.3b"] if spec["model"] == "wan-14b" else [])  # see below
             for m in need:
@@ -127,7 +139,7 @@ def main() -> None:
             cmd += ["--weights", str(root / "wan_models")]
         if _run(cmd, args.timeout, logf):
             results[row]["ours"] = json.loads(ours.read_text())["results"][0]
-        if files and not args.no_reference:
+        if files and reference:
             ref = args.out / f"reference_{row}.json"
             if _run([py, "-m", "bench.reference_bench", "--row", row, "--root", str(root), "--chunks", str(args.chunks),
                      "--warmup", str(args.warmup), "--json", str(ref)], args.timeout, logf):

@@ -19,6 +19,7 @@ import torch
 
 from bench.measure import STAGES, StageClock, matmul_ceiling_tflops, mfu, run_meta, synthetic_video
 from bench.rows import INPUT_FPS, PROMPT, ROWS, RowResult, steady_warmup
+from engine.parallel.devices import parse_devices
 from engine.runtime import EngineOptions, StreamEngine
 
 log = logging.getLogger("bench")
@@ -51,8 +52,10 @@ def measure_ttff(engine: StreamEngine, video) -> tuple[float, float]:
     the first output frame leaves it through `early`."""
     s = engine.open_session(PROMPT)
     engine.synchronize()
+    if s.chunk_frames != 1:
+        return _ttff_whole_chunk(engine, s, video)
     t0 = time.perf_counter()
-    assert s.chunk_frames == 1 and s.push(video[:1], [0]) == []
+    assert s.push(video[:1], [0]) == []
     frame0_s = time.perf_counter() - t0
     seen: list[float] = []
     t0 = time.perf_counter()
@@ -65,20 +68,51 @@ def measure_ttff(engine: StreamEngine, video) -> tuple[float, float]:
     return max(4 / INPUT_FPS, frame0_s) + (seen[0] - t0), first_ms
 
 
+def _ttff_whole_chunk(engine, s, video) -> tuple[float, float]:
+    """TTFF where a fresh stream's first chunk goes in whole (the pipeline-parallel engine takes all 5
+    frames at once): frames 0-4 are pushed when frame 4 is in; the first output frame is taken as soon
+    as it is back (frame 0 leaves the last rank ahead of its chunk)."""
+    t0 = time.perf_counter()
+    out = s.push(video[:5], list(range(5)))
+    while not out:
+        time.sleep(0.0005)
+        out = s.take_finished()
+    first_s = time.perf_counter() - t0
+    out += s.flush()
+    first_ms = 1000 * (time.perf_counter() - t0)
+    assert len(out) == 5, f"{len(out)} frames from the first chunk"
+    s.close()
+    return 4 / INPUT_FPS + first_s, first_ms
+
+
+def _gpu_memory_in_use_gib() -> float:
+    """The most memory in use on any GPU (the pipeline's ranks are other processes, so this process's
+    allocator does not see their peaks)."""
+    return max((lambda free, total: (total - free) / 2**30)(*torch.cuda.mem_get_info(i)) for i in range(torch.cuda.device_count()))
+
+
 def run_row(name: str, chunks: int, warmup: int, weights: Optional[Path] = None, profile_dir: str | None = None,
-            device: str = "cuda", override: Optional[dict] = None) -> RowResult:
+            device: Optional[str] = None, override: Optional[dict] = None) -> RowResult:
     """One row of ours; `device`/`override` (e.g. model=tiny) make a CPU dry run of the same code."""
     spec = {**ROWS[name], **(override or {})}  # ROWS keys plus any EngineOptions field
+    device = device or spec.pop("device", "cuda")  # --device replaces the row's (a CPU dry run)
+    spec.pop("device", None)
+    ranks = parse_devices(device)  # None: the in-process engine on one device
     gpu = device.startswith("cuda")
     if gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    ceiling = matmul_ceiling_tflops(torch.device(device))
+    probe = "cuda:0" if ranks and gpu else "cpu" if ranks else device  # where the matmul ceiling is measured
+    ceiling = matmul_ceiling_tflops(torch.device(probe))
+    if gpu:
+        torch.cuda.empty_cache()  # the ranks are other processes: leave them the memory the ceiling took
     t0 = time.perf_counter()
     engine = StreamEngine.create(EngineOptions(device=device, weights=weights, **spec))
     load_s = time.perf_counter() - t0
     h, w = engine.info.height, engine.info.width
     warmup = steady_warmup(warmup, spec["model"])
+    if ranks:
+        warmup += 24  # and the block scheduler has moved blocks (or not) before the timing
     video = synthetic_video(5 + 4 * (2 * warmup + chunks + 3), h, w)
 
     # A warm-up session through the steady state (kernels, cuDNN autotuning, graph capture), then a short
@@ -111,6 +145,8 @@ def run_row(name: str, chunks: int, warmup: int, weights: Optional[Path] = None,
         stats.append(dict(s.stats))
     engine.synchronize()
     elapsed = time.perf_counter() - t_start
+    if ranks:
+        return _pipeline_row(name, spec, engine, s, ttffs, ttff, first_ms, chunks, elapsed, load_s, ceiling, gpu)
     peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0
     flops = count_flops(engine, s, video, 5 + 4 * (warmup + chunks))
     res = RowResult(
@@ -139,13 +175,41 @@ def run_row(name: str, chunks: int, warmup: int, weights: Optional[Path] = None,
     return res
 
 
+def _pipeline_row(name: str, spec: dict, engine, s, ttffs: list, ttff: float, first_ms: float, chunks: int,
+                  elapsed: float, load_s: float, ceiling: float, gpu: bool) -> RowResult:
+    """A row of the pipeline-parallel engine. Its stage times are the ranks' own (medians since the
+    block scheduler's last move): rank 0's share besides its blocks is the VAE encode (and the patch
+    embedding), the last rank's the VAE decode (and the head). No FLOP count: the ranks are other
+    processes (the computation is the one-GPU row's)."""
+    st = engine.stats()
+    stage = st["balance"]["stage_ms"] or []
+    s.close()
+    res = RowResult(
+        row=name, impl="ours", model=spec["model"], size=f"{engine.info.height}x{engine.info.width}",
+        steps=engine.info.steps, fps=4 * chunks / elapsed, ttff_s=ttff, first_chunk_ms=first_ms,
+        chunk_ms=1000 * elapsed / chunks, peak_gib=_gpu_memory_in_use_gib() if gpu else 0.0, chunks=chunks,
+        load_s=load_s, ceiling_tflops=ceiling,
+        note=(f"{st['world']} ranks ({','.join(st['devices'])}), split {st['split']}, block moves {len(st['moves'])}; "
+              "stage ms per rank (blocks + the rest of its share) "
+              + " / ".join(f"{r['dit']:.1f}+{r['other']:.1f}" for r in stage)
+              + "; VAE enc/dec columns: rank 0's and the last rank's share besides their blocks, DiT: all ranks' blocks; "
+              "peak: GPU memory in use at the end (max over GPUs); TTFF of 3 fresh sessions: "
+              + ", ".join(f"{t:.3f}" for t in ttffs) + " s"),
+    )
+    if stage:
+        res.vae_encode_ms, res.vae_decode_ms = stage[0]["other"], stage[-1]["other"]
+        res.dit_ms = sum(r["dit"] for r in stage)
+    engine.close()
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="p1,p3")
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=6)
     ap.add_argument("--weights", type=Path, default=None, help="load this weights tree instead of random init")
-    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--device", default=None, help="instead of the row's (cuda; P4/P5: cuda*2), e.g. cpu:2 with --model tiny")
     ap.add_argument("--decoder", choices=("wan", "taehv"), default=None, help="the light TAEHV decoder instead of Wan's")
     ap.add_argument("--taehv-weights", type=Path, default=None)
     ap.add_argument("--model", default=None, help="replace the rows' model (tiny: a CPU dry run)")
@@ -174,7 +238,8 @@ def main() -> None:
     print(f"\n{meta}")
     print(f"{'row':5} {'model':9} {'size':8} {'st':>2} {'fps':>7} {'ttff s':>7} {'enc ms':>7} {'dit ms':>7} {'dec ms':>7} {'peak GiB':>8}")
     for r in results:
-        print(f"{r.row:5} {r.model:9} {r.size:8} {r.steps:>2} {r.fps:7.2f} {r.ttff_s:7.3f} {r.vae_encode_ms:7.1f} {r.dit_ms:7.1f} {r.vae_decode_ms:7.1f} {r.peak_gib:8.1f}")
+        ms = " ".join("      -" if v is None else f"{v:7.1f}" for v in (r.vae_encode_ms, r.dit_ms, r.vae_decode_ms))
+        print(f"{r.row:5} {r.model:9} {r.size:8} {r.steps:>2} {r.fps:7.2f} {r.ttff_s:7.3f} {ms} {r.peak_gib:8.1f}")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,17 @@ ROWS = {
     "p2": dict(model="wan-1.3b", height=512, width=512, steps=1),
     "p3": dict(model="wan-14b", height=512, width=512, steps=1),
     "p1s1": dict(model="wan-1.3b", height=480, width=832, steps=1),
+    # P1 and P3 on the first two GPUs through the pipeline-parallel engine: three forwards in the ring and
+    # three chunks of the stream in flight (docs/BENCHMARKS.md, pipeline rows), a 2-step stream's later
+    # step taken from the output two forwards back (engine.stream_batch) so that both ranks stay busy
+    "p4": dict(model="wan-1.3b", height=480, width=832, steps=2, device="cuda*2", step_lag=2,
+               parallel=dict(inflight=3, ring_capacity=3)),
+    "p5": dict(model="wan-14b", height=512, width=512, steps=1, device="cuda*2",
+               parallel=dict(inflight=3, ring_capacity=3)),
 }
-# The paper's figures for the rows (fps, one H100; DESIGN §6).
-PAPER_FPS = {"p1": 17.97, "p2": 26.21, "p3": 18.71, "p1s1": 20.47}
+MULTI_GPU_ROWS = ("p4", "p5")
+# The paper's figures for the rows (fps: one H100, P4/P5 two; DESIGN §6).
+PAPER_FPS = {"p1": 17.97, "p2": 26.21, "p3": 18.71, "p1s1": 20.47, "p4": 34.67, "p5": 37.12}
 INPUT_FPS = 30.0
 PROMPT = "a watercolor painting of a city street"
 
