@@ -1,8 +1,9 @@
 """A pipeline rank's blocks (engine.parallel.stage.Stage) at real shapes, in one process:
 
 1. exactness: the same forwards (one session; two sessions batched, alone and in turn; a prompt blend;
-   a fresh stream batch) through a stage replaying CUDA graphs and one running eagerly: the blocks'
-   outputs must be equal, and on a GPU graphs must have been captured and replayed;
+   a fresh stream batch; first chunks prepared ahead, as when a stream's frame 0 arrives) through a
+   stage replaying CUDA graphs and one running eagerly: the blocks' outputs must be equal, and on a GPU
+   graphs must have been captured and replayed (the first chunk's too);
 2. a block move's cost: two stages holding the halves of the blocks (as ranks 0 and 1 do) are timed
    per forward, then `--move` blocks go from the second to the first through the wire's packing (as an
    upstream move does) and both are timed again; a stage built with those blocks from the start is
@@ -59,6 +60,18 @@ class Feed:
     def restart(self) -> None:
         self.new_batch, self.pos = True, 0
 
+    def prime(self) -> list[tuple[Group, torch.Tensor]]:
+        """A fresh stream batch's priming forwards: the first chunk's 2 latents in one row at position 0,
+        once per step (the last expands the cache to a row per step)."""
+        ts = [999, 750, 500, 250][: self.steps]
+        out = []
+        for i, t in enumerate(ts):
+            g = Group(sid=self.sid, rows=1, frames=2, positions=[0], t=[t], new_batch=i == 0,
+                      expand=self.steps if i + 1 == self.steps else 0)
+            out.append((g, torch.randn(1, 16, 2, *self.latent[1:], generator=self.gen).to(self.device)))
+        self.new_batch, self.pos = False, 2
+        return out
+
 
 def make_stage(cfg, defaults, layers: Sequence[int], device: torch.device, dtype: torch.dtype, graphs: bool,
                seed: int = 0) -> Stage:
@@ -106,11 +119,31 @@ def exactness(args, cfg, defaults, device, dtype) -> None:
             outs.append(run(st, batch).float())
         worst = max(worst, (outs[0] - outs[1]).abs().max().item())
         compared += 1
+    # fresh streams whose first chunk was prepared when their frame 0 arrived (rank message "prep"):
+    # session 2's priming runs eagerly (the shape's first run on this stage), session 1's is then
+    # captured ahead and replayed, each priming followed by steady forwards
+    replays_before = graphed.replays
+    for sid in (2, 1):
+        for st in (eager, graphed):
+            feeds[st][sid].restart()
+            st.drop_graphs(sid)
+            st.prepare_prime(sid, 2)
+        primes = {st: feeds[st][sid].prime() for st in (eager, graphed)}
+        for k in range(len(primes[eager])):
+            outs = [run(st, [primes[st][k]]).float() for st in (eager, graphed)]
+            worst = max(worst, (outs[0] - outs[1]).abs().max().item())
+            compared += 1
+        for _ in range(12):
+            outs = [run(st, [feeds[st][sid].next()]).float() for st in (eager, graphed)]
+            worst = max(worst, (outs[0] - outs[1]).abs().max().item())
+            compared += 1
+    primed = graphed.prime_replays == args.steps  # session 1's priming forwards (session 2's ran eagerly)
     ok = worst == 0.0
     if device.type == "cuda":
-        ok = ok and graphed.captures > 0 and graphed.replays > 0
+        ok = ok and graphed.captures > 0 and graphed.replays > replays_before + args.steps and primed
     print(f"stage CUDA graphs vs eager ({args.model}, {defaults.height}x{defaults.width}, {args.steps} step(s), "
-          f"{compared} forwards incl. two sessions batched, a prompt blend, a fresh batch): max |diff| {worst:g}; "
+          f"{compared} forwards incl. two sessions batched, a prompt blend, fresh batches, first chunks prepared "
+          f"ahead): max |diff| {worst:g}; first chunk from a graph: {primed}; "
           f"captures {graphed.captures}, replays {graphed.replays}, batch graphs kept {len(graphed.batch_graphs)}"
           f" -> {'OK' if ok else 'FAILED'}")
     if not ok:

@@ -4,6 +4,7 @@ The first chunk (5 frames -> 2 latents) runs the session's own steps one by one 
 CUDA events, in a warmed-up engine, for a few fresh sessions:
 
     python -m bench.first_chunk --rows p1 --sessions 3
+    python -m bench.first_chunk --rows p1 --pipeline --gaps 1     # the pipeline-parallel engine's first chunk
 """
 
 from __future__ import annotations
@@ -82,13 +83,70 @@ def first_push_gaps(engine: StreamEngine, video) -> list[str]:
     return lines
 
 
+def pipeline_first_frame(engine, video, profile_gaps: int = 0) -> tuple[float, list[str]]:
+    """The pipeline-parallel engine (a ring of one, its rank 0 a thread of this process): ms from the
+    push of a fresh stream's frames 1-4 (frame 0 went 4/30 s before) to its first output frame, and with `profile_gaps`, the GPU's idle
+    gaps over that time (what the host, in the rank's thread or the caller's, did meanwhile)."""
+    from bench.profile_stages import idle_gaps
+
+    s = engine.open_session(PROMPT)
+    engine.synchronize()
+    took: list[float] = []
+    s.push(video[:1], [0])  # frame 0 on arrival; frames 1-4 come 4/30 s later
+    time.sleep(4 / 30)
+
+    def first() -> None:
+        t0 = time.perf_counter()
+        out = s.push(video[1:5], list(range(1, 5)))
+        while not out:
+            time.sleep(0.0002)
+            out = s.take_finished()
+        took.append(1000 * (time.perf_counter() - t0))
+
+    lines = idle_gaps(first, top=profile_gaps) if profile_gaps else (first() or [])
+    s.flush()
+    s.close()
+    return took[0], lines
+
+
+def pipeline_main(args) -> None:
+    """--pipeline: the same questions for the pipeline-parallel engine's first chunk."""
+    import os
+
+    os.environ.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
+    os.environ.setdefault("STREAMGEN_TORCHRUN_DEVICE", "cuda")
+    for name in args.rows.split(","):
+        spec = ROWS[name]
+        engine = StreamEngine.create(EngineOptions(device="torchrun", **spec))
+        warm = steady_warmup(6, spec["model"])
+        video = synthetic_video(5 + 4 * warm, engine.info.height, engine.info.width)
+        s = engine.open_session("warm-up")
+        s.push(video, list(range(len(video))))
+        s.flush()
+        s.close()
+        times = [pipeline_first_frame(engine, video)[0] for _ in range(args.sessions)]
+        print(f"## {name} {spec}, a ring of one: push of frames 1-4 to the first frame, ms: "
+              + " ".join(f"{t:.1f}" for t in times))
+        for i in range(args.gaps):
+            ms, lines = pipeline_first_frame(engine, video, profile_gaps=14)
+            print(f"### fresh session {i + 1} (profiled, {ms:.1f} ms): the GPU's idle gaps")
+            print("\n".join(lines))
+        engine.close()
+        del engine
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="p1")
     ap.add_argument("--sessions", type=int, default=3)
     ap.add_argument("--gaps", type=int, default=0, help="fresh sessions whose first push is profiled for idle gaps")
+    ap.add_argument("--pipeline", action="store_true", help="the pipeline-parallel engine (a ring of one)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.pipeline:
+        pipeline_main(args)
+        return
     for name in args.rows.split(","):
         spec = ROWS[name]
         engine = StreamEngine.create(EngineOptions(device="cuda", **spec))

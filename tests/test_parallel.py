@@ -298,7 +298,7 @@ def test_pipelined_pushes_keep_every_frame(tiny4, reference):
     with StreamEngine.create(EngineOptions(model=tiny4, device="cpu:2", **SIZE,
                                            parallel=dict(inflight=3, rebalance=False))) as e:
         s = e.open_session("a cat", StreamParams(seed=3, steps=1))
-        assert s.chunk_frames == 5
+        assert s.chunk_frames == 1  # frame 0 goes alone, as in one process
         out = []
         for i in range(0, len(frames), 4):
             out += s.push(frames[i : i + 4], list(range(i, min(i + 4, len(frames)))))
@@ -311,6 +311,26 @@ def test_pipelined_pushes_keep_every_frame(tiny4, reference):
         s.close()
         with pytest.raises(RuntimeError, match="closed"):
             s.push(frames[:4], list(range(4)))
+
+
+def test_frame_0_alone_then_a_flush_gives_the_frame_of_one_process(tiny4, single):
+    """A fresh stream's frame 0 reaches the ranks alone (rank 0 encodes it on arrival, every rank
+    prepares the first chunk's forward); a flush right after pads that chunk with copies of frame 0, as
+    the in-process session does, and the stream goes on from there."""
+    frames = video(9, seed=7)
+    a = single.open_session("a cat", StreamParams(seed=3))
+    want = a.push(frames[:1], [0]) + a.flush() + a.push(frames[1:], list(range(1, 9))) + a.flush()
+    a.close()
+    with StreamEngine.create(EngineOptions(model=tiny4, device="cpu:2", **SIZE, parallel=dict(rebalance=False))) as e:
+        s = e.open_session("a cat", StreamParams(seed=3))
+        assert s.chunk_frames == 1
+        got = s.push(frames[:1], [0])
+        assert s.chunk_frames == 4
+        got += s.flush()
+        got += s.push(frames[1:], list(range(1, 9))) + s.flush()
+        s.close()
+    assert [p for _, p in got] == list(range(9))
+    assert_same(got, want)
 
 
 def test_frames_finished_between_pushes_are_taken_without_a_push(tiny4, reference):

@@ -32,6 +32,7 @@ from engine.noise_control import NoiseController
 from engine.parallel.protocol import ChunkCmd, CloseCmd, DrainCmd, UpdateCmd
 from engine.parallel.stage import Group
 from engine.parallel.wire import Message
+from engine.session import CHUNK
 from engine.stream_batch import KeyedNoise
 from interface.controls import StreamParams, StreamUpdate
 
@@ -100,6 +101,8 @@ class DriverSession:
     # -- stream state (StreamSession._reset_stream / _new_batch, StreamBatch.__init__) ----------------
     def _reset_stream(self) -> None:
         self.vae_state = None
+        self.frame0: Optional[tuple[torch.Tensor, torch.Tensor, Any]] = None  # (video, latent, pts) waiting
+        self.new_vae = False  # the next forward starts the last rank's decode stream
         self._new_batch()
         self.controller = NoiseController(**self.controller_args)
         self.in_flight: deque[Optional[list]] = deque()
@@ -152,23 +155,43 @@ class DriverSession:
     # -- one chunk (StreamSession._run_chunk) ----------------------------------------------------------
     def _chunk(self, cmd: ChunkCmd) -> Driver:
         host = self.host
-        lap = host.clock.lap()
         video = host.io.to_video_tensor(cmd.frames)
-        strength_later = self.controller.queue_step(video[0])  # read after the encode is queued
         new_vae = self.vae_state is None
         if new_vae:
             self.vae_state = host.vae.new_stream_state()
+            self.new_vae = True
+        if new_vae and len(cmd.frames) == 1:
+            yield from self._frame0(cmd, video)
+            return
+        lap = host.clock.lap()
+        pts = list(cmd.pts)
+        f0, self.frame0 = self.frame0, None
+        full = video if f0 is None else torch.cat([f0[0], video], 2)  # the motion measure sees frame 0 too
+        strength_later = self.controller.queue_step(full[0])  # read after the encode is queued
         latent = host.vae.stream_encode(video.to(host.dtype), self.vae_state).to(host.dtype)
+        if f0 is not None:
+            latent, pts = torch.cat([f0[1], latent], 2), [f0[2], *pts]
+        new_vae, self.new_vae = self.new_vae, False
         strength = strength_later()
         t0 = NoiseController.timestep(strength)
         self.last_t0 = t0
         lap.stop()
-        self.in_flight.append(list(cmd.pts))
+        self.in_flight.append(pts)
         stats = {"noise_strength": strength, "timestep": float(t0)}
         if not self.primed:
             yield from self._prime(latent, strength, t0, new_vae, cmd.seq, lap, stats)
         else:
             yield from self._push(latent, strength, t0, cmd.seq, lap, stats)
+
+    def _frame0(self, cmd: ChunkCmd, video: torch.Tensor) -> Driver:
+        """A fresh stream's frame 0, alone (StreamSession._encode_frame0): encoded on arrival, held for
+        the first chunk; every rank prepares that chunk's forward meanwhile (its fresh KV cache and, where
+        the shape has run before, the priming forward as a CUDA graph). The chunk completes once that
+        message has been round the ring."""
+        host = self.host
+        latent = host.vae.stream_encode(video.to(host.dtype), self.vae_state).to(host.dtype)
+        self.frame0 = (video, latent, cmd.pts[0])
+        yield Emit(Message("prep", {"sid": self.sid, "frames": 1 + CHUNK // 4, "done": cmd.seq}))
 
     def _prime(self, latent: torch.Tensor, strength: float, t0: int, new_vae: bool, seq: int, lap: Any,
                stats: dict) -> Driver:

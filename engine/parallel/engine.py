@@ -35,7 +35,7 @@ from engine.parallel import protocol as P
 from engine.parallel.balance import even_split
 from engine.parallel.devices import RankDevices, validate_local
 from engine.parallel.errors import EngineFailure
-from engine.session import CHUNK, FIRST_CHUNK, ChunkBuffer
+from engine.session import CHUNK, ChunkBuffer
 from interface.controls import StreamParams, StreamUpdate
 
 log = logging.getLogger("engine.parallel")
@@ -50,7 +50,8 @@ class ParallelSession:
         self.stats: dict[str, float] = {}
         self.chunks_in = 0
         self.closed = False
-        self._started = False  # the VAE stream has had its first (5-frame) chunk
+        self._started = False  # the VAE stream has had its frame 0
+        self._frame0: Optional[np.ndarray] = None  # a fresh stream's frame 0, sent alone, until more follow
         self._input = ChunkBuffer(engine.info.height, engine.info.width)
         self._updates: list[StreamUpdate] = []
         self._outputs: list[OutputFrame] = []  # filled by the engine's reader thread
@@ -73,7 +74,9 @@ class ParallelSession:
     # -- public API (as engine.session.StreamSession) --------------------------------------------------
     @property
     def chunk_frames(self) -> int:
-        return CHUNK if self._started else FIRST_CHUNK
+        """As StreamSession: a fresh stream's frame 0 alone (rank 0 encodes it on arrival and the ranks
+        prepare the first chunk's forward while frames 1-4 are on their way), then chunks of 4."""
+        return CHUNK if self._started else 1
 
     def push(self, frames: np.ndarray, pts: Sequence[int], early: Optional[Callable] = None) -> list[OutputFrame]:
         """frames uint8 [T, H, W, 3] at the engine's size, with one pts each; any T (buffered). `early`
@@ -110,6 +113,8 @@ class ParallelSession:
         rest = self._input.take_rest(self.chunk_frames)
         if rest is not None:
             self._send_chunk(*rest)
+        if self._frame0 is not None:  # frame 0 alone: pad its first chunk with copies of it
+            self._send_chunk(np.stack([self._frame0] * CHUNK), [None] * CHUNK)
         seq = self._send(lambda s: P.DrainCmd(self.sid, s))
         self._wait(lambda: self._done >= seq, "the drain")
         return self._take()
@@ -139,14 +144,17 @@ class ParallelSession:
             seq = self._seq
             self._chunks.add(seq)
         self._send(lambda s: P.ChunkCmd(self.sid, s, chunk, pts))
+        self._frame0 = chunk[0] if not self._started else None
         self._started = True
-        self.chunks_in += 1
+        if self._frame0 is None:  # frame 0 alone is not a chunk yet (as in StreamSession)
+            self.chunks_in += 1
 
     def _send_updates(self) -> None:
         updates, self._updates = self._updates, []
         for u in updates:
             if u.reset:
-                self._started = False  # a new VAE stream: the next chunk takes 5 frames
+                self._started = False  # a new VAE stream: its frame 0 goes alone
+                self._frame0 = None
             self._send(lambda s, u=u: P.UpdateCmd(self.sid, s, u.model_dump(exclude_unset=True)))
 
     def _wait(self, pred: Callable[[], bool], what: str) -> None:

@@ -189,11 +189,13 @@ class RankBase:
             s = self.stage.sessions[h["sid"]]
             if h.get("reset"):
                 s.prompt.reset_blend()
-                s.cache = None
+                s.cache = s.next_cache = None
                 s.decode_state = None
                 self.stage.drop_graphs(h["sid"])
             if h.get("prompt"):
                 self.stage.set_prompt(h["sid"], msg.tensors["ctx"], h["chunks"])
+        elif kind == "prep":  # a fresh stream's frame 0 is in: its first chunk follows
+            self.stage.prepare_prime(h["sid"], h["frames"])
         elif kind == "close":
             self.stage.close(h["sid"])
         elif kind == "reb":

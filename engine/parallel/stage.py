@@ -113,6 +113,11 @@ class RankSession:
     cache: Optional[StreamKVCache] = None
     decode_state: Any = None  # the decoder's stream state (Wan VAEStreamState or TAEHVStreamState), last rank
     graph: Optional[StageGraph] = None  # this rank's blocks for the session's steady state
+    # A fresh stream's first chunk, prepared when its frame 0 arrived (Stage.prepare_prime): the cache
+    # its next stream batch starts with, and this rank's blocks of the priming forward captured for it
+    next_cache: Optional[StreamKVCache] = None
+    prime: Optional[StageGraph] = None
+    prime_live: bool = False  # the prime graph's cache still has its first-chunk tensors (before expand)
 
 
 def export_cache_layers(cache: StreamKVCache, layers: Sequence[int], prefix: str, out: dict[str, torch.Tensor]) -> None:
@@ -123,6 +128,11 @@ def export_cache_layers(cache: StreamKVCache, layers: Sequence[int], prefix: str
 def import_cache_layers(cache: StreamKVCache, layers: Sequence[int], prefix: str, tensors: dict[str, torch.Tensor]) -> None:
     for i in layers:
         cache.import_layer(i, {name: tensors[f"{prefix}{name}.{i}"] for name in StreamKVCache.LAYER_STATE})
+
+
+def _is_prime(g: Group) -> bool:
+    """A stream's priming forward: its first chunk's latents in one row at position 0."""
+    return g.rows == 1 and g.frames > 1 and list(g.positions) == [0]
 
 
 class BatchedCache:
@@ -159,8 +169,9 @@ class Stage:
         # steady-state forwards replay from CUDA graphs (False: always eager)
         self.use_graphs = device.type == "cuda"
         self.batch_graphs: "OrderedDict[tuple[int, ...], StageGraph]" = OrderedDict()  # several sessions' forwards
-        self.captures = self.replays = 0
+        self.captures = self.replays = self.prime_replays = 0
         self.last_graphed = False  # whether the last run() replayed a graph
+        self.warm_primes: set[tuple] = set()  # priming-forward shapes that ran eagerly here
 
     # -- sessions ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -206,12 +217,15 @@ class Stage:
         for g in groups:
             s = self.sessions[g.sid]
             if g.new_batch or s.cache is None:
-                s.cache = self.new_cache()
+                s.cache, s.next_cache = s.next_cache or self.new_cache(), None
+                s.prime_live = s.prime is not None and s.prime.caches[0] is s.cache
             if g.kv_tick:
                 s.prompt.tick()
             s.cache.begin(g.positions, g.frames)
             caches.append(s.cache)
-        tokens = self._graphed(groups, emb, caches)
+        tokens = self._primed(groups, emb) if len(groups) == 1 else None
+        if tokens is None:
+            tokens = self._graphed(groups, emb, caches)
         self.last_graphed = tokens is not None
         if tokens is None:
             f, h, w = emb.grid
@@ -221,10 +235,63 @@ class Stage:
             a = AttnInputs(cos=ang.cos(), sin=ang.sin(), cache=cache)
             kv = _cross(self._session_kv(groups), [g.rows for g in groups])
             tokens = self.dit.run_blocks(emb.tokens, emb, a, kv, self.layers)
+            if len(groups) == 1 and _is_prime(groups[0]):
+                self.warm_primes.add(self._prime_key(emb))
         for g in groups:
             if g.expand:
-                self.sessions[g.sid].cache.expand_rows(g.expand)  # type: ignore[union-attr]
+                s = self.sessions[g.sid]
+                s.cache.expand_rows(g.expand)  # type: ignore[union-attr]
+                s.prime_live = False  # new cache tensors; the graph is kept until the next prepare
         return tokens
+
+    # -- a fresh stream's first chunk, captured ahead ------------------------------------------------------
+    def _prime_key(self, emb: Embedded) -> tuple:
+        return ("prime", tuple(self.layers), tuple(emb.tokens.shape), tuple(emb.e6.shape), emb.grid)
+
+    def prepare_prime(self, sid: int, frames: int) -> None:
+        """Frame 0 of a fresh stream arrived (its other first-chunk frames are on their way): give the
+        session the cache its next stream batch starts with, and capture this rank's blocks of the
+        priming forward (one row of `frames` latents at position 0) on it, as DiTRunner.prepare_prime
+        does in one process. Eager priming forwards are host-bound (a ring of one on an H200: the GPU
+        idled 172 of 314 ms from the push of frames 0-4 to the first frame). Only a shape that has
+        already run eagerly on this rank is captured (a capture must not be its first run)."""
+        s = self.sessions.get(sid)
+        if s is None:
+            return
+        cache = self.new_cache()
+        s.next_cache, s.prime, s.prime_live = cache, None, False
+        cfg = self.dit.cfg
+        grid = (frames, self.latent_hw[0] // cfg.patch_size[1], self.latent_hw[1] // cfg.patch_size[2])
+        z = dict(dtype=self.dtype, device=self.device)
+        emb = Embedded(torch.zeros(1, frames * self.frame_tokens, cfg.dim, **z), torch.zeros(1, frames, cfg.dim, **z),
+                       torch.zeros(1, frames, 6, cfg.dim, **z), grid)  # type: ignore[arg-type]
+        key = self._prime_key(emb)
+        if not (self.use_graphs and self.layers and key in self.warm_primes):
+            return
+        graph = StageGraph([cache], key)
+        kv = [[s.prompt.kv[i] for i in self.layers]]
+        # the forward's plan (a first chunk's is the same every time), then back to an empty cache: the
+        # capture runs no kernel, so nothing on the device changes
+        filled, last_pos = list(cache.filled), list(cache.last_pos)
+        cache.begin([0], frames)
+        try:
+            graph.capture(self.dit, self.rope, emb, kv, [1], self.layers, cache, ahead=True)
+        except Exception as exc:  # an op that cannot be captured: the first chunk stays eager
+            log.warning("CUDA graph capture of a first chunk (layers %s) failed, it stays eager: %s", self.layers, exc)
+            return
+        finally:
+            cache.filled, cache.last_pos, cache._plan = filled, last_pos, None
+        s.prime = graph
+        self.captures += 1
+
+    def _primed(self, groups: Sequence[Group], emb: Embedded) -> Optional[torch.Tensor]:
+        g = groups[0]
+        s = self.sessions[g.sid]
+        if not (s.prime is not None and s.prime_live and _is_prime(g) and s.prime.fits([s.cache], self._prime_key(emb))):
+            return None
+        self.replays += 1
+        self.prime_replays += 1
+        return s.prime.replay(emb, self._session_kv(groups))
 
     def _graphed(self, groups: Sequence[Group], emb: Embedded, caches: list[StreamKVCache]) -> Optional[torch.Tensor]:
         """The blocks' output from a CUDA graph of this forward's sessions; None where this forward runs
@@ -275,12 +342,14 @@ class Stage:
             self.batch_graphs.pop(next(iter(self.batch_graphs)))
 
     def drop_graphs(self, sid: Optional[int] = None) -> None:
-        """Graphs involving `sid` (all graphs when None): they hold its caches."""
+        """Graphs involving `sid` (all graphs when None): they hold its caches. A prepared first-chunk
+        cache goes with its graph (it is empty: a new one, for the layers held then, is the same)."""
         for key in [k for k in self.batch_graphs if sid is None or sid in k]:
             del self.batch_graphs[key]
         for s_id, s in self.sessions.items():
             if sid is None or s_id == sid:
                 s.graph = None
+                s.prime, s.prime_live, s.next_cache = None, False, None
 
     def _session_kv(self, groups: Sequence[Group]) -> list[list[KV]]:
         """Per group, its session's cross-attention K/V for this rank's layers (as the last tick chose)."""

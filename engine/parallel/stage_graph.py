@@ -46,23 +46,33 @@ class StageGraph:
         return key == self.key and len(caches) == len(self.caches) and all(a is b for a, b in zip(caches, self.caches))
 
     def capture(self, dit: WanDiT, rope: Rope, emb: Embedded, kv: Sequence[Sequence[KV]], rows: Sequence[int],
-                layers: Sequence[int], attend: Any) -> None:
+                layers: Sequence[int], attend: Any, ahead: bool = False) -> None:
         """`kv`: per session, its layers' cross-attention K/V (one row each); `rows`: each session's
         rows in the forward; `attend`: the object whose attend() the blocks call (the cache, or a
-        stage.BatchedCache over `caches`)."""
+        stage.BatchedCache over `caches`). `ahead`: captured before it is needed, while other work may
+        be queued: neither synchronise the device nor empty the allocator's cache (dit_runner.capture_graph)."""
         self._tokens, self._e6 = emb.tokens.clone(), emb.e6.clone()
         self._kv = [[(k.clone(), v.clone()) for k, v in s] for s in kv]
         self._kv_src = [list(s) for s in kv]
         f, h, w = emb.grid
-        graph = torch.cuda.CUDAGraph()
-        # capturing records kernels without running them, so the KV caches are not touched here
-        with torch.cuda.graph(graph, capture_error_mode=capture_error_mode()):
+
+        def forward() -> torch.Tensor:
             positions = self.caches[0].positions if len(self.caches) == 1 else \
                 torch.cat([c.positions for c in self.caches])
             ang = rope.angles(positions, f, h, w)
             a = AttnInputs(cos=ang.cos(), sin=ang.sin(), cache=attend)
-            static = Embedded(self._tokens, emb.e, self._e6, emb.grid)
-            self._out = dit.run_blocks(self._tokens, static, a, _cross(self._kv, rows), layers)
+            static = Embedded(self._tokens, emb.e, self._e6, emb.grid)  # type: ignore[arg-type]
+            return dit.run_blocks(self._tokens, static, a, _cross(self._kv, rows), layers)
+
+        # capturing records kernels without running them, so the KV caches are not touched here
+        if ahead:
+            from engine.dit_runner import capture_graph
+
+            self.graph, self._out = capture_graph(forward, emb.tokens.device)
+            return
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode=capture_error_mode()):
+            self._out = forward()
         self.graph = graph
 
     def replay(self, emb: Embedded, kv: Sequence[Sequence[KV]]) -> torch.Tensor:
