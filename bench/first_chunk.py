@@ -116,7 +116,7 @@ def pipeline_main(args) -> None:
     os.environ.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
     os.environ.setdefault("STREAMGEN_TORCHRUN_DEVICE", "cuda")
     for name in args.rows.split(","):
-        spec = ROWS[name]
+        spec = {k: v for k, v in ROWS[name].items() if k != "device"}  # P4/P5: their ring options, one rank
         engine = StreamEngine.create(EngineOptions(device="torchrun", **spec))
         warm = steady_warmup(6, spec["model"])
         video = synthetic_video(5 + 4 * warm, engine.info.height, engine.info.width)

@@ -186,7 +186,7 @@ def run_row(name: str, spec: dict, args: argparse.Namespace) -> RowResult:
     log.info("%s: %s", name, args.devices)
     t0 = time.perf_counter()
     par = dict(inflight=max(args.inflight, lag), rebalance=False, rebalance_every=args.rebalance_every,
-               ring_capacity=args.ring)
+               ring_capacity=args.ring, split=[int(n) for n in args.split.split(",")] if args.split else None)
     eng = StreamEngine.create(EngineOptions(device=args.devices, parallel=par, step_lag=lag, **spec))
     res.start_s_n = time.perf_counter() - t0
     try:
@@ -264,6 +264,7 @@ def main() -> None:
     ap.add_argument("--step-lag", type=int, default=None,
                     help="EngineOptions.step_lag for both engines (default: the number of ranks for multi-step rows)")
     ap.add_argument("--rebalance-every", type=int, default=6)
+    ap.add_argument("--split", default=None, help="blocks per rank to start with, e.g. 19,11 (default: even)")
     ap.add_argument("--sessions", type=int, default=2, help="sessions sharing the pipeline (0/1: skip)")
     ap.add_argument("--hop-repeats", type=int, default=20)
     ap.add_argument("--json", default=None)

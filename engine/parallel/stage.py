@@ -275,7 +275,7 @@ class Stage:
         filled, last_pos = list(cache.filled), list(cache.last_pos)
         cache.begin([0], frames)
         try:
-            graph.capture(self.dit, self.rope, emb, kv, [1], self.layers, cache, ahead=True)
+            graph.capture(self.dit, self.rope, emb, kv, [1], self.layers, cache)
         except Exception as exc:  # an op that cannot be captured: the first chunk stays eager
             log.warning("CUDA graph capture of a first chunk (layers %s) failed, it stays eager: %s", self.layers, exc)
             return

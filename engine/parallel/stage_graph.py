@@ -22,9 +22,9 @@ from typing import Any, Optional, Sequence
 import torch
 
 from engine.dit import AttnInputs, Embedded, WanDiT
+from engine.dit_runner import capture_graph
 from engine.kv_cache import StreamKVCache
 from engine.rope import Rope
-from engine.stream_graph import capture_error_mode
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,16 @@ class StageGraph:
         return key == self.key and len(caches) == len(self.caches) and all(a is b for a, b in zip(caches, self.caches))
 
     def capture(self, dit: WanDiT, rope: Rope, emb: Embedded, kv: Sequence[Sequence[KV]], rows: Sequence[int],
-                layers: Sequence[int], attend: Any, ahead: bool = False) -> None:
+                layers: Sequence[int], attend: Any) -> None:
         """`kv`: per session, its layers' cross-attention K/V (one row each); `rows`: each session's
         rows in the forward; `attend`: the object whose attend() the blocks call (the cache, or a
-        stage.BatchedCache over `caches`). `ahead`: captured before it is needed, while other work may
-        be queued: neither synchronise the device nor empty the allocator's cache (dit_runner.capture_graph)."""
+        stage.BatchedCache over `caches`).
+
+        Captured on a side stream without synchronising the device or emptying the allocator's cache
+        (dit_runner.capture_graph), unlike `with torch.cuda.graph()`: a rank captures while the ring
+        runs (a new session, a block move), and a device-wide wait plus an emptied cache (later
+        allocations going back to cudaMalloc) slowed the forwards right after a move on 2×H200, the very
+        ones the block scheduler measures to judge it."""
         self._tokens, self._e6 = emb.tokens.clone(), emb.e6.clone()
         self._kv = [[(k.clone(), v.clone()) for k, v in s] for s in kv]
         self._kv_src = [list(s) for s in kv]
@@ -65,15 +70,7 @@ class StageGraph:
             return dit.run_blocks(self._tokens, static, a, _cross(self._kv, rows), layers)
 
         # capturing records kernels without running them, so the KV caches are not touched here
-        if ahead:
-            from engine.dit_runner import capture_graph
-
-            self.graph, self._out = capture_graph(forward, emb.tokens.device)
-            return
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode=capture_error_mode()):
-            self._out = forward()
-        self.graph = graph
+        self.graph, self._out = capture_graph(forward, emb.tokens.device)
 
     def replay(self, emb: Embedded, kv: Sequence[Sequence[KV]]) -> torch.Tensor:
         assert self.graph is not None and self._tokens is not None and self._e6 is not None and self._out is not None
