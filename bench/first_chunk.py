@@ -83,6 +83,17 @@ def first_push_gaps(engine: StreamEngine, video) -> list[str]:
     return lines
 
 
+def warmed_up(spec: dict, device: str):
+    """An engine for a row, after one session through its steady state; with the clip that session used."""
+    engine = StreamEngine.create(EngineOptions(device=device, **spec))
+    video = synthetic_video(5 + 4 * steady_warmup(6, spec["model"]), engine.info.height, engine.info.width)
+    s = engine.open_session("warm-up")
+    s.push(video, list(range(len(video))))
+    s.flush()
+    s.close()
+    return engine, video
+
+
 def pipeline_first_frame(engine, video, profile_gaps: int = 0) -> tuple[float, list[str]]:
     """The pipeline-parallel engine (a ring of one, its rank 0 a thread of this process): ms from the
     push of a fresh stream's frames 1-4 (frame 0 went 4/30 s before) to its first output frame, and with `profile_gaps`, the GPU's idle
@@ -117,13 +128,7 @@ def pipeline_main(args) -> None:
     os.environ.setdefault("STREAMGEN_TORCHRUN_DEVICE", "cuda")
     for name in args.rows.split(","):
         spec = {k: v for k, v in ROWS[name].items() if k != "device"}  # P4/P5: their ring options, one rank
-        engine = StreamEngine.create(EngineOptions(device="torchrun", **spec))
-        warm = steady_warmup(6, spec["model"])
-        video = synthetic_video(5 + 4 * warm, engine.info.height, engine.info.width)
-        s = engine.open_session("warm-up")
-        s.push(video, list(range(len(video))))
-        s.flush()
-        s.close()
+        engine, video = warmed_up(spec, "torchrun")
         times = [pipeline_first_frame(engine, video)[0] for _ in range(args.sessions)]
         print(f"## {name} {spec}, a ring of one: push of frames 1-4 to the first frame, ms: "
               + " ".join(f"{t:.1f}" for t in times))
@@ -149,12 +154,7 @@ def main() -> None:
         return
     for name in args.rows.split(","):
         spec = ROWS[name]
-        engine = StreamEngine.create(EngineOptions(device="cuda", **spec))
-        warm = steady_warmup(6, spec["model"])
-        video = synthetic_video(5 + 4 * warm, engine.info.height, engine.info.width)
-        s = engine.open_session("warm-up")
-        s.push(video, list(range(len(video))))
-        s.close()
+        engine, video = warmed_up(spec, "cuda")
         runs = [first_chunk_steps(engine, video) for _ in range(args.sessions)]
         print(f"## {name} {spec}: first chunk, ms per step (fresh sessions {args.sessions}, last is warmest)")
         for key in runs[0]:
