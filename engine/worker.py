@@ -36,6 +36,9 @@ from interface.messages import (
     SessionClosed,
     SessionError,
     SessionOpened,
+    BlockDecision,
+    PipelineStats,
+    RankStage,
     Shutdown,
     ToEngine,
     UpdateSession,
@@ -49,6 +52,8 @@ log = logging.getLogger("engine.worker")
 # Between requests, how often the loop looks for frames an engine finished after a push returned (CUDA
 # and pipeline-parallel engines): they leave at once instead of with the session's next push's reply.
 OUTPUT_POLL_S = 0.002
+# How often a pipeline-parallel engine's state may go to the server (only when it changed).
+PIPELINE_STATS_S = 1.0
 
 TEST_DELAY_ENV = "STREAMGEN_TEST_CHUNK_DELAY_S"
 
@@ -77,6 +82,11 @@ class Worker:
         self._conn = conn
         self._chunk_delay_s = chunk_delay_s
         self._sessions: dict[str, _Session] = {}
+        from engine.parallel.engine import ParallelEngine
+
+        self._pipeline = isinstance(engine, ParallelEngine)  # several ranks (or a ring of one)
+        self._pipeline_sent: Optional[PipelineStats] = None
+        self._pipeline_at = 0.0
 
     def serve(self) -> None:
         # CUDA and pipeline-parallel engines finish chunks after their push has returned
@@ -86,6 +96,7 @@ class Worker:
                 try:
                     while background and not self._conn.poll(OUTPUT_POLL_S):
                         self._send_finished()
+                        self._maybe_send_pipeline()
                     data = self._conn.recv()
                 except (EOFError, OSError):
                     log.info("server went away; engine process exits")
@@ -217,6 +228,16 @@ class Worker:
             )
         )
 
+    def _maybe_send_pipeline(self) -> None:
+        now = time.monotonic()
+        if not self._pipeline or now - self._pipeline_at < PIPELINE_STATS_S:
+            return
+        self._pipeline_at = now
+        message = pipeline_stats(self._engine.stats())
+        if message is not None and message != self._pipeline_sent:
+            self._pipeline_sent = message
+            self._send(message)
+
     def _drop(self, session_id: str) -> None:
         session = self._sessions.pop(session_id, None)
         if session is not None:
@@ -231,6 +252,29 @@ class Worker:
             self._conn.send(encode(message))
         except (BrokenPipeError, OSError):
             log.info("server pipe closed; reply %s not sent", type(message).__name__)
+
+
+def pipeline_stats(st: dict) -> Optional[PipelineStats]:
+    """The server's view of engine.parallel.rank.Rank0.stats() (None before rank 0's first report)."""
+    if "split" not in st:
+        return None
+    balance = st.get("balance") or {}
+    stage = balance.get("stage_ms") or []
+    graphs = st.get("graphs") or []
+    ranks = []
+    for r, blocks in enumerate(st["split"]):
+        times = stage[r] if r < len(stage) else {}
+        counts = graphs[r] if r < len(graphs) else {}
+        ranks.append(RankStage(blocks=blocks, dit_ms=times.get("dit"), other_ms=times.get("other"),
+                               graph_forwards=counts.get("replayed", 0), eager_forwards=counts.get("eager", 0)))
+    fields = BlockDecision.model_fields
+    decisions = [BlockDecision(**{k: v for k, v in d.items() if k in fields}) for d in balance.get("decisions", [])]
+    return PipelineStats(
+        ranks=ranks, rebalance=bool(balance.get("enabled", False)), moves=int(st.get("moves_total", 0)),
+        decisions=decisions[-8:], forwards=int(st.get("forwards", 0)),
+        batched_forwards=int(st.get("batched_forwards", 0)), early_frames=int(st.get("early_frames", 0)),
+        hop_ms=st.get("hop_ms"),
+    )
 
 
 def _as_dict(info: Any) -> dict:

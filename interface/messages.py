@@ -156,11 +156,50 @@ class SessionClosed(_Message):
     session_id: str
 
 
+class RankStage(BaseModel):
+    """One rank's share of a forward (medians since the last block move)."""
+
+    blocks: int = Field(ge=0)
+    dit_ms: Optional[float] = None  # its blocks
+    other_ms: Optional[float] = None  # the rest of its share: VAE encode (rank 0), head and VAE decode (last)
+    graph_forwards: int = Field(0, ge=0, description="forwards whose blocks replayed a CUDA graph")
+    eager_forwards: int = Field(0, ge=0)
+
+
+class BlockDecision(BaseModel):
+    """A block scheduler decision (a move, or the rollback of one that made things worse)."""
+
+    time: float
+    forward: int
+    boundary: int
+    blocks: int  # > 0: downstream, < 0: upstream
+    split_before: list[int]
+    split_after: list[int]
+    slowest_ms_before: float
+    slowest_ms_predicted: float
+    rollback: bool = False
+
+
+class PipelineStats(_Message):
+    """A pipeline-parallel engine's state, sent by the engine process about once a second while it
+    changes (for /metrics and /api/pipeline); a one-device engine sends none."""
+
+    kind: Literal["pipeline"] = "pipeline"
+    ranks: list[RankStage]
+    rebalance: bool = Field(description="the block scheduler is on")
+    moves: int = Field(0, ge=0, description="block moves made since start (decided or asked for)")
+    decisions: list[BlockDecision] = []  # the scheduler's latest, oldest first
+    forwards: int = Field(0, ge=0)
+    batched_forwards: int = Field(0, ge=0, description="forwards that carried several sessions")
+    early_frames: int = Field(0, ge=0)
+    hop_ms: Optional[float] = None
+
+
 ToEngine = Annotated[
     Union[OpenSession, PushFrames, UpdateSession, CloseSession, Shutdown], Field(discriminator="kind")
 ]
 FromEngine = Annotated[
-    Union[EngineReady, EngineFailed, SessionOpened, FramesOut, SessionError, SessionClosed],
+    Union[EngineReady, EngineFailed, SessionOpened, FramesOut, SessionError, SessionClosed, PipelineStats],
     Field(discriminator="kind"),
 ]
 

@@ -83,6 +83,17 @@ async def info(request: web.Request) -> web.Response:
     return json_response(request.app[STATE].server_info())
 
 
+async def pipeline(request: web.Request) -> web.Response:
+    """The pipeline-parallel engine's ranks (blocks, stage times, CUDA graph use) and its block
+    scheduler's latest decisions, as the engine process last reported them."""
+    state = request.app[STATE]
+    report = state.engine.pipeline
+    if report is None:
+        devices = state.engine.info.device if state.engine.info else "not started"
+        raise ApiError(404, f"no pipeline report: the engine runs on one device ({devices}) or has not reported yet")
+    return web.json_response(report.model_dump(mode="json"))
+
+
 async def healthz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     ok = state.engine.state == "ready"
@@ -213,6 +224,7 @@ def create_app(
     app.cleanup_ctx.append(_engine_lifecycle)
     app.router.add_post("/api/offer", offer)
     app.router.add_get("/api/info", info)
+    app.router.add_get("/api/pipeline", pipeline)
     app.router.add_get("/api/sessions", list_sessions)
     app.router.add_get("/api/sessions/{session_id}", get_session)
     app.router.add_patch("/api/sessions/{session_id}", patch_session)

@@ -23,6 +23,7 @@ from interface.messages import (
     EngineReady,
     FramesOut,
     OpenSession,
+    PipelineStats,
     SessionClosed,
     SessionError,
     SessionOpened,
@@ -51,6 +52,7 @@ class EngineClient:
         self.start_timeout_s = start_timeout_s
         self.state = "stopped"  # stopped | starting | ready | failed
         self.info: Optional[EngineInfo] = None
+        self.pipeline: Optional[PipelineStats] = None  # the latest, from a pipeline-parallel engine
         self.error: Optional[str] = None
         self.fatal = False  # it failed to load (bad weights, no such device): restarting won't help
         self._lost_event = asyncio.Event()
@@ -80,6 +82,7 @@ class EngineClient:
         if self._process is not None:
             self._process.join(0)  # reap the previous engine
         self.state, self.error, self.info, self.fatal = "starting", None, None, False
+        self.pipeline = None
         self._lost_event = asyncio.Event()
         self._ready = self._loop.create_future()
         process.start()
@@ -179,6 +182,8 @@ class EngineClient:
             self.info, self.state = message.info, "ready"
             if self._ready and not self._ready.done():
                 self._ready.set_result(message.info)
+        elif isinstance(message, PipelineStats):
+            self.pipeline = message
         elif isinstance(message, EngineFailed):
             self.fatal = True
             self._lost(f"engine failed to start: {message.message}")

@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
+from interface.messages import PipelineStats, RankStage
 from server.prometheus import Counter, Gauge, Histogram, Registry
 from server.schemas import Percentiles, SessionStats
 
@@ -90,6 +91,42 @@ class ServerMetrics:
                 read=engine,
             )
         )
+
+    def add_pipeline_gauges(self, pipeline: Callable[[], Optional[PipelineStats]]) -> None:
+        """A pipeline-parallel engine's ranks and block scheduler (no samples on one device)."""
+        r = self.registry
+
+        def read(fn: Callable[[PipelineStats], dict[tuple[str, ...], float]]) -> Callable[[], dict]:
+            return lambda: {} if (p := pipeline()) is None else fn(p)
+
+        def per_rank(fn: Callable[[RankStage], Optional[float]]) -> Callable[[PipelineStats], dict]:
+            return lambda p: {(str(i),): v for i, rs in enumerate(p.ranks) if (v := fn(rs)) is not None}
+
+        r.add(Gauge("streamgen_pipeline_blocks", "DiT blocks each rank holds", labels=("rank",),
+                    read=read(per_rank(lambda rs: float(rs.blocks)))))
+        r.add(Gauge("streamgen_pipeline_stage_seconds",
+                    "each rank's time per forward since the last block move: its blocks, and the rest of its share",
+                    labels=("rank", "part"),
+                    read=read(lambda p: {
+                        **{(str(i), "blocks"): rs.dit_ms / 1000 for i, rs in enumerate(p.ranks) if rs.dit_ms is not None},
+                        **{(str(i), "other"): rs.other_ms / 1000 for i, rs in enumerate(p.ranks) if rs.other_ms is not None},
+                    })))
+        r.add(Gauge("streamgen_pipeline_rank_forwards", "forwards each rank ran, by how its blocks ran",
+                    labels=("rank", "blocks"),
+                    read=read(lambda p: {
+                        **{(str(i), "graph"): float(rs.graph_forwards) for i, rs in enumerate(p.ranks)},
+                        **{(str(i), "eager"): float(rs.eager_forwards) for i, rs in enumerate(p.ranks)},
+                    })))
+        r.add(Gauge("streamgen_pipeline_block_moves", "block moves since the engine started",
+                    read=read(lambda p: {(): float(p.moves)})))
+        r.add(Gauge("streamgen_pipeline_rebalance", "1 when the block scheduler is on",
+                    read=read(lambda p: {(): float(p.rebalance)})))
+        r.add(Gauge("streamgen_pipeline_forwards", "DiT forwards through the ring, by sessions carried",
+                    labels=("sessions",),
+                    read=read(lambda p: {("one",): float(p.forwards - p.batched_forwards),
+                                         ("several",): float(p.batched_forwards)})))
+        r.add(Gauge("streamgen_pipeline_hop_seconds", "one hop of a forward's payload, as last measured",
+                    read=read(lambda p: {} if p.hop_ms is None else {(): p.hop_ms / 1000})))
 
     def render(self) -> str:
         return self.registry.render()

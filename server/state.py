@@ -46,6 +46,7 @@ class AppState:
             engine=self._engine_labels,
             engine_up=lambda: 1.0 if self.engine.state == "ready" else 0.0,
         )
+        self.metrics.add_pipeline_gauges(lambda: self.engine.pipeline)
         self.metrics.registry.add(
             Gauge("streamgen_viewers", "WHEP viewers, all sessions",
                   read=lambda: {(): float(sum(len(s.egress.viewers) for s in self.sessions.values()))})

@@ -5,8 +5,9 @@ its own session."""
 from __future__ import annotations
 
 import multiprocessing
+import time
 from multiprocessing.connection import Connection
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from interface.messages import (
     EngineReady,
     FramesOut,
     OpenSession,
+    PipelineStats,
     PushFrames,
     SessionClosed,
     SessionError,
@@ -31,9 +33,16 @@ from interface.messages import (
 SIZE = 64  # the tiny model at 64x64 keeps this quick on two cores
 
 
-def _recv(conn: Connection, timeout: float = 120.0) -> Any:
-    assert conn.poll(timeout), "the engine process did not answer"
-    return decode_from_engine(conn.recv())
+def _recv(conn: Connection, timeout: float = 120.0, reports: Optional[list] = None) -> Any:
+    """The next reply; a pipeline-parallel engine's state reports (sent on their own, about once a
+    second) are skipped, and kept in `reports` when given."""
+    while True:
+        assert conn.poll(timeout), "the engine process did not answer"
+        message = decode_from_engine(conn.recv())
+        if not isinstance(message, PipelineStats):
+            return message
+        if reports is not None:
+            reports.append(message)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +76,7 @@ class Client:
         assert isinstance(opened, SessionOpened) and opened.session_id == session_id
         self.chunk_frames = opened.chunk_frames
         self.pts = 0
+        self.reports: list[PipelineStats] = []
 
     def send_chunk(self, frames: np.ndarray) -> None:
         first = self.input.write_seq
@@ -80,7 +90,7 @@ class Client:
         self.send_chunk(frames)
         replies, out = [], []
         while True:
-            reply = _recv(self.conn)
+            reply = _recv(self.conn, reports=self.reports)
             assert isinstance(reply, FramesOut), reply
             replies.append(reply)
             out += self.take(reply)
@@ -203,6 +213,14 @@ def test_a_two_rank_engine_process_pipelines_one_session() -> None:
         assert counts[0] == 0, "the first push waited for its own chunk: nothing in flight"
         pts = [p for _, p in out]
         assert pts == sent[: len(pts)] and len(pts) >= 5 + 4 * 3
+        time.sleep(1.2 * worker.PIPELINE_STATS_S)  # the ranks' latest figures reach the next report
+        client.exchange(_inputs(99))
+        # the engine process reported the pipeline on its own: both ranks, their blocks and stage times
+        assert client.reports, "no pipeline report"
+        last = client.reports[-1]
+        assert [r.blocks for r in last.ranks] == [1, 1] and last.forwards > 0
+        assert all(r.eager_forwards > 0 and r.graph_forwards == 0 for r in last.ranks)  # CPU: no CUDA graphs
+        assert all(r.dit_ms is not None and r.other_ms is not None for r in last.ranks)
         client.close()
     finally:
         ours.send(encode(Shutdown()))

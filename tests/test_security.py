@@ -105,7 +105,7 @@ def test_token_missing_wrong_right(sserver: ServerProcess, request_: Http, offer
     protected = [("GET", "/api/sessions", None, {}), ("POST", "/api/offer", offer, json_ct),
                  ("PATCH", "/api/sessions/x", "{}", json_ct), ("DELETE", "/api/sessions/x", None, {}),
                  ("POST", "/whip", offer_sdp, sdp_ct), ("POST", "/whep/latest", offer_sdp, sdp_ct),
-                 ("DELETE", "/whep/a/b", None, {}), ("GET", "/metrics", None, {})]
+                 ("DELETE", "/whep/a/b", None, {}), ("GET", "/metrics", None, {}), ("GET", "/api/pipeline", None, {})]
     for method, path, body, headers in protected:
         for bad in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {TOKEN[:-1]}"},
                     {"Authorization": f"Basic {TOKEN}"}, {"Authorization": TOKEN}):
@@ -125,6 +125,9 @@ def test_token_missing_wrong_right(sserver: ServerProcess, request_: Http, offer
     sid = json.loads(body)["session_id"]
     assert request_("GET", f"/api/sessions/{sid}", headers=AUTH)[0] == 200
     assert request_("GET", "/metrics", headers=AUTH)[0] == 200
+    # one device: no pipeline to report, and the answer says why
+    status, _, body = request_("GET", "/api/pipeline", headers=AUTH)
+    assert status == 404 and b"one device" in body, body
     assert request_("DELETE", f"/api/sessions/{sid}", headers=AUTH)[0] == 204
     # Open: the pages, what the page needs first, health, CORS preflights.
     status, _, body = request_("GET", "/api/info")

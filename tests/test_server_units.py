@@ -280,3 +280,33 @@ def test_a_chunks_cost_is_its_gpu_time_when_the_push_returned_sooner() -> None:
     assert chunk_cost_s(reply(5.0, vae_encode_ms=14.0, dit_ms=9.0, vae_decode_ms=21.0, noise_strength=0.7)) == pytest.approx(0.044)
     assert chunk_cost_s(reply(80.0, vae_encode_ms=14.0, dit_ms=9.0, vae_decode_ms=21.0)) == pytest.approx(0.080)
     assert chunk_cost_s(reply(30.0)) == pytest.approx(0.030)  # no stage times (a parallel engine's reply)
+
+
+def test_a_pipeline_report_becomes_metrics_and_none_gives_no_samples() -> None:
+    """What rank 0 reports (engine.parallel.rank.Rank0.stats) reaches /metrics through the engine
+    process's PipelineStats: blocks, stage times, CUDA graph use per rank, moves, batching, hop time."""
+    from engine.worker import pipeline_stats
+
+    decision = dict(time=1.0, forward=5, boundary=0, blocks=-1, split_before=[2, 2], split_after=[3, 1],
+                    slowest_ms_before=30.0, slowest_ms_predicted=25.0, stage_ms=[15.0, 30.0])
+    rollback = dict(decision, forward=20, blocks=1, split_before=[3, 1], split_after=[2, 2], rollback=True)
+    report = pipeline_stats({
+        "split": [2, 2], "forwards": 10, "batched_forwards": 2, "early_frames": 1, "hop_ms": 0.5, "moves_total": 2,
+        "graphs": [{"rank": 0, "replayed": 7, "eager": 3}, {"rank": 1, "replayed": 6, "eager": 4}],
+        "balance": {"enabled": True, "decisions": [decision, rollback],
+                    "stage_ms": [{"dit": 10.0, "other": 5.0, "total": 15.0}, {"dit": 4.0, "other": 26.0, "total": 30.0}]},
+    })
+    assert report is not None and [d.rollback for d in report.decisions] == [False, True]
+    metrics = ServerMetrics(1.0)
+    metrics.add_pipeline_gauges(lambda: report)
+    text = metrics.render()
+    for line in ('streamgen_pipeline_blocks{rank="1"} 2', 'streamgen_pipeline_stage_seconds{rank="1",part="other"} 0.026',
+                 'streamgen_pipeline_rank_forwards{rank="1",blocks="graph"} 6',
+                 'streamgen_pipeline_rank_forwards{rank="0",blocks="eager"} 3', "streamgen_pipeline_block_moves 2",
+                 'streamgen_pipeline_forwards{sessions="several"} 2', 'streamgen_pipeline_forwards{sessions="one"} 8',
+                 "streamgen_pipeline_rebalance 1", "streamgen_pipeline_hop_seconds 0.0005"):
+        assert line in text, line
+    assert pipeline_stats({"world": 2}) is None  # before rank 0's first report
+    one_device = ServerMetrics(1.0)
+    one_device.add_pipeline_gauges(lambda: None)
+    assert "streamgen_pipeline_blocks{" not in one_device.render()

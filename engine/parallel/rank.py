@@ -398,7 +398,8 @@ class Rank0(RankBase):
         self.balance_from_fid = 0  # forwards before the last move say nothing of the new split
         self.skip_fids: set[int] = set()  # forwards not representative (first chunks)
         self.manual_moves: deque[Move] = deque()
-        self.moves: list[dict] = []  # every block move made, automatic or asked for
+        self.moves: list[dict] = []  # the latest block moves made, automatic or asked for
+        self.moves_total = 0
         self.rebalancing = False
         self.awaiting_blocks: Optional[tuple[int, int]] = None
         self.batched_forwards = 0
@@ -652,6 +653,7 @@ class Rank0(RankBase):
                                layers=layers, split_before=list(self.split), split_after=after,
                                automatic=not manual))
         del self.moves[:-32]
+        self.moves_total += 1
         log.info("moving blocks %s from rank %d to rank %d (split %s -> %s)", layers, move.giver, move.taker,
                  self.split, after)
         self.rebalancing = True
@@ -700,7 +702,7 @@ class Rank0(RankBase):
             capacity=self.capacity,
             graphs=[dict(rank=r, replayed=g, eager=e) for r, (g, e) in enumerate(self.rank_forwards)],
             max_inflight=self.max_inflight, max_stream_overlap=self.max_stream_overlap,
-            sessions=len(self.drivers), hop_ms=self.hop_ms, moves=list(self.moves),
+            sessions=len(self.drivers), hop_ms=self.hop_ms, moves=list(self.moves), moves_total=self.moves_total,
             balance=self.balancer.stats(), batch=self.batcher.stats(),
         )
 
