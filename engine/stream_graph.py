@@ -29,7 +29,7 @@ Cache = list[Optional[torch.Tensor]]
 def capture_error_mode() -> str:
     """How strictly a capture forbids other CUDA calls: "global" in one process; "thread_local" in a
     pipeline rank, where torch's NCCL watchdog thread queries the events of communication work that
-    was queued before the capture (on another stream). In global mode such a query invalidates the
+    was queued before the capture (on another stream). In global mode such a query can invalidate the
     capture, and a rank whose capture failed runs eagerly from then on."""
     import torch.distributed as dist
 
