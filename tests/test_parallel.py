@@ -269,6 +269,47 @@ def test_batched_forward_equals_each_session_alone(tiny4):
             assert torch.equal(together.sessions[sid].cache.k[i], apart.sessions[sid].cache.k[i])
 
 
+@torch.no_grad()
+def test_a_first_chunk_prepared_at_frame_0_survives_a_block_move_and_equals_one_made_later(tiny4):
+    """`prep` (a fresh stream's frame 0 arrived) gives the session the cache its next stream batch
+    starts with; blocks moving before that batch's first forward drop it, so the forward runs on a
+    cache for the layers the rank holds then, with the numbers of a stage that never prepared."""
+    from engine.parallel.stage import Group, Stage
+    from engine.rope import Rope
+
+    cfg = load_model_config(tiny4)
+    d = cfg.stream.model_copy(update=SIZE)
+    dit = build_dit(cfg, None, torch.device("cpu"), torch.float32, seed=0)
+    rope = Rope(cfg.dit.head_dim)
+    ctx = torch.randn(1, 512, cfg.dit.text_dim, generator=torch.Generator().manual_seed(1))
+    prepared, plain = (Stage(dit, rope, d, torch.device("cpu"), torch.float32, range(3)) for _ in range(2))
+    other = Stage(build_dit(cfg, None, torch.device("cpu"), torch.float32, seed=0), rope, d, torch.device("cpu"),
+                  torch.float32, [3])
+    for st in (prepared, plain, other):
+        st.open(0, ctx)
+    for st in (prepared, other):
+        st.prepare_prime(0, 2)
+    assert prepared.sessions[0].next_cache is not None and prepared.sessions[0].next_cache.layers == [0, 1, 2]
+    other.import_layers([2], prepared.export_layers([2]))  # a downstream move before the first forward
+    assert prepared.sessions[0].next_cache is None and other.sessions[0].next_cache is None
+    plain.export_layers([2])
+    hw = (SIZE["height"] // 8, SIZE["width"] // 8)
+    x = torch.randn(1, 16, 2, *hw, generator=torch.Generator().manual_seed(2))
+    g = Group(sid=0, rows=1, frames=2, positions=[0], t=[700], new_batch=True)
+    embs = [st.embed([g], [x]) for st in (prepared, plain)]
+    out = [st.run([g], e) for st, e in zip((prepared, plain), embs)]
+    assert torch.equal(out[0], out[1]) and prepared.sessions[0].cache.layers == [0, 1]
+    e = embs[0]
+    other.run([g], type(e)(out[0], e.e, e.e6, e.grid))  # the taker's blocks, on a cache that has layer 2
+    assert other.sessions[0].cache.layers == [2, 3]
+    # prepared and not moved: the forward starts on exactly the cache made at frame 0
+    prepared.prepare_prime(0, 2)
+    cache = prepared.sessions[0].next_cache
+    g2 = Group(sid=0, rows=1, frames=2, positions=[0], t=[700], new_batch=True)
+    prepared.run([g2], prepared.embed([g2], [x]))
+    assert prepared.sessions[0].cache is cache and prepared.sessions[0].next_cache is None
+
+
 # -- the engine API over several ranks ------------------------------------------------------------------
 
 @pytest.mark.parametrize("devices", ["cpu:1", "cpu:3"])
