@@ -25,7 +25,7 @@ from engine import flow
 from engine.config import StreamDefaults
 from engine.dit import AttnInputs, Embedded, WanDiT
 from engine.kv_cache import StreamKVCache
-from engine.parallel.stage_graph import StageGraph, _cross
+from engine.parallel.stage_graph import StageGraph, cross_kv_rows
 from engine.rope import Rope
 from engine.transfer import h2d
 
@@ -233,7 +233,7 @@ class Stage:
             ang = self.rope.angles(h2d(positions, self.device), f, h, w)
             cache: Any = caches[0] if len(caches) == 1 else BatchedCache(caches, self.layers)
             a = AttnInputs(cos=ang.cos(), sin=ang.sin(), cache=cache)
-            kv = _cross(self._session_kv(groups), [g.rows for g in groups])
+            kv = cross_kv_rows(self._session_kv(groups), [g.rows for g in groups])
             tokens = self.dit.run_blocks(emb.tokens, emb, a, kv, self.layers)
             if len(groups) == 1 and _is_prime(groups[0]):
                 self.warm_primes.add(self._prime_key(emb))

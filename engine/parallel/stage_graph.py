@@ -67,7 +67,7 @@ class StageGraph:
             ang = rope.angles(positions, f, h, w)
             a = AttnInputs(cos=ang.cos(), sin=ang.sin(), cache=attend)
             static = Embedded(self._tokens, emb.e, self._e6, emb.grid)  # type: ignore[arg-type]
-            return dit.run_blocks(self._tokens, static, a, _cross(self._kv, rows), layers)
+            return dit.run_blocks(self._tokens, static, a, cross_kv_rows(self._kv, rows), layers)
 
         # capturing records kernels without running them, so the KV caches are not touched here
         self.graph, self._out = capture_graph(forward, emb.tokens.device)
@@ -86,7 +86,7 @@ class StageGraph:
         return self._out.clone()
 
 
-def _cross(kv: Sequence[Sequence[KV]], rows: Sequence[int]) -> list[KV]:
+def cross_kv_rows(kv: Sequence[Sequence[KV]], rows: Sequence[int]) -> list[KV]:
     """Per layer, the cross-attention K/V of the forward's rows: one session's as they are (they
     broadcast over its rows); several sessions' expanded to their rows and concatenated."""
     if len(kv) == 1:
