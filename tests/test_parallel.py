@@ -179,14 +179,32 @@ def test_block_scheduler_rolls_back_a_move_that_made_things_worse():
         sched.observe([(45.9, 36.1), (35.3, 51.5)])
     assert sched.decide() is None  # a full fresh window first
     sched.observe([(45.9, 36.1), (35.3, 51.5)])
+    assert sched.decide() is None and not sched.banned  # worse once: a second window before judging
+    for _ in range(4):
+        sched.observe([(45.9, 36.1), (35.3, 51.5)])
     undo = sched.decide()
     assert undo == Move(move.boundary, -move.blocks)
     sched.applied(undo)
     assert sched.split == [15, 15] and sched.decisions[-1]["rollback"]
     assert sched.stats()["banned"] == [dict(boundary=0, direction="upstream")]
-    for _ in range(8):  # the same imbalance again: that direction is not tried a second time
+    for _ in range(8):  # the same imbalance again: that direction is left alone for a while
         sched.observe([(22.7, 36.5), (29.4, 49.5)])
     assert sched.decide() is None
+    for _ in range(4 * sched.ban_windows):  # ... not for good: conditions change (sessions, prompts)
+        sched.observe([(22.7, 36.5), (29.4, 49.5)])
+    assert not sched.banned and sched.decide() == move
+    # one window that reads worse right after a move (as 15/15 -> 19/11 did on 2×H200, a split that held
+    # from the start ran faster), then one that reads better: the move stays
+    noisy = BlockScheduler([15, 15], every=2, gain=0.05, min_ms=0.5)
+    for _ in range(2):
+        noisy.observe([(13.9, 20.9), (15.2, 33.5)])
+    noisy.applied(noisy.decide())
+    for _ in range(2):
+        noisy.observe([(17.5, 20.9), (11.0, 39.4)])  # 50.4 ms against 48.7 before
+    assert noisy.decide() is None
+    for _ in range(2):
+        noisy.observe([(17.5, 20.9), (11.0, 33.0)])  # 44 ms
+    assert not any(d.get("rollback") for d in noisy.decisions) and not noisy.banned
     # a move that helps is kept
     ok = BlockScheduler([15, 15], every=2, gain=0.05, min_ms=0.5)
     for _ in range(2):

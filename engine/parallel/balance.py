@@ -12,8 +12,11 @@ and overshooting makes the next decision undo this one. Decisions are kept for /
 
 Every move is checked once a fresh window of measurements exists: if the slowest stage came out worse
 than before the move (per-block costs are only estimates: on 2×H200 a 1.3B 2-step stream got slower
-after its first move), the move is rolled back at once and that direction across that boundary is not
-tried again.
+after its first move), a second fresh window is measured, and only if it reads worse too is the move
+rolled back and that direction across that boundary left alone for `ban_windows` windows. One window
+alone misjudged moves on 2×H200: 15/15 -> 19/11 read 48.8 -> 50.4 ms right after the move, while 19/11
+held from the start ran its stages at 38/44 ms and 81.7 fps against 75.2 (docs/BENCHMARKS.md, sixth
+round); a ban for good then kept the pipeline on the slower split.
 
 The first `settle` forwards after a change are not measured: forwards that were in flight during the
 move ran on the old split, and the moved layers' first forwards run eagerly while their CUDA graphs are
@@ -78,7 +81,7 @@ def apply_move(split: Sequence[int], move: Move) -> list[int]:
 
 class BlockScheduler:
     def __init__(self, split: Sequence[int], every: int = 8, gain: float = 0.08, min_ms: float = 0.5,
-                 min_blocks: int = 1, enabled: bool = True, settle: int = 0) -> None:
+                 min_blocks: int = 1, enabled: bool = True, settle: int = 0, ban_windows: int = 16) -> None:
         self.split = list(split)
         self.every, self.gain, self.min_ms, self.min_blocks = every, gain, min_ms, min_blocks
         self.settle = settle
@@ -87,8 +90,11 @@ class BlockScheduler:
         self._samples: list[list[tuple[float, float]]] = []  # since the last change: per forward, per rank
         self._last_sign: dict[int, int] = {}  # boundary -> direction of the last move across it
         self._check: Optional[tuple[Move, float]] = None  # the last move and the slowest stage before it
+        self._strikes = 0  # windows since that move that read worse
         self._rollback: Optional[Move] = None  # decided and not yet applied
-        self.banned: set[tuple[int, int]] = set()  # (boundary, direction) that made things worse
+        self.ban_windows = ban_windows
+        # (boundary, direction) that made things worse -> the observed forward count when the ban ends
+        self._bans: dict[tuple[int, int], int] = {}
         self.decisions: list[dict] = []
         self.observed = 0
 
@@ -122,7 +128,7 @@ class BlockScheduler:
         assert stage is not None
         if self._check is not None:
             undo = self._verify(stage)
-            if undo is not None:
+            if undo is not None or self._check is not None:  # a rollback, or a second window to measure
                 return undo
         move, before, after = self.best_move(stage)
         if move is None:
@@ -148,16 +154,29 @@ class BlockScheduler:
                  apply_move(self.split, move), before, after, [round(d + o, 1) for d, o in stage])
         return move
 
+    @property
+    def banned(self) -> set[tuple[int, int]]:
+        """(boundary, direction) pairs not tried now: they made things worse not long ago."""
+        return {k for k, until in self._bans.items() if self.observed < until}
+
     def _verify(self, stage: Sequence[tuple[float, float]]) -> Optional[Move]:
-        """The reverse of the last move if it made the slowest stage worse (by a margin), else None."""
+        """The reverse of the last move if two fresh windows in a row found the slowest stage worse than
+        before it (by a margin), else None (after a first such window, a second one is measured)."""
         assert self._check is not None
         move, before = self._check
-        self._check = None
         now = max(d + o for d, o in stage)
         if now <= before + max(self.min_ms, 0.5 * self.gain * before):
+            self._check, self._strikes = None, 0
             return None
+        self._strikes += 1
+        if self._strikes < 2:
+            log.info("block scheduler: the slowest stage read %.1f ms after the last move (%.1f ms before); "
+                     "measuring a second window before judging it", now, before)
+            self._samples.clear()
+            return None
+        self._check, self._strikes = None, 0
         undo = Move(move.boundary, -move.blocks)
-        self.banned.add((move.boundary, 1 if move.blocks > 0 else -1))
+        self._bans[(move.boundary, 1 if move.blocks > 0 else -1)] = self.observed + self.ban_windows * self.every
         self._rollback = undo
         self.decisions.append(dict(
             time=time.time(), forward=self.observed, boundary=undo.boundary, blocks=undo.blocks,

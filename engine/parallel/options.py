@@ -27,6 +27,7 @@ class ParallelOptions(BaseModel):
     rebalance_min_ms: float = Field(0.5, ge=0.0, description="least absolute gain in ms")
     min_blocks: int = Field(1, ge=0, description="blocks a rank keeps at least")
     rebalance_settle: int = Field(4, ge=0, description="forwards not measured after a move (old split, graph capture)")
+    rebalance_ban_windows: int = Field(16, ge=0, description="windows a rolled-back direction is not tried again")
 
     # SLO-aware batch scheduler (engine.parallel.slo).
     max_batch: int = Field(4, ge=1, le=64, description="sessions in one forward at most")

@@ -381,7 +381,7 @@ class Rank0(RankBase):
         p = self.popts
         self.balancer = BlockScheduler(self.split, every=p.rebalance_every, gain=p.rebalance_gain,
                                        min_ms=p.rebalance_min_ms, min_blocks=p.min_blocks, enabled=p.rebalance,
-                                       settle=p.rebalance_settle)
+                                       settle=p.rebalance_settle, ban_windows=p.rebalance_ban_windows)
         self.batcher = BatchScheduler(p.max_batch, p.target_fps, p.deadline_ms)
         self.capacity = p.ring_capacity or self.world
         self.drivers: dict[int, tuple[DriverSession, Any]] = {}  # sid -> (driver, generator)
