@@ -61,7 +61,7 @@ def measure_ttff(engine: StreamEngine, video) -> tuple[float, float]:
     seen: list[float] = []
     t0 = time.perf_counter()
     first = s.push(video[1:5], list(range(1, 5)), early=lambda out: seen.append(time.perf_counter()))
-    if getattr(engine, "finishes_in_background", False) and not seen:
+    if not seen:  # the pipeline: its frame 0 comes back between pushes
         while not first:
             time.sleep(0.0002)
             first = s.take_finished()
@@ -81,21 +81,25 @@ def measure_ttff(engine: StreamEngine, video) -> tuple[float, float]:
 def _gpu_memory_in_use_gib() -> float:
     """The most memory in use on any GPU (the pipeline's ranks are other processes, so this process's
     allocator does not see their peaks)."""
-    return max((lambda free, total: (total - free) / 2**30)(*torch.cuda.mem_get_info(i)) for i in range(torch.cuda.device_count()))
+    in_use = []
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        in_use.append((total - free) / 2**30)
+    return max(in_use)
 
 
 def run_row(name: str, chunks: int, warmup: int, weights: Optional[Path] = None, profile_dir: str | None = None,
             device: Optional[str] = None, override: Optional[dict] = None) -> RowResult:
     """One row of ours; `device`/`override` (e.g. model=tiny) make a CPU dry run of the same code."""
     spec = {**ROWS[name], **(override or {})}  # ROWS keys plus any EngineOptions field
-    device = device or spec.pop("device", "cuda")  # --device replaces the row's (a CPU dry run)
-    spec.pop("device", None)
+    row_device = spec.pop("device", "cuda")
+    device = device or row_device  # --device replaces the row's (a CPU dry run)
     ranks = parse_devices(device)  # None: the in-process engine on one device
     gpu = device.startswith("cuda")
     if gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    probe = "cuda:0" if ranks and gpu else "cpu" if ranks else device  # where the matmul ceiling is measured
+    probe = device if ranks is None else "cuda:0" if gpu else "cpu"  # where the matmul ceiling is measured
     ceiling = matmul_ceiling_tflops(torch.device(probe))
     if gpu:
         torch.cuda.empty_cache()  # the ranks are other processes: leave them the memory the ceiling took

@@ -18,7 +18,7 @@ ROWS = {
     "p5": dict(model="wan-14b", height=512, width=512, steps=1, device="cuda*2",
                parallel=dict(inflight=3, ring_capacity=3)),
 }
-MULTI_GPU_ROWS = ("p4", "p5")
+MULTI_GPU_ROWS = tuple(name for name, spec in ROWS.items() if "device" in spec)
 # The paper's figures for the rows (fps: one H100, P4/P5 two; DESIGN §6).
 PAPER_FPS = {"p1": 17.97, "p2": 26.21, "p3": 18.71, "p1s1": 20.47, "p4": 34.67, "p5": 37.12}
 INPUT_FPS = 30.0

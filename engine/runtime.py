@@ -269,8 +269,6 @@ class PendingFrames:
         # a copy: the pinned block goes back to torch's cache (a renderer may keep every frame it gets)
         return self._frames.numpy().copy()
 
-    __call__ = result
-
 
 class FrameIO:
     """uint8 frames on the host <-> video tensors on the device.

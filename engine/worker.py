@@ -26,19 +26,19 @@ from pydantic import BaseModel, ValidationError
 from engine.parallel.errors import EngineFailure
 from interface.frame_ring import FrameRing, RingFull
 from interface.messages import (
+    BlockDecision,
     CloseSession,
     EngineFailed,
     EngineInfo,
     EngineReady,
     FramesOut,
     OpenSession,
+    PipelineStats,
     PushFrames,
+    RankStage,
     SessionClosed,
     SessionError,
     SessionOpened,
-    BlockDecision,
-    PipelineStats,
-    RankStage,
     Shutdown,
     ToEngine,
     UpdateSession,

@@ -99,24 +99,23 @@ class ServerMetrics:
         def read(fn: Callable[[PipelineStats], dict[tuple[str, ...], float]]) -> Callable[[], dict]:
             return lambda: {} if (p := pipeline()) is None else fn(p)
 
-        def per_rank(fn: Callable[[RankStage], Optional[float]]) -> Callable[[PipelineStats], dict]:
-            return lambda p: {(str(i),): v for i, rs in enumerate(p.ranks) if (v := fn(rs)) is not None}
+        def per_rank(fn: Callable[[RankStage], dict[tuple[str, ...], Optional[float]]]) -> Callable[[], dict]:
+            """fn: a rank's values by their other labels (None: not measured yet, no sample)."""
+            return read(lambda p: {(str(i), *k): float(v) for i, rs in enumerate(p.ranks)
+                                   for k, v in fn(rs).items() if v is not None})
+
+        def seconds(ms: Optional[float]) -> Optional[float]:
+            return None if ms is None else ms / 1000
 
         r.add(Gauge("streamgen_pipeline_blocks", "DiT blocks each rank holds", labels=("rank",),
-                    read=read(per_rank(lambda rs: float(rs.blocks)))))
+                    read=per_rank(lambda rs: {(): rs.blocks})))
         r.add(Gauge("streamgen_pipeline_stage_seconds",
                     "each rank's time per forward since the last block move: its blocks, and the rest of its share",
                     labels=("rank", "part"),
-                    read=read(lambda p: {
-                        **{(str(i), "blocks"): rs.dit_ms / 1000 for i, rs in enumerate(p.ranks) if rs.dit_ms is not None},
-                        **{(str(i), "other"): rs.other_ms / 1000 for i, rs in enumerate(p.ranks) if rs.other_ms is not None},
-                    })))
+                    read=per_rank(lambda rs: {("blocks",): seconds(rs.dit_ms), ("other",): seconds(rs.other_ms)})))
         r.add(Gauge("streamgen_pipeline_rank_forwards", "forwards each rank ran, by how its blocks ran",
                     labels=("rank", "blocks"),
-                    read=read(lambda p: {
-                        **{(str(i), "graph"): float(rs.graph_forwards) for i, rs in enumerate(p.ranks)},
-                        **{(str(i), "eager"): float(rs.eager_forwards) for i, rs in enumerate(p.ranks)},
-                    })))
+                    read=per_rank(lambda rs: {("graph",): rs.graph_forwards, ("eager",): rs.eager_forwards})))
         r.add(Gauge("streamgen_pipeline_block_moves", "block moves since the engine started",
                     read=read(lambda p: {(): float(p.moves)})))
         r.add(Gauge("streamgen_pipeline_rebalance", "1 when the block scheduler is on",

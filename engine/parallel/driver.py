@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Generator, Optional
+from typing import Any, Generator, NamedTuple, Optional
 
 import torch
 
@@ -70,6 +70,12 @@ class Failure:
 
 
 Wait = Any  # one of the above
+
+
+class _FrameZero(NamedTuple):
+    video: torch.Tensor  # [1, 3, 1, H, W], for the first chunk's motion measure
+    latent: torch.Tensor
+    pts: Any
 Driver = Generator[Wait, Any, None]
 
 
@@ -101,7 +107,7 @@ class DriverSession:
     # -- stream state (StreamSession._reset_stream / _new_batch, StreamBatch.__init__) ----------------
     def _reset_stream(self) -> None:
         self.vae_state = None
-        self.frame0: Optional[tuple[torch.Tensor, torch.Tensor, Any]] = None  # (video, latent, pts) waiting
+        self.frame0: Optional[_FrameZero] = None  # a fresh stream's frame 0, waiting for frames 1-4
         self.new_vae = False  # the next forward starts the last rank's decode stream
         self._new_batch()
         self.controller = NoiseController(**self.controller_args)
@@ -156,21 +162,20 @@ class DriverSession:
     def _chunk(self, cmd: ChunkCmd) -> Driver:
         host = self.host
         video = host.io.to_video_tensor(cmd.frames)
-        new_vae = self.vae_state is None
-        if new_vae:
+        if self.vae_state is None:
             self.vae_state = host.vae.new_stream_state()
             self.new_vae = True
-        if new_vae and len(cmd.frames) == 1:
-            yield from self._frame0(cmd, video)
-            return
+            if len(cmd.frames) == 1:
+                yield from self._frame0(cmd, video)
+                return
         lap = host.clock.lap()
         pts = list(cmd.pts)
         f0, self.frame0 = self.frame0, None
-        full = video if f0 is None else torch.cat([f0[0], video], 2)  # the motion measure sees frame 0 too
+        full = video if f0 is None else torch.cat([f0.video, video], 2)  # the motion measure sees frame 0 too
         strength_later = self.controller.queue_step(full[0])  # read after the encode is queued
         latent = host.vae.stream_encode(video.to(host.dtype), self.vae_state).to(host.dtype)
         if f0 is not None:
-            latent, pts = torch.cat([f0[1], latent], 2), [f0[2], *pts]
+            latent, pts = torch.cat([f0.latent, latent], 2), [f0.pts, *pts]
         new_vae, self.new_vae = self.new_vae, False
         strength = strength_later()
         t0 = NoiseController.timestep(strength)
@@ -190,7 +195,7 @@ class DriverSession:
         message has been round the ring."""
         host = self.host
         latent = host.vae.stream_encode(video.to(host.dtype), self.vae_state).to(host.dtype)
-        self.frame0 = (video, latent, cmd.pts[0])
+        self.frame0 = _FrameZero(video, latent, cmd.pts[0])
         yield Emit(Message("prep", {"sid": self.sid, "frames": 1 + CHUNK // 4, "done": cmd.seq}))
 
     def _prime(self, latent: torch.Tensor, strength: float, t0: int, new_vae: bool, seq: int, lap: Any,

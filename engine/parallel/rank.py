@@ -51,8 +51,8 @@ from engine.parallel.stage import Group, Stage
 from engine.parallel.timing import ForwardTimes, StageClock
 from engine.parallel.wire import DistLink, Link, LoopbackLink, Message
 from engine.rope import Rope
-from engine.runtime import (EngineOptions, FrameIO, build_decoder, build_dit, build_text, build_vae, embed_prompt,
-                            tune_backends)
+from engine.runtime import (EngineOptions, FrameIO, PendingFrames, build_decoder, build_dit, build_text, build_vae,
+                            embed_prompt, tune_backends)
 from engine.session import first_latent_apart
 from engine.stream_batch import KeyedNoise
 
@@ -189,9 +189,8 @@ class RankBase:
             s = self.stage.sessions[h["sid"]]
             if h.get("reset"):
                 s.prompt.reset_blend()
-                s.cache = s.next_cache = None
-                s.decode_state = None
-                self.stage.drop_graphs(h["sid"])
+                s.cache = s.decode_state = None
+                self.stage.drop_graphs(h["sid"])  # and the first chunk prepared for the old stream
             if h.get("prompt"):
                 self.stage.set_prompt(h["sid"], msg.tensors["ctx"], h["chunks"])
         elif kind == "prep":  # a fresh stream's frame 0 is in: its first chunk follows
@@ -285,19 +284,19 @@ class RankBase:
         """The forward's frames to rank 0 (waits for their device-to-host copy), with its completions and
         the stage times measured so far."""
         outputs = []
-        for g, result, pts in out.frames:
-            keep = [(f, p) for f, p in zip(result(), pts) if p is not None]
+        for g, pending, pts in out.frames:
+            keep = [(f, p) for f, p in zip(pending.result(), pts) if p is not None]
             stats = dict(g.stats, vae_decode_ms=out.decode.wait().ms() or 0.0)
             outputs.append((g.sid, [f for f, _ in keep], [p for _, p in keep], stats))
         records = out.times + [(self.rank, *r) for r in self.clock.harvest()]
         done = [(g.sid, g.done) for g in out.groups if g.done is not None]
         self.out_link.send(Message("out", {"fid": out.fid, "outputs": outputs, "done": done, "times": records}))
 
-    def send_early(self, g: Group, frame0: Any) -> None:
+    def send_early(self, g: Group, frame0: PendingFrames) -> None:
         """A fresh stream's frame 0 to rank 0 ahead of the rest of its chunk (waits for that frame's copy
         alone). Frames of earlier forwards go first, so that no stream's frames change order."""
         self.flush_outputs()
-        self.out_link.send(Message("early", {"outputs": [(g.sid, [frame0()[0]], [g.decode[0]], dict(g.stats))]}))
+        self.out_link.send(Message("early", {"outputs": [(g.sid, [frame0.result()[0]], [g.decode[0]], dict(g.stats))]}))
 
     def flush_outputs(self) -> None:
         if self.deferred is not None:
@@ -356,7 +355,7 @@ class _Outputs:
 
     fid: int
     groups: list[Group]
-    frames: list[tuple[Group, Any, list]]  # (group, FrameIO.to_uint8_later result, the frames' pts)
+    frames: list[tuple[Group, PendingFrames, list]]  # (group, its frames on their way, their pts)
     decode: Any  # timing.Lap of the decodes
     times: list  # upstream ranks' stage times carried by the forward
 

@@ -54,7 +54,7 @@ class StageGraph:
         Captured on a side stream without synchronising the device or emptying the allocator's cache
         (dit_runner.capture_graph), unlike `with torch.cuda.graph()`: a rank captures while the ring
         runs (a new session, a block move), and a device-wide wait plus an emptied cache (later
-        allocations going back to cudaMalloc) slowed the forwards right after a move on 2×H200, the very
+        allocations going back to cudaMalloc) would land in the forwards right after a move, the very
         ones the block scheduler measures to judge it."""
         self._tokens, self._e6 = emb.tokens.clone(), emb.e6.clone()
         self._kv = [[(k.clone(), v.clone()) for k, v in s] for s in kv]
