@@ -17,7 +17,8 @@ class ParallelOptions(BaseModel):
     # returns the outputs of its own chunks, as the in-process engine does; 2 or more lets the ranks
     # work on consecutive chunks of one stream at once (outputs then come back from later calls).
     inflight: int = Field(1, ge=1, le=64)
-    # Forwards in the ring at once; None: the number of ranks (each rank busy with one).
+    # Forwards in the ring at once; None: the number of ranks (each rank busy with one), two for a ring of
+    # one (a forward's frames go back while the next is queued).
     ring_capacity: Optional[int] = Field(None, ge=1, le=64)
 
     # Block scheduler (engine.parallel.balance).
