@@ -143,7 +143,10 @@ def run_row(name: str, chunks: int, warmup: int, weights: Optional[Path] = None,
     engine.synchronize()
     elapsed = time.perf_counter() - t_start
     if ranks:
-        return _pipeline_row(name, spec, engine, s, ttffs, ttff, first_ms, chunks, elapsed, load_s, ceiling, gpu)
+        st = engine.stats()
+        if profile_dir:  # after the timing: the profiler slows the ranks' hosts
+            profile_ranks(engine, s, video, 5 + 4 * (warmup + chunks), Path(profile_dir) / name)
+        return _pipeline_row(name, spec, engine, st, s, ttffs, ttff, first_ms, chunks, elapsed, load_s, ceiling, gpu)
     peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0
     flops = count_flops(engine, s, video, 5 + 4 * (warmup + chunks))
     res = RowResult(
@@ -172,13 +175,29 @@ def run_row(name: str, chunks: int, warmup: int, weights: Optional[Path] = None,
     return res
 
 
-def _pipeline_row(name: str, spec: dict, engine, s, ttffs: list, ttff: float, first_ms: float, chunks: int,
+def profile_ranks(engine, s, video, start: int, directory: Path, forwards: int = 8, timeout: float = 120.0) -> None:
+    """Each rank profiles `forwards` steady forwards of session `s` from the inside (engine.parallel.profiling)
+    and writes rank{r}.txt and rank{r}.json.gz into `directory`; waits for every rank's files."""
+    engine.profile_ranks(str(directory), forwards)
+    for i in range(forwards + 4):  # the forward after the window closes it on every rank
+        a = start + 4 * i
+        s.push(video[a : a + 4], list(range(a, a + 4)))
+    want = [directory / f"rank{r}.txt" for r in range(len(engine.stats()["devices"]))]
+    deadline = time.monotonic() + timeout
+    while not all(p.exists() for p in want):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank profiles missing in {directory}: {[p.name for p in want if not p.exists()]}")
+        time.sleep(0.2)
+    for p in want:
+        log.info("%s\n%s", p, p.read_text())
+
+
+def _pipeline_row(name: str, spec: dict, engine, st: dict, s, ttffs: list, ttff: float, first_ms: float, chunks: int,
                   elapsed: float, load_s: float, ceiling: float, gpu: bool) -> RowResult:
     """A row of the pipeline-parallel engine. Its stage times are the ranks' own (medians since the
     block scheduler's last move): rank 0's share besides its blocks is the VAE encode (and the patch
     embedding), the last rank's the VAE decode (and the head). No FLOP count: the ranks are other
-    processes (the computation is the one-GPU row's)."""
-    st = engine.stats()
+    processes (the computation is the one-GPU row's). `st`: the engine's stats after the timed chunks."""
     stage = st["balance"]["stage_ms"] or []
     s.close()
     res = RowResult(
@@ -214,7 +233,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="replace the rows' model (tiny: a CPU dry run)")
     ap.add_argument("--size", type=int, default=None, help="square frames of this size instead of the row's")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--profile-dir", default=None, help="write a torch.profiler table per row here")
+    ap.add_argument("--profile-dir", default=None,
+                    help="write a torch.profiler table per row here (pipeline rows: each rank's own profile)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.backends.cudnn.benchmark = True

@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.measure import synthetic_video
 from bench.rows import PROMPT, ROWS, steady_warmup
+from engine.parallel.profiling import gpu_gaps
 from engine.runtime import EngineOptions, StreamEngine
 
 log = logging.getLogger("bench.profile_stages")
@@ -55,21 +56,7 @@ def idle_gaps(fn, top: int, min_us: float = 30.0) -> list[str]:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         trace = json.load(open(f.name))["traceEvents"]
-    dev = sorted((e for e in trace if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
-    host = [e for e in trace if e.get("cat") in ("cpu_op", "python_function") and "dur" in e]
-    gaps, end = [], dev[0]["ts"] + dev[0]["dur"] if dev else 0
-    for e in dev[1:]:
-        if e["ts"] - end >= min_us:
-            busy = [h for h in host if h["ts"] < e["ts"] and h["ts"] + h["dur"] > end]
-            # the innermost few host frames alive during the gap name what the host was doing
-            names = [h["name"][:60] for h in sorted(busy, key=lambda h: h["dur"])[:4]]
-            gaps.append((e["ts"] - end, f"{e['ts'] - end:8.1f} us before {e['name'][:50]!r}; host: {names}"))
-        end = max(end, e["ts"] + e["dur"])
-    total = sum(g for g, _ in gaps)
-    gaps.sort(key=lambda g: -g[0])
-    span = (end - dev[0]["ts"]) / 1e3 if dev else 0.0
-    head = f"idle gaps >= {min_us:.0f} us: {len(gaps)}, {total / 1e3:.2f} ms in all, of {span:.2f} ms from the first kernel to the last"
-    return [head] + [t for _, t in gaps[:top]]
+    return gpu_gaps(trace, top, min_us)
 
 
 def profile_row(name: str, top: int) -> str:

@@ -7,6 +7,8 @@ since each start costs a few seconds.
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import signal
 import subprocess
@@ -372,6 +374,41 @@ def test_pipelined_pushes_keep_every_frame(tiny4, reference, devices):
         s.close()
         with pytest.raises(RuntimeError, match="closed"):
             s.push(frames[:4], list(range(4)))
+
+
+def test_each_rank_profiles_a_window_of_forwards_from_the_inside(tiny4, tmp_path):
+    """profile_ranks(): every rank writes its own trace and summary of the next forwards once the
+    forward after the window reaches it; the stream goes on meanwhile."""
+    with StreamEngine.create(EngineOptions(model=tiny4, device="cpu:2", **SIZE, parallel=dict(rebalance=False))) as e:
+        s = e.open_session("a cat", StreamParams(steps=1))
+        frames = video(29)
+        out = s.push(frames[:5], list(range(5)))
+        e.profile_ranks(str(tmp_path), 2)
+        for i in range(5, 29, 4):
+            out += s.push(frames[i : i + 4], list(range(i, i + 4)))
+        out += s.flush()
+        assert len(out) == 29
+        deadline = time.monotonic() + 30
+        while not all((tmp_path / f"rank{r}.txt").exists() for r in (0, 1)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    for r in (0, 1):
+        assert (tmp_path / f"rank{r}.txt").read_text().startswith(f"rank {r} on cpu: 2 forwards profiled")
+        trace = json.loads(gzip.decompress((tmp_path / f"rank{r}.json.gz").read_bytes()))
+        assert any(ev.get("cat") == "cpu_op" for ev in trace["traceEvents"])
+
+
+def test_gpu_gaps_finds_idle_time_and_what_the_host_did():
+    from engine.parallel.profiling import gpu_gaps, stream_busy
+
+    trace = [dict(cat="kernel", name="gemm", ts=0.0, dur=100.0, tid=7),
+             dict(cat="kernel", name="copy", ts=50.0, dur=10.0, tid=9),  # inside the gemm: no gap
+             dict(cat="cuda_runtime", name="cudaStreamSynchronize", ts=90.0, dur=400.0),
+             dict(cat="kernel", name="decode", ts=500.0, dur=50.0, tid=7)]
+    head, gap = gpu_gaps(trace, top=5)
+    assert head.startswith("idle gaps >= 30 us: 1, 0.40 ms in all, of 0.55 ms")
+    assert "400.0 us before 'decode'" in gap and "cudaStreamSynchronize" in gap
+    busy = stream_busy(trace)
+    assert busy[0].startswith("stream 7: 0.15 ms in 2 kernels") and busy[1].startswith("stream 9: 0.01 ms in 1")
 
 
 def test_frame_0_alone_then_a_flush_gives_the_frame_of_one_process(tiny4, single):

@@ -452,6 +452,15 @@ class ParallelEngine:
         self._check()
         self._command(P.ConfigureCmd(rebalance=enabled))
 
+    def profile_ranks(self, directory: str, forwards: int) -> None:
+        """Every rank profiles its part of the next `forwards` forwards and writes rank{r}.json.gz (a Chrome
+        trace) and rank{r}.txt (its GPU's busy time per stream and idle gaps) into `directory` once the
+        forward after the window reaches it (engine.parallel.profiling)."""
+        self._check()
+        if forwards < 1:
+            raise ValueError("profile at least one forward")
+        self._command(P.ConfigureCmd(profile=(os.path.abspath(directory), forwards)))
+
     def measure_hop(self, nbytes: int, repeats: int = 10) -> float:
         """Median ms of one hop for a payload of `nbytes` (ring round trips / ranks); run it when idle."""
         self._check()

@@ -56,6 +56,7 @@ class RebalanceCmd:
 @dataclass
 class ConfigureCmd:
     rebalance: Optional[bool] = None
+    profile: Optional[tuple[str, int]] = None  # (directory, forwards): engine.parallel.profiling
 
 
 @dataclass

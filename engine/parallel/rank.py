@@ -46,6 +46,7 @@ from engine.parallel.balance import BlockScheduler, Move, apply_move, even_split
 from engine.parallel.devices import RankDevices
 from engine.parallel.driver import AwaitRows, DriverSession, Emit, Failure, NeedCommand, Submit
 from engine.parallel.options import ParallelOptions
+from engine.parallel.profiling import RankProfiler
 from engine.parallel.slo import BatchScheduler
 from engine.parallel.stage import Group, Stage
 from engine.parallel.timing import ForwardTimes, StageClock
@@ -112,6 +113,7 @@ class RankBase:
         self.rope = Rope(self.cfg.dit.head_dim, self.device)
         self.stage = Stage(dit, self.rope, self.defaults, self.device, self.dtype, layers)
         self.clock = StageClock(self.device)
+        self.profiler = RankProfiler(self.rank, self.device)
         self.renoise_source = KeyedNoise(0, 0, self.device, self.dtype)  # re-seeded per group (last rank)
         self.layout = layout
         parts = [", VAE" if self.vae is not None else "", ", text encoder" if self.first else "",
@@ -197,6 +199,8 @@ class RankBase:
             self.stage.prepare_prime(h["sid"], h["frames"])
         elif kind == "close":
             self.stage.close(h["sid"])
+        elif kind == "prof":
+            self.profiler.arm(h["dir"], h["from"], h["count"])
         elif kind == "reb":
             self.on_rebalance(msg)
             return
@@ -223,6 +227,7 @@ class RankBase:
 
     def on_forward(self, msg: Message) -> None:
         h, t = msg.header, msg.tensors
+        self.profiler.forward(h["fid"])
         groups: list[Group] = h["groups"]
         emb = Embedded(t["tokens"], t["e"], t["e6"], tuple(h["grid"]))  # type: ignore[arg-type]
         times = ForwardTimes(h["fid"])
@@ -463,6 +468,9 @@ class Rank0(RankBase):
                 if cmd.rebalance is not None:
                     self.balancer.enabled = cmd.rebalance
                     self._stats_dirty = True
+                if cmd.profile is not None:
+                    directory, count = cmd.profile
+                    self._emit(Message("prof", {"dir": directory, "from": self.next_fid, "count": count}))
             elif isinstance(cmd, P.PingCmd):
                 self._ping(cmd)
             elif isinstance(cmd, P.StopCmd):
@@ -532,6 +540,7 @@ class Rank0(RankBase):
         chosen.sort(key=lambda p: p[0])
         fid = self.next_fid
         self.next_fid += 1
+        self.profiler.forward(fid)
         groups = [s.group for _, s in chosen]
         xs = [s.x for _, s in chosen]
         times = ForwardTimes(fid)
@@ -756,6 +765,11 @@ def rank_main(spec: RankSpec, events: Any, commands: Any, ppid: Optional[int]) -
             os._exit(1)
         raise
     finally:
+        if r is not None:
+            try:
+                r.profiler.finish()
+            except Exception as exc:  # a profile is a diagnostic: it never masks how the rank ended
+                log.warning("rank %d: profile not written: %s", spec.rank, exc)
         if r is not None and r.stopped:
             r.close()
     log.info("rank %d stopped", spec.rank)
