@@ -1,6 +1,6 @@
 """A rank's own profile of a window of forwards, taken inside its process (where its GPU work is queued).
 
-`PipelineEngine.profile_ranks(directory, forwards)` sends a "prof" message round the ring; each rank then
+`ParallelEngine.profile_ranks(directory, forwards)` sends a "prof" message round the ring; each rank then
 runs torch.profiler over its part of the next `forwards` forwards and writes, into `directory`:
 - `rank{r}.json.gz`: the Chrome trace (chrome://tracing, Perfetto);
 - `rank{r}.txt`: the GPU's busy time per CUDA stream over the window and its idle gaps (no kernel on any
@@ -79,7 +79,10 @@ class RankProfiler:
         """Called as forward `fid` starts on this rank (forwards arrive in ring order)."""
         if self.directory is None:
             return
-        if self._prof is None and self.first <= fid < self.first + self.count:
+        if self._prof is None and fid >= self.first + self.count:  # the window passed unseen: disarm
+            self.directory = None
+            return
+        if self._prof is None and self.first <= fid:
             from torch.profiler import ProfilerActivity, profile
 
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
