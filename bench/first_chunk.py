@@ -96,8 +96,9 @@ def warmed_up(spec: dict, device: str):
 
 def pipeline_first_frame(engine, video, profile_gaps: int = 0) -> tuple[float, list[str]]:
     """The pipeline-parallel engine (a ring of one, its rank 0 a thread of this process): ms from the
-    push of a fresh stream's frames 1-4 (frame 0 went 4/30 s before) to its first output frame, and with `profile_gaps`, the GPU's idle
-    gaps over that time (what the host, in the rank's thread or the caller's, did meanwhile)."""
+    push of a fresh stream's frames 1-4 (frame 0 went 4/30 s before) to its first output frame, and with
+    `profile_gaps`, the GPU's idle gaps over that time (what the host, in the rank's thread or the
+    caller's, did meanwhile)."""
     from bench.profile_stages import idle_gaps
 
     s = engine.open_session(PROMPT)

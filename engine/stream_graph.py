@@ -34,6 +34,8 @@ def capture_error_mode() -> str:
     import torch.distributed as dist
 
     return "thread_local" if dist.is_available() and dist.is_initialized() else "global"
+
+
 StepFn = Callable[[torch.Tensor, Cache], torch.Tensor]
 
 

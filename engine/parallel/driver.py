@@ -76,6 +76,8 @@ class _FrameZero(NamedTuple):
     video: torch.Tensor  # [1, 3, 1, H, W], for the first chunk's motion measure
     latent: torch.Tensor
     pts: Any
+
+
 Driver = Generator[Wait, Any, None]
 
 

@@ -31,7 +31,7 @@ def gpu_gaps(trace: list[dict], top: int, min_us: float = 30.0) -> list[str]:
     dev = sorted((e for e in trace if e.get("cat") in DEVICE_CATS and "dur" in e), key=lambda e: e["ts"])
     if not dev:
         return ["no device activity in the trace"]
-    host = sorted((e for e in trace if e.get("cat") in HOST_CATS and "dur" in e), key=lambda e: e["ts"])
+    host = [e for e in trace if e.get("cat") in HOST_CATS and "dur" in e]
     gaps, start, end = [], dev[0]["ts"], dev[0]["ts"] + dev[0]["dur"]
     for e in dev[1:]:
         if e["ts"] - end >= min_us:

@@ -770,6 +770,6 @@ def rank_main(spec: RankSpec, events: Any, commands: Any, ppid: Optional[int]) -
                 r.profiler.finish()
             except Exception as exc:  # a profile is a diagnostic: it never masks how the rank ended
                 log.warning("rank %d: profile not written: %s", spec.rank, exc)
-        if r is not None and r.stopped:
-            r.close()
+            if r.stopped:
+                r.close()
     log.info("rank %d stopped", spec.rank)
