@@ -13,13 +13,14 @@ from aiohttp import web
 from interface.controls import StreamUpdate
 from interface.messages import WorkerOptions
 from server import outputs_api, whip
-from server.auth import token_middleware
+from server.auth import authorize, token_middleware
 from server.config import ServerConfig, worker_options
 from server.engine_client import EngineUnavailable
 from server.errors import ApiError
+from server.guard import HostPolicy, OriginPolicy, guard_middleware
 from server.http import cors_middleware, json_errors, json_response, preflight, read_json
 from server.prometheus import CONTENT_TYPE
-from server.schemas import OfferRequest, OfferResponse, SessionList
+from server.schemas import IceServerList, OfferRequest, OfferResponse, SessionList
 from server.session import ControlRejected
 from server.signaling import accept_offer
 from server.state import STATE, AppState
@@ -81,6 +82,17 @@ async def delete_session(request: web.Request) -> web.Response:
 
 async def info(request: web.Request) -> web.Response:
     return json_response(request.app[STATE].server_info())
+
+
+async def ice_servers(request: web.Request) -> web.Response:
+    """The STUN/TURN servers for the caller's next peer connection, with TURN credentials
+    (minted per call with --turn-secret): for authenticated callers only, whatever the token scope."""
+    config = request.app[STATE].config
+    if config.token is not None:
+        authorize(config.token, request.headers.get("Authorization"), request.remote)
+    servers = config.ice_for_peer()
+    return json_response(IceServerList(ice_servers=[s.model_dump(exclude_none=True) for s in servers]),
+                         headers={"Cache-Control": "no-store"})
 
 
 async def pipeline(request: web.Request) -> web.Response:
@@ -216,7 +228,8 @@ def create_app(
     web_root: Path = WEB_ROOT,
     camera_opener: CameraOpener = open_camera,
 ) -> web.Application:
-    middlewares = [cors_middleware(config.cors_origins), json_errors, token_middleware(config.token, config.token_scope)]
+    guard = guard_middleware(HostPolicy(config.host, config.public_hosts), OriginPolicy(config.cors_origins))
+    middlewares = [cors_middleware(config.cors_origins), json_errors, guard, token_middleware(config.token, config.token_scope)]
     max_body = max(config.max_body_bytes, config.max_sdp_bytes + 4096)  # an /api/offer carries SDP in JSON
     app = web.Application(middlewares=middlewares, client_max_size=max_body)
     app[STATE] = AppState(config, options or worker_options(config), web_root, camera_opener)
@@ -224,6 +237,7 @@ def create_app(
     app.cleanup_ctx.append(_engine_lifecycle)
     app.router.add_post("/api/offer", offer)
     app.router.add_get("/api/info", info)
+    app.router.add_get("/api/ice-servers", ice_servers)
     app.router.add_get("/api/pipeline", pipeline)
     app.router.add_get("/api/sessions", list_sessions)
     app.router.add_get("/api/sessions/{session_id}", get_session)

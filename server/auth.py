@@ -67,6 +67,15 @@ def authorize(token: Optional[SecretStr], authorization: Optional[str], remote: 
         )
 
 
+def is_authenticated(token: Optional[SecretStr], authorization: Optional[str]) -> bool:
+    """Whether the caller may be handed secrets such as TURN credentials: it carries the token,
+    or the server has none (it then listens on loopback, or was told --allow-anonymous)."""
+    if token is None:
+        return True
+    given = bearer(authorization)
+    return given is not None and hmac.compare_digest(given.encode(), token.get_secret_value().encode())
+
+
 PROTECTED_PREFIXES = ("/api/", "/whip", "/whep", "/metrics")
 PUBLIC_PATHS = frozenset({"/api/info"})
 

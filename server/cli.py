@@ -24,7 +24,8 @@ def _announce_ingest(config: ServerConfig) -> None:
     else:
         log.info("WHIP ingest at /whip: Bearer token required")
     for server in config.ice_servers:
-        log.info("ICE server %s%s", server.public_url(), " (with credentials)" if server.username else "")
+        how = " (with credentials)" if server.username else " (credentials minted per peer)" if server.is_turn else ""
+        log.info("ICE server %s%s", server.public_url(), how)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

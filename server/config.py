@@ -15,12 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from engine.config import DECODERS, ConfigError, Decoder, decoder_problem, load_model_config  # torch-free by contract
 from interface.controls import MAX_PROMPT_CHARS
 from interface.messages import DEVICE_PATTERN, WorkerOptions
-from server.ice import IceServer
+from server.ice import IceServer, check_turn_credentials, servers_for_peer
 
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
 TOKEN_ENV = "STREAM_TOKEN"
+TURN_SECRET_ENV = "STREAM_TURN_SECRET"
 
 
 class ServerConfig(BaseModel):
@@ -56,6 +57,11 @@ class ServerConfig(BaseModel):
     ice_servers: list[IceServer] = Field(
         default_factory=list, description="STUN/TURN servers for every peer (server, page, WHIP/WHEP clients)"
     )
+    turn_secret: Optional[SecretStr] = Field(
+        None, description="TURN REST shared secret (coturn use-auth-secret): each peer gets its own time-limited "
+                          "credentials for TURN servers given without them"
+    )
+    turn_ttl_s: int = Field(86400, ge=60, le=7 * 86400, description="how long minted TURN credentials stay valid")
     token: Optional[SecretStr] = Field(
         None, description="Bearer token for WHIP ingest and outputs; None: those are open to loopback clients only"
     )
@@ -75,6 +81,11 @@ class ServerConfig(BaseModel):
     allow_anonymous: bool = Field(False, description="listen on a non-loopback address without a token")
     cors_origins: list[str] = Field(
         default_factory=list, description="origins allowed to call the API/WHIP/WHEP from pages ('*': any); none: same origin only"
+    )
+    public_hosts: list[str] = Field(
+        default_factory=list,
+        description="host names the server answers to besides loopback names and its own addresses, e.g. the name "
+                    "of a reverse proxy ('*': any, which gives up the DNS-rebinding check)",
     )
     # -- admission and limits --
     target_fps: float = Field(12.0, gt=0.0, le=120.0, description="frame rate each session must keep (its chunk budget)")
@@ -103,6 +114,15 @@ class ServerConfig(BaseModel):
         if problem:
             raise ValueError(problem)
         return self
+
+    @model_validator(mode="after")
+    def _check_turn(self) -> "ServerConfig":
+        check_turn_credentials(self.ice_servers, self.turn_secret is not None)
+        return self
+
+    def ice_for_peer(self, tag: Optional[str] = None) -> list[IceServer]:
+        """The STUN/TURN servers one peer connection uses, TURN credentials minted where needed."""
+        return servers_for_peer(self.ice_servers, self.turn_secret, self.turn_ttl_s, tag)
 
 
 def resolve_model(config: ServerConfig) -> tuple[str, Optional[Path]]:
@@ -181,6 +201,14 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
         "--ice-server", dest="ice_servers", action="append", metavar="URL",
         help="STUN/TURN server, repeatable: stun:host:port or turn:USER:PASSWORD@host:port?transport=udp",
     )
+    parser.add_argument(
+        "--turn-secret", dest="turn_secret", metavar="SECRET",
+        help=f"TURN REST shared secret (coturn use-auth-secret; default: ${TURN_SECRET_ENV}): TURN servers given "
+             "without credentials get time-limited ones per peer",
+    )
+    parser.add_argument("--public-host", dest="public_hosts", action="append", metavar="NAME",
+                        help="a host name clients reach the server by (a reverse proxy's, a LAN name), repeatable; "
+                             "requests for other names are refused (DNS rebinding); '*': any")
     parser.add_argument("--token-scope", dest="token_scope", choices=("all", "publish"),
                         help="all (default): the token guards the API, WHIP and WHEP; publish: only WHIP and outputs")
     parser.add_argument("--allow-anonymous", dest="allow_anonymous", action="store_true", default=None,
@@ -202,6 +230,8 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
     data = _read_file(args.config) if args.config else {}
     if os.environ.get(TOKEN_ENV):  # the environment beats the file, the command line beats both
         data["token"] = os.environ[TOKEN_ENV]
+    if os.environ.get(TURN_SECRET_ENV):
+        data["turn_secret"] = os.environ[TURN_SECRET_ENV]
     overrides = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
     data.update(overrides)
     try:

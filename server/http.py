@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Awaitable, Callable, Optional, TypeVar
+from typing import Any, Awaitable, Callable, Optional, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -21,7 +21,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # RFC 9725 §4.7: WHIP/WHEP are called from pages of other origins (and by OBS, which ignores
 # CORS). Which origins may is configured (`cors_origins`, '*' for any); none: same origin only.
 CORS_PREFIXES = ("/whip", "/whep", "/api/")
-FORM_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"})
+JSON_TYPE = "application/json"
 EXPOSED_HEADERS = "Location, ETag, Link, Accept-Post, Accept-Patch, WWW-Authenticate, Allow"
 
 
@@ -36,12 +36,25 @@ def error_response(status: int, message: str, details: Optional[list] = None,
     return json_response(ErrorBody(error=message, details=details), status, exclude_none=True, headers=headers)
 
 
-async def read_json(request: web.Request, model: type[M]) -> M:
-    """The request body as `model`: 400 when it is not JSON, 422 when it does not validate."""
-    if request.content_type in FORM_TYPES:  # what a cross-site page may post without a CORS preflight
-        raise ApiError(415, "the body must be sent as Content-Type: application/json")
+def parse_json(text: bytes | str) -> Any:
+    """JSON from a client: ValueError for anything that is not plain JSON, nesting too deep for
+    the parser (RecursionError) and NaN/Infinity included."""
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
     try:
-        data = json.loads(await request.read())
+        return json.loads(text, parse_constant=no_constants)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+async def read_json(request: web.Request, model: type[M]) -> M:
+    """The request body as `model`: 415 unless it is sent as JSON (a cross-site page can send
+    other types without a CORS preflight), 400 when it is not JSON, 422 when it does not validate."""
+    if request.content_type != JSON_TYPE and not request.content_type.endswith("+json"):
+        raise ApiError(415, f"the body must be sent as Content-Type: {JSON_TYPE}")
+    try:
+        data = parse_json(await request.read())
     except ValueError as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
     try:

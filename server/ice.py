@@ -7,16 +7,26 @@ front of the host because TURN URIs (RFC 7065) have no user part, and one flag p
 a shell script can carry. Percent-encode a ':' or '@' inside the user name or password (TURN REST
 user names look like `1700000000:alice`, so `1700000000%3Aalice`). A config file may also give
 the mapping form `{urls: [...], username: ..., credential: ...}`.
+
+With a shared secret (`--turn-secret`, coturn's `use-auth-secret`) TURN URLs carry no credentials:
+each peer is handed its own time-limited pair (the TURN REST scheme: username `EXPIRY:TAG`,
+password base64(HMAC-SHA1(secret, username))), and the secret never leaves the server.
+Credentials of either kind go only to authenticated callers (docs/RELIABILITY.md, "ICE servers").
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import re
+import secrets
+import time
 from typing import Any, Optional
 from urllib.parse import unquote
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 _URL = re.compile(r"^(?P<scheme>stuns?|turns?):(?:(?P<user>[^:@/]*):(?P<password>[^@/]*)@)?(?P<rest>[^@\s]+)$")
 
@@ -49,14 +59,60 @@ class IceServer(BaseModel):
         return urls
 
     @model_validator(mode="after")
-    def _turn_needs_credentials(self) -> "IceServer":
-        if any(u.startswith("turn") for u in self.urls) and (self.username is None or self.credential is None):
-            raise ValueError("a TURN server needs a username and a credential (turn:USER:PASSWORD@host:port)")
+    def _credentials_in_pairs(self) -> "IceServer":
+        if (self.username is None) != (self.credential is None):
+            raise ValueError("give both a username and a credential, or neither")
         return self
+
+    @property
+    def is_turn(self) -> bool:
+        return any(u.startswith("turn") for u in self.urls)
+
+    @property
+    def is_public(self) -> bool:
+        """Whether anyone may be shown this server: it carries no credentials and needs none."""
+        return not self.is_turn and self.username is None
 
     def public_url(self) -> str:
         """The first URL, for logs (no credentials)."""
         return self.urls[0]
+
+
+def check_turn_credentials(servers: list[IceServer], have_secret: bool) -> None:
+    """A TURN server needs its own credentials or a shared secret to mint them from."""
+    for server in servers:
+        if server.is_turn and server.username is None and not have_secret:
+            raise ValueError(
+                f"the TURN server {server.public_url()} needs credentials (turn:USER:PASSWORD@host:port) "
+                "or a shared secret (--turn-secret)"
+            )
+
+
+def turn_rest_credentials(secret: str, ttl_s: int, tag: str, now: Optional[float] = None) -> tuple[str, str]:
+    """The TURN REST scheme's (username, password), valid for `ttl_s` seconds from `now`."""
+    username = f"{int(time.time() if now is None else now) + ttl_s}:{tag}"
+    digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+    return username, base64.b64encode(digest).decode()
+
+
+def servers_for_peer(servers: list[IceServer], secret: Optional[SecretStr], ttl_s: int,
+                     tag: Optional[str] = None) -> list[IceServer]:
+    """The servers as one peer uses them: TURN servers without credentials get a fresh
+    time-limited pair minted from `secret` (tagged `tag`, random by default)."""
+    out = []
+    for server in servers:
+        if server.is_turn and server.username is None and secret is not None:
+            username, password = turn_rest_credentials(
+                secret.get_secret_value(), ttl_s, tag or secrets.token_hex(6)
+            )
+            server = server.model_copy(update={"username": username, "credential": password})
+        out.append(server)
+    return out
+
+
+def public_servers(servers: list[IceServer]) -> list[IceServer]:
+    """What an unauthenticated caller may see: servers that carry and need no credentials."""
+    return [s for s in servers if s.is_public]
 
 
 def parse_ice_url(text: str) -> dict[str, Any]:

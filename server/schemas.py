@@ -137,6 +137,12 @@ class SessionList(BaseModel):
     sessions: list[SessionInfo]
 
 
+class IceServerList(BaseModel):
+    """The STUN/TURN servers for one peer connection, TURN credentials included."""
+
+    ice_servers: list[dict[str, Any]]
+
+
 class ServerInfo(BaseModel):
     """What the page needs before it starts: the model, and whether its output is meaningful."""
 
@@ -153,8 +159,11 @@ class ServerInfo(BaseModel):
     default_prompt: str
     output_size: str
     ice_servers: list[dict[str, Any]] = Field(
-        default_factory=list, description="RTCIceServer dicts for the pages' peer connections"
+        default_factory=list,
+        description="RTCIceServer dicts that need no credentials (STUN); the full list, TURN included, "
+                    "is at GET /api/ice-servers for authenticated callers",
     )
+    turn: bool = Field(False, description="TURN servers are configured (credentials from GET /api/ice-servers)")
     whip_token_required: bool = False
     token_required: bool = Field(False, description="the API and WHEP need `Authorization: Bearer TOKEN`")
     virtual_camera: bool = False

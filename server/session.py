@@ -4,7 +4,6 @@ over the `control` data channel, stats pushed back once a second."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -25,6 +24,7 @@ from server.config import ServerConfig
 from server.egress import SessionEgress
 from server.engine_client import EngineClient, EngineUnavailable
 from server.errors import validation_details
+from server.http import parse_json
 from server.imaging import output_size, to_model_rgb, to_output_frame
 from server.metrics import ServerMetrics, SessionMetrics
 from server.pacing import CLOCK_RATE, PtsPacer
@@ -439,7 +439,7 @@ class Session:
             self._send_channel(ChannelError(error="control messages are JSON text"))
             return
         try:
-            data = json.loads(message)
+            data = parse_json(message)
         except ValueError as exc:
             self._send_channel(ChannelError(error=f"not JSON: {exc}"))
             return

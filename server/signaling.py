@@ -38,8 +38,9 @@ async def open_session(
     """A new session from an SDP offer. Raises ApiError (4xx/5xx) and leaves nothing open when it fails."""
     if ctx.engine.state != "ready":
         raise ApiError(503, f"the engine is {ctx.engine.state}" + (f": {ctx.engine.error}" if ctx.engine.error else ""))
-    pc = peer_connection(ctx.config.ice_servers)
-    session = Session(uuid.uuid4().hex, ctx, pc, prompt, params, kind=kind)
+    session_id = uuid.uuid4().hex
+    pc = peer_connection(ctx.config.ice_for_peer(session_id))
+    session = Session(session_id, ctx, pc, prompt, params, kind=kind)
     try:
         await _set_offer(pc, sdp)
         if not session.has_video:
@@ -63,7 +64,7 @@ async def accept_viewer(ctx: SessionContext, session: Session, sdp: str) -> tupl
     egress = session.egress
     if len(egress.viewers) + egress.joining >= ctx.config.max_viewers:
         raise ApiError(503, f"session {session.id} has its maximum of {ctx.config.max_viewers} viewers")
-    pc = peer_connection(ctx.config.ice_servers)
+    pc = peer_connection(ctx.config.ice_for_peer())
     track = egress.sender_track()
     viewer = Viewer(uuid.uuid4().hex, pc, track, f'"{uuid.uuid4().hex}"')
     # A viewer that also sends (sendrecv) is answered, and what it sends is read and dropped.

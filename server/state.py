@@ -13,6 +13,7 @@ from interface.messages import WorkerOptions
 from server.config import ServerConfig
 from server.engine_client import EngineClient
 from server.errors import ApiError
+from server.ice import public_servers
 from server.metrics import ServerMetrics
 from server.prometheus import Gauge
 from server.schemas import ServerInfo
@@ -141,7 +142,8 @@ class AppState:
             sessions=len(self.sessions),
             default_prompt=self.config.default_prompt,
             output_size=self.config.output_size,
-            ice_servers=[s.model_dump(exclude_none=True) for s in self.config.ice_servers],
+            ice_servers=[s.model_dump(exclude_none=True) for s in public_servers(self.config.ice_servers)],
+            turn=any(s.is_turn for s in self.config.ice_servers),
             whip_token_required=self.config.token is not None,
             token_required=self.config.token is not None and self.config.token_scope == "all",
             virtual_camera=self.virtual_camera is not None,

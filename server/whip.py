@@ -20,10 +20,10 @@ from multidict import CIMultiDict
 from pydantic import ValidationError
 
 from interface.controls import MAX_PROMPT_CHARS, StreamParams
-from server.auth import authorize
+from server.auth import authorize, is_authenticated
 from server.errors import ApiError, validation_details
 from server.http import preflight
-from server.ice import link_headers
+from server.ice import link_headers, public_servers
 from server.session import Session
 from server.signaling import accept_viewer, open_session
 from server.state import STATE, AppState
@@ -66,9 +66,15 @@ def session_options(request: web.Request, default_prompt: str,
         raise ApiError(422, "invalid session parameters in the WHIP URL", validation_details(exc)) from None
 
 
-def sdp_created(state: AppState, sdp: str, location: str, etag: str) -> web.Response:
+def sdp_created(request: web.Request, sdp: str, location: str, etag: str) -> web.Response:
+    """201 with the answer, and the ICE servers as Link headers: TURN credentials only to a
+    caller that proved it may have them (WHEP can be open with --token-scope publish)."""
+    config = request.app[STATE].config
     headers = CIMultiDict({"Location": location, "ETag": etag, "Content-Type": SDP})
-    for link in link_headers(state.config.ice_servers):
+    servers = config.ice_for_peer()
+    if not is_authenticated(config.token, request.headers.get("Authorization")):
+        servers = public_servers(servers)
+    for link in link_headers(servers):
         headers.add("Link", link)
     return web.Response(status=201, text=sdp, headers=headers)
 
@@ -88,7 +94,7 @@ async def whip_publish(request: web.Request) -> web.Response:
     finally:
         state.opening -= 1
     state.add_session(session)
-    return sdp_created(state, answer.sdp, f"/whip/{session.id}", session.etag)
+    return sdp_created(request, answer.sdp, f"/whip/{session.id}", session.etag)
 
 
 def _whip_session(state: AppState, session_id: str) -> Session:
@@ -128,7 +134,7 @@ async def whep_watch(request: web.Request) -> web.Response:
     session = state.session(request.match_info["session_id"])
     sdp = await read_sdp(request)
     viewer, answer = await accept_viewer(state.context, session, sdp)
-    return sdp_created(state, answer.sdp, f"/whep/{session.id}/{viewer.id}", viewer.etag)
+    return sdp_created(request, answer.sdp, f"/whep/{session.id}/{viewer.id}", viewer.etag)
 
 
 async def whep_end(request: web.Request) -> web.Response:

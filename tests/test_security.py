@@ -255,6 +255,23 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=10,
 )
+# What a parser chokes on: nesting deeper than its recursion limit, integers longer than Python
+# converts, NaN/Infinity, and the encodings JSON may come in (and broken ones).
+hostile_json = st.one_of(
+    st.integers(1, 200_000).map(lambda n: "[" * n),
+    st.integers(1, 60_000).map(lambda n: '{"prompt":' * n),
+    st.integers(900, 20_000).map(lambda n: "[" * n + "]" * n),
+    st.integers(300, 20_000).map(lambda n: "9" * n),
+    st.integers(300, 5000).map(lambda n: '{"seed": 1' + "0" * n + "}"),
+    st.sampled_from(["NaN", "-Infinity", "1e999", '{"noise_strength": NaN}', '{"steps": 1e400}',
+                     '{"sdp": "v=0", "type": "offer", "params": {"seed": -1e999}}']),
+)
+encodings = st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-16-be", "utf-32", "latin-1"])
+hostile_bodies = st.one_of(
+    hostile_json.map(str.encode),
+    st.tuples(json_values, encodings).map(lambda ve: json.dumps(ve[0], ensure_ascii=False).encode(ve[1], "replace")),
+    st.binary(max_size=64).map(lambda b: b"\xff\xfe" + b),
+)
 update_fields = ["prompt", "transition_chunks", "steps", "noise_strength", "seed", "motion_control", "reset", "type"]
 
 
@@ -291,6 +308,7 @@ def test_fuzz_offers(sserver: ServerProcess, request_: Http, offer_sdp: str) -> 
     @FUZZ
     @given(body=st.one_of(
         st.binary(max_size=300),
+        hostile_bodies,
         json_values.map(lambda v: json.dumps(v).encode()),
         st.fixed_dictionaries(
             {"sdp": st.one_of(st.text(max_size=200), mutated_sdp(offer_sdp)), "type": st.sampled_from(["offer", "answer", ""])},
@@ -314,7 +332,8 @@ def test_fuzz_whip_and_whep(sserver: ServerProcess, request_: Http, offer_sdp: s
 
     @FUZZ
     @given(
-        sdp=st.one_of(st.binary(max_size=300), mutated_sdp(offer_sdp).map(str.encode)),
+        sdp=st.one_of(st.binary(max_size=300), mutated_sdp(offer_sdp).map(str.encode), hostile_bodies,
+                      st.tuples(mutated_sdp(offer_sdp), encodings).map(lambda se: se[0].encode(se[1], "replace"))),
         query=st.dictionaries(st.sampled_from(["prompt", "steps", "noise_strength", "seed", "motion_control", "x"]),
                               st.text(max_size=30), max_size=3),
         where=st.sampled_from(["/whip", "/whep/latest", "/whep/0123"]),
@@ -344,11 +363,12 @@ def test_fuzz_patch_controls(sserver: ServerProcess, request_: Http, offer_sdp: 
 
     @FUZZ
     @given(body=st.one_of(
-        st.dictionaries(st.sampled_from(update_fields + ["bogus"]), json_values, max_size=4).map(json.dumps),
-        st.text(max_size=100),
+        st.dictionaries(st.sampled_from(update_fields + ["bogus"]), json_values, max_size=4).map(json.dumps).map(str.encode),
+        st.text(max_size=100).map(str.encode),
+        hostile_bodies,
     ))
-    def check(body: str) -> None:
-        status, _, text = request_("PATCH", f"/api/sessions/{sid}", body.encode(),
+    def check(body: bytes) -> None:
+        status, _, text = request_("PATCH", f"/api/sessions/{sid}", body,
                                    {"Content-Type": "application/json", **AUTH})
         seen[status] = seen.get(status, 0) + 1
         assert status in (200, 400, 422, 429), (status, text)
@@ -360,6 +380,36 @@ def test_fuzz_patch_controls(sserver: ServerProcess, request_: Http, offer_sdp: 
     finally:
         request_("DELETE", f"/api/sessions/{sid}", headers=AUTH)
     print(f"[reliability] fuzzed PATCH: {sum(seen.values())} requests, statuses {sorted(seen.items())}")
+
+
+def test_fuzz_outputs(sserver: ServerProcess, request_: Http, offer_sdp: str) -> None:
+    """Output requests (they start encoders and write files): never a 5xx, nothing started by
+    a body that is not a valid request."""
+    status, _, body = request_("POST", "/api/offer", json.dumps({"sdp": offer_sdp, "type": "offer"}),
+                               {"Content-Type": "application/json", **AUTH})
+    assert status == 200, body
+    sid = json.loads(body)["session_id"]
+    seen: dict[int, int] = {}
+    output_fields = st.fixed_dictionaries({"kind": st.sampled_from(["record", "restream", "virtual_camera", "x"])},
+                                          optional={"url": json_values, "path": json_values, "bitrate_kbps": json_values})
+
+    @FUZZ
+    @given(body=st.one_of(hostile_bodies, json_values.map(json.dumps).map(str.encode),
+                          output_fields.map(json.dumps).map(str.encode)))
+    def check(body: bytes) -> None:
+        status, headers, text = request_("POST", f"/api/sessions/{sid}/outputs", body,
+                                         {"Content-Type": "application/json", **AUTH})
+        seen[status] = seen.get(status, 0) + 1
+        assert status < 500, (status, text)
+        if status == 201:
+            request_("DELETE", headers["location"], headers=AUTH)
+        alive(sserver, request_)
+
+    try:
+        check()
+    finally:
+        request_("DELETE", f"/api/sessions/{sid}", headers=AUTH)
+    print(f"[reliability] fuzzed outputs: {sum(seen.values())} requests, statuses {sorted(seen.items())}")
 
 
 class _LoopThread:
@@ -415,6 +465,7 @@ def test_fuzz_data_channel_controls(sserver: ServerProcess, request_: Http) -> N
     @given(message=st.one_of(
         st.text(max_size=200),
         st.dictionaries(st.sampled_from(update_fields + ["bogus"]), json_values, max_size=4).map(json.dumps),
+        hostile_json.map(lambda m: m[:60_000]),  # within an SCTP message
     ))
     def check(message: str) -> None:
         runner.run(send_and_wait(message))

@@ -65,7 +65,9 @@ def test_ice_server_urls() -> None:
     assert (turn.username, turn.credential) == ("1700000000:alice", "p@ss")
     mapping = IceServer.model_validate({"urls": "turns:turn.example.org:5349", "username": "u", "credential": "c"})
     assert mapping.urls == ["turns:turn.example.org:5349"]
-    for bad in ("http://example.org", "turn:turn.example.org:3478", "stun:", "", {"urls": []}):
+    # A TURN URL alone is valid here: whether it needs credentials depends on --turn-secret (config).
+    assert IceServer.model_validate("turn:turn.example.org:3478").is_turn
+    for bad in ("http://example.org", "stun:", "", {"urls": []}, {"urls": "turn:t.example:1", "username": "u"}):
         with pytest.raises(ValidationError):
             IceServer.model_validate(bad)
 

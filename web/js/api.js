@@ -36,6 +36,13 @@ export async function fetchInfo() {
   return jsonOrThrow(await fetch('/api/info', { cache: 'no-store' }));
 }
 
+// The STUN/TURN servers for one peer connection. TURN credentials are handed to authenticated
+// callers only (short-lived ones with --turn-secret); /api/info lists just the servers that need none.
+export async function fetchIceServers() {
+  const body = await jsonOrThrow(await fetch('/api/ice-servers', { cache: 'no-store', headers: authHeaders() }));
+  return body.ice_servers ?? [];
+}
+
 export async function postOffer(offer) {
   return jsonOrThrow(await fetch('/api/offer', {
     method: 'POST',

@@ -1,7 +1,7 @@
 // The page: camera picker, start/stop, live controls, stats panel and latency plot, and the list of
 // the server's sessions (any of which, e.g. one OBS publishes over WHIP, the controls can drive).
 
-import { authHeaders, fetchInfo, fetchSession, getToken, listSessions, patchSession, setToken } from './api.js';
+import { authHeaders, fetchIceServers, fetchInfo, fetchSession, getToken, listSessions, patchSession, setToken } from './api.js';
 import { LatencyPlot } from './plot.js';
 import { StreamSession } from './rtc.js';
 
@@ -127,7 +127,8 @@ async function start() {
       },
     });
     setStatus('connecting…');
-    const id = await session.start({ camera, prompt: ui.prompt.value, params: currentParams(), iceServers });
+    const servers = await fetchIceServers().catch(() => iceServers); // without TURN if that fails
+    const id = await session.start({ camera, prompt: ui.prompt.value, params: currentParams(), iceServers: servers });
     setStatus(`session ${id.slice(0, 8)} — waiting for the first frames…`);
     ui.stop.disabled = false;
   } catch (err) {

@@ -5,7 +5,7 @@
 // With a server token: the page's stored token (localStorage), or #token=... in the URL (an OBS
 // Browser Source has no other way to get it; a fragment never reaches the server or its logs).
 
-import { authHeaders, setToken } from './api.js';
+import { authHeaders, fetchIceServers, setToken } from './api.js';
 import { WhepViewer } from './whep.js';
 
 const fragment = new URLSearchParams(location.hash.slice(1));
@@ -35,10 +35,14 @@ function say(text) {
 
 async function iceServers() {
   try {
-    const response = await fetch('/api/info', { cache: 'no-store' });
-    return (await response.json()).ice_servers ?? [];
+    return await fetchIceServers();
   } catch {
-    return [];
+    try { // no token yet: the servers that need no credentials
+      const response = await fetch('/api/info', { cache: 'no-store' });
+      return (await response.json()).ice_servers ?? [];
+    } catch {
+      return [];
+    }
   }
 }
 
