@@ -288,14 +288,18 @@ function sessionsNote(text) {
 }
 
 let sessionsTimer = null;
+let sessionsRun = 0; // a refresh started by a new token supersedes the one in flight
 async function refreshSessions() {
+  const run = ++sessionsRun;
   clearTimeout(sessionsTimer);
   try {
     const { sessions } = await listSessions();
+    if (run !== sessionsRun) return;
     if (sessions.length) ui.sessions.replaceChildren(...sessions.map(sessionRow));
     else sessionsNote('none');
     if (controlled && !sessions.some((s) => s.session_id === controlled)) control(null);
   } catch (err) {
+    if (run !== sessionsRun) return;
     if (err.status === 401 || err.status === 403) {
       sessionsNote(currentToken() ? `the access token was refused (${err.message})` : 'the server needs its access token: enter it above');
     } /* otherwise the badge says when the server is unreachable */
