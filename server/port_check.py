@@ -25,6 +25,8 @@ def port_problem(host: str, port: int) -> Optional[str]:
             try:
                 probe.bind(address)
             except OSError as exc:
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    continue  # that family is not enabled here; asyncio skips it too
                 if exc.errno == errno.EADDRINUSE:
                     return f"port {port} on {host} is already in use (another server running?): choose another with --port"
                 return f"cannot listen on {host}:{port}: {exc.strerror}"
