@@ -2,7 +2,7 @@
 
     python -m engine render --input IN --output OUT.mp4|OUT.npz --prompt TEXT [--model tiny|wan-1.3b|wan-14b]
         [--weights DIR] [--steps N] [--height H --width W] [--devices SPEC] [--seed S]
-        [--decoder wan|taehv] [--taehv-weights taew2_1.pth]
+        [--decoder wan|taehv] [--taehv-weights taew2_1.pth] [--output-size input|model]
 
 --devices: one device (auto, cpu, cuda, cuda:N = GPU N), or pipeline-parallel ranks: cpu:N (N CPU
 ranks), cuda:0,1 (those GPUs, in ring order), cuda*N (the first N GPUs), torchrun (ranks started by
@@ -10,6 +10,9 @@ torchrun, possibly over several nodes; every process runs the same command). See
 
 --decoder taehv: decode latents with the light TAEHV decoder (far less compute, lower fidelity) instead of the
 Wan VAE; with --weights it needs --taehv-weights (taew2_1.pth from the TAEHV project).
+
+--output-size input (default): the model sees a centre crop of each frame at its size, and its output
+is scaled back to the input's size, as the server answers at the camera's; model: as generated.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 from pathlib import Path
 
 from engine.config import DECODERS, ConfigError, decoder_problem, model_names
+from engine.video_io import OUTPUT_SIZES, probe
 
 log = logging.getLogger("engine.render")
 
@@ -35,21 +39,28 @@ def _serving_rank(devices: str) -> bool:
     return devices.strip().lower() == "torchrun" and os.environ.get("RANK", "0") != "0"
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="python -m engine")
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("render", help="restyle a video file offline")
     r.error = ap.error  # type: ignore[method-assign]
-    r.add_argument("--input", required=True, type=Path)
-    r.add_argument("--output", required=True, type=Path)
-    r.add_argument("--prompt", required=True)
-    r.add_argument("--model", default="tiny")
-    r.add_argument("--weights", type=Path)
-    r.add_argument("--steps", type=int)
-    r.add_argument("--height", type=int)
-    r.add_argument("--width", type=int)
-    r.add_argument("--devices", default="auto", help="auto, cpu, cuda, cuda:N, cpu:N, cuda:0,1, cuda*N, torchrun")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--input", required=True, type=Path, help="a video file FFmpeg can read (its first video stream)")
+    r.add_argument("--output", required=True, type=Path,
+                   help="OUT.mp4 (H.264) or OUT.npz (raw uint8 frames under key 'frames', [T, H, W, 3])")
+    r.add_argument("--prompt", required=True, help="what the video becomes, e.g. 'a watercolor painting'")
+    r.add_argument("--model", default="tiny",
+                   help=f"{', '.join(model_names())} or a model YAML (default tiny: random weights, for trying the wiring)")
+    r.add_argument("--weights", type=Path, help="folder holding Wan2.1-T2V-*/ and wan_causal_dmd_v2v*/ (none: random weights)")
+    r.add_argument("--steps", type=int, help="denoising steps, 1..4 (default: the model's)")
+    r.add_argument("--height", type=int, help="model height, a multiple of 16 (with --width; default: the model's)")
+    r.add_argument("--width", type=int, help="model width, a multiple of 16 (with --height; default: the model's)")
+    r.add_argument("--output-size", choices=OUTPUT_SIZES, default="input",
+                   help="input (default): the output scaled back to the input's size, as the server answers at the "
+                        "camera's size; model: as generated (a centre crop of the input at the model's size)")
+    r.add_argument("--devices", default="auto",
+                   help="auto (default), cpu, cuda, cuda:N, or pipeline-parallel ranks: cpu:N, cuda:0,1, cuda*N, "
+                        "torchrun (docs/PARALLEL.md)")
+    r.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     r.add_argument("--decoder", choices=DECODERS, default="wan",
                    help="wan: the Wan VAE decoder; taehv: the light TAEHV decoder (far less compute, lower fidelity)")
     r.add_argument("--taehv-weights", type=Path, help="taew2_1.pth from the TAEHV project, for --decoder taehv")
@@ -57,11 +68,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="forwards between a chunk's denoising steps; with several steps on N ranks, N keeps "
                         "every rank busy (frames equal any engine with the same value)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if _serving_rank(args.devices):
         return args  # a serving rank: RANK 0 reads the input and writes the output
-    if not args.input.is_file():
+    if args.input.is_dir():
+        ap.error(f"--input {args.input}: is a folder; give a video file")
+    if not args.input.exists():
         ap.error(f"--input {args.input}: no such file")
+    try:
+        probe(args.input)  # before the model loads: a file that is not a video is a one-line error
+    except (ValueError, OSError) as exc:
+        ap.error(f"--input {exc}")
     if args.output.suffix not in (".mp4", ".npz"):
         ap.error(f"--output {args.output}: use a .mp4 or .npz file name")
     if not args.output.parent.is_dir():

@@ -7,7 +7,7 @@ import argparse
 from tqdm import tqdm
 
 from engine.runtime import EngineOptions, StreamEngine
-from engine.video_io import VideoWriter, read_frames
+from engine.video_io import VideoWriter, probe, read_frames
 from interface.controls import StreamParams
 
 
@@ -39,7 +39,11 @@ def _render(engine, args: argparse.Namespace) -> int:
     h, w = engine.info.height, engine.info.width
     frames, total, fps = read_frames(args.input, w, h)
     session = engine.open_session(args.prompt, StreamParams(seed=args.seed))
-    writer = VideoWriter(args.output, w, h, fps)
+    if args.output_size == "input":  # the model saw a centre crop; scaled back to the input's size
+        source = probe(args.input)
+        writer = VideoWriter(args.output, source.width, source.height, fps)
+    else:
+        writer = VideoWriter(args.output, w, h, fps)
     written = 0
     with tqdm(total=total or None, unit="frame", disable=args.quiet) as bar:
         for i, frame in enumerate(frames):

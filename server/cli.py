@@ -8,9 +8,11 @@ from typing import Optional
 
 from aiohttp import web
 
+from server.access_log import QuietReadsAccessLogger
 from server.app import create_app
 from server.auth import check_exposure, is_loopback
 from server.config import ServerConfig, parse_args, worker_options
+from server.port_check import port_problem
 from server.virtual_camera import VirtualCameraUnavailable, check_available
 
 log = logging.getLogger("server")
@@ -34,6 +36,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     if refusal:
         print(f"error: {refusal}", file=sys.stderr)
         raise SystemExit(2)
+    busy = port_problem(config.host, config.port)
+    if busy:
+        print(f"error: {busy}", file=sys.stderr)
+        raise SystemExit(2)
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -50,5 +56,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     app = create_app(config, options)
     # SIGINT and SIGTERM: stop listening, then the app's cleanup closes sessions and the engine.
     web.run_app(app, host=config.host, port=config.port, shutdown_timeout=config.drain_timeout_s / 4,
+                access_log_class=QuietReadsAccessLogger,
                 print=lambda msg: log.info("%s", msg.strip()))
     log.info("server stopped")

@@ -63,7 +63,8 @@ class ServerConfig(BaseModel):
     )
     turn_ttl_s: int = Field(86400, ge=60, le=7 * 86400, description="how long minted TURN credentials stay valid")
     token: Optional[SecretStr] = Field(
-        None, description="Bearer token for WHIP ingest and outputs; None: those are open to loopback clients only"
+        None, description="Bearer token; with token_scope all (the default) the API, WHIP, WHEP and /metrics need it, "
+                          "with publish only WHIP and outputs; None: WHIP and outputs are open to loopback clients only"
     )
     max_viewers: int = Field(16, ge=1, le=256, description="WHEP viewers per session (each costs one encoder)")
     max_outputs: int = Field(4, ge=1, le=16, description="recordings and restreams per session")
@@ -195,7 +196,10 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
     parser.add_argument("--config", type=Path, help="YAML or JSON file with ServerConfig fields")
     parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING")
     parser.add_argument(
-        "--token", help=f"Bearer token for WHIP ingest (OBS) and outputs (default: ${TOKEN_ENV}; none: loopback only)"
+        "--token",
+        help=f"Bearer token (default: ${TOKEN_ENV}). With --token-scope all (the default) it guards the API, WHIP, "
+             "WHEP and /metrics; with publish, WHIP ingest and outputs only. None: WHIP and outputs are for loopback "
+             "clients only",
     )
     parser.add_argument(
         "--ice-server", dest="ice_servers", action="append", metavar="URL",
@@ -210,14 +214,15 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
                         help="a host name clients reach the server by (a reverse proxy's, a LAN name), repeatable; "
                              "requests for other names are refused (DNS rebinding); '*': any")
     parser.add_argument("--token-scope", dest="token_scope", choices=("all", "publish"),
-                        help="all (default): the token guards the API, WHIP and WHEP; publish: only WHIP and outputs")
+                        help="all (default): the token guards the API, WHIP, WHEP and /metrics; publish: only WHIP and outputs")
     parser.add_argument("--allow-anonymous", dest="allow_anonymous", action="store_true", default=None,
                         help="allow listening on a non-loopback address without a token")
     parser.add_argument("--cors-origin", dest="cors_origins", action="append", metavar="ORIGIN",
                         help="origin allowed to call the API/WHIP/WHEP from its pages, repeatable ('*': any)")
     parser.add_argument("--max-sessions", dest="max_sessions", type=int, help="sessions at once (default 4)")
     parser.add_argument("--target-fps", dest="target_fps", type=float, help="frame rate a session must keep (default 12)")
-    parser.add_argument("--idle-timeout", dest="idle_timeout_s", type=float, help="seconds without input before a session closes")
+    parser.add_argument("--idle-timeout", dest="idle_timeout_s", type=float, help="seconds without input before a session closes "
+                             f"(default {ServerConfig.model_fields['idle_timeout_s'].default:g})")
     parser.add_argument("--max-session-seconds", dest="max_session_s", type=float, help="longest session (default unlimited)")
     parser.add_argument("--max-viewers", dest="max_viewers", type=int, help="WHEP viewers per session (default 16)")
     parser.add_argument("--recordings-dir", dest="recordings_dir", type=Path, help="folder for recordings (default ./recordings)")

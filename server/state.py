@@ -95,11 +95,10 @@ class AppState:
             raise ApiError(503, f"the server is full ({self.config.max_sessions} sessions)", headers={"Retry-After": "10"})
         load = self.engine_load()
         if load is not None and load[0] > self.config.capacity_headroom * load[1]:
+            running = len([s for s in self.sessions.values() if not s.closed]) + self.opening
             raise ApiError(
                 503,
-                f"the engine is at capacity: with one more session a chunk would need {1000 * load[0]:.0f} ms of "
-                f"engine time, over {100 * self.config.capacity_headroom:.0f}% of the {1000 * load[1]:.0f} ms "
-                f"budget at {self.config.target_fps:g} fps",
+                capacity_message(load[0], load[1], running, self.config.target_fps, self.config.capacity_headroom),
                 headers={"Retry-After": "10"},
             )
 
@@ -152,6 +151,22 @@ class AppState:
     async def close(self) -> None:
         await asyncio.gather(*(s.close("server shutting down") for s in list(self.sessions.values())))
         self._tasks.cancel_all()
+
+
+def capacity_message(need_s: float, budget_s: float, running: int, target_fps: float, headroom: float) -> str:
+    """Why a session is refused, with what the sessions already running get (they may be far over
+    the budget already, e.g. a big model on a small GPU) and what the user can change."""
+    now_s = need_s * running / (running + 1)  # the estimate gives each session the same mean cost
+    budget_ms, fps = 1000 * budget_s, target_fps
+    if now_s > budget_s:
+        load = (f"the {running} running session{'s' if running != 1 else ''} already need{'s' if running == 1 else ''} "
+                f"{1000 * now_s:.0f} ms of engine time per chunk, {now_s / budget_s:.1f}x the {budget_ms:.0f} ms a chunk "
+                f"may take at {fps:g} fps (they get about {fps * budget_s / now_s:.1f} fps)")
+    else:
+        load = (f"with one more session a chunk would need {1000 * need_s:.0f} ms of engine time, over "
+                f"{100 * headroom:.0f}% of the {budget_ms:.0f} ms a chunk may take at {fps:g} fps")
+    return (f"the engine is at capacity: {load}. To make room, end a session, or run at a smaller size "
+            "(--height/--width) or with fewer steps (steps=1); --target-fps sets the frame rate each session must keep")
 
 
 STATE = web.AppKey("state", AppState)

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 SDP = "application/sdp"
 RESOURCE_METHODS = "DELETE, OPTIONS"
+# A page may send PATCH (trickle ICE): the preflight lets it through so that the page sees our
+# 405 and its reason rather than an opaque CORS failure.
+PREFLIGHT_RESOURCE_METHODS = "DELETE, PATCH, OPTIONS"
 
 
 async def read_sdp(request: web.Request) -> str:
@@ -123,7 +126,9 @@ async def whip_options(request: web.Request) -> web.Response:
 
 
 async def resource_options(request: web.Request) -> web.Response:
-    return preflight(RESOURCE_METHODS)
+    response = preflight(RESOURCE_METHODS)
+    response.headers["Access-Control-Allow-Methods"] = PREFLIGHT_RESOURCE_METHODS
+    return response
 
 
 # -- WHEP ------------------------------------------------------------------------------------------------

@@ -321,7 +321,7 @@ def test_cli_renders_both_formats(tmp_path):
     src = tmp_path / "in.mp4"
     write_mp4(src, 14)
     r = cli("render", "--input", str(src), "--output", str(tmp_path / "o.npz"), "--prompt", "a cat", "--quiet",
-            "--height", "64", "--width", "96")
+            "--height", "64", "--width", "96", "--output-size", "model")
     assert r.returncode == 0, r.stderr
     frames = np.load(tmp_path / "o.npz")["frames"]
     assert frames.shape == (14, 64, 96, 3) and frames.dtype == np.uint8
@@ -329,7 +329,7 @@ def test_cli_renders_both_formats(tmp_path):
     assert r.returncode == 0, r.stderr
     with av.open(str(tmp_path / "o.mp4")) as c:
         got = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
-    assert len(got) == 14 and got[0].shape == (128, 128, 3)
+    assert len(got) == 14 and got[0].shape == (96, 160, 3)  # the input's size (--output-size input)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -603,7 +603,7 @@ def test_cli_renders_equal_on_one_two_and_three_ranks(tmp_path, tiny4):
         out = tmp_path / f"{devices.replace(':', '')}.npz"
         r = subprocess.run([sys.executable, "-m", "engine", "render", "--input", str(src), "--output", str(out),
                             "--prompt", "a cat", "--model", tiny4, "--devices", devices, "--quiet", "--steps", "2",
-                            "--height", "32", "--width", "32"],
+                            "--height", "32", "--width", "32", "--output-size", "model"],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         outs[devices] = np.load(out)["frames"]

@@ -248,7 +248,8 @@ def test_cli_renders_with_the_light_decoder(tmp_path, taehv_file):
     src = tmp_path / "in.mp4"
     write_mp4(src, 14)
     r = cli("render", "--input", str(src), "--output", str(tmp_path / "o.npz"), "--prompt", "a cat", "--quiet",
-            "--height", "64", "--width", "96", "--decoder", "taehv", "--taehv-weights", str(taehv_file))
+            "--height", "64", "--width", "96", "--decoder", "taehv", "--taehv-weights", str(taehv_file),
+            "--output-size", "model")
     assert r.returncode == 0, r.stderr
     assert "TAEHV decoder loaded" in r.stderr and "'decoder': 'taehv'" in r.stderr
     frames = np.load(tmp_path / "o.npz")["frames"]

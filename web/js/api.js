@@ -17,6 +17,10 @@ export function setToken(token) {
 
 let memoryToken = getToken();
 
+export function currentToken() {
+  return memoryToken || null;
+}
+
 export function authHeaders(headers = {}) {
   return memoryToken ? { ...headers, Authorization: `Bearer ${memoryToken}` } : headers;
 }
@@ -27,7 +31,9 @@ async function jsonOrThrow(response) {
   if (!response.ok) {
     const message = body?.error ?? `HTTP ${response.status}`;
     const details = body?.details?.map((d) => `${d.loc}: ${d.msg}`).join('; ');
-    throw new Error(details ? `${message} (${details})` : message);
+    const error = new Error(details ? `${message} (${details})` : message);
+    error.status = response.status; // 401: the server wants its token
+    throw error;
   }
   return body;
 }

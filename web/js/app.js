@@ -1,9 +1,10 @@
 // The page: camera picker, start/stop, live controls, stats panel and latency plot, and the list of
 // the server's sessions (any of which, e.g. one OBS publishes over WHIP, the controls can drive).
 
-import { authHeaders, fetchIceServers, fetchInfo, fetchSession, getToken, listSessions, patchSession, setToken } from './api.js';
+import { authHeaders, currentToken, fetchIceServers, fetchInfo, fetchSession, getToken, listSessions, patchSession, setToken } from './api.js';
 import { LatencyPlot } from './plot.js';
 import { StreamSession } from './rtc.js';
+import { WhepViewer } from './whep.js';
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -15,8 +16,6 @@ const ui = {
   target: $('control-target'), sessions: $('sessions'), whipUrl: $('whip-url'), whipToken: $('whip-token-hint'),
   tokenRow: $('token-row'), token: $('token'),
 };
-ui.token.value = getToken();
-ui.token.addEventListener('change', () => setToken(ui.token.value.trim()));
 const plot = new LatencyPlot($('latency-plot'));
 const touched = new Set(); // params the user changed before starting: sent with the offer
 let session = null;
@@ -24,6 +23,10 @@ let engineReady = false;
 let iceServers = [];
 let controlled = null; // a session driven through the REST API (not this page's own); null: our own
 let pollTimer = null;
+let watcher = null; // WHEP viewer of the controlled session's output
+let ownOutput = null; // this page's session's generated stream
+let engineSteps = null; // the model's default steps (from /api/info)
+const DEFAULTS = { strength: ui.strength.value, transition: ui.transition.value }; // the page's own
 const SESSIONS_EVERY_MS = 2000;
 const STATS_EVERY_MS = 1000;
 
@@ -80,7 +83,8 @@ async function showEngine() {
     ui.banner.hidden = !info.notice;
     ui.banner.textContent = info.notice ?? '';
     if (!ui.prompt.value) ui.prompt.value = info.default_prompt;
-    if (e && !touched.has('steps')) { ui.steps.value = e.steps; ui.stepsValue.textContent = e.steps; }
+    engineSteps = e?.steps ?? null;
+    if (e && !touched.has('steps') && !controlled) { ui.steps.value = e.steps; ui.stepsValue.textContent = e.steps; }
     ui.start.disabled = !engineReady || session !== null;
     if (!engineReady && info.engine_state !== 'failed') setTimeout(showEngine, 2000);
   } catch (err) {
@@ -119,7 +123,7 @@ async function start() {
     await listCameras(); // labels are visible once permission is granted
     plot.reset();
     session = new StreamSession({
-      onOutput: (stream) => { ui.output.srcObject = stream; },
+      onOutput: (stream) => { ownOutput = stream; if (!controlled) ui.output.srcObject = stream; },
       onMessage,
       onState: (state) => {
         setStatus(state === 'connected' ? 'streaming' : state, state === 'failed');
@@ -140,12 +144,17 @@ async function start() {
 async function stop() {
   const s = session;
   session = null;
+  ownOutput = null;
   ui.stop.disabled = true;
-  ui.start.disabled = !engineReady;
-  if (s) await s.stop();
   ui.input.srcObject = null;
-  ui.output.srcObject = null;
-  if (!ui.status.classList.contains('error')) setStatus('idle');
+  if (!controlled) ui.output.srcObject = null;
+  const failed = ui.status.classList.contains('error');
+  if (s) {
+    if (!failed) setStatus('stopping…');
+    await s.stop(); // the camera goes off first; then the server's DELETE
+  }
+  ui.start.disabled = !engineReady || session !== null;
+  if (!failed && session === null) setStatus('idle');
 }
 
 function sendUpdate(update) {
@@ -177,17 +186,31 @@ ui.motion.addEventListener('change', () => sendUpdate({ motion_control: ui.motio
 ui.reset.addEventListener('click', () => sendUpdate({ reset: true }));
 window.addEventListener('pagehide', () => {
   // Free the server's session now rather than when ICE times out.
+  watcher?.stop();
   if (session?.sessionId) fetch(`/api/sessions/${session.sessionId}`, { method: 'DELETE', keepalive: true, headers: authHeaders() });
 });
 
 // -- other sessions ---------------------------------------------------------------------------------
 
-async function pollControlled() {
+// The controls show a controlled session's own settings (a WHIP session's come from its URL).
+function showParams(params) {
+  ui.steps.value = params.steps ?? engineSteps ?? ui.steps.value;
+  ui.stepsValue.textContent = ui.steps.value;
+  ui.strength.value = params.noise_strength ?? DEFAULTS.strength;
+  ui.strengthValue.textContent = Number(ui.strength.value).toFixed(2);
+  ui.seed.value = params.seed ?? 0;
+  ui.motion.checked = params.motion_control ?? true;
+  ui.transition.value = params.transition_chunks ?? DEFAULTS.transition;
+}
+
+async function pollControlled(first = false) {
   if (!controlled) return;
   const id = controlled;
   try {
     const info = await fetchSession(id);
-    if (controlled === id) showStats(info.stats);
+    if (controlled !== id) return;
+    if (first) { showParams(info.params ?? {}); ui.prompt.value = info.prompt; }
+    showStats(info.stats);
   } catch (err) {
     if (controlled === id) { setFeedback(`session ${id.slice(0, 8)}: ${err.message}`, true); control(null); }
     return;
@@ -195,15 +218,34 @@ async function pollControlled() {
   pollTimer = setTimeout(pollControlled, STATS_EVERY_MS);
 }
 
+// The output pane plays the controlled session's output over WHEP (as /view/{session} does).
+function watch(id) {
+  const old = watcher;
+  watcher = null;
+  old?.stop();
+  if (!id) { ui.output.srcObject = ownOutput; return; }
+  ui.output.srcObject = null;
+  const viewer = new WhepViewer(`/whep/${encodeURIComponent(id)}`, {
+    iceServers, token: currentToken(), onTrack: (stream) => { if (watcher === viewer) ui.output.srcObject = stream; },
+  });
+  watcher = viewer;
+  fetchIceServers().catch(() => iceServers) // TURN credentials need the token
+    .then((servers) => { viewer.iceServers = servers; return viewer.start(); })
+    .catch((err) => { if (watcher === viewer) setFeedback(`output of ${id.slice(0, 8)}: ${err.message}`, true); });
+}
+
 function control(id, prompt = null) {
-  controlled = id && id !== session?.sessionId ? id : null;
+  const next = id && id !== session?.sessionId ? id : null;
+  const changed = next !== controlled;
+  controlled = next;
   clearTimeout(pollTimer);
   plot.reset();
   ui.target.textContent = controlled ? `session ${controlled.slice(0, 8)} (REST API)` : 'this page\'s session';
+  if (changed) watch(controlled);
   if (controlled) {
     if (prompt !== null) ui.prompt.value = prompt;
     setFeedback('');
-    pollControlled();
+    pollControlled(true);
   }
 }
 
@@ -241,15 +283,43 @@ function sessionRow(s) {
   return tr;
 }
 
+function sessionsNote(text) {
+  const tr = document.createElement('tr');
+  tr.append(cell(text, 'muted'));
+  tr.firstChild.colSpan = 7;
+  ui.sessions.replaceChildren(tr);
+}
+
+let sessionsTimer = null;
+let sessionsRun = 0; // a refresh started by a new token supersedes the one in flight
 async function refreshSessions() {
+  const run = ++sessionsRun;
+  clearTimeout(sessionsTimer);
   try {
     const { sessions } = await listSessions();
+    if (run !== sessionsRun) return;
     if (sessions.length) ui.sessions.replaceChildren(...sessions.map(sessionRow));
-    else ui.sessions.replaceChildren(Object.assign(document.createElement('tr'), { innerHTML: '<td colspan="7" class="muted">none</td>' }));
+    else sessionsNote('none');
     if (controlled && !sessions.some((s) => s.session_id === controlled)) control(null);
-  } catch { /* the badge says when the server is unreachable */ }
-  setTimeout(refreshSessions, SESSIONS_EVERY_MS);
+  } catch (err) {
+    if (run !== sessionsRun) return;
+    if (err.status === 401 || err.status === 403) {
+      sessionsNote(currentToken() ? `the access token was refused (${err.message})` : 'the server needs its access token: enter it above');
+    } /* otherwise the badge says when the server is unreachable */
+  }
+  sessionsTimer = setTimeout(refreshSessions, SESSIONS_EVERY_MS);
 }
+
+// A new token: what failed for want of it is retried now, and its error leaves the screen.
+ui.token.value = getToken();
+ui.token.addEventListener('change', () => {
+  setToken(ui.token.value.trim());
+  if (ui.feedback.classList.contains('error')) setFeedback('');
+  if (ui.status.classList.contains('error') && !session) setStatus('idle');
+  refreshSessions();
+  if (controlled) { const id = controlled; controlled = null; control(id); }
+});
+$('controls').addEventListener('submit', (e) => e.preventDefault());
 
 ui.whipUrl.textContent = `${location.origin}/whip`;
 plot.draw();

@@ -40,13 +40,15 @@ export class StreamSession {
     return true;
   }
 
+  // Camera off and connection closed at once; then the server is told (its answer can take seconds
+  // while it stops the session's engine stream, and the camera must not stay live meanwhile).
   async stop() {
     const id = this.sessionId;
     this.sessionId = null;
-    if (id) await deleteSession(id).catch(() => {});
-    this.pc?.close();
-    this.pc = null;
     this.camera?.getTracks().forEach((t) => t.stop());
     this.camera = null;
+    this.pc?.close();
+    this.pc = null;
+    if (id) await deleteSession(id).catch(() => {});
   }
 }

@@ -11,7 +11,8 @@ import { WhepViewer } from './whep.js';
 const fragment = new URLSearchParams(location.hash.slice(1));
 if (fragment.get('token')) setToken(fragment.get('token'));
 
-const RETRY_MS = 2000;
+const RETRY_MS = 2000; // the first retry; each failure in a row doubles it, up to MAX_RETRY_MS
+const MAX_RETRY_MS = 30000;
 const CHECK_MS = 2000; // how often the page asks whether its session still exists
 const params = new URLSearchParams(location.search);
 const video = document.getElementById('output');
@@ -20,6 +21,7 @@ const sessionId = decodeURIComponent(location.pathname.split('/').filter(Boolean
 let viewer = null;
 let retryTimer = null;
 let watching = null; // the session id the server resolved (for /view/latest)
+let failures = 0; // connection attempts failed in a row
 
 if (params.get('fit') === 'cover') video.classList.add('cover');
 if (params.get('background') === 'transparent') {
@@ -46,10 +48,28 @@ async function iceServers() {
   }
 }
 
-function retry(reason) {
-  say(`${reason} — retrying…`);
+// Waiting for a session is normal (OBS not yet publishing) and polls at RETRY_MS; other failures
+// (a refused token above all) back off.
+function retry(reason, backoff = false) {
+  const delay = backoff ? Math.min(MAX_RETRY_MS, RETRY_MS * 2 ** failures) : RETRY_MS;
+  failures = backoff ? failures + 1 : 0;
+  say(`${reason} — retrying in ${Math.round(delay / 1000)} s…`);
   clearTimeout(retryTimer);
-  retryTimer = setTimeout(connect, RETRY_MS);
+  retryTimer = setTimeout(connect, delay);
+}
+
+function failed(err) {
+  if (err.status === 401 || err.status === 403) {
+    // Retrying cannot help until the URL carries the token: say how, then try now and then.
+    const hint = authHeaders().Authorization
+      ? 'the token in this page\'s URL (#token=…) was refused'
+      : 'this server needs its access token: add #token=YOUR_TOKEN to this page\'s URL';
+    retry(hint, true);
+  } else if (err.status === 404) {
+    retry('no such session yet');
+  } else {
+    retry(err.message, true);
+  }
 }
 
 async function connect() {
@@ -63,17 +83,17 @@ async function connect() {
     onTrack: (stream) => { video.srcObject = stream; },
     onState: (state) => {
       if (viewer !== current) return;
-      if (state === 'connected') say('');
+      if (state === 'connected') { failures = 0; say(''); }
       else if (state === 'failed' || state === 'closed') retry(`connection ${state}`);
     },
   });
   viewer = current;
-  say(sessionId === 'latest' ? 'waiting for a session…' : `connecting to ${sessionId.slice(0, 8)}…`);
+  if (failures === 0) say(sessionId === 'latest' ? 'waiting for a session…' : `connecting to ${sessionId.slice(0, 8)}…`);
   try {
     await current.start();
     watching = current.resource?.pathname.split('/')[2] ?? null; // /whep/{session}/{viewer}
   } catch (err) {
-    if (viewer === current) retry(err.status === 404 ? 'no such session yet' : err.message);
+    if (viewer === current) failed(err);
   }
 }
 
