@@ -29,7 +29,7 @@ import torch
 
 from engine.checkpoint import T5_FILE, VAE_FILE, write_causal_dit, write_tokenizer_folder, write_wan_folder
 from engine.config import ModelConfig, load_model_config
-from engine.runtime import _building, build_dit, build_vae
+from engine.build import _building, build_dit, build_vae
 from engine.text_encoder import UMT5Encoder
 
 log = logging.getLogger("bench.files")

@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from engine.config import DECODERS, ConfigError, decoder_problem, model_names
+from interface.catalogue import DECODERS, ConfigError, decoder_problem, model_names
 
 log = logging.getLogger("engine.render")
 
