@@ -1,4 +1,4 @@
-"""Write a random-weight model tree in the real file layouts (DESIGN §2), at real size, for benchmarks
+"""Write a random-weight model tree in the real file layouts (docs/ARCHITECTURE.md §4), at real size, for benchmarks
 that load through a real loader — ours and the reference package's:
 
     <root>/wan_models/Wan2.1-T2V-1.3B/           config.json, diffusion_pytorch_model.safetensors,

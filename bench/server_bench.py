@@ -1,4 +1,4 @@
-"""The WebRTC server end to end (DESIGN §6, issue 3 item 8): the real server and its engine on one
+"""The WebRTC server end to end (docs/ARCHITECTURE.md §9, issue 3 item 8): the real server and its engine on one
 GPU, one aiortc client sending a synthetic 30 fps camera over loopback, the generated video coming
 back. Reports TTFF, per-frame latency (mean/p50/p95/p99), jitter p99, the miss rate at the 1.0 s
 deadline, FPS in/out, drops and engine stage times.
@@ -64,7 +64,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 CLOCK_RATE = 90_000
-PAPER = {  # StreamDiffusionV2 paper, 1 H100, 1.3B, 512², 1 step (DESIGN §6)
+PAPER = {  # StreamDiffusionV2 paper, 1 H100, 1.3B, 512², 1 step (arXiv 2511.07399)
     "latency_mean_ms": 357.0,
     "latency_p99_ms": 585.0,
     "jitter_p99_ms": 132.0,

@@ -18,7 +18,7 @@ class _Strict(BaseModel):
 
 
 class DiTConfig(_Strict):
-    """Causal Wan DiT (DESIGN §2). head_dim = dim / num_heads."""
+    """Causal Wan DiT (docs/ARCHITECTURE.md §4). head_dim = dim / num_heads."""
 
     dim: int = Field(gt=0)
     ffn_dim: int = Field(gt=0)
@@ -56,7 +56,7 @@ class VAEConfig(_Strict):
 
 
 class TextConfig(_Strict):
-    """umT5 encoder (DESIGN §2)."""
+    """umT5 encoder (docs/ARCHITECTURE.md §4)."""
 
     vocab_size: int = Field(gt=0)
     dim: int = Field(gt=0)
@@ -68,7 +68,7 @@ class TextConfig(_Strict):
 
 
 class StreamDefaults(_Strict):
-    """Per-model defaults of the streaming algorithm (DESIGN §3)."""
+    """Per-model defaults of the streaming algorithm (docs/ARCHITECTURE.md §3)."""
 
     height: int = Field(gt=0)
     width: int = Field(gt=0)

@@ -1,4 +1,4 @@
-"""One stream session: frames + pts in, generated frames + pts out (DESIGN §3, §5).
+"""One stream session: frames + pts in, generated frames + pts out (docs/ARCHITECTURE.md §3, §5).
 
 Everything that changes while streaming lives here (VAE caches, KV cache, rows in flight, noise
 controller, RNG, prompt K/V); the engine's weights are shared read-only by all sessions.

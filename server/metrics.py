@@ -1,4 +1,4 @@
-"""What is measured (DESIGN §6): TTFF, per-frame latency matched by pts, jitter, deadline misses,
+"""What is measured (docs/ARCHITECTURE.md §9): TTFF, per-frame latency matched by pts, jitter, deadline misses,
 fps in/out, drops and engine stage times; per session (for the page) and server-wide (/metrics).
 
 TTFF is the time from a session's first camera frame arriving to its first generated frame
