@@ -29,7 +29,7 @@ from engine.config import load_model_config
 from engine.parallel.stage import Group, Stage
 from engine.parallel.wire import pack, unpack
 from engine.rope import Rope
-from engine.runtime import build_dit, embed_prompt, tune_backends
+from engine.build import build_dit, embed_prompt, tune_backends
 
 log = logging.getLogger("check")
 

@@ -1,4 +1,4 @@
-"""Stream our engine on one GPU with random weights at real shapes and report what DESIGN §6 asks:
+"""Stream our engine on one GPU with random weights at real shapes and report what docs/ARCHITECTURE.md §9 defines:
 end-to-end FPS after warm-up (VAE included), TTFF at 30 fps input, per-stage ms, peak memory.
 
     python -m bench.engine_bench --rows p1,p3 --chunks 40 --json out.json

@@ -1,4 +1,4 @@
-"""The pipeline-parallel engine against one GPU, random weights at real shapes (DESIGN §4, §6).
+"""The pipeline-parallel engine against one GPU, random weights at real shapes (docs/PARALLEL.md, docs/ARCHITECTURE.md §9).
 
 For each row (default: 1.3B 480x832 2 steps, 14B 512x512 1 step):
 1. one GPU, the in-process engine: a warm-up session, then the frames of a short clip (for agreement)

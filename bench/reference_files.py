@@ -1,4 +1,4 @@
-"""Write a random-weight model tree in the real file layouts (DESIGN §2), at real size, for benchmarks
+"""Write a random-weight model tree in the real file layouts (docs/ARCHITECTURE.md §4), at real size, for benchmarks
 that load through a real loader — ours and the reference package's:
 
     <root>/wan_models/Wan2.1-T2V-1.3B/           config.json, diffusion_pytorch_model.safetensors,
@@ -29,7 +29,7 @@ import torch
 
 from engine.checkpoint import T5_FILE, VAE_FILE, write_causal_dit, write_tokenizer_folder, write_wan_folder
 from engine.config import ModelConfig, load_model_config
-from engine.runtime import _building, build_dit, build_vae
+from engine.build import _building, build_dit, build_vae
 from engine.text_encoder import UMT5Encoder
 
 log = logging.getLogger("bench.files")

@@ -1,4 +1,4 @@
-"""The benchmark rows of the speed issue (DESIGN §6) and the record each run of a row produces."""
+"""The benchmark rows of the speed issue (docs/ARCHITECTURE.md §9) and the record each run of a row produces."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ ROWS = {
                parallel=dict(inflight=3, ring_capacity=3)),
 }
 MULTI_GPU_ROWS = tuple(name for name, spec in ROWS.items() if "device" in spec)
-# The paper's figures for the rows (fps: one H100, P4/P5 two; DESIGN §6).
+# The paper's figures for the rows (fps: one H100, P4/P5 two; arXiv 2511.07399).
 PAPER_FPS = {"p1": 17.97, "p2": 26.21, "p3": 18.71, "p1s1": 20.47, "p4": 34.67, "p5": 37.12}
 INPUT_FPS = 30.0
 PROMPT = "a watercolor painting of a city street"

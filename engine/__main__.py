@@ -23,8 +23,8 @@ import os
 import sys
 from pathlib import Path
 
-from engine.config import DECODERS, ConfigError, decoder_problem, model_names
 from engine.video_io import OUTPUT_SIZES, probe
+from interface.catalogue import DECODERS, ConfigError, decoder_problem, model_names
 
 log = logging.getLogger("engine.render")
 

@@ -1,4 +1,4 @@
-"""Read (and, for tests and benchmarks, write) exactly the files users download (DESIGN §2):
+"""Read (and, for tests and benchmarks, write) exactly the files users download (docs/ARCHITECTURE.md §4):
 
     <weights>/Wan2.1-T2V-1.3B/            config.json, diffusion_pytorch_model*.safetensors,
                                            models_t5_umt5-xxl-enc-bf16.pth, Wan2.1_VAE.pth,

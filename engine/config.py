@@ -1,4 +1,4 @@
-"""Model and stream configuration: YAML files under configs/models, validated with pydantic.
+"""Model and stream configuration: the catalogue's YAML files (interface.catalogue) validated whole.
 
 This module imports no torch so that tools and tests can validate configs cheaply.
 """
@@ -6,16 +6,11 @@ This module imports no torch so that tools and tests can validate configs cheapl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, get_args
+from typing import Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
-
-
-class ConfigError(ValueError):
-    """A configuration file is missing or has a bad value; the message names the file and field."""
+from interface.catalogue import read_model_file, validation_problems
 
 
 class _Strict(BaseModel):
@@ -23,7 +18,7 @@ class _Strict(BaseModel):
 
 
 class DiTConfig(_Strict):
-    """Causal Wan DiT (DESIGN §2). head_dim = dim / num_heads."""
+    """Causal Wan DiT (docs/ARCHITECTURE.md §4). head_dim = dim / num_heads."""
 
     dim: int = Field(gt=0)
     ffn_dim: int = Field(gt=0)
@@ -61,7 +56,7 @@ class VAEConfig(_Strict):
 
 
 class TextConfig(_Strict):
-    """umT5 encoder (DESIGN §2)."""
+    """umT5 encoder (docs/ARCHITECTURE.md §4)."""
 
     vocab_size: int = Field(gt=0)
     dim: int = Field(gt=0)
@@ -73,7 +68,7 @@ class TextConfig(_Strict):
 
 
 class StreamDefaults(_Strict):
-    """Per-model defaults of the streaming algorithm (DESIGN §3)."""
+    """Per-model defaults of the streaming algorithm (docs/ARCHITECTURE.md §3)."""
 
     height: int = Field(gt=0)
     width: int = Field(gt=0)
@@ -115,51 +110,10 @@ class ModelConfig(_Strict):
         return data
 
 
-Decoder = Literal["wan", "taehv"]  # latents -> pixels: the Wan VAE, or the light TAEHV decoder
-DECODERS: tuple[str, ...] = get_args(Decoder)
-
-
-def decoder_problem(decoder: Decoder, taehv_weights: object, weights: object, cli: bool = False,
-                    check_file: bool = False) -> Optional[str]:
-    """Why a decoder choice is inconsistent, or None. One rule for the engine options, the render
-    CLI and the server config: the light TAEHV decoder needs its file (taew2_1.pth) whenever the model
-    has real weights; with random model weights a seeded random TAEHV is fine. `cli` names the flags.
-    Callers validate `decoder` against Decoder first. `check_file`: a given taehv_weights must also be
-    an existing file (the command lines check it up front; the engine fails on it when loading)."""
-    dec, file = ("--decoder", "--taehv-weights") if cli else ("decoder", "taehv_weights")
-    if taehv_weights is not None and decoder != "taehv":
-        return f"{file} is only used with {dec} taehv"
-    if decoder == "taehv" and taehv_weights is None and weights is not None:
-        return (f"{dec} taehv with real model weights needs {file}: the taew2_1.pth file of the "
-                "TAEHV project (random TAEHV weights are only used with random model weights)")
-    if check_file and taehv_weights is not None and not Path(str(taehv_weights)).is_file():
-        return f"{file} {taehv_weights}: no such file"
-    return None
-
-
-def model_names() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-
-
 def load_model_config(name_or_path: str | Path) -> ModelConfig:
-    """Load `tiny`, `wan-1.3b`, `wan-14b` (from configs/models) or a YAML file path."""
-    path = Path(name_or_path)
-    if path.suffix not in (".yaml", ".yml"):
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
-        if not path.exists():
-            raise ConfigError(f"unknown model {str(name_or_path)!r}; choose one of {', '.join(model_names())}")
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    """Load `tiny`, `wan-1.3b`, `wan-14b` (from configs/models) or a YAML file path (the catalogue's files)."""
+    path, data = read_model_file(name_or_path)
     try:
         return ModelConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"{path}: {problems}") from None
+        raise validation_problems(path, exc) from None

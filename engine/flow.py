@@ -1,4 +1,4 @@
-"""Flow-matching schedule (DESIGN §3): 1000 training steps, shift 8; sigma(t) is read off the shifted
+"""Flow-matching schedule (docs/ARCHITECTURE.md §3): 1000 training steps, shift 8; sigma(t) is read off the shifted
 grid at the nearest grid timestep, as the checkpoints were distilled with.
 
 The model predicts velocity v; x0 = x_t - sigma*v; re-noising to t' is (1 - sigma')*x0 + sigma'*eps.

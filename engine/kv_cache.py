@@ -1,4 +1,4 @@
-"""Rolling KV cache of one session (DESIGN §3): a window of `window` latent frames per layer and row,
+"""Rolling KV cache of one session (docs/ARCHITECTURE.md §3): a window of `window` latent frames per layer and row,
 the first `num_sink` slots being sinks, FIFO eviction of the rolling slots, adaptive sink refresh, and
 RoPE re-basing so that the window stays consistent when positions wrap.
 

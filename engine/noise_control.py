@@ -1,4 +1,4 @@
-"""Motion-aware noise controller (DESIGN §3): more motion -> less noise.
+"""Motion-aware noise controller (docs/ARCHITECTURE.md §3): more motion -> less noise.
 
 d = max over the chunk's frames of RMS(x_f - x_{f-1}) on pixels in [-1, 1];  m = clip(d / sigma, 0, 1);
 s = lam * (s_max - (s_max - s_min) * m) + (1 - lam) * s_prev;  first timestep = int(1000 * s) - 100.

@@ -1,7 +1,7 @@
 """3-axis rotary position embedding (time, height, width) in real arithmetic.
 
 The head dim d holds d/2 rotation pairs split between the axes as (d/2 - 2*(d/2//3), d/2//3, d/2//3),
-i.e. 22/21/21 pairs at d=128 (DESIGN §2). Tables are float32 cos/sin; no complex or float64 at run time.
+i.e. 22/21/21 pairs at d=128. Tables are float32 cos/sin; no complex or float64 at run time.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One stream session: frames + pts in, generated frames + pts out (DESIGN §3, §5).
+"""One stream session: frames + pts in, generated frames + pts out (docs/ARCHITECTURE.md §3, §5).
 
 Everything that changes while streaming lives here (VAE caches, KV cache, rows in flight, noise
 controller, RNG, prompt K/V); the engine's weights are shared read-only by all sessions.
@@ -10,18 +10,17 @@ import logging
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from engine.noise_control import NoiseController
-from engine.parallel.timing import Lap
 from engine.stream_batch import KeyedNoise, StreamBatch
+from engine.timing import Lap
+from engine.transfer import PendingFrames
 from interface.controls import StreamParams, StreamUpdate
-
-if TYPE_CHECKING:
-    from engine.runtime import PendingFrames, StreamEngine
+from interface.messages import EngineInfo
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +28,17 @@ OutputFrame = tuple[np.ndarray, int]
 EarlyFrames = Callable[[list[OutputFrame]], None]
 FIRST_CHUNK = 5  # the DiT's first chunk: 5 pixel frames -> 2 latent frames
 CHUNK = 4  # then 4 -> 1
+# A chunk's stats that time its stages on the device, in ms (FramesOut.stats; EngineInfo names them)
+ENCODE_MS, DIT_MS, DECODE_MS = STAGE_STATS = ("vae_encode_ms", "dit_ms", "vae_decode_ms")
 # Chunks whose frames may be on their way to the host while the next one is queued: a push returns once
 # its chunk is queued, so the GPU goes from one chunk to the next without waiting for the host.
 MAX_PENDING = 2
+
+
+def engine_info(**facts: Any) -> EngineInfo:
+    """What an engine (in process, or rank 0 of a ring) reports about itself, with the chunk facts that
+    every engine shares: the server sizes its frame rings and budgets from them."""
+    return EngineInfo(max_chunk_frames=FIRST_CHUNK, chunk_frames=CHUNK, stage_stats=STAGE_STATS, **facts)
 
 
 def first_latent_apart(x0: torch.Tensor) -> list[torch.Tensor]:
@@ -114,9 +121,10 @@ class _Pending:
 
 
 @dataclass
-class _FrameZero:
+class FrameZero:
     """A fresh stream's frame 0, encoded on arrival while frames 1-4 are still on their way (the VAE
-    encodes frame 0 on its own anyway); the first chunk then takes only frames 1-4."""
+    encodes frame 0 on its own anyway); the first chunk then takes only frames 1-4. Held by the
+    in-process session and by the ring's driver alike."""
 
     frame: np.ndarray
     pts: int
@@ -125,7 +133,8 @@ class _FrameZero:
 
 
 class StreamSession:
-    def __init__(self, engine: "StreamEngine", prompt: str, params: Optional[StreamParams] = None) -> None:
+    def __init__(self, engine: Any, prompt: str, params: Optional[StreamParams] = None) -> None:
+        """`engine` is the StreamEngine (engine.runtime) that opens it: its parts, defaults and host I/O."""
         self.engine = engine
         self.id = uuid.uuid4().hex[:12]
         self.params = params or StreamParams()
@@ -151,7 +160,7 @@ class StreamSession:
         self.chunks_in = 0
         self.closed = False
         self._input = ChunkBuffer(engine.info.height, engine.info.width)
-        self.frame0: Optional[_FrameZero] = None
+        self.frame0: Optional[FrameZero] = None
         # queued chunks, oldest first; a reset keeps them (they are finished frames of the old stream)
         self._pending: deque[_Pending] = deque()
         self._reset_stream()
@@ -310,14 +319,14 @@ class StreamSession:
         self.dec_state = e.decoder.new_stream_state()
         video = e.to_video_tensor(frame)
         latent = e.vae.stream_encode(video.to(e.dtype), self.vae_state).to(e.dtype)
-        self.frame0 = _FrameZero(frame=frame[0], pts=pts, video=video, latent=latent)
+        self.frame0 = FrameZero(frame=frame[0], pts=pts, video=video, latent=latent)
         enc = lap.stop()
         # while frames 1-4 are on their way: the first chunk's DiT forward as a CUDA graph (its latents:
         # frame 0's and one per 4 frames after it)
         first = (1, latent.shape[1], 1 + CHUNK // 4, *latent.shape[3:])
         self.batch.runner.prepare_prime(first, self.cross_kv)
         enc.wait()
-        self.stats = {"vae_encode_ms": enc.ms() or 0.0, "dit_ms": 0.0, "vae_decode_ms": 0.0}
+        self.stats = {ENCODE_MS: enc.ms() or 0.0, DIT_MS: 0.0, DECODE_MS: 0.0}
 
     def _run_chunk(self, chunk: np.ndarray, pts: list, early: EarlyFrames) -> list[OutputFrame]:
         """Queue one chunk; returns frames of earlier chunks collected on the way (at most MAX_PENDING
@@ -393,7 +402,7 @@ class StreamSession:
                 out += [(f, t) for f, t in zip(p.frames.result(), p.pts) if t is not None]
             if p.laps is not None:
                 enc, dit, dec = (lap.wait().ms() or 0.0 for lap in p.laps)
-                self.stats = {"vae_encode_ms": enc, "dit_ms": dit, "vae_decode_ms": dec, **(p.extra or {})}
+                self.stats = {ENCODE_MS: enc, DIT_MS: dit, DECODE_MS: dec, **(p.extra or {})}
         return out
 
     def _drain(self) -> None:

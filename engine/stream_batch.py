@@ -1,4 +1,4 @@
-"""The DiT side of the streaming algorithm for one session (DESIGN §3): the first chunk is denoised
+"""The DiT side of the streaming algorithm for one session (docs/ARCHITECTURE.md §3): the first chunk is denoised
 step by step in one row; after it, n chunks are in flight, one per noise level, run as one batch of n
 rows through the DiT. Each forward takes a new chunk in at the noisiest level and lets the cleanest out.
 
@@ -38,7 +38,7 @@ class KeyedNoise:
     """Counter-based noise: a draw is a pure function of (seed, epoch, key), never of how many draws came
     before it or of which process makes it. That is what lets a pipeline of ranks split the draws of one
     stream (rank 0 noises the input, the last rank re-noises the outputs) and still produce the frames of
-    one process exactly (DESIGN §4).
+    one process exactly.
 
     Keys used by a stream batch: (PRIME, 0, 0) the first chunk's input noise, (PRIME, 0, i+1) its
     re-noising after step i; (STREAM, j, 0) the input noise of stream forward j, (STREAM, j, i+1) the

@@ -1,4 +1,4 @@
-"""umT5-XXL text encoder (DESIGN §2 "Text encoder"), reading `models_t5_umt5-xxl-enc-bf16.pth` as is.
+"""umT5-XXL text encoder (docs/ARCHITECTURE.md §4), reading `models_t5_umt5-xxl-enc-bf16.pth` as is.
 
 T5 encoder: pre-norm blocks of self-attention and gated-GELU FFN, T5 RMS norm (no mean, no bias, computed
 in float32), no 1/sqrt(d) attention scaling, a learned relative-position bias per layer (umT5: not shared)

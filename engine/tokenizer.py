@@ -1,4 +1,4 @@
-"""Prompt tokenizers for the umT5 text encoder (DESIGN §2 "Text encoder").
+"""Prompt tokenizers for the umT5 text encoder (docs/ARCHITECTURE.md §4).
 
 `UMT5Tokenizer` reads the Hugging Face tokenizer files that ship in `<Wan folder>/google/umt5-xxl/` with the
 lightweight `tokenizers` library (never transformers, never a download). `ByteTokenizer` stands in for it with

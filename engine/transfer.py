@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 
@@ -52,3 +53,53 @@ def host_scalar_later(value: torch.Tensor) -> Callable[[], float]:
         return float(buf)
 
     return result
+
+
+class PendingFrames:
+    """uint8 frames on their way to the host: ready() polls, result() waits for this copy alone."""
+
+    def __init__(self, frames: torch.Tensor, done: Optional[torch.cuda.Event] = None) -> None:
+        self._frames, self._done = frames, done
+
+    def ready(self) -> bool:
+        return self._done is None or self._done.query()
+
+    def result(self) -> np.ndarray:
+        if self._done is None:
+            return self._frames.numpy()
+        self._done.synchronize()
+        # a copy: the pinned block goes back to torch's cache (a renderer may keep every frame it gets)
+        return self._frames.numpy().copy()
+
+
+class FrameIO:
+    """uint8 frames on the host <-> video tensors on the device.
+
+    Host buffers are pinned blocks from torch's caching host allocator, a fresh one per copy: the
+    allocator hands a block out again only once the copy that used it has run, so the host may queue
+    the next chunk while the GPU still works on this one (several sessions too), which one reused
+    buffer would not allow."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def to_video_tensor(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 [T, H, W, 3] -> [1, 3, T, H, W] in [-1, 1] on the device (pinned, async copy on CUDA)."""
+        src = torch.from_numpy(np.ascontiguousarray(frames))
+        if self.device.type == "cuda":
+            pinned = torch.empty(src.shape, dtype=torch.uint8, pin_memory=True)
+            pinned.copy_(src)
+            src = pinned.to(self.device, non_blocking=True)
+        video = src.permute(3, 0, 1, 2)[None].float().div_(127.5).sub_(1.0)
+        return video
+
+    def to_uint8(self, video: torch.Tensor) -> np.ndarray:
+        """[1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3] on the host (a new array)."""
+        return self.to_uint8_later(video).result()
+
+    def to_uint8_later(self, video: torch.Tensor) -> PendingFrames:
+        """Queue the conversion and the device-to-host copy without waiting for them."""
+        v = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
+        # into pinned memory: a pageable .cpu() of a 480p chunk took several ms more (a staging copy on
+        # the host after the device copy)
+        return PendingFrames(*d2h_later(v.contiguous()))

@@ -1,4 +1,4 @@
-"""Wan2.1 video VAE with streaming ("Stream-VAE") encode/decode (DESIGN §2).
+"""Wan2.1 video VAE with streaming ("Stream-VAE") encode/decode (docs/ARCHITECTURE.md §3, §4).
 
 Architecture: causal 3D convolutions; 4 pixel frames <-> 1 latent frame, spatial stride 8. Frame 0
 is special: it is encoded/decoded on its own, so a clip of 1+4k frames maps to 1+k latents.

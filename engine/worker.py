@@ -1,29 +1,33 @@
 """Engine process entry point: one StreamEngine serving many sessions for the server.
 
-The server spawns `main` (multiprocessing 'spawn') with one end of a Pipe. Requests and replies
+The server spawns `main` (multiprocessing 'spawn', by module path: interface.process) with one end of a
+Pipe. Requests and replies
 are `interface.messages` dicts; frames travel through per-session shared-memory rings that the
 server creates. Requests are served one at a time, in arrival order, which interleaves sessions
 fairly because the server keeps at most one chunk per session in flight. A failing request
 answers SessionError for its session and the loop goes on serving the others.
-
-This module is imported by the server process (to hand `main` to multiprocessing), so its top
-level must stay free of torch; the engine runtime is imported inside `main`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
+from engine.build import EngineOptions
+from engine.config import load_model_config
+from engine.parallel.devices import parse_devices
+from engine.parallel.engine import ParallelEngine
 from engine.parallel.errors import EngineFailure
+from engine.runtime import StreamEngine
 from interface.frame_ring import FrameRing, RingFull
 from interface.messages import (
     BlockDecision,
@@ -58,9 +62,9 @@ PIPELINE_STATS_S = 1.0
 TEST_DELAY_ENV = "STREAMGEN_TEST_CHUNK_DELAY_S"
 
 
-@dataclasses.dataclass
+@dataclass
 class _Session:
-    stream: Any  # engine.runtime.StreamSession
+    stream: Any  # engine.session.StreamSession, or engine.parallel.engine.ParallelSession
     input_ring: FrameRing
     output_ring: FrameRing
     prompt: str
@@ -82,8 +86,6 @@ class Worker:
         self._conn = conn
         self._chunk_delay_s = chunk_delay_s
         self._sessions: dict[str, _Session] = {}
-        from engine.parallel.engine import ParallelEngine
-
         self._pipeline = isinstance(engine, ParallelEngine)  # several ranks (or a ring of one)
         self._pipeline_sent: Optional[PipelineStats] = None
         self._pipeline_at = 0.0
@@ -277,27 +279,13 @@ def pipeline_stats(st: dict) -> Optional[PipelineStats]:
     )
 
 
-def _as_dict(info: Any) -> dict:
-    if isinstance(info, BaseModel):
-        return info.model_dump()
-    if dataclasses.is_dataclass(info):
-        return dataclasses.asdict(info)  # type: ignore[arg-type]
-    return dict(vars(info))
-
-
-def engine_options(options: WorkerOptions) -> Any:
+def engine_options(options: WorkerOptions) -> EngineOptions:
     """The EngineOptions the server's engine runs with.
 
     On several ranks one session keeps as many chunks in flight as there are ranks (a push returns the
     outputs that are ready, and later chunks' outputs come with later replies), and a multi-step model
     defaults to a step lag of that many forwards, so that one stream keeps every rank busy; in one
     process both stay 1 (a push returns its own chunk's frames)."""
-    from pathlib import Path
-
-    from engine.config import load_model_config
-    from engine.parallel.devices import parse_devices
-    from engine.runtime import EngineOptions  # torch: engine process only
-
     ranks = parse_devices(options.device)
     world = ranks.world if ranks is not None else 1
     steps = load_model_config(options.model).stream.steps
@@ -318,8 +306,6 @@ def engine_options(options: WorkerOptions) -> Any:
 
 
 def _create_engine(options: WorkerOptions) -> Any:
-    from engine.runtime import StreamEngine  # torch: engine process only
-
     return StreamEngine.create(engine_options(options))
 
 
@@ -353,7 +339,7 @@ def main(conn: Connection, options: dict) -> None:
         log.warning("test-only chunk delay of %.3f s is on", delay)
     try:
         engine = _create_engine(worker_options)
-        info = EngineInfo.model_validate(_as_dict(engine.info))
+        info: EngineInfo = engine.info
         if worker_options.warmup:
             _warm_up(engine, info)
     except Exception as exc:

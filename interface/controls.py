@@ -1,4 +1,4 @@
-"""Live stream controls, shared by the engine API, the engine process and the server (DESIGN §5)."""
+"""Live stream controls, shared by the engine API, the engine process and the server (docs/ARCHITECTURE.md §3)."""
 
 from __future__ import annotations
 

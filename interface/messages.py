@@ -11,7 +11,9 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from interface.catalogue import Decoder
 from interface.controls import MAX_PROMPT_CHARS, StreamParams, StreamUpdate
+from interface.devices import DeviceSpec
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN)]
@@ -22,7 +24,8 @@ class _Message(BaseModel):
 
 
 class EngineInfo(BaseModel):
-    """What the engine reports about itself; mirrors `engine.runtime.EngineInfo` without torch."""
+    """What the engine reports about itself: the model it runs and the facts the server sizes its
+    sessions by (the engine fills them in: engine.session.engine_info)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -34,11 +37,10 @@ class EngineInfo(BaseModel):
     device: str
     dtype: str
     attention: str
-    decoder: Literal["wan", "taehv"] = "wan"  # latents -> pixels: the Wan VAE or the light TAEHV
-
-
-# one device, or the ranks of a pipeline-parallel engine: cpu:N / cpu*N, cuda:0,1 / cuda*N, torchrun
-DEVICE_PATTERN = r"^(auto|cpu(:\d+|\*\d+)?|cuda(:\d+(,\d+)*|\*\d+)?|torchrun)$"
+    decoder: Decoder = "wan"  # latents -> pixels: the Wan VAE or the light TAEHV
+    max_chunk_frames: int = Field(ge=1, description="the most frames one push may carry (a stream's first chunk)")
+    chunk_frames: int = Field(ge=1, description="frames of a chunk once a stream runs")
+    stage_stats: tuple[str, ...] = Field(description="FramesOut.stats keys that time a chunk's stages, in ms")
 
 
 class WorkerOptions(_Message):
@@ -46,11 +48,11 @@ class WorkerOptions(_Message):
 
     model: str = "tiny"
     weights: Optional[str] = None
-    device: str = Field("auto", pattern=DEVICE_PATTERN)
+    device: DeviceSpec = "auto"
     height: Optional[int] = Field(None, gt=0)
     width: Optional[int] = Field(None, gt=0)
     seed: int = 0
-    decoder: Literal["wan", "taehv"] = "wan"
+    decoder: Decoder = "wan"
     taehv_weights: Optional[str] = None  # taew2_1.pth, for decoder taehv
     # Forwards between a chunk's denoising steps (EngineOptions.step_lag); None: the number of ranks
     # for a multi-step model on several ranks, else 1.

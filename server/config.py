@@ -12,9 +12,10 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from engine.config import DECODERS, ConfigError, Decoder, decoder_problem, load_model_config  # torch-free by contract
+from interface.catalogue import DECODERS, ConfigError, Decoder, decoder_problem, model_entry
 from interface.controls import MAX_PROMPT_CHARS
-from interface.messages import DEVICE_PATTERN, WorkerOptions
+from interface.devices import DeviceSpec
+from interface.messages import WorkerOptions
 from server.ice import IceServer, check_turn_credentials, servers_for_peer
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class ServerConfig(BaseModel):
     model: Optional[str] = Field(None, description="None: `real_model` when its weights exist, else tiny")
     real_model: str = Field("wan-1.3b", description="the model used by default when --weights has it")
     weights: Optional[Path] = None
-    devices: str = Field("auto", pattern=DEVICE_PATTERN)
+    devices: DeviceSpec = "auto"
     height: Optional[int] = Field(None, gt=0, multiple_of=16)
     width: Optional[int] = Field(None, gt=0, multiple_of=16)
     seed: int = Field(0, ge=0)
@@ -134,11 +135,11 @@ def resolve_model(config: ServerConfig) -> tuple[str, Optional[Path]]:
     else `tiny` (random weights).
     """
     if config.model:
-        if config.weights is not None and load_model_config(config.model).weights_folder is None:
+        if config.weights is not None and model_entry(config.model).weights_folder is None:
             log.warning("model %s has no published weights: ignoring --weights %s", config.model, config.weights)
             return config.model, None
         return config.model, config.weights
-    real = load_model_config(config.real_model)
+    real = model_entry(config.real_model)
     if config.weights is not None and real.weights_folder:
         folder = config.weights / real.weights_folder
         if folder.is_dir():
@@ -242,7 +243,7 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
     try:
         config = ServerConfig.model_validate(data)
         if config.model:
-            load_model_config(config.model)  # fail now on an unknown model, not in the engine
+            model_entry(config.model)  # fail now on an unknown model or file, not in the engine
         problem = decoder_problem(config.decoder, config.taehv_weights, config.weights, cli=True, check_file=True)
         if problem:  # the validator checked the rest: only a missing file is left
             parser.error(problem)

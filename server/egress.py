@@ -1,4 +1,4 @@
-"""Everything a session's output goes to, fed from its one paced track (DESIGN §5: pacing is
+"""Everything a session's output goes to, fed from its one paced track (docs/ARCHITECTURE.md §8: pacing is
 decided once, in the output track).
 
 aiortc's MediaRelay reads the track once and hands each frame to any number of subscribers: the

@@ -15,7 +15,6 @@ from typing import Optional, Protocol
 
 from pydantic import BaseModel, ValidationError
 
-from engine import worker  # torch-free at import: the runtime is imported in the child only
 from interface.messages import (
     CloseSession,
     EngineFailed,
@@ -32,6 +31,7 @@ from interface.messages import (
     decode_from_engine,
     encode,
 )
+from interface.process import ENGINE_MODULE, run_main
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,8 @@ class EngineClient:
         # processes may not. stop() shuts it down (Shutdown, then terminate/kill), and the worker also
         # exits on its own when this end of the pipe closes.
         process = ctx.Process(
-            target=worker.main, args=(theirs, self.options.model_dump()), name="streamgen-engine", daemon=False
+            target=run_main, args=(ENGINE_MODULE, theirs, self.options.model_dump()), name="streamgen-engine",
+            daemon=False,
         )
         if self._process is not None:
             self._process.join(0)  # reap the previous engine

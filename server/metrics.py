@@ -1,4 +1,4 @@
-"""What is measured (DESIGN §6): TTFF, per-frame latency matched by pts, jitter, deadline misses,
+"""What is measured (docs/ARCHITECTURE.md §9): TTFF, per-frame latency matched by pts, jitter, deadline misses,
 fps in/out, drops and engine stage times; per session (for the page) and server-wide (/metrics).
 
 TTFF is the time from a session's first camera frame arriving to its first generated frame
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -22,7 +22,6 @@ from server.schemas import Percentiles, SessionStats
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 JITTER_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 STAGE_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
-STAGES = {"vae_encode_ms": "vae_encode", "dit_ms": "dit", "vae_decode_ms": "vae_decode"}
 DROP_REASONS = ("input", "late", "engine")
 RECENT_SAMPLES = 600  # window for percentiles
 PLOT_SAMPLES = 120  # latencies sent with each stats message
@@ -166,10 +165,13 @@ class SessionMetrics:
     """One session's measurements; also feeds the server-wide registry."""
 
     def __init__(
-        self, session_id: str, server: ServerMetrics, deadline_s: float, clock: Callable[[], float] = time.monotonic
+        self, session_id: str, server: ServerMetrics, deadline_s: float, clock: Callable[[], float] = time.monotonic,
+        stage_stats: Sequence[str] = (),
     ) -> None:
+        """`stage_stats`: the engine's chunk stats that time a stage, in ms (EngineInfo.stage_stats)."""
         self.session_id = session_id
         self._server = server
+        self._stage_stats = tuple(stage_stats)
         self._deadline = deadline_s
         self._clock = clock
         self._started = clock()
@@ -230,9 +232,9 @@ class SessionMetrics:
         self.engine_updates = updates
         self._server.chunks.inc()
         self._server.chunk_roundtrip.observe(roundtrip_s)
-        for key, stage in STAGES.items():
+        for key in self._stage_stats:  # e.g. dit_ms -> stage "dit"
             if key in stats:
-                self._server.stage.observe(stats[key] / 1000.0, stage=stage)
+                self._server.stage.observe(stats[key] / 1000.0, stage=key.removesuffix("_ms"))
 
     def fps(self, direction: str, now: Optional[float] = None) -> float:
         now = self._clock() if now is None else now

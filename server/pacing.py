@@ -1,4 +1,4 @@
-"""When each generated frame leaves: spaced by its input pts, never behind (DESIGN §5).
+"""When each generated frame leaves: spaced by its input pts, never behind (docs/ARCHITECTURE.md §8).
 
 The engine returns frames in bursts (a chunk of 4 at once). The pacer releases them at the
 spacing of their input pts, from an anchor (wall time, pts) set when the stream starts. It never

@@ -1,4 +1,4 @@
-"""Which camera frames go to the engine (DESIGN §5).
+"""Which camera frames go to the engine (docs/ARCHITECTURE.md §8).
 
 The camera keeps sending while the engine works on a chunk. Frames that arrive in between wait
 here; at the next chunk boundary the chunk takes evenly spaced ones and the rest are dropped

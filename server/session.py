@@ -9,7 +9,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from aiortc import RTCDataChannel, RTCPeerConnection
@@ -36,18 +36,18 @@ from server.tracks import GeneratedVideoTrack, drain
 log = logging.getLogger(__name__)
 
 CONTROL_CHANNEL = "control"
-STEADY_CHUNK = 4  # frames of a chunk once a stream runs
-MAX_CHUNK = 5  # the largest push: a parallel engine's first chunk (in process: frame 0 alone, then 4s)
-INPUT_SLOTS = 2 * MAX_CHUNK  # one chunk in flight per session; room to spare
-OUTPUT_SLOTS = 4 * MAX_CHUNK  # a steps change can drain several chunks in one reply
-PENDING_FRAMES = 3 * MAX_CHUNK  # camera frames kept while the engine is busy
+# Buffers in units of the largest push the engine takes (EngineInfo.max_chunk_frames):
+INPUT_CHUNKS = 2  # one chunk in flight per session; room to spare
+OUTPUT_CHUNKS = 4  # a steps change can drain several chunks in one reply
+PENDING_CHUNKS = 3  # camera frames kept while the engine is busy
 REMEMBERED_PTS = 256  # input frames whose output has not left yet
 
 
-def chunk_cost_s(reply: FramesOut) -> float:
+def chunk_cost_s(reply: FramesOut, stage_stats: Sequence[str]) -> float:
     """Engine time one chunk of a session costs, from a push's reply: its wall time in the engine, or the
-    chunk's GPU stage times where more (a CUDA engine's push returns once its chunk is queued)."""
-    gpu_ms = sum(reply.stats.get(k, 0.0) for k in ("vae_encode_ms", "dit_ms", "vae_decode_ms"))
+    chunk's GPU stage times (`stage_stats`: EngineInfo's) where more (a CUDA engine's push returns once its
+    chunk is queued)."""
+    gpu_ms = sum(reply.stats.get(k, 0.0) for k in stage_stats)
     return max(reply.engine_ms, gpu_ms) / 1000.0
 
 
@@ -144,16 +144,17 @@ class Session:
         self.created_at = time.time()
         self._ctx = ctx
         self._clock = clock
-        self._model_w, self._model_h = ctx.engine.info.width, ctx.engine.info.height
-        self.metrics = SessionMetrics(session_id, ctx.metrics, ctx.config.deadline_s, clock)
+        self._engine_info = info = ctx.engine.info
+        self._model_w, self._model_h = info.width, info.height
+        self.metrics = SessionMetrics(session_id, ctx.metrics, ctx.config.deadline_s, clock, info.stage_stats)
         self.output_track = GeneratedVideoTrack(
             PtsPacer(CLOCK_RATE), self._on_sent, lambda n: self.metrics.drop("late", n), clock
         )
         self.egress = SessionEgress(session_id, self.output_track)
-        self._sampler: ChunkSampler[_Arrival] = ChunkSampler(PENDING_FRAMES)
+        self._sampler: ChunkSampler[_Arrival] = ChunkSampler(PENDING_CHUNKS * info.max_chunk_frames)
         self._inputs: OrderedDict[int, _InputMeta] = OrderedDict()
         self._last_pts = -1
-        self._chunk_frames = MAX_CHUNK
+        self._chunk_frames = info.max_chunk_frames
         self._busy = False  # a chunk is with the engine: frames wait in the sampler
         self._pushed_at = 0.0
         self._pushed_frames = 0
@@ -190,8 +191,9 @@ class Session:
     async def open_engine(self) -> None:
         """Create this session's frame rings and its engine-side session."""
         h, w = self._model_h, self._model_w
-        self._input_ring = FrameRing.create(INPUT_SLOTS, h, w)
-        self._output_ring = FrameRing.create(OUTPUT_SLOTS, h, w)
+        chunk = self._engine_info.max_chunk_frames
+        self._input_ring = FrameRing.create(INPUT_CHUNKS * chunk, h, w)
+        self._output_ring = FrameRing.create(OUTPUT_CHUNKS * chunk, h, w)
         request = OpenSession(
             session_id=self.id,
             prompt=self.prompt,
@@ -349,7 +351,7 @@ class Session:
             return
         roundtrip = self._clock() - self._pushed_at
         self._busy = False
-        cost = chunk_cost_s(message)  # the engine serves chunks one at a time: sessions add up
+        cost = chunk_cost_s(message, self._engine_info.stage_stats)  # the engine serves chunks one at a time: sessions add up
         if self._pushed_frames > 1:  # a fresh stream's frame 0 alone is only encoded: not a chunk's cost
             self.engine_chunk_s = cost if self.engine_chunk_s is None else 0.7 * self.engine_chunk_s + 0.3 * cost
         self._chunk_frames = message.chunk_frames
@@ -494,7 +496,7 @@ class Session:
     def chunk_budget_s(self) -> float:
         """Time between two chunks of this session at the target frame rate (a steady chunk's at least:
         a fresh stream's frame-0 push is not a chunk, and its 1/fps must not tighten admission)."""
-        return max(self._chunk_frames, STEADY_CHUNK) / self._ctx.config.target_fps
+        return max(self._chunk_frames, self._engine_info.chunk_frames) / self._ctx.config.target_fps
 
     def info(self) -> SessionInfo:
         return SessionInfo(

@@ -1,4 +1,4 @@
-"""SDP offer -> answer: a new peer connection bound to a new session (DESIGN §5), for the page
+"""SDP offer -> answer: a new peer connection bound to a new session (docs/ARCHITECTURE.md §8), for the page
 (`/api/offer`, JSON) and for WHIP publishers (`/whip`, application/sdp); and viewer connections
 to a session's output (WHEP)."""
 

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from engine.checkpoint import CheckpointError, load_into, read_causal_dit, write_causal_dit
-from engine.config import ConfigError, load_model_config
+from engine.config import load_model_config
 from engine.dit import WanDiT
 from engine.noise_control import NoiseController
 from engine.runtime import EngineOptions, StreamEngine
+from interface.catalogue import ConfigError
 from interface.controls import StreamParams, StreamUpdate
 from tests.streams import HeldCopies, push_interleaved
 from tests.weights_fixture import write_small_weights

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,3 +86,43 @@ def test_messages_round_trip_and_reject_bad_input() -> None:
     ):
         with pytest.raises(ValidationError):
             decode_to_engine(bad)
+
+
+_SERVER_WITHOUT_ENGINE = """
+import asyncio, sys
+from pathlib import Path
+import server, server.__main__, server.cli
+from server.app import create_app
+from server.config import parse_args, worker_options
+from server.engine_client import EngineClient
+
+config = parse_args(["--model", "tiny", "--devices", "cpu", "--port", "0", "--weights", sys.argv[1]])
+create_app(config)
+options = worker_options(config).model_copy(update={"height": 32, "width": 32, "warmup": False})
+
+async def start_and_stop():
+    client = EngineClient(options, start_timeout_s=300)
+    info = await client.start()  # the engine process imports the engine, by module path
+    await client.stop()
+    return info
+
+info = asyncio.run(start_and_stop())
+assert (info.width, info.max_chunk_frames, info.chunk_frames) == (32, 5, 4), info
+assert "dit_ms" in info.stage_stats, info
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "engine")))
+"""
+
+
+def test_the_server_meets_the_engine_only_at_interface(tmp_path) -> None:
+    """The server process parses its arguments, builds its app and runs an engine process without
+    importing torch or any engine module: they meet only at interface/ (docs/ARCHITECTURE.md §1)."""
+    import os
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", _SERVER_WITHOUT_ENGINE, str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

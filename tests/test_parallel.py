@@ -25,7 +25,8 @@ from engine.parallel.balance import BlockScheduler, Move, apply_move, even_split
 from engine.parallel.devices import parse_devices
 from engine.parallel.errors import EngineFailure
 from engine.parallel.slo import BatchScheduler
-from engine.runtime import EngineOptions, StreamEngine, build_dit
+from engine.build import EngineOptions, build_dit
+from engine.runtime import StreamEngine
 from engine.stream_batch import KeyedNoise
 from interface.controls import StreamParams, StreamUpdate
 from tests.streams import push_interleaved

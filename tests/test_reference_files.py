@@ -14,7 +14,7 @@ import yaml
 from bench.reference_files import write_tree
 from engine.checkpoint import T5_FILE, VAE_FILE, WeightsLayout
 from engine.config import load_model_config
-from engine.runtime import build_dit, build_vae
+from engine.build import build_dit, build_vae
 from tests.weights_fixture import SMALL
 
 pytest.importorskip("models.wan.causal_model")

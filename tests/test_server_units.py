@@ -20,6 +20,7 @@ from server.sampling import ChunkSampler, spaced_indices
 from server.session import merge_updates
 
 FRAME = 3000  # pts of one frame at 30 fps in the 90 kHz clock
+STAGE_STATS = ("vae_encode_ms", "dit_ms", "vae_decode_ms")  # as an engine reports them in EngineInfo
 
 
 # -- sampling ---------------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ class FakeClock:
 
 def test_session_metrics_ttff_latency_jitter_misses() -> None:
     clock, server = FakeClock(), ServerMetrics(deadline_s=1.0)
-    m = SessionMetrics("s1", server, deadline_s=1.0, clock=clock)
+    m = SessionMetrics("s1", server, deadline_s=1.0, clock=clock, stage_stats=STAGE_STATS)
     for _ in range(10):
         m.input_arrived(clock.t)
         clock.t += 0.1
@@ -277,9 +278,10 @@ def test_a_chunks_cost_is_its_gpu_time_when_the_push_returned_sooner() -> None:
     def reply(engine_ms: float, **stats: float) -> FramesOut:
         return FramesOut(session_id="s", first_seq=0, count=0, pts=[], chunk_frames=4, engine_ms=engine_ms, stats=stats)
 
-    assert chunk_cost_s(reply(5.0, vae_encode_ms=14.0, dit_ms=9.0, vae_decode_ms=21.0, noise_strength=0.7)) == pytest.approx(0.044)
-    assert chunk_cost_s(reply(80.0, vae_encode_ms=14.0, dit_ms=9.0, vae_decode_ms=21.0)) == pytest.approx(0.080)
-    assert chunk_cost_s(reply(30.0)) == pytest.approx(0.030)  # no stage times (a parallel engine's reply)
+    assert chunk_cost_s(reply(5.0, vae_encode_ms=14.0, dit_ms=9.0, vae_decode_ms=21.0, noise_strength=0.7),
+                        STAGE_STATS) == pytest.approx(0.044)
+    assert chunk_cost_s(reply(80.0, vae_encode_ms=14.0, dit_ms=9.0, vae_decode_ms=21.0), STAGE_STATS) == pytest.approx(0.080)
+    assert chunk_cost_s(reply(30.0), STAGE_STATS) == pytest.approx(0.030)  # no stage times (a parallel engine's reply)
 
 
 def test_a_pipeline_report_becomes_metrics_and_none_gives_no_samples() -> None:

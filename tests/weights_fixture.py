@@ -1,4 +1,4 @@
-"""Write a complete weights directory in the real layouts (DESIGN §2) at a small size, plus a model
+"""Write a complete weights directory in the real layouts (docs/ARCHITECTURE.md §4) at a small size, plus a model
 config that points at it, so the real loading path can be tested without the real files."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Pipeline-parallel engine (DESIGN §4, docs/PARALLEL.md): N ranks, one process per device, the DiT's
+"""Pipeline-parallel engine (docs/PARALLEL.md): N ranks, one process per device, the DiT's
 blocks split into contiguous stages around a ring.
 
 Modules, one job each:

@@ -1,68 +1,22 @@
-"""The `--devices` grammar.
-
-One device, in-process engine (parse_devices returns None): `auto`, `cpu`, `cuda`, `cuda:N` (device N).
-Several ranks, one process each (parse_devices returns a RankDevices):
-- `cpu:N` or `cpu*N`: N CPU ranks (gloo), e.g. for tests;
-- `cuda:0,1` (a list, in ring order; `cuda:2,3` is fine) or `cuda*N` (the first N GPUs) (NCCL);
-- `torchrun`: ranks started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), one
-  per local GPU (or CPU), possibly over several nodes; the process of RANK 0 is the engine's caller.
-`cuda:N` stays one device N (never "the first N"); a one-element list `cuda:3,` is one rank on GPU 3.
-"""
+"""The `--devices` grammar (interface.devices) resolved on this host: torchrun's environment, the GPUs
+that exist."""
 
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class RankDevices:
-    kind: str  # "cpu" or "cuda"
-    devices: tuple[str, ...]  # one torch device string per rank, in ring order ("cpu" repeated for CPU)
-    external: bool = False  # ranks started by torchrun, not by the engine
-
-    @property
-    def world(self) -> int:
-        return len(self.devices)
-
-    @property
-    def backend(self) -> str:
-        return "nccl" if self.kind == "cuda" else "gloo"
-
-
-_COUNT = re.compile(r"^(cpu|cuda)[:*](\d+)$")
-_LIST = re.compile(r"^cuda:(\d+(?:,\d*)+)$")
+from interface.devices import TORCHRUN, RankDevices, parse_device_spec
 
 
 def parse_devices(spec: str) -> RankDevices | None:
     """None for a single-device spec; RankDevices for several ranks. ValueError on a bad spec."""
-    s = spec.strip().lower()
-    if s in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", s):
-        return None
-    if s == "torchrun":
-        return _from_torchrun()
-    m = _LIST.match(s)
-    if m:
-        ids = [int(x) for x in m.group(1).split(",") if x != ""]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"--devices {spec!r}: a GPU can hold one rank (NCCL refuses duplicates)")
-        return RankDevices("cuda", tuple(f"cuda:{i}" for i in ids))
-    m = _COUNT.match(s)
-    if m:
-        kind, n = m.group(1), int(m.group(2))
-        if n < 1:
-            raise ValueError(f"--devices {spec!r}: need at least one rank")
-        if kind == "cpu":
-            return RankDevices("cpu", ("cpu",) * n)
-        if s.startswith("cuda*"):
-            return RankDevices("cuda", tuple(f"cuda:{i}" for i in range(n)))
-    raise ValueError(
-        f"bad device {spec!r}: use cpu, cuda, cuda:N (one device), or cpu:N, cuda:0,1, cuda*N, torchrun (ranks)"
-    )
+    parsed = parse_device_spec(spec)
+    return _from_torchrun() if parsed == TORCHRUN else parsed
 
 
 def _from_torchrun() -> RankDevices:
+    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; the process of RANK 0 is the
+    engine's caller."""
     try:
         world = int(os.environ["WORLD_SIZE"])
     except (KeyError, ValueError):

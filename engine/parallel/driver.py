@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Generator, NamedTuple, Optional
+from typing import Any, Generator, Optional
 
 import torch
 
@@ -32,7 +32,7 @@ from engine.noise_control import NoiseController
 from engine.parallel.protocol import ChunkCmd, CloseCmd, DrainCmd, UpdateCmd
 from engine.parallel.stage import Group
 from engine.parallel.wire import Message
-from engine.session import CHUNK
+from engine.session import CHUNK, FrameZero
 from engine.stream_batch import KeyedNoise
 from interface.controls import StreamParams, StreamUpdate
 
@@ -72,12 +72,6 @@ class Failure:
 Wait = Any  # one of the above
 
 
-class _FrameZero(NamedTuple):
-    video: torch.Tensor  # [1, 3, 1, H, W], for the first chunk's motion measure
-    latent: torch.Tensor
-    pts: Any
-
-
 Driver = Generator[Wait, Any, None]
 
 
@@ -109,7 +103,7 @@ class DriverSession:
     # -- stream state (StreamSession._reset_stream / _new_batch, StreamBatch.__init__) ----------------
     def _reset_stream(self) -> None:
         self.vae_state = None
-        self.frame0: Optional[_FrameZero] = None  # a fresh stream's frame 0, waiting for frames 1-4
+        self.frame0: Optional[FrameZero] = None  # a fresh stream's frame 0, waiting for frames 1-4
         self.new_vae = False  # the next forward starts the last rank's decode stream
         self._new_batch()
         self.controller = NoiseController(**self.controller_args)
@@ -197,7 +191,7 @@ class DriverSession:
         message has been round the ring."""
         host = self.host
         latent = host.vae.stream_encode(video.to(host.dtype), self.vae_state).to(host.dtype)
-        self.frame0 = _FrameZero(video, latent, cmd.pts[0])
+        self.frame0 = FrameZero(frame=cmd.frames[0], pts=cmd.pts[0], video=video, latent=latent)
         yield Emit(Message("prep", {"sid": self.sid, "frames": 1 + CHUNK // 4, "done": cmd.seq}))
 
     def _prime(self, latent: torch.Tensor, strength: float, t0: int, new_vae: bool, seq: int, lap: Any,

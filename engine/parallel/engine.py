@@ -33,10 +33,12 @@ import numpy as np
 from engine.config import ModelConfig
 from engine.parallel import protocol as P
 from engine.parallel.balance import even_split
-from engine.parallel.devices import RankDevices, validate_local
+from engine.parallel.devices import validate_local
 from engine.parallel.errors import EngineFailure
 from engine.session import CHUNK, ChunkBuffer
 from interface.controls import StreamParams, StreamUpdate
+from interface.devices import RankDevices
+from interface.messages import EngineInfo
 
 log = logging.getLogger("engine.parallel")
 
@@ -174,8 +176,6 @@ class ParallelEngine:
     finishes_in_background = True  # sessions' frames arrive between pushes: see take_finished()
 
     def __init__(self, cfg: ModelConfig, options: Any, ranks: RankDevices) -> None:
-        from engine.runtime import EngineInfo
-
         self.cfg, self.options, self.ranks = cfg, options, ranks
         validate_local(ranks)
         popts = options.parallel
@@ -210,7 +210,7 @@ class ParallelEngine:
             self.close()  # no rank left behind by a failed start
             raise
         assert self._ready is not None
-        self.info = EngineInfo.model_validate(self._ready.info)
+        self.info: EngineInfo = self._ready.info
         log.info("parallel engine ready: %d ranks on %s, blocks per rank %s", world, ",".join(ranks.devices), split)
 
     # -- start / stop ----------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from interface.messages import EngineInfo
+
 
 # -- commands (caller -> rank 0) ----------------------------------------------------------------------
 @dataclass
@@ -74,7 +76,7 @@ class StopCmd:
 @dataclass
 class Ready:
     rank: int
-    info: dict  # engine.runtime.EngineInfo fields
+    info: EngineInfo
     split: list
 
 

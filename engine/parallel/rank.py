@@ -43,19 +43,20 @@ from engine.config import ModelConfig, load_model_config
 from engine.dit import Embedded
 from engine.parallel import protocol as P
 from engine.parallel.balance import BlockScheduler, Move, apply_move, even_split, moved_layers, ranges
-from engine.parallel.devices import RankDevices
 from engine.parallel.driver import AwaitRows, DriverSession, Emit, Failure, NeedCommand, Submit
 from engine.parallel.options import ParallelOptions
 from engine.parallel.profiling import RankProfiler
 from engine.parallel.slo import BatchScheduler
 from engine.parallel.stage import Group, Stage
-from engine.parallel.timing import ForwardTimes, StageClock
+from engine.timing import ForwardTimes, StageClock
 from engine.parallel.wire import DistLink, Link, LoopbackLink, Message
 from engine.rope import Rope
-from engine.runtime import (EngineOptions, FrameIO, PendingFrames, build_decoder, build_dit, build_text, build_vae,
-                            embed_prompt, tune_backends)
-from engine.session import first_latent_apart
+from engine.build import EngineOptions, build_decoder, build_dit, build_text, build_vae, embed_prompt, tune_backends
+from engine.session import DECODE_MS, engine_info, first_latent_apart
 from engine.stream_batch import KeyedNoise
+from engine.transfer import FrameIO, PendingFrames
+from interface.devices import RankDevices
+from interface.messages import EngineInfo
 
 log = logging.getLogger("engine.parallel.rank")
 
@@ -69,7 +70,7 @@ class RankSpec:
     rank: int
     world: int
     devices: RankDevices
-    options: dict  # engine.runtime.EngineOptions.model_dump()
+    options: dict  # engine.build.EngineOptions.model_dump()
     init_method: str  # file:// store for spawned ranks, env:// under torchrun
     split: list[int] = field(default_factory=list)
 
@@ -290,7 +291,7 @@ class RankBase:
         outputs = []
         for g, pending, pts in out.frames:
             keep = [(f, p) for f, p in zip(pending.result(), pts) if p is not None]
-            stats = dict(g.stats, vae_decode_ms=out.decode.wait().ms() or 0.0)
+            stats = {**g.stats, DECODE_MS: out.decode.wait().ms() or 0.0}
             outputs.append((g.sid, [f for f, _ in keep], [p for _, p in keep], stats))
         records = out.times + [(self.rank, *r) for r in self.clock.harvest()]
         done = [(g.sid, g.done) for g in out.groups if g.done is not None]
@@ -418,8 +419,8 @@ class Rank0(RankBase):
     def embed_prompt(self, prompt: str) -> torch.Tensor:
         return embed_prompt(self.text, self.cfg, prompt, self.device, self.dtype)
 
-    def info(self) -> dict:
-        return dict(
+    def info(self) -> EngineInfo:
+        return engine_info(
             model=self.cfg.name, height=self.defaults.height, width=self.defaults.width, steps=self.defaults.steps,
             random_weights=self.layout is None,
             device=",".join(self.spec.devices.devices) if not self.spec.devices.external else f"torchrun:{self.world}",

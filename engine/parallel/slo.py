@@ -1,4 +1,4 @@
-"""SLO-aware batch scheduler: how many sessions' chunks go into one forward (DESIGN §4).
+"""SLO-aware batch scheduler: how many sessions' chunks go into one forward (docs/PARALLEL.md).
 
 A forward of B sessions costs a latency L(B) that grows with B (measured: from rank 0 issuing it to
 the last rank's decoded frames coming back), while it yields B chunks, so throughput rises with B

@@ -1,0 +1,224 @@
+"""Building an engine's parts: the options an engine starts from, the DiT (whole, or only a rank's blocks),
+the VAE, the decoder, the text encoder, and prompt embeddings. The in-process engine (engine.runtime) and
+every pipeline rank (engine.parallel.rank) build with these functions.
+
+Random weights are drawn per part (trunk, each block, VAE, text encoder) from seeds derived from
+`seed`, so that a rank building only its blocks gets exactly the weights one process would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Protocol, Sequence
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engine.checkpoint import WeightsLayout, check_state_dict, load_into, read_tensor_file
+from engine.config import ModelConfig
+from engine.dit import Block, WanDiT
+from engine.parallel.options import ParallelOptions
+from engine.stream_batch import mix_seed
+from engine.taehv import LATENT_CHANNELS, TAEHV, load_taehv, random_taehv
+from engine.vae import WanVAE
+from interface.catalogue import Decoder, decoder_problem
+from interface.devices import one_device
+
+log = logging.getLogger(__name__)
+
+# The DiT's parts besides its blocks (module names = state-dict prefixes).
+TRUNK_PARTS = ("patch_embedding", "text_embedding", "time_embedding", "time_projection", "head")
+# Sub-seeds of the random-weight init, one per part (DiT blocks add their index).
+_SEED_TRUNK, _SEED_BLOCK, _SEED_VAE, _SEED_TEXT, _SEED_TAEHV = 1, 2, 3, 4, 5
+
+
+class EngineOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = "tiny"
+    weights: Optional[Path] = None
+    device: str = "auto"
+    height: Optional[int] = Field(None, gt=0)
+    width: Optional[int] = Field(None, gt=0)
+    steps: Optional[int] = Field(None, ge=1, le=4)
+    dtype: Optional[str] = Field(None, pattern="^(float32|bfloat16|float16)$")
+    seed: int = 0
+    # Latents -> pixels: the Wan VAE decoder, or the light TAEHV decoder (far less compute, lower fidelity;
+    # its file is taew2_1.pth from the TAEHV project). Encoding always uses the Wan VAE.
+    decoder: Decoder = "wan"
+    taehv_weights: Optional[Path] = None
+    # Forwards between a chunk's consecutive denoising steps (engine.stream_batch). 1, the reference's
+    # schedule, has the lowest latency; with several steps and several ranks, the number of ranks lets
+    # one stream keep every rank busy. Frames equal those of any engine with the same value.
+    step_lag: int = Field(1, ge=1, le=8)
+    # Only for several ranks (pipeline-parallel engine): schedulers, start-up and test hooks.
+    parallel: ParallelOptions = Field(default_factory=ParallelOptions)
+
+    @model_validator(mode="after")
+    def _check_decoder(self) -> "EngineOptions":
+        problem = decoder_problem(self.decoder, self.taehv_weights, self.weights)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+class StreamDecoder(Protocol):
+    """What a session needs from a decoder (WanVAE and TAEHV both are one): normalised latents
+    [B,16,t,h,w] -> frames [B,3,T,8h,8w] in [-1,1]; 1+4(t-1) frames on a stream's first call, 4t later."""
+
+    def new_stream_state(self) -> Any: ...
+
+    def stream_decode(self, latent: torch.Tensor, state: Any) -> torch.Tensor: ...
+
+
+def tune_backends(device: torch.device) -> None:
+    """Process-wide backend settings for an engine process on `device`. A stream's shapes never change,
+    so cuDNN may time its convolution algorithms once per shape and keep the fastest (the VAE is most
+    of a chunk's convolutions). The benchmarks set this too: without it here, the server and every
+    pipeline rank (their own processes) ran on cuDNN's heuristic choices instead."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def resolve_device(spec: str) -> torch.device:
+    """One device of the `--devices` grammar (interface.devices) on this host."""
+    one = one_device(spec)
+    if one is None:
+        raise ValueError(f"device {spec!r} names several ranks: StreamEngine.create starts them")
+    if one == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(one)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+@contextlib.contextmanager
+def _building(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Create parameters directly on the device and in the dtype (a 14B model never exists in fp32)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _finish(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def build_dit(
+    cfg: ModelConfig,
+    layout: Optional[WeightsLayout],
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    blocks: Optional[Iterable[int]] = None,
+    trunk: Sequence[str] = TRUNK_PARTS,
+) -> WanDiT:
+    """The DiT with only `blocks` (None: all) and the `trunk` parts materialised; the rest stays on the
+    meta device (a pipeline rank holds only what it runs). Checkpoints are checked whole (strict: every
+    key and shape), then only the wanted tensors are read (the state dict is memory-mapped)."""
+    blocks = range(cfg.dit.num_layers) if blocks is None else list(blocks)
+    with torch.device("meta"):
+        dit = WanDiT(cfg.dit)
+    wanted = [*trunk, *(f"blocks.{i}" for i in blocks)]
+    if layout is None:
+        if trunk:
+            # the trunk is small: build it whole from its own seed, keep the wanted parts
+            torch.manual_seed(mix_seed(seed, _SEED_TRUNK))
+            with _building(device, dtype):
+                whole = WanDiT(cfg.dit.model_copy(update={"num_layers": 0}))
+            for name in trunk:
+                setattr(dit, name, getattr(whole, name))
+        for i in blocks:
+            torch.manual_seed(mix_seed(seed, _SEED_BLOCK, i))
+            with _building(device, dtype):
+                dit.blocks[i] = Block(cfg.dit)
+    else:
+        state = layout.dit_state()
+        if set(trunk) == set(TRUNK_PARTS) and len(blocks) == cfg.dit.num_layers:
+            load_into(dit, state, str(layout.causal), assign=True)
+        else:
+            check_state_dict(dit, state, str(layout.causal))  # the whole file matches the architecture
+            for name in wanted:  # then each owned part loads strictly from its own keys
+                part = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
+                dit.get_submodule(name).load_state_dict(part, strict=True, assign=True)
+    for name in wanted:
+        module = dit.get_submodule(name)
+        _finish(module, device, dtype)
+    return dit.eval().requires_grad_(False)  # type: ignore[return-value]
+
+
+def build_vae(cfg: ModelConfig, layout: Optional[WeightsLayout], device: torch.device, dtype: torch.dtype, seed: int) -> WanVAE:
+    if layout is None:
+        torch.manual_seed(mix_seed(seed, _SEED_VAE))
+        with _building(device, dtype):
+            return _finish(WanVAE(cfg.vae), device, dtype)  # type: ignore[return-value]
+    vae = WanVAE(cfg.vae)
+    load_into(vae, read_tensor_file(layout.vae), str(layout.vae))
+    return _finish(vae, device, dtype)  # type: ignore[return-value]
+
+
+def build_taehv(cfg: ModelConfig, path: Optional[Path], device: torch.device, dtype: torch.dtype, seed: int) -> TAEHV:
+    """The light decoder from its file, or seeded random weights (allowed with random model weights only:
+    see EngineOptions)."""
+    if cfg.vae.z_dim != LATENT_CHANNELS:
+        raise ValueError(f"the TAEHV decoder takes {LATENT_CHANNELS} latent channels; model {cfg.name} has {cfg.vae.z_dim}")
+    if path is None:
+        log.warning("TAEHV decoder with RANDOM WEIGHTS (no taehv_weights file given)")
+        model = random_taehv(mix_seed(seed, _SEED_TAEHV))
+    else:
+        model = load_taehv(path)
+    return _finish(model, device, dtype)  # type: ignore[return-value]
+
+
+def build_decoder(cfg: ModelConfig, options: "EngineOptions", vae: Optional[WanVAE], device: torch.device,
+                  dtype: torch.dtype) -> StreamDecoder:
+    """The decoder `options.decoder` names; `vae` is the engine's Wan VAE (needed for "wan")."""
+    if options.decoder == "taehv":
+        return build_taehv(cfg, options.taehv_weights, device, dtype, options.seed)
+    if vae is None:
+        raise ValueError("the Wan decoder needs the Wan VAE")
+    return vae
+
+
+def build_text(cfg: ModelConfig, layout: Optional[WeightsLayout], device: torch.device, dtype: torch.dtype, seed: int):
+    """The umT5 encoder with its tokenizer; None for a random-weights real-size model, whose prompts
+    are then embedded by a seeded hash (a 5.7B random encoder would only cost time and memory)."""
+    from engine.text_encoder import TextEncoder, UMT5Encoder
+    from engine.tokenizer import ByteTokenizer, UMT5Tokenizer
+
+    tc = cfg.text
+    if layout is not None:
+        with torch.device("meta"):  # no 5.7B random init only to be overwritten
+            enc = UMT5Encoder(tc)
+        load_into(enc, read_tensor_file(layout.t5), str(layout.t5), assign=True)
+        return TextEncoder(_finish(enc, device, dtype), UMT5Tokenizer.from_folder(layout.tokenizer, tc.text_len))
+    if cfg.name != "tiny":
+        log.info("random weights at real size: prompts are embedded by a seeded hash, not by umT5")
+        return None
+    torch.manual_seed(mix_seed(seed, _SEED_TEXT))
+    with _building(device, dtype):
+        enc = _finish(UMT5Encoder(tc), device, dtype)
+    return TextEncoder(enc, ByteTokenizer(tc.vocab_size, tc.text_len))
+
+
+@torch.no_grad()
+def embed_prompt(text, cfg: ModelConfig, prompt: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Text embeddings [1, text_len, text_dim] for one prompt (`text` from build_text)."""
+    if text is None:
+        seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little")
+        g = torch.Generator().manual_seed(seed)
+        ctx = torch.randn(1, cfg.dit.text_len, cfg.dit.text_dim, generator=g) * 0.1
+        return ctx.to(device, dtype)
+    return text.encode_prompts([prompt]).to(device, dtype)
