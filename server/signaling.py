@@ -104,6 +104,17 @@ def offered_video_codecs(sdp: str) -> list[str]:
     return [n for n in dict.fromkeys(names) if n not in ("RTX", "RED", "ULPFEC", "FLEXFEC-03")]
 
 
+def offers_h264_mode_1(sdp: str) -> bool:
+    """Whether some H.264 payload of a video m-line has `packetization-mode=1`, the only mode aiortc
+    takes (an H.264 payload without an fmtp line saying so is mode 0)."""
+    for section in re.split(r"(?m)^m=", sdp)[1:]:
+        if section.startswith("video"):
+            for pt in re.findall(r"(?mi)^a=rtpmap:(\d+) H264/", section):
+                if re.search(rf"(?m)^a=fmtp:{pt} .*packetization-mode=1", section):
+                    return True
+    return False
+
+
 async def _set_offer(pc: RTCPeerConnection, sdp: str) -> None:
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
@@ -112,6 +123,11 @@ async def _set_offer(pc: RTCPeerConnection, sdp: str) -> None:
         if codecs and not {"H264", "VP8"} & set(codecs):
             raise ApiError(
                 400, f"no video codec in common: the offer has {', '.join(codecs)}; send {VIDEO_CODECS}"
+            ) from None
+        if "H264" in codecs and "VP8" not in codecs and not offers_h264_mode_1(sdp):
+            raise ApiError(
+                400, "H.264 is offered without packetization-mode=1 (a=fmtp), the mode WebRTC needs: send it "
+                "(GStreamer: in the caps after rtph264pay) or VP8"
             ) from None
         raise ApiError(400, f"invalid SDP offer: {type(exc).__name__}: {exc}") from None
 

@@ -16,7 +16,7 @@ from server.config import ServerConfig, parse_args
 from server.errors import ApiError
 from server.ice import IceServer, link_headers, rtc_configuration
 from server.restream import recording_path, redact_url, restream_target
-from server.signaling import _answer, as_dtls_server
+from server.signaling import _answer, _set_offer, as_dtls_server
 from server.sinks import DropOldestQueue
 
 TOKEN = SecretStr("s3cret-token")
@@ -218,3 +218,23 @@ async def test_answered_as_the_dtls_server_the_peers_connect() -> None:
         assert offerer.connectionState == answerer.connectionState == "connected"
     finally:
         await asyncio.gather(offerer.close(), answerer.close())
+
+
+async def test_an_h264_offer_in_packetization_mode_0_is_refused_saying_so() -> None:
+    # What webrtcbin 1.22 offers when the caps after rtph264pay do not carry packetization-mode.
+    from aiortc import RTCPeerConnection, RTCRtpSender
+
+    offerer = RTCPeerConnection()
+    video = offerer.addTransceiver("video", direction="sendonly")
+    video.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType == "video/H264"])
+    await offerer.setLocalDescription(await offerer.createOffer())
+    mode_0 = re.sub(r"packetization-mode=1;?", "", offerer.localDescription.sdp)
+    await offerer.close()
+    answerer = RTCPeerConnection()
+    try:
+        with pytest.raises(ApiError) as err:
+            await _set_offer(answerer, mode_0)
+        assert err.value.status == 400 and "packetization-mode=1" in str(err.value)
+        await _set_offer(answerer, offerer.localDescription.sdp)  # the same offer in mode 1 is taken
+    finally:
+        await answerer.close()
