@@ -202,7 +202,10 @@ def setups(sdp: str) -> list[str]:
 
 def run(args: argparse.Namespace, report: Report) -> bool:
     deadline = time.monotonic() + args.timeout
-    left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
+
+    def left() -> float:
+        return max(1.0, deadline - time.monotonic())
+
     publisher = Peer(PUBLISH.format(width=args.width, height=args.height, fps=args.fps), "publisher")
     for index in range(2):  # a WHIP publisher only sends
         transceiver = publisher.rtc.emit("get-transceiver", index)
