@@ -1,5 +1,6 @@
 # make run   — set up .venv and start the server (real model if weights are given, else `tiny`)
-# make test  — set up .venv (+ Chromium for the browser test) and run the test suite on the CPU
+# make test  — set up .venv (+ Chromium for the browser test, GStreamer for the webrtcbin WHIP/WHEP
+#              test) and run the test suite on the CPU
 # make bench — GPU benchmarks (see docs/BENCHMARKS.md)
 PY ?= python3
 VENV := .venv
@@ -7,7 +8,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: install run test bench browser docker clean
+# GStreamer's webrtcbin as a WHIP/WHEP client (tests/test_gstreamer_whip.py), driven from the system python3
+GST_PACKAGES := gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
+	gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-nice gstreamer1.0-libav \
+	python3-gst-1.0 gir1.2-gst-plugins-bad-1.0
+
+.PHONY: install run test bench browser gstreamer docker clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -24,10 +30,13 @@ install: $(STAMP)
 browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
+gstreamer:
+	@/usr/bin/python3 tests/gst_whip_client.py --check >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(GST_PACKAGES) >/dev/null)
+
 run: install
 	$(BIN)/python -m server $(ARGS)
 
-test: install browser
+test: install browser gstreamer
 	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: install

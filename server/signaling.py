@@ -11,6 +11,7 @@ import uuid
 from typing import Optional
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import sdp as aiortc_sdp
 
 from interface.controls import StreamParams
 from server.egress import Viewer
@@ -104,6 +105,17 @@ def offered_video_codecs(sdp: str) -> list[str]:
     return [n for n in dict.fromkeys(names) if n not in ("RTX", "RED", "ULPFEC", "FLEXFEC-03")]
 
 
+def offers_h264_mode_1(sdp: str) -> bool:
+    """Whether some H.264 payload of a video m-line has `packetization-mode=1`, the only mode aiortc
+    takes (an H.264 payload without an fmtp line saying so is mode 0)."""
+    for section in re.split(r"(?m)^m=", sdp)[1:]:
+        if section.startswith("video"):
+            for pt in re.findall(r"(?mi)^a=rtpmap:(\d+) H264/", section):
+                if re.search(rf"(?m)^a=fmtp:{pt} .*packetization-mode=1", section):
+                    return True
+    return False
+
+
 async def _set_offer(pc: RTCPeerConnection, sdp: str) -> None:
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
@@ -113,13 +125,40 @@ async def _set_offer(pc: RTCPeerConnection, sdp: str) -> None:
             raise ApiError(
                 400, f"no video codec in common: the offer has {', '.join(codecs)}; send {VIDEO_CODECS}"
             ) from None
+        if "H264" in codecs and "VP8" not in codecs and not offers_h264_mode_1(sdp):
+            raise ApiError(
+                400, "H.264 is offered without packetization-mode=1 (a=fmtp), the mode WebRTC needs: send it "
+                "(GStreamer: in the caps after rtph264pay) or VP8"
+            ) from None
         raise ApiError(400, f"invalid SDP offer: {type(exc).__name__}: {exc}") from None
+
+
+def as_dtls_server(offer_sdp: str, answer_sdp: str) -> str:
+    """The answer with `a=setup:passive` (we are the DTLS server) wherever the offer left the role to
+    us (`actpass`); an offer that chose a role keeps the opposite one.
+
+    Why: aiortc answers `actpass` with `active`, so it would be the DTLS client, and as a client it
+    offers only ECDHE-ECDSA cipher suites. A peer with an RSA certificate, such as GStreamer's
+    webrtcbin (1.22), then fails the handshake with "no shared cipher". As the server, aiortc
+    presents its ECDSA certificate, which every client's suites cover (browsers, OBS, webrtcbin).
+    WHIP/WHEP servers commonly answer `passive` too; see docs/OBS.md. aiortc applies the role of an
+    answer given to setLocalDescription, so no private API is touched.
+    """
+    offer = aiortc_sdp.SessionDescription.parse(offer_sdp)
+    answer = aiortc_sdp.SessionDescription.parse(answer_sdp)
+    changed = False
+    for offered, answered in zip(offer.media, answer.media):
+        if offered.dtls is not None and offered.dtls.role == "auto" and answered.dtls is not None:
+            changed = changed or answered.dtls.role != "server"
+            answered.dtls.role = "server"
+    return str(answer) if changed else answer_sdp
 
 
 async def _answer(pc: RTCPeerConnection) -> None:
     try:
         answer = await pc.createAnswer()
-        await pc.setLocalDescription(answer)
+        sdp = as_dtls_server(pc.remoteDescription.sdp, answer.sdp)
+        await pc.setLocalDescription(RTCSessionDescription(sdp=sdp, type=answer.type))
     except Exception as exc:  # e.g. no codec in common
         raise ApiError(
             400, f"cannot answer this offer ({VIDEO_CODECS} video expected): {type(exc).__name__}: {exc}"

@@ -3,6 +3,8 @@ recordings and restreams, the bounded hand-off queue, configuration."""
 
 from __future__ import annotations
 
+import asyncio
+import re
 import threading
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from server.config import ServerConfig, parse_args
 from server.errors import ApiError
 from server.ice import IceServer, link_headers, rtc_configuration
 from server.restream import recording_path, redact_url, restream_target
+from server.signaling import _answer, _set_offer, as_dtls_server
 from server.sinks import DropOldestQueue
 
 TOKEN = SecretStr("s3cret-token")
@@ -158,3 +161,82 @@ def test_drop_oldest_queue_is_bounded_and_never_blocks_the_producer() -> None:
     assert got == [5]
     with pytest.raises(ValueError):
         DropOldestQueue(0)
+
+
+# -- DTLS role of our answers ---------------------------------------------------------------------------
+
+
+def _setups(sdp: str) -> list[str]:
+    return re.findall(r"(?m)^a=setup:(\w+)", sdp)
+
+
+async def _offer_and_answer(setup: str) -> tuple[str, str]:
+    """A browser-like offer (video + data channel) with its `a=setup` forced to `setup`, and
+    aiortc's own answer to it (before as_dtls_server)."""
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+
+    offerer, answerer = RTCPeerConnection(), RTCPeerConnection()
+    offerer.addTransceiver("video", direction="sendrecv")
+    offerer.createDataChannel("control")
+    await offerer.setLocalDescription(await offerer.createOffer())
+    offer = re.sub(r"(?m)^a=setup:\w+", f"a=setup:{setup}", offerer.localDescription.sdp)
+    await answerer.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+    answer = (await answerer.createAnswer()).sdp
+    await asyncio.gather(offerer.close(), answerer.close())
+    return offer, answer
+
+
+async def test_actpass_offers_are_answered_as_the_dtls_server() -> None:
+    offer, answer = await _offer_and_answer("actpass")
+    assert _setups(answer) == ["active", "active"]  # aiortc's own choice: the DTLS client
+    ours = as_dtls_server(offer, answer)
+    assert _setups(ours) == ["passive", "passive"]
+    # Nothing but the setup lines changes.
+    strip = lambda sdp: re.sub(r"(?m)^a=setup:\w+\r?\n", "", sdp)  # noqa: E731
+    assert strip(ours) == strip(answer)
+
+
+@pytest.mark.parametrize("setup, answered", [("active", "passive"), ("passive", "active")])
+async def test_an_offer_that_chose_its_role_keeps_the_opposite(setup: str, answered: str) -> None:
+    offer, answer = await _offer_and_answer(setup)
+    assert as_dtls_server(offer, answer) == answer and set(_setups(answer)) == {answered}
+
+
+async def test_answered_as_the_dtls_server_the_peers_connect() -> None:
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+
+    offerer, answerer = RTCPeerConnection(), RTCPeerConnection()
+    try:
+        offerer.addTransceiver("video", direction="sendrecv")
+        channel = offerer.createDataChannel("control")
+        opened = asyncio.Event()
+        channel.on("open", opened.set)
+        await offerer.setLocalDescription(await offerer.createOffer())
+        await answerer.setRemoteDescription(offerer.localDescription)
+        await _answer(answerer)
+        assert set(_setups(answerer.localDescription.sdp)) == {"passive"}
+        await offerer.setRemoteDescription(RTCSessionDescription(answerer.localDescription.sdp, "answer"))
+        await asyncio.wait_for(opened.wait(), 30)  # DTLS (and SCTP over it) came up
+        assert offerer.connectionState == answerer.connectionState == "connected"
+    finally:
+        await asyncio.gather(offerer.close(), answerer.close())
+
+
+async def test_an_h264_offer_in_packetization_mode_0_is_refused_saying_so() -> None:
+    # What webrtcbin 1.22 offers when the caps after rtph264pay do not carry packetization-mode.
+    from aiortc import RTCPeerConnection, RTCRtpSender
+
+    offerer = RTCPeerConnection()
+    video = offerer.addTransceiver("video", direction="sendonly")
+    video.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType == "video/H264"])
+    await offerer.setLocalDescription(await offerer.createOffer())
+    mode_0 = re.sub(r"packetization-mode=1;?", "", offerer.localDescription.sdp)
+    await offerer.close()
+    answerer = RTCPeerConnection()
+    try:
+        with pytest.raises(ApiError) as err:
+            await _set_offer(answerer, mode_0)
+        assert err.value.status == 400 and "packetization-mode=1" in str(err.value)
+        await _set_offer(answerer, offerer.localDescription.sdp)  # the same offer in mode 1 is taken
+    finally:
+        await answerer.close()
