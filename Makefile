@@ -1,13 +1,14 @@
 # make run   — set up .venv and start the server (real model if weights are given, else `tiny`)
 # make test  — set up .venv (+ Chromium for the browser test) and run the test suite on the CPU
 # make bench — GPU benchmarks (see docs/BENCHMARKS.md)
+# make weights ARGS="wan-1.3b --to DIR" — download a model's weights into the --weights layout (README "Weights")
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: install run test bench browser docker clean
+.PHONY: install run test bench weights browser docker clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -33,6 +34,9 @@ test: install browser
 bench: install
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m bench $(ARGS)
+
+weights: install
+	$(BIN)/python -m engine fetch $(ARGS)
 
 docker:
 	docker build -f docker/Dockerfile -t streamgen:latest .
