@@ -110,9 +110,12 @@ def test_fetch_lands_in_the_layout_resumes_and_skips_complete_files(published, t
         assert "will fetch 0.0 MB in 0 files" in r.stderr
         assert not [q for q in hub.log[before:] if q.method == "GET" and "/resolve/" in q.path]
 
-        # a file cut short on disk is fetched again, and only that one
+        # a file cut short on disk is fetched again, and only that one, even with its old mtime (which
+        # makes huggingface_hub trust its own record that the file is complete)
         vae = weights / FOLDER / VAE_FILE
+        st = vae.stat()
         vae.write_bytes(vae.read_bytes()[:1000])
+        os.utime(vae, ns=(st.st_atime_ns, st.st_mtime_ns))
         before = len(hub.log)
         r = fetch_cli(hub.url, str(published["cfg"]), weights, home)
         assert r.returncode == 0, r.stderr
