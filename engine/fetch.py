@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import httpx2
-from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -150,9 +150,8 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def hub_error(repo: str, exc: BaseException) -> FetchError:
-    """The hub library's exceptions as one line that says what to do."""
-    hub = constants.ENDPOINT
+def hub_error(repo: str, exc: BaseException, hub: str) -> FetchError:
+    """The hub library's exceptions as one line that says what to do (`hub`: the endpoint asked)."""
     if isinstance(exc, GatedRepoError):
         return FetchError(f"{repo} is gated: accept its terms at {hub}/{repo} while logged in, then give "
                           "this command your token (HF_TOKEN=... or `hf auth login`)")
@@ -179,7 +178,7 @@ def plan(target: Target, root: Path, api: HfApi) -> Plan:
         try:
             info = api.model_info(src.repo, revision=REVISION, files_metadata=True)
         except Exception as exc:
-            raise hub_error(src.repo, exc) from None
+            raise hub_error(src.repo, exc, api.endpoint) from None
         listed = {s.rfilename: s for s in info.siblings or []}
         commits[src.repo] = str(info.sha)
         for pattern in src.patterns:
@@ -242,7 +241,7 @@ def download(p: Plan, api: HfApi) -> None:
             snapshot_download(src.repo, revision=p.commits[src.repo], local_dir=p.root / src.subdir,
                               allow_patterns=[glob.escape(x) for x in paths], endpoint=api.endpoint)
         except Exception as exc:
-            raise hub_error(src.repo, exc) from None
+            raise hub_error(src.repo, exc, api.endpoint) from None
     wrong = [f"{f.local} ({f.local_size} of {f.size} bytes)" for f in p.files if f.local_size != f.size]
     if wrong:
         raise FetchError(f"incomplete after the download: {', '.join(wrong)}; run the command again")
@@ -271,6 +270,7 @@ def fetch(model: str, root: Path, dry_run: bool = False, endpoint: Optional[str]
     try:
         checked = target.check(root)
     except CheckpointError as exc:
-        raise FetchError(f"downloaded, but {_one_line(exc)}") from None
+        raise FetchError(f"downloaded, but {_one_line(exc)} (if the hub's copy is fine, delete the file and "
+                         "run the command again)") from None
     log.info("the strict loaders accepted %s; use them with %s", _files(len(checked)), target.use.format(root=root))
     return checked

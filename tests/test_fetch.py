@@ -100,7 +100,8 @@ def test_fetch_lands_in_the_layout_resumes_and_skips_complete_files(published, t
         # the engine starts from the fetched folder with these weights
         e = StreamEngine.create(EngineOptions(model=str(published["cfg"]), weights=weights, device="cpu"))
         assert not e.info.random_weights
-        assert torch.equal(e.dit.state_dict()["blocks.1.ffn.0.weight"], published["states"]["dit"]["blocks.1.ffn.0.weight"])
+        key = "blocks.1.ffn.0.weight"
+        assert torch.equal(e.dit.state_dict()[key], published["states"]["dit"][key])
         assert all(torch.equal(e.vae.state_dict()[k], v) for k, v in published["states"]["vae"].items())
 
         # a second run fetches nothing: every file is complete
