@@ -2,6 +2,7 @@
 # make test  — set up .venv (+ Chromium for the browser test, GStreamer for the webrtcbin WHIP/WHEP
 #              test) and run the test suite on the CPU
 # make bench — GPU benchmarks (see docs/BENCHMARKS.md)
+# make weights ARGS="wan-1.3b --to DIR" — download a model's weights into the --weights layout (README "Weights")
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,7 +14,7 @@ GST_PACKAGES := gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugin
 	gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-nice gstreamer1.0-libav \
 	python3-gst-1.0 gir1.2-gst-plugins-bad-1.0
 
-.PHONY: install run test bench browser gstreamer docker clean
+.PHONY: install run test bench weights browser gstreamer docker clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -42,6 +43,9 @@ test: install browser gstreamer
 bench: install
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m bench $(ARGS)
+
+weights: install
+	$(BIN)/python -m engine fetch $(ARGS)
 
 docker:
 	docker build -f docker/Dockerfile -t streamgen:latest .

@@ -1,5 +1,10 @@
 """Offline CLI:
 
+    python -m engine fetch wan-1.3b|wan-14b|taehv --to DIR [--dry-run]
+
+downloads a model's published files from the Hugging Face Hub into the layout `--weights DIR` reads
+(engine/fetch.py), then checks them with the strict loaders;
+
     python -m engine render --input IN --output OUT.mp4|OUT.npz --prompt TEXT [--model tiny|wan-1.3b|wan-14b]
         [--weights DIR] [--steps N] [--height H --width W] [--devices SPEC] [--seed S]
         [--decoder wan|taehv] [--taehv-weights taew2_1.pth] [--output-size input|model]
@@ -68,12 +73,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forwards between a chunk's denoising steps; with several steps on N ranks, N keeps "
                         "every rank busy (frames equal any engine with the same value)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    f = sub.add_parser("fetch", help="download a model's weights from the Hugging Face Hub into the --weights layout")
+    f.error = ap.error  # type: ignore[method-assign]
+    f.add_argument("model", metavar="MODEL",
+                   help="wan-1.3b, wan-14b (with their StreamDiffusionV2 checkpoints), taehv (taew2_1.pth), "
+                        "or a model config .yaml with a hub section")
+    f.add_argument("--to", required=True, type=Path, metavar="DIR",
+                   help="the weights folder to fill (created if missing); pass it to the server as --weights DIR")
+    f.add_argument("--dry-run", action="store_true", help="list the files and the size to fetch, download nothing")
     return ap
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.command == "fetch":
+        from engine.fetch import fetchable
+
+        if args.model not in fetchable() and not args.model.endswith((".yaml", ".yml")):
+            why = "has no published weights" if args.model in model_names() else "unknown"
+            ap.error(f"fetch {args.model}: {why}, choose one of {', '.join(fetchable())}")
+        if args.to.exists() and not args.to.is_dir():
+            ap.error(f"--to {args.to}: not a folder")
+        return args
     if _serving_rank(args.devices):
         return args  # a serving rank: RANK 0 reads the input and writes the output
     if args.input.is_dir():
@@ -115,6 +137,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "fetch":
+        return _fetch(args)
     from engine.checkpoint import CheckpointError
     from engine.parallel.errors import EngineFailure
     from engine.render import render
@@ -130,6 +154,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m engine: error: {exc}", file=sys.stderr)
         return 2
     log.info("wrote %d frames to %s", n, args.output)
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from engine.fetch import FetchError, fetch
+
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # not a line per HTTP request
+    try:
+        fetch(args.model, args.to, dry_run=args.dry_run)
+    except FetchError as exc:
+        print(f"python -m engine fetch: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("python -m engine fetch: interrupted; run the same command again to finish", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -92,10 +92,18 @@ class StreamDefaults(_Strict):
         return self
 
 
+class HubRepos(_Strict):
+    """Where a model's published files live on the Hugging Face Hub (read by `python -m engine fetch`)."""
+
+    wan: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")  # the Wan2.1 repository, fetched into <weights>/<weights_folder>/
+    causal: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")  # the repository holding <weights>/<causal_checkpoint>
+
+
 class ModelConfig(_Strict):
     name: str
     weights_folder: Optional[str] = None
     causal_checkpoint: Optional[str] = None
+    hub: Optional[HubRepos] = None
     dit: DiTConfig
     vae: VAEConfig = VAEConfig()
     text: TextConfig
