@@ -31,7 +31,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import filter_repo_objects
 
-from engine.config import ConfigError, ModelConfig, load_model_config, model_names
+from engine.config import ModelConfig, load_model_config
+from interface.catalogue import ConfigError, model_names
 
 log = logging.getLogger("engine.fetch")
 
