@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from interface.catalogue import read_model_file, validation_problems
+from interface.catalogue import load_model_file
 
 
 class _Strict(BaseModel):
@@ -120,8 +120,4 @@ class ModelConfig(_Strict):
 
 def load_model_config(name_or_path: str | Path) -> ModelConfig:
     """Load `tiny`, `wan-1.3b`, `wan-14b` (from configs/models) or a YAML file path (the catalogue's files)."""
-    path, data = read_model_file(name_or_path)
-    try:
-        return ModelConfig.model_validate(data)
-    except ValidationError as exc:
-        raise validation_problems(path, exc) from None
+    return load_model_file(name_or_path, ModelConfig)

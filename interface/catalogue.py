@@ -6,10 +6,12 @@ decoder choices are consistent). engine.config reads the same files into its ful
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, get_args
+from typing import Literal, Optional, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 
@@ -58,13 +60,19 @@ def validation_problems(path: Path, exc: ValidationError) -> ConfigError:
     return ConfigError(f"{path}: {problems}")
 
 
-def model_entry(name_or_path: str | Path) -> ModelEntry:
-    """The catalogue facts of one model; ConfigError for an unknown model or a broken file."""
+def load_model_file(name_or_path: str | Path, model: type[M]) -> M:
+    """A model's file read as `model` (the catalogue's entry, or the engine's full config);
+    ConfigError for an unknown model or a broken file."""
     path, data = read_model_file(name_or_path)
     try:
-        return ModelEntry.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise validation_problems(path, exc) from None
+
+
+def model_entry(name_or_path: str | Path) -> ModelEntry:
+    """The catalogue facts of one model."""
+    return load_model_file(name_or_path, ModelEntry)
 
 
 def decoder_problem(decoder: Decoder, taehv_weights: object, weights: object, cli: bool = False,
