@@ -60,6 +60,13 @@ class ServerConfig(BaseModel):
         None, description="Bearer token for WHIP ingest and outputs; None: those are open to loopback clients only"
     )
     max_viewers: int = Field(16, ge=1, le=256, description="WHEP viewers per session (each costs one encoder)")
+    max_pending_viewers: int = Field(
+        4, ge=1, le=256,
+        description="WHEP viewers per session answered but not connected yet (a newer one replaces the oldest)",
+    )
+    viewer_connect_timeout_s: float = Field(
+        15.0, gt=0.0, le=300.0, description="a WHEP viewer not connected (ICE + DTLS) within this is dropped"
+    )
     max_outputs: int = Field(4, ge=1, le=16, description="recordings and restreams per session")
     recordings_dir: Path = Field(Path("recordings"), description="where `record` outputs write (relative paths only)")
     output_bitrate_kbps: int = Field(4000, ge=100, le=100_000, description="H.264 bitrate of restreams and recordings")
@@ -192,6 +199,10 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
     parser.add_argument("--idle-timeout", dest="idle_timeout_s", type=float, help="seconds without input before a session closes")
     parser.add_argument("--max-session-seconds", dest="max_session_s", type=float, help="longest session (default unlimited)")
     parser.add_argument("--max-viewers", dest="max_viewers", type=int, help="WHEP viewers per session (default 16)")
+    parser.add_argument("--max-pending-viewers", dest="max_pending_viewers", type=int,
+                        help="WHEP viewers per session still connecting (default 4; a newer one replaces the oldest)")
+    parser.add_argument("--viewer-connect-timeout", dest="viewer_connect_timeout_s", type=float,
+                        help="seconds a WHEP viewer may take to connect before it is dropped (default 15)")
     parser.add_argument("--recordings-dir", dest="recordings_dir", type=Path, help="folder for recordings (default ./recordings)")
     parser.add_argument(
         "--virtual-camera", dest="virtual_camera", action="store_true", default=None,
