@@ -8,6 +8,7 @@ from typing import Optional
 
 from aiohttp import web
 
+from interface.shm_owner import remove_orphans
 from server.app import create_app
 from server.auth import check_exposure, is_loopback
 from server.config import ServerConfig, parse_args, worker_options
@@ -27,6 +28,15 @@ def _announce_ingest(config: ServerConfig) -> None:
         log.info("ICE server %s%s", server.public_url(), " (with credentials)" if server.username else "")
 
 
+def _remove_orphaned_memory() -> None:
+    """Frame rings of servers killed with their engine (kill -9 of the group, OOM) stay in /dev/shm
+    until someone unlinks them: a starting server does, for owners that are gone."""
+    removed = remove_orphans()
+    if removed:
+        log.warning("removed %d shared-memory segments (%.1f MB) left by servers that died without closing them",
+                    len(removed), sum(size for _, size in removed) / 1e6)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     config = parse_args(argv)
     refusal = check_exposure(config.host, config.token, config.allow_anonymous)
@@ -43,6 +53,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         except VirtualCameraUnavailable as exc:
             print(f"--virtual-camera: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+    _remove_orphaned_memory()
     _announce_ingest(config)
     options = worker_options(config)  # decides the model once (and logs a fallback to tiny)
     log.info("model %s, weights %s, devices %s", options.model, options.weights or "none (random weights)", options.device)
