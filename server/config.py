@@ -53,6 +53,11 @@ class ServerConfig(BaseModel):
     stats_interval_s: float = Field(1.0, gt=0.0)
     default_prompt: str = "a watercolor painting, soft colors"
     engine_start_timeout_s: float = Field(900.0, gt=0.0)
+    engine_max_restarts: int = Field(
+        5, ge=0, le=100,
+        description="engine restarts after crashes in a row (each within 2 minutes of its start); one more crash"
+                    " and the server exits 1 for its supervisor to restart it",
+    )
     ice_servers: list[IceServer] = Field(
         default_factory=list, description="STUN/TURN servers for every peer (server, page, WHIP/WHEP clients)"
     )
@@ -180,6 +185,8 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
                         help="forwards between a chunk's denoising steps (default: the number of ranks for a multi-step "
                              "model on several ranks, else 1; 1 is the reference's schedule)")
     parser.add_argument("--config", type=Path, help="YAML or JSON file with ServerConfig fields")
+    parser.add_argument("--engine-max-restarts", dest="engine_max_restarts", type=int,
+                        help="engine crashes in a row the server restarts it after; one more and it exits 1 (default 5)")
     parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING")
     parser.add_argument(
         "--token", help=f"Bearer token for WHIP ingest (OBS) and outputs (default: ${TOKEN_ENV}; none: loopback only)"
