@@ -185,7 +185,8 @@ async def _supervise_engine(state: AppState) -> None:
         ran_for = asyncio.get_running_loop().time() - started
         crashes = 1 if ran_for > 120 else crashes + 1
         if crashes > state.config.engine_max_restarts:
-            state.give_up(f"the engine died {crashes} times in a row, last: {state.engine.error}", EXIT_ENGINE_KEEPS_DYING)
+            times = "once" if crashes == 1 else f"{crashes} times in a row"
+            state.give_up(f"the engine died {times}, last: {state.engine.error}", EXIT_ENGINE_KEEPS_DYING)
             return
         delay = min(30.0, 2.0 ** (crashes - 1))
         log.warning("restarting the engine in %.0f s", delay)
