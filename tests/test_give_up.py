@@ -61,3 +61,21 @@ def test_server_exits_2_with_one_line_when_the_engine_cannot_start(tmp_path: Pat
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == [_last_line(done.stderr)], done.stderr[-2000:]
     assert "missing weights folder" in errors[0] and str(empty) in errors[0], errors
+
+
+def test_an_engine_failure_is_fatal_only_before_the_engine_was_ready() -> None:
+    """EngineFailed while loading: no restart will help (exit 2). After ready (a pipeline rank
+    died): a crash like any other, which the supervisor restarts."""
+    from interface.messages import EngineFailed, WorkerOptions
+    from server.engine_client import EngineClient
+
+    loading = EngineClient(WorkerOptions())
+    loading.state = "starting"
+    loading._dispatch(EngineFailed(message="CheckpointError: missing weights folder"))
+    assert loading.fatal and loading.state == "failed"
+    assert loading.error == "engine failed to start: CheckpointError: missing weights folder"
+
+    running = EngineClient(WorkerOptions())
+    running.state = "ready"
+    running._dispatch(EngineFailed(message="engine failed: rank 1 exited"))
+    assert not running.fatal and running.state == "failed" and running.error == "engine failed: rank 1 exited"
