@@ -8,12 +8,18 @@ as a message over the control pipe, which also orders the memory writes before t
 
 Layout: a 64-byte header of int64 [magic, slots, height, width, write_seq, read_seq, 0, 0], then
 `slots` slots, each [seq: int64, pts: int64, H*W*3 bytes] padded to 64 bytes.
+
+Segment names record the creating process (interface/shm_owner.py), so the rings of a server
+killed with its engine can be removed by the next one.
 """
 
 from __future__ import annotations
 
 from multiprocessing import shared_memory
+
 import numpy as np
+
+from interface.shm_owner import owned_name
 
 _MAGIC = 0x53474652_494E4731  # "SGFRING1"
 _HEADER = 64
@@ -38,6 +44,15 @@ def _slot_stride(height: int, width: int) -> int:
 def ring_bytes(slots: int, height: int, width: int) -> int:
     """Shared memory one ring takes (useful to size /dev/shm)."""
     return _HEADER + slots * _slot_stride(height, width)
+
+
+def _create_segment(size: int) -> shared_memory.SharedMemory:
+    """A new segment whose name says its owner, so a starting server can remove it once that died."""
+    while True:
+        try:
+            return shared_memory.SharedMemory(owned_name(), create=True, size=size)
+        except FileExistsError:  # 32 random bits collided: draw again
+            continue
 
 
 class FrameRing:
@@ -74,7 +89,7 @@ class FrameRing:
     def create(cls, slots: int, height: int, width: int) -> "FrameRing":
         if slots < 1 or height < 1 or width < 1:
             raise ValueError(f"bad ring geometry: {slots} slots of {height}x{width}")
-        shm = shared_memory.SharedMemory(create=True, size=ring_bytes(slots, height, width))
+        shm = _create_segment(ring_bytes(slots, height, width))
         header = np.ndarray((8,), dtype=np.int64, buffer=shm.buf, offset=0)
         header[:] = [_MAGIC, slots, height, width, 0, 0, 0, 0]
         del header

@@ -29,7 +29,10 @@ from server.virtual_camera import CameraOpener, open_camera
 log = logging.getLogger(__name__)
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
-MAX_ENGINE_RESTARTS = 5
+# Exit codes when the server gives up (docs/RELIABILITY.md): an engine that cannot load (weights,
+# device) or a port it cannot listen on is a configuration error, as a bad flag is (2).
+EXIT_CONFIGURATION = 2
+EXIT_ENGINE_KEEPS_DYING = 1
 
 
 # -- handlers ------------------------------------------------------------------------------------------
@@ -170,7 +173,8 @@ def _file(path: Path) -> web.FileResponse:
 
 async def _supervise_engine(state: AppState) -> None:
     """Start the engine, and restart it (with backoff) when it dies. Not when it failed to load:
-    missing weights or a bad device will not fix themselves."""
+    missing weights or a bad device will not fix themselves. Where it cannot go on, the server
+    gives up: it drains and exits non-zero, for its supervisor to restart it."""
     crashes = 0
     while True:
         started = asyncio.get_running_loop().time()
@@ -188,12 +192,13 @@ async def _supervise_engine(state: AppState) -> None:
                      info.height, "light TAEHV" if info.decoder == "taehv" else "Wan VAE")
             await state.engine.wait_lost()
         if state.engine.fatal:
-            log.error("the engine cannot start; fix the configuration and restart the server")
+            state.give_up(f"{state.engine.error} (fix the configuration)", EXIT_CONFIGURATION)
             return
         ran_for = asyncio.get_running_loop().time() - started
         crashes = 1 if ran_for > 120 else crashes + 1
-        if crashes > MAX_ENGINE_RESTARTS:
-            log.error("the engine died %d times in a row; giving up", crashes)
+        if crashes > state.config.engine_max_restarts:
+            times = "once" if crashes == 1 else f"{crashes} times in a row"
+            state.give_up(f"the engine died {times}, last: {state.engine.error}", EXIT_ENGINE_KEEPS_DYING)
             return
         delay = min(30.0, 2.0 ** (crashes - 1))
         log.warning("restarting the engine in %.0f s", delay)

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import sys
 from typing import Optional
 
 from aiohttp import web
 
+from interface.shm_owner import remove_orphans
 from server.access_log import QuietReadsAccessLogger
-from server.app import create_app
+from server.app import EXIT_CONFIGURATION, create_app
 from server.auth import check_exposure, is_loopback
 from server.config import ServerConfig, parse_args, worker_options
 from server.port_check import port_problem
+from server.state import STATE
 from server.virtual_camera import VirtualCameraUnavailable, check_available
 
 log = logging.getLogger("server")
@@ -28,6 +32,15 @@ def _announce_ingest(config: ServerConfig) -> None:
     for server in config.ice_servers:
         how = " (with credentials)" if server.username else " (credentials minted per peer)" if server.is_turn else ""
         log.info("ICE server %s%s", server.public_url(), how)
+
+
+def _remove_orphaned_memory() -> None:
+    """Frame rings of servers killed with their engine (kill -9 of the group, OOM) stay in /dev/shm
+    until someone unlinks them: a starting server does, for owners that are gone."""
+    removed = remove_orphans()
+    if removed:
+        log.warning("removed %d shared-memory segments (%.1f MB) left by servers that died without closing them",
+                    len(removed), sum(size for _, size in removed) / 1e6)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -50,12 +63,38 @@ def main(argv: Optional[list[str]] = None) -> None:
         except VirtualCameraUnavailable as exc:
             print(f"--virtual-camera: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+    _remove_orphaned_memory()
     _announce_ingest(config)
     options = worker_options(config)  # decides the model once (and logs a fallback to tiny)
     log.info("model %s, weights %s, devices %s", options.model, options.weights or "none (random weights)", options.device)
     app = create_app(config, options)
-    # SIGINT and SIGTERM: stop listening, then the app's cleanup closes sessions and the engine.
-    web.run_app(app, host=config.host, port=config.port, shutdown_timeout=config.drain_timeout_s / 4,
-                access_log_class=QuietReadsAccessLogger,
-                print=lambda msg: log.info("%s", msg.strip()))
+    code = asyncio.run(serve(app, config))
+    if code:
+        print(f"error: {app[STATE].exit_reason}", file=sys.stderr)  # the one line a user of `make run` reads
+        raise SystemExit(code)
     log.info("server stopped")
+
+
+async def serve(app: web.Application, config: ServerConfig) -> int:
+    """Serve until SIGINT/SIGTERM (exit code 0) or until the server gives up on its engine
+    (AppState.give_up: its code), then drain: stop listening, let requests in flight finish (a
+    quarter of `drain_timeout_s`), and the app's cleanup closes the sessions and the engine."""
+    state = app[STATE]
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, state.stop.set)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=config.drain_timeout_s / 4,
+                           access_log_class=QuietReadsAccessLogger)
+    await runner.setup()  # starts the engine in the background
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            state.give_up(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", EXIT_CONFIGURATION)
+        else:
+            log.info("listening on %s", site.name)
+        await state.stop.wait()
+    finally:
+        await runner.cleanup()
+    return state.exit_code

@@ -55,6 +55,11 @@ class ServerConfig(BaseModel):
     stats_interval_s: float = Field(1.0, gt=0.0)
     default_prompt: str = "a watercolor painting, soft colors"
     engine_start_timeout_s: float = Field(900.0, gt=0.0)
+    engine_max_restarts: int = Field(
+        5, ge=0, le=100,
+        description="engine restarts after crashes in a row (each within 2 minutes of its start); one more crash"
+                    " and the server exits 1 for its supervisor to restart it",
+    )
     ice_servers: list[IceServer] = Field(
         default_factory=list, description="STUN/TURN servers for every peer (server, page, WHIP/WHEP clients)"
     )
@@ -68,6 +73,13 @@ class ServerConfig(BaseModel):
                           "with publish only WHIP and outputs; None: WHIP and outputs are open to loopback clients only"
     )
     max_viewers: int = Field(16, ge=1, le=256, description="WHEP viewers per session (each costs one encoder)")
+    max_pending_viewers: int = Field(
+        4, ge=1, le=256,
+        description="WHEP viewers per session answered but not connected yet (a newer one replaces the oldest)",
+    )
+    viewer_connect_timeout_s: float = Field(
+        15.0, gt=0.0, le=300.0, description="a WHEP viewer not connected (ICE + DTLS) within this is dropped"
+    )
     max_outputs: int = Field(4, ge=1, le=16, description="recordings and restreams per session")
     recordings_dir: Path = Field(Path("recordings"), description="where `record` outputs write (relative paths only)")
     output_bitrate_kbps: int = Field(4000, ge=100, le=100_000, description="H.264 bitrate of restreams and recordings")
@@ -195,6 +207,8 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
                         help="forwards between a chunk's denoising steps (default: the number of ranks for a multi-step "
                              "model on several ranks, else 1; 1 is the reference's schedule)")
     parser.add_argument("--config", type=Path, help="YAML or JSON file with ServerConfig fields")
+    parser.add_argument("--engine-max-restarts", dest="engine_max_restarts", type=int,
+                        help="engine crashes in a row the server restarts it after; one more and it exits 1 (default 5)")
     parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING")
     parser.add_argument(
         "--token",
@@ -226,6 +240,10 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
                              f"(default {ServerConfig.model_fields['idle_timeout_s'].default:g})")
     parser.add_argument("--max-session-seconds", dest="max_session_s", type=float, help="longest session (default unlimited)")
     parser.add_argument("--max-viewers", dest="max_viewers", type=int, help="WHEP viewers per session (default 16)")
+    parser.add_argument("--max-pending-viewers", dest="max_pending_viewers", type=int,
+                        help="WHEP viewers per session still connecting (default 4; a newer one replaces the oldest)")
+    parser.add_argument("--viewer-connect-timeout", dest="viewer_connect_timeout_s", type=float,
+                        help="seconds a WHEP viewer may take to connect before it is dropped (default 15)")
     parser.add_argument("--recordings-dir", dest="recordings_dir", type=Path, help="folder for recordings (default ./recordings)")
     parser.add_argument(
         "--virtual-camera", dest="virtual_camera", action="store_true", default=None,

@@ -23,6 +23,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import VideoFrame
 
 from server.sinks import FrameSink
+from server.tasks import BackgroundTasks
 from server.tracks import drain
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Viewer:
     track: MediaStreamTrack
     etag: str
     created_at: float = field(default_factory=time.time)
+    connected: bool = False  # ICE and DTLS done; until then the viewer is pending (docs/RELIABILITY.md)
 
 
 class SessionEgress:
@@ -70,8 +72,10 @@ class SessionEgress:
         self.session_id = session_id
         self._source = source
         self._relay = MediaRelay()
-        self.viewers: dict[str, Viewer] = {}
-        self.joining = 0  # viewers being answered: they count against the limit too
+        self.viewers: dict[str, Viewer] = {}  # pending and connected, oldest first
+        self.joining = 0  # viewers being answered: they count as pending too
+        self._expiry: dict[str, asyncio.Task] = {}  # pending viewer -> its connect timeout
+        self._tasks = BackgroundTasks(lambda exc: log.error("session %s: viewer timeout failed", session_id, exc_info=exc))
         self.outputs: dict[str, FrameSink] = {}
         self._feeders: dict[str, asyncio.Task] = {}
         self._keepalive: Optional[asyncio.Task] = None
@@ -90,16 +94,44 @@ class SessionEgress:
         return PrivateFrameTrack(self._subscribe())
 
     # -- WHEP viewers -----------------------------------------------------------------------------------
-    def add_viewer(self, viewer: Viewer) -> None:
+    def add_viewer(self, viewer: Viewer, connect_timeout_s: float) -> None:
+        """Register an answered viewer; unless it connects within `connect_timeout_s` it is
+        dropped, so an offer whose ICE never completes cannot hold a slot."""
         self.viewers[viewer.id] = viewer
+        if not viewer.connected:
+            self._expiry[viewer.id] = self._tasks.spawn(self._expire(viewer.id, connect_timeout_s))
 
-    async def remove_viewer(self, viewer_id: str) -> bool:
+    def viewer_connected(self, viewer: Viewer) -> None:
+        viewer.connected = True
+        task = self._expiry.pop(viewer.id, None)
+        if task is not None:
+            task.cancel()
+
+    def pending_viewers(self) -> list[Viewer]:
+        """Viewers answered but not connected yet, oldest first."""
+        return [v for v in self.viewers.values() if not v.connected]
+
+    def connected_viewers(self) -> int:
+        return sum(1 for v in self.viewers.values() if v.connected)
+
+    async def _expire(self, viewer_id: str, timeout_s: float) -> None:
+        await asyncio.sleep(timeout_s)
+        viewer = self.viewers.get(viewer_id)
+        if viewer is not None and not viewer.connected:
+            self._expiry.pop(viewer_id, None)  # this task is ending: remove_viewer must not cancel it
+            await self.remove_viewer(viewer_id, f"not connected within {timeout_s:g} s")
+
+    async def remove_viewer(self, viewer_id: str, reason: str = "left") -> bool:
         viewer = self.viewers.pop(viewer_id, None)
         if viewer is None:
             return False
+        task = self._expiry.pop(viewer_id, None)
+        if task is not None:
+            task.cancel()
         viewer.track.stop()
         await viewer.pc.close()
-        log.info("session %s: viewer %s left (%d watching)", self.session_id, viewer_id, len(self.viewers))
+        log.info("session %s: viewer %s %s (%d watching, %d connecting)", self.session_id, viewer_id, reason,
+                 self.connected_viewers(), len(self.viewers) - self.connected_viewers())
         return True
 
     # -- recordings, restreams, virtual camera --------------------------------------------------------
@@ -148,6 +180,7 @@ class SessionEgress:
     async def close(self) -> None:
         """Disconnect every viewer and finish every output. Call once the source has stopped."""
         self._closed = True
+        self._tasks.cancel_all()
         if self._keepalive is not None:
             self._keepalive.cancel()
         results = await asyncio.gather(

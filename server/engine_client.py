@@ -186,8 +186,10 @@ class EngineClient:
         elif isinstance(message, PipelineStats):
             self.pipeline = message
         elif isinstance(message, EngineFailed):
-            self.fatal = True
-            self._lost(f"engine failed to start: {message.message}")
+            # Before it was ready: it cannot load (fatal). Later (a pipeline rank died): a crash, restarted.
+            starting = self.state == "starting"
+            self.fatal = starting
+            self._lost(f"engine failed to start: {message.message}" if starting else message.message)
         elif isinstance(message, SessionOpened):
             future = self._opening.get(message.session_id)
             if future and not future.done():

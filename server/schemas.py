@@ -129,7 +129,8 @@ class SessionInfo(BaseModel):
     output: Optional[Size] = None
     error: Optional[str] = None
     stats: SessionStats
-    viewers: int = Field(0, description="WHEP viewers watching this session")
+    viewers: int = Field(0, description="WHEP viewers of this session, connected or connecting")
+    viewers_connecting: int = Field(0, description="of those, answered but not connected yet")
     outputs: list[OutputInfo] = Field(default_factory=list)
 
 

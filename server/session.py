@@ -511,5 +511,6 @@ class Session:
             error=self.error,
             stats=self.metrics.snapshot(),
             viewers=len(self.egress.viewers),
+            viewers_connecting=len(self.egress.pending_viewers()),
             outputs=[o.info() for o in self.egress.outputs.values()],
         )

@@ -14,7 +14,8 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc import sdp as aiortc_sdp
 
 from interface.controls import StreamParams
-from server.egress import Viewer
+from server.config import ServerConfig
+from server.egress import SessionEgress, Viewer
 from server.engine_client import EngineUnavailable
 from server.errors import ApiError
 from server.ice import peer_connection
@@ -61,15 +62,25 @@ async def open_session(
 
 
 async def accept_viewer(ctx: SessionContext, session: Session, sdp: str) -> tuple[Viewer, RTCSessionDescription]:
-    """A WHEP viewer of `session`'s output: one more relay subscriber, never another engine stream."""
+    """A WHEP viewer of `session`'s output: one more relay subscriber, never another engine stream.
+    It stays pending until its connection is up, and is dropped if that takes longer than
+    `viewer_connect_timeout_s`."""
     egress = session.egress
-    if len(egress.viewers) + egress.joining >= ctx.config.max_viewers:
-        raise ApiError(503, f"session {session.id} has its maximum of {ctx.config.max_viewers} viewers")
+    await _make_room_for_viewer(ctx.config, egress, session.id)
     pc = peer_connection(ctx.config.ice_for_peer())
     track = egress.sender_track()
     viewer = Viewer(uuid.uuid4().hex, pc, track, f'"{uuid.uuid4().hex}"')
     # A viewer that also sends (sendrecv) is answered, and what it sends is read and dropped.
     pc.on("track", lambda t: asyncio.ensure_future(drain(t, lambda frame: None)))
+
+    async def on_state() -> None:  # registered first: ICE may complete before the answer is sent
+        if pc.connectionState == "connected":
+            egress.viewer_connected(viewer)
+            log.info("session %s: viewer %s connected (%d watching)", session.id, viewer.id, egress.connected_viewers())
+        elif pc.connectionState in ("failed", "closed"):
+            await egress.remove_viewer(viewer.id, f"left (connection {pc.connectionState})")
+
+    pc.on("connectionstatechange", on_state)
     egress.joining += 1
     try:
         await _set_offer(pc, sdp)
@@ -85,15 +96,29 @@ async def accept_viewer(ctx: SessionContext, session: Session, sdp: str) -> tupl
         raise
     finally:
         egress.joining -= 1
-    egress.add_viewer(viewer)
-
-    async def on_state() -> None:
-        if pc.connectionState in ("failed", "closed"):
-            await session.egress.remove_viewer(viewer.id)
-
-    pc.on("connectionstatechange", on_state)
-    log.info("session %s: viewer %s joined (%d watching)", session.id, viewer.id, len(session.egress.viewers))
+    egress.add_viewer(viewer, ctx.config.viewer_connect_timeout_s)
+    log.info("session %s: viewer %s answered (%d watching, %d connecting)", session.id, viewer.id,
+             egress.connected_viewers(), len(egress.pending_viewers()))
     return viewer, pc.localDescription
+
+
+async def _make_room_for_viewer(config: ServerConfig, egress: SessionEgress, session_id: str) -> None:
+    """Admit one more viewer, or raise 503. Connected viewers are capped by `max_viewers`; viewers
+    still connecting (answered or being answered) by `max_pending_viewers`, and both together by
+    `max_viewers`. When only pending viewers stand in the way, the oldest is dropped for the new
+    one: offers whose ICE never completes cannot lock out viewers whose ICE does."""
+    while True:
+        connected, pending = egress.connected_viewers(), egress.pending_viewers()
+        waiting = len(pending) + egress.joining
+        if connected >= config.max_viewers:
+            raise ApiError(503, f"session {session_id} has its maximum of {config.max_viewers} viewers",
+                           headers={"Retry-After": "10"})
+        if waiting < config.max_pending_viewers and connected + waiting < config.max_viewers:
+            return  # the caller counts itself in `joining` before its next await
+        if not pending:  # every pending slot is an answer in progress
+            raise ApiError(503, f"session {session_id} is answering {egress.joining} viewers already",
+                           headers={"Retry-After": "1"})
+        await egress.remove_viewer(pending[0].id, "dropped: not connected, and a newer viewer needed the slot")
 
 
 def offered_video_codecs(sdp: str) -> list[str]:

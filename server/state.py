@@ -37,6 +37,9 @@ class AppState:
         self.sessions: dict[str, Session] = {}
         self.opening = 0
         self.draining = False  # SIGTERM: no new sessions
+        self.stop = asyncio.Event()  # SIGINT/SIGTERM or give_up: the server drains and exits (server/cli.py)
+        self.exit_code = 0
+        self.exit_reason: Optional[str] = None
         self.context = SessionContext(config, self.engine, self.metrics, self._forget)
         self.virtual_camera: Optional[VirtualCamera] = None
         if config.virtual_camera:
@@ -58,6 +61,14 @@ class AppState:
         )
         self.engine_task: Optional[asyncio.Task] = None
         self._tasks = BackgroundTasks(lambda exc: log.error("virtual camera: %s", exc, exc_info=exc))
+
+    def give_up(self, reason: str, exit_code: int) -> None:
+        """Stop serving for good: drain and exit with `exit_code` (non-zero), so that Docker's
+        restart policy or systemd starts a fresh server, instead of answering 503 forever."""
+        if self.exit_reason is None:
+            self.exit_code, self.exit_reason = exit_code, reason
+            log.error("giving up: %s; the server exits with code %d", reason, exit_code)
+        self.stop.set()
 
     # -- sessions ---------------------------------------------------------------------------------------
     def add_session(self, session: Session) -> None:

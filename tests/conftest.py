@@ -44,8 +44,10 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def run_server(tmp: Path, *args: str, env: Optional[dict[str, str]] = None) -> Iterator[ServerProcess]:
-    """Start `python -m server` and wait until /healthz says the engine is ready."""
+def run_server(tmp: Path, *args: str, env: Optional[dict[str, str]] = None,
+               new_group: bool = False) -> Iterator[ServerProcess]:
+    """Start `python -m server` and wait until /healthz says the engine is ready. `new_group`: in a
+    process group of its own (with its engine), which a test may kill as a whole."""
     port = _free_port()
     log = tmp / f"server-{port}.log"
     config = tmp / f"server-{port}.yaml"
@@ -58,7 +60,8 @@ def run_server(tmp: Path, *args: str, env: Optional[dict[str, str]] = None) -> I
     cmd = [sys.executable, "-m", "server", "--port", str(port), "--devices", "cpu", "--model", "tiny",
            "--config", str(config), *args]
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                start_new_session=new_group)
     server = ServerProcess(f"http://127.0.0.1:{port}", proc, log)
     try:
         deadline = time.monotonic() + 180

@@ -244,13 +244,18 @@ async def test_limits(rserver: ServerProcess) -> None:
                     assert r.headers["Retry-After"] == "1"
         assert set(statuses) <= {200, 429} and statuses.count(429) >= 10, statuses
         record("control rate limit", patches=len(statuses), accepted=statuses.count(200), refused_429=statuses.count(429))
-        # Viewers per session (1 here): the second WHEP viewer is refused.
+        # Viewers per session (1 here): a second WHEP offer takes the slot of the first, which never
+        # connected (tests/test_whep_slots.py: the limits with viewers that do connect).
         viewer_sdp = await _viewer_offer()
         hdr = {"Content-Type": "application/sdp"}
         async with http.post(f"{rserver.url}/whep/{sid}", data=viewer_sdp, headers=hdr) as r:
             assert r.status == 201, await r.text()
+            first = r.headers["Location"]
         async with http.post(f"{rserver.url}/whep/{sid}", data=viewer_sdp, headers=hdr) as r:
-            assert r.status == 503
+            assert r.status == 201, await r.text()
+        async with http.delete(rserver.url + first) as r:
+            assert r.status == 404
+        assert rserver.get(f"/api/sessions/{sid}")["viewers"] == 1
         await http.delete(f"{rserver.url}/api/sessions/{sid}")
 
 
