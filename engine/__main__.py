@@ -2,14 +2,15 @@
 
     python -m engine render --input IN --output OUT.mp4|OUT.npz --prompt TEXT [--model tiny|wan-1.3b|wan-14b]
         [--weights DIR] [--steps N] [--height H --width W] [--devices SPEC] [--seed S]
-        [--decoder wan|taehv] [--taehv-weights taew2_1.pth]
+        [--decoder wan|taehv] [--encoder wan|taehv] [--taehv-weights taew2_1.pth]
 
 --devices: one device (auto, cpu, cuda, cuda:N = GPU N), or pipeline-parallel ranks: cpu:N (N CPU
 ranks), cuda:0,1 (those GPUs, in ring order), cuda*N (the first N GPUs), torchrun (ranks started by
 torchrun, possibly over several nodes; every process runs the same command). See docs/PARALLEL.md.
 
---decoder taehv: decode latents with the light TAEHV decoder (far less compute, lower fidelity) instead of the
-Wan VAE; with --weights it needs --taehv-weights (taew2_1.pth from the TAEHV project).
+--decoder taehv / --encoder taehv: decode latents / encode the input with the light TAEHV network (far less
+compute, lower fidelity) instead of the Wan VAE, each chosen on its own; with --weights either needs
+--taehv-weights (taew2_1.pth from the TAEHV project).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from engine.config import DECODERS, ConfigError, decoder_problem, model_names
+from engine.config import DECODERS, ENCODERS, ConfigError, decoder_problem, model_names
 
 log = logging.getLogger("engine.render")
 
@@ -52,7 +53,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--decoder", choices=DECODERS, default="wan",
                    help="wan: the Wan VAE decoder; taehv: the light TAEHV decoder (far less compute, lower fidelity)")
-    r.add_argument("--taehv-weights", type=Path, help="taew2_1.pth from the TAEHV project, for --decoder taehv")
+    r.add_argument("--encoder", choices=ENCODERS, default="wan",
+                   help="wan: the Wan VAE encoder; taehv: the light TAEHV encoder (far less compute, lower fidelity)")
+    r.add_argument("--taehv-weights", type=Path,
+                   help="taew2_1.pth from the TAEHV project, for --decoder taehv or --encoder taehv")
     r.add_argument("--step-lag", type=int, default=1,
                    help="forwards between a chunk's denoising steps; with several steps on N ranks, N keeps "
                         "every rank busy (frames equal any engine with the same value)")
@@ -78,7 +82,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         ap.error(f"--steps {args.steps}: must be 1..4")
     if args.weights is not None and not args.weights.is_dir():
         ap.error(f"--weights {args.weights}: no such folder")
-    problem = decoder_problem(args.decoder, args.taehv_weights, args.weights, cli=True, check_file=True)
+    problem = decoder_problem(args.decoder, args.taehv_weights, args.weights, cli=True, check_file=True,
+                              encoder=args.encoder)
     if problem:
         ap.error(problem)
     from engine.parallel.devices import parse_devices

@@ -117,20 +117,24 @@ class ModelConfig(_Strict):
 
 Decoder = Literal["wan", "taehv"]  # latents -> pixels: the Wan VAE, or the light TAEHV decoder
 DECODERS: tuple[str, ...] = get_args(Decoder)
+Encoder = Literal["wan", "taehv"]  # pixels -> latents: the Wan VAE, or the light TAEHV encoder
+ENCODERS: tuple[str, ...] = get_args(Encoder)
 
 
 def decoder_problem(decoder: Decoder, taehv_weights: object, weights: object, cli: bool = False,
-                    check_file: bool = False) -> Optional[str]:
-    """Why a decoder choice is inconsistent, or None. One rule for the engine options, the render
-    CLI and the server config: the light TAEHV decoder needs its file (taew2_1.pth) whenever the model
-    has real weights; with random model weights a seeded random TAEHV is fine. `cli` names the flags.
-    Callers validate `decoder` against Decoder first. `check_file`: a given taehv_weights must also be
-    an existing file (the command lines check it up front; the engine fails on it when loading)."""
-    dec, file = ("--decoder", "--taehv-weights") if cli else ("decoder", "taehv_weights")
-    if taehv_weights is not None and decoder != "taehv":
-        return f"{file} is only used with {dec} taehv"
-    if decoder == "taehv" and taehv_weights is None and weights is not None:
-        return (f"{dec} taehv with real model weights needs {file}: the taew2_1.pth file of the "
+                    check_file: bool = False, encoder: Encoder = "wan") -> Optional[str]:
+    """Why an encoder/decoder choice is inconsistent, or None. One rule for the engine options, the
+    render CLI and the server config: the light TAEHV encoder or decoder needs its file (taew2_1.pth)
+    whenever the model has real weights; with random model weights a seeded random TAEHV is fine.
+    `cli` names the flags. Callers validate `decoder`/`encoder` against Decoder/Encoder first.
+    `check_file`: a given taehv_weights must also be an existing file (the command lines check it up
+    front; the engine fails on it when loading)."""
+    dec, enc, file = ("--decoder", "--encoder", "--taehv-weights") if cli else ("decoder", "encoder", "taehv_weights")
+    light = [f"{name} taehv" for name, choice in ((dec, decoder), (enc, encoder)) if choice == "taehv"]
+    if taehv_weights is not None and not light:
+        return f"{file} is only used with {dec} taehv or {enc} taehv"
+    if light and taehv_weights is None and weights is not None:
+        return (f"{' and '.join(light)} with real model weights needs {file}: the taew2_1.pth file of the "
                 "TAEHV project (random TAEHV weights are only used with random model weights)")
     if check_file and taehv_weights is not None and not Path(str(taehv_weights)).is_file():
         return f"{file} {taehv_weights}: no such file"

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine import attention
 from engine.checkpoint import WeightsLayout, check_state_dict, load_into, read_tensor_file
-from engine.config import Decoder, ModelConfig, StreamDefaults, decoder_problem, load_model_config
+from engine.config import Decoder, Encoder, ModelConfig, StreamDefaults, decoder_problem, load_model_config
 from engine.dit import Block, WanDiT
 from engine.parallel.options import ParallelOptions
 from engine.rope import Rope
@@ -61,8 +61,9 @@ class EngineOptions(BaseModel):
     dtype: Optional[str] = Field(None, pattern="^(float32|bfloat16|float16)$")
     seed: int = 0
     # Latents -> pixels: the Wan VAE decoder, or the light TAEHV decoder (far less compute, lower fidelity;
-    # its file is taew2_1.pth from the TAEHV project). Encoding always uses the Wan VAE.
+    # its file is taew2_1.pth from the TAEHV project); pixels -> latents likewise, chosen independently.
     decoder: Decoder = "wan"
+    encoder: Encoder = "wan"
     taehv_weights: Optional[Path] = None
     # Forwards between a chunk's consecutive denoising steps (engine.stream_batch). 1, the reference's
     # schedule, has the lowest latency; with several steps and several ranks, the number of ranks lets
@@ -73,7 +74,7 @@ class EngineOptions(BaseModel):
 
     @model_validator(mode="after")
     def _check_decoder(self) -> "EngineOptions":
-        problem = decoder_problem(self.decoder, self.taehv_weights, self.weights)
+        problem = decoder_problem(self.decoder, self.taehv_weights, self.weights, encoder=self.encoder)
         if problem:
             raise ValueError(problem)
         return self
@@ -91,6 +92,17 @@ class EngineInfo(BaseModel):
     dtype: str
     attention: str
     decoder: str = "wan"
+    encoder: str = "wan"
+
+
+class StreamEncoder(Protocol):
+    """What a session needs from an encoder (WanVAE and TAEHV both are one): frames [B,3,T,H,W] in
+    [-1,1] -> raw (not normalised) latents [B,16,t,H/8,W/8]; 1+4k frames on a stream's first call
+    (k+1 latents), 4k later (k latents)."""
+
+    def new_stream_state(self) -> Any: ...
+
+    def stream_encode(self, video: torch.Tensor, state: Any) -> torch.Tensor: ...
 
 
 class StreamDecoder(Protocol):
@@ -198,27 +210,40 @@ def build_vae(cfg: ModelConfig, layout: Optional[WeightsLayout], device: torch.d
     return _finish(vae, device, dtype)  # type: ignore[return-value]
 
 
-def build_taehv(cfg: ModelConfig, path: Optional[Path], device: torch.device, dtype: torch.dtype, seed: int) -> TAEHV:
-    """The light decoder from its file, or seeded random weights (allowed with random model weights only:
-    see EngineOptions)."""
+def needs_wan_vae(options: "EngineOptions", encodes: bool = True, decodes: bool = True) -> bool:
+    """Whether a process that encodes and/or decodes needs the Wan VAE for it."""
+    return (encodes and options.encoder == "wan") or (decodes and options.decoder == "wan")
+
+
+def build_taehv(cfg: ModelConfig, path: Optional[Path], device: torch.device, dtype: torch.dtype, seed: int,
+                encoder: bool = False, decoder: bool = True) -> TAEHV:
+    """The light encoder and/or decoder from its file, or seeded random weights (allowed with random model
+    weights only: see EngineOptions)."""
     if cfg.vae.z_dim != LATENT_CHANNELS:
-        raise ValueError(f"the TAEHV decoder takes {LATENT_CHANNELS} latent channels; model {cfg.name} has {cfg.vae.z_dim}")
+        raise ValueError(f"TAEHV takes {LATENT_CHANNELS} latent channels; model {cfg.name} has {cfg.vae.z_dim}")
+    parts = " and ".join(p for p, on in (("encoder", encoder), ("decoder", decoder)) if on)
     if path is None:
-        log.warning("TAEHV decoder with RANDOM WEIGHTS (no taehv_weights file given)")
-        model = random_taehv(mix_seed(seed, _SEED_TAEHV))
+        log.warning("TAEHV %s with RANDOM WEIGHTS (no taehv_weights file given)", parts)
+        model = random_taehv(mix_seed(seed, _SEED_TAEHV), encoder=encoder, decoder=decoder)
     else:
-        model = load_taehv(path)
+        model = load_taehv(path, encoder=encoder, decoder=decoder)
     return _finish(model, device, dtype)  # type: ignore[return-value]
 
 
-def build_decoder(cfg: ModelConfig, options: "EngineOptions", vae: Optional[WanVAE], device: torch.device,
-                  dtype: torch.dtype) -> StreamDecoder:
-    """The decoder `options.decoder` names; `vae` is the engine's Wan VAE (needed for "wan")."""
-    if options.decoder == "taehv":
-        return build_taehv(cfg, options.taehv_weights, device, dtype, options.seed)
-    if vae is None:
-        raise ValueError("the Wan decoder needs the Wan VAE")
-    return vae
+def build_codecs(cfg: ModelConfig, options: "EngineOptions", vae: Optional[WanVAE], device: torch.device,
+                 dtype: torch.dtype, encodes: bool = True, decodes: bool = True
+                 ) -> tuple[Optional[StreamEncoder], Optional[StreamDecoder]]:
+    """The encoder `options.encoder` and the decoder `options.decoder` name, for a process that encodes
+    and/or decodes (None for a side it does not run); `vae` is its Wan VAE (needed where "wan" is
+    chosen). One TAEHV module serves both sides when both are light."""
+    light_enc, light_dec = encodes and options.encoder == "taehv", decodes and options.decoder == "taehv"
+    taehv = (build_taehv(cfg, options.taehv_weights, device, dtype, options.seed, encoder=light_enc, decoder=light_dec)
+             if light_enc or light_dec else None)
+    if vae is None and needs_wan_vae(options, encodes, decodes):
+        raise ValueError("the Wan encoder/decoder needs the Wan VAE")
+    encoder = (taehv if light_enc else vae) if encodes else None
+    decoder = (taehv if light_dec else vae) if decodes else None
+    return encoder, decoder
 
 
 def build_text(cfg: ModelConfig, layout: Optional[WeightsLayout], device: torch.device, dtype: torch.dtype, seed: int):
@@ -320,8 +345,13 @@ class StreamEngine:
         )
         self.layout = WeightsLayout(options.weights, cfg) if options.weights else None
         self.dit = build_dit(cfg, self.layout, self.device, self.dtype, options.seed)
-        self.vae = build_vae(cfg, self.layout, self.device, self.dtype, options.seed)
-        self.decoder = build_decoder(cfg, options, self.vae, self.device, self.dtype)
+        # the Wan VAE only where it encodes or decodes (None when both sides are light)
+        self.vae: Optional[WanVAE] = (build_vae(cfg, self.layout, self.device, self.dtype, options.seed)
+                                      if needs_wan_vae(options) else None)
+        encoder, decoder = build_codecs(cfg, options, self.vae, self.device, self.dtype)
+        assert encoder is not None and decoder is not None
+        self.encoder: StreamEncoder = encoder
+        self.decoder: StreamDecoder = decoder
         self.text = build_text(cfg, self.layout, self.device, self.dtype, options.seed)
         self.rope = Rope(cfg.dit.head_dim, self.device)
         self._io = FrameIO(self.device)
@@ -337,6 +367,7 @@ class StreamEngine:
             dtype=str(self.dtype).replace("torch.", ""),
             attention=attention.log_backend(self.device),
             decoder=options.decoder,
+            encoder=options.encoder,
         )
         if self.layout is None:
             log.warning(

@@ -311,6 +311,7 @@ def engine_options(options: WorkerOptions) -> Any:
         width=options.width,
         seed=options.seed,
         decoder=options.decoder,
+        encoder=options.encoder,
         taehv_weights=Path(options.taehv_weights) if options.taehv_weights else None,
         step_lag=step_lag,
         parallel=parallel,
@@ -364,7 +365,7 @@ def main(conn: Connection, options: dict) -> None:
             conn.close()
         return
     log.info(
-        "engine ready: %s %dx%d, %d steps, %s %s, attention %s, %s decoder%s",
+        "engine ready: %s %dx%d, %d steps, %s %s, attention %s, %s encoder, %s decoder%s",
         info.model,
         info.width,
         info.height,
@@ -372,6 +373,7 @@ def main(conn: Connection, options: dict) -> None:
         info.device,
         info.dtype,
         info.attention,
+        "light TAEHV" if info.encoder == "taehv" else "Wan VAE",
         "light TAEHV" if info.decoder == "taehv" else "Wan VAE",
         " (RANDOM WEIGHTS)" if info.random_weights else "",
     )

@@ -35,6 +35,7 @@ class EngineInfo(BaseModel):
     dtype: str
     attention: str
     decoder: Literal["wan", "taehv"] = "wan"  # latents -> pixels: the Wan VAE or the light TAEHV
+    encoder: Literal["wan", "taehv"] = "wan"  # pixels -> latents: the Wan VAE or the light TAEHV
 
 
 # one device, or the ranks of a pipeline-parallel engine: cpu:N / cpu*N, cuda:0,1 / cuda*N, torchrun
@@ -51,7 +52,8 @@ class WorkerOptions(_Message):
     width: Optional[int] = Field(None, gt=0)
     seed: int = 0
     decoder: Literal["wan", "taehv"] = "wan"
-    taehv_weights: Optional[str] = None  # taew2_1.pth, for decoder taehv
+    encoder: Literal["wan", "taehv"] = "wan"
+    taehv_weights: Optional[str] = None  # taew2_1.pth, for decoder or encoder taehv
     # Forwards between a chunk's denoising steps (EngineOptions.step_lag); None: the number of ranks
     # for a multi-step model on several ranks, else 1.
     step_lag: Optional[int] = Field(None, ge=1, le=8)

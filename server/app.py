@@ -172,8 +172,9 @@ async def _supervise_engine(state: AppState) -> None:
                     "model %s runs with RANDOM WEIGHTS: the output is not a real restyling (give --weights DIR)",
                     info.model,
                 )
-            log.info("engine ready: %s on %s (%s), %dx%d, %s decoder", info.model, info.device, info.dtype, info.width,
-                     info.height, "light TAEHV" if info.decoder == "taehv" else "Wan VAE")
+            log.info("engine ready: %s on %s (%s), %dx%d, %s encoder, %s decoder", info.model, info.device, info.dtype,
+                     info.width, info.height, "light TAEHV" if info.encoder == "taehv" else "Wan VAE",
+                     "light TAEHV" if info.decoder == "taehv" else "Wan VAE")
             await state.engine.wait_lost()
         if state.engine.fatal:
             log.error("the engine cannot start; fix the configuration and restart the server")

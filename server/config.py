@@ -12,7 +12,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from engine.config import DECODERS, ConfigError, Decoder, decoder_problem, load_model_config  # torch-free by contract
+from engine.config import DECODERS, ENCODERS, ConfigError, Decoder, Encoder, decoder_problem, load_model_config  # torch-free by contract
 from interface.controls import MAX_PROMPT_CHARS
 from interface.messages import DEVICE_PATTERN, WorkerOptions
 from server.ice import IceServer
@@ -38,7 +38,10 @@ class ServerConfig(BaseModel):
     decoder: Decoder = Field(
         "wan", description="latents -> pixels: the Wan VAE, or the light TAEHV decoder (far less compute, lower fidelity)"
     )
-    taehv_weights: Optional[Path] = Field(None, description="taew2_1.pth from the TAEHV project, for decoder taehv")
+    encoder: Encoder = Field(
+        "wan", description="pixels -> latents: the Wan VAE, or the light TAEHV encoder (far less compute, lower fidelity)"
+    )
+    taehv_weights: Optional[Path] = Field(None, description="taew2_1.pth from the TAEHV project, for decoder or encoder taehv")
     step_lag: Optional[int] = Field(
         None, ge=1, le=8,
         description="forwards between a chunk's denoising steps; default: the number of ranks for a multi-step model"
@@ -99,7 +102,7 @@ class ServerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_decoder(self) -> "ServerConfig":
-        problem = decoder_problem(self.decoder, self.taehv_weights, self.weights)
+        problem = decoder_problem(self.decoder, self.taehv_weights, self.weights, encoder=self.encoder)
         if problem:
             raise ValueError(problem)
         return self
@@ -136,6 +139,7 @@ def worker_options(config: ServerConfig) -> WorkerOptions:
         width=config.width,
         seed=config.seed,
         decoder=config.decoder,
+        encoder=config.encoder,
         taehv_weights=str(config.taehv_weights) if config.taehv_weights else None,
         step_lag=config.step_lag,
         log_level=config.log_level,
@@ -167,8 +171,10 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
     parser.add_argument("--devices", help="auto, cpu, cuda, cuda:N, or several for a pipeline-parallel engine: cuda:0,1, cuda*N, cpu:N (default auto)")
     parser.add_argument("--decoder", choices=DECODERS,
                         help="wan (default): the Wan VAE decoder; taehv: the light TAEHV decoder, far less compute, lower fidelity")
+    parser.add_argument("--encoder", choices=ENCODERS,
+                        help="wan (default): the Wan VAE encoder; taehv: the light TAEHV encoder, far less compute, lower fidelity")
     parser.add_argument("--taehv-weights", dest="taehv_weights", type=Path,
-                        help="taew2_1.pth from the TAEHV project (needed for --decoder taehv with --weights)")
+                        help="taew2_1.pth from the TAEHV project (needed for --decoder/--encoder taehv with --weights)")
     parser.add_argument("--step-lag", dest="step_lag", type=int,
                         help="forwards between a chunk's denoising steps (default: the number of ranks for a multi-step "
                              "model on several ranks, else 1; 1 is the reference's schedule)")
@@ -208,7 +214,8 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
         config = ServerConfig.model_validate(data)
         if config.model:
             load_model_config(config.model)  # fail now on an unknown model, not in the engine
-        problem = decoder_problem(config.decoder, config.taehv_weights, config.weights, cli=True, check_file=True)
+        problem = decoder_problem(config.decoder, config.taehv_weights, config.weights, cli=True, check_file=True,
+                                  encoder=config.encoder)
         if problem:  # the validator checked the rest: only a missing file is left
             parser.error(problem)
     except ValidationError as exc:

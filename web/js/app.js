@@ -75,6 +75,7 @@ async function showEngine() {
     ui.badge.className = `badge ${engineReady ? 'ready' : info.engine_state === 'failed' ? 'failed' : ''}`;
     ui.badge.textContent = e
       ? `${e.model} · ${e.width}×${e.height} · ${e.steps} step${e.steps > 1 ? 's' : ''} · ${e.device} ${e.dtype}`
+        + (e.encoder === 'taehv' ? ' · light encoder (TAEHV)' : '')
         + (e.decoder === 'taehv' ? ' · light decoder (TAEHV)' : '')
       : `engine: ${info.engine_state}${info.engine_error ? ` — ${info.engine_error}` : ''}`;
     ui.banner.hidden = !info.notice;
