@@ -115,29 +115,47 @@ class ModelConfig(_Strict):
         return data
 
 
-Decoder = Literal["wan", "taehv"]  # latents -> pixels: the Wan VAE, or the light TAEHV decoder
+Decoder = Literal["wan", "taehv", "lightvae"]  # latents -> pixels: the Wan VAE, or a light one (below)
 DECODERS: tuple[str, ...] = get_args(Decoder)
-Encoder = Literal["wan", "taehv"]  # pixels -> latents: the Wan VAE, or the light TAEHV encoder
+Encoder = Literal["wan", "taehv", "lightvae"]  # pixels -> latents, chosen independently of the decoder
 ENCODERS: tuple[str, ...] = get_args(Encoder)
+# The light networks and the file each needs (option name, flag, what the file is).
+LIGHT_FILES: dict[str, tuple[str, str, str]] = {
+    "taehv": ("taehv_weights", "--taehv-weights", "the taew2_1.pth file of the TAEHV project"),
+    "lightvae": ("lightvae_weights", "--lightvae-weights", "lightvaew2_1.pth, LightX2V's pruned Wan VAE"),
+}
+# LightVAE is the Wan VAE with 75 % of every layer's channels pruned (its publishers' code builds the Wan
+# VAE with each width scaled by 1 - 0.75 and loads lightvaew2_1.pth into it with the Wan VAE's keys).
+LIGHTVAE_KEPT = 4  # 1 / (1 - 0.75): a LightVAE's widths are the Wan VAE's divided by this
+
+
+def lightvae_config(vae: VAEConfig) -> VAEConfig:
+    """The LightVAE of a model's Wan VAE: every width a quarter (base dim 96 -> 24)."""
+    if vae.dim % LIGHTVAE_KEPT:
+        raise ConfigError(f"LightVAE keeps a quarter of the VAE's channels: dim {vae.dim} is not a multiple of 4")
+    return vae.model_copy(update={"dim": vae.dim // LIGHTVAE_KEPT})
 
 
 def decoder_problem(decoder: Decoder, taehv_weights: object, weights: object, cli: bool = False,
-                    check_file: bool = False, encoder: Encoder = "wan") -> Optional[str]:
+                    check_file: bool = False, encoder: Encoder = "wan", lightvae_weights: object = None) -> Optional[str]:
     """Why an encoder/decoder choice is inconsistent, or None. One rule for the engine options, the
-    render CLI and the server config: the light TAEHV encoder or decoder needs its file (taew2_1.pth)
-    whenever the model has real weights; with random model weights a seeded random TAEHV is fine.
-    `cli` names the flags. Callers validate `decoder`/`encoder` against Decoder/Encoder first.
-    `check_file`: a given taehv_weights must also be an existing file (the command lines check it up
-    front; the engine fails on it when loading)."""
-    dec, enc, file = ("--decoder", "--encoder", "--taehv-weights") if cli else ("decoder", "encoder", "taehv_weights")
-    light = [f"{name} taehv" for name, choice in ((dec, decoder), (enc, encoder)) if choice == "taehv"]
-    if taehv_weights is not None and not light:
-        return f"{file} is only used with {dec} taehv or {enc} taehv"
-    if light and taehv_weights is None and weights is not None:
-        return (f"{' and '.join(light)} with real model weights needs {file}: the taew2_1.pth file of the "
-                "TAEHV project (random TAEHV weights are only used with random model weights)")
-    if check_file and taehv_weights is not None and not Path(str(taehv_weights)).is_file():
-        return f"{file} {taehv_weights}: no such file"
+    render CLI and the server config: a light encoder or decoder (TAEHV, LightVAE) needs its file
+    whenever the model has real weights; with random model weights seeded random weights are fine, and
+    a file is only given for a network in use. `cli` names the flags. Callers validate
+    `decoder`/`encoder` against Decoder/Encoder first. `check_file`: a given file must also exist (the
+    command lines check it up front; the engine fails on it when loading)."""
+    dec, enc = ("--decoder", "--encoder") if cli else ("decoder", "encoder")
+    files = {"taehv": taehv_weights, "lightvae": lightvae_weights}
+    for kind, (option, flag, what) in LIGHT_FILES.items():
+        file, given = (flag if cli else option), files[kind]
+        users = [f"{name} {kind}" for name, choice in ((dec, decoder), (enc, encoder)) if choice == kind]
+        if given is not None and not users:
+            return f"{file} is only used with {dec} {kind} or {enc} {kind}"
+        if users and given is None and weights is not None:
+            return (f"{' and '.join(users)} with real model weights needs {file}: {what} (random {kind} "
+                    "weights are only used with random model weights)")
+        if check_file and given is not None and not Path(str(given)).is_file():
+            return f"{file} {given}: no such file"
     return None
 
 

@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine import attention
 from engine.checkpoint import WeightsLayout, check_state_dict, load_into, read_tensor_file
-from engine.config import Decoder, Encoder, ModelConfig, StreamDefaults, decoder_problem, load_model_config
+from engine.config import (Decoder, Encoder, ModelConfig, StreamDefaults, decoder_problem, lightvae_config,
+                           load_model_config)
 from engine.dit import Block, WanDiT
 from engine.parallel.options import ParallelOptions
 from engine.rope import Rope
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 # The DiT's parts besides its blocks (module names = state-dict prefixes).
 TRUNK_PARTS = ("patch_embedding", "text_embedding", "time_embedding", "time_projection", "head")
 # Sub-seeds of the random-weight init, one per part (DiT blocks add their index).
-_SEED_TRUNK, _SEED_BLOCK, _SEED_VAE, _SEED_TEXT, _SEED_TAEHV = 1, 2, 3, 4, 5
+_SEED_TRUNK, _SEED_BLOCK, _SEED_VAE, _SEED_TEXT, _SEED_TAEHV, _SEED_LIGHTVAE = 1, 2, 3, 4, 5, 6
 
 
 class EngineOptions(BaseModel):
@@ -60,11 +61,13 @@ class EngineOptions(BaseModel):
     steps: Optional[int] = Field(None, ge=1, le=4)
     dtype: Optional[str] = Field(None, pattern="^(float32|bfloat16|float16)$")
     seed: int = 0
-    # Latents -> pixels: the Wan VAE decoder, or the light TAEHV decoder (far less compute, lower fidelity;
-    # its file is taew2_1.pth from the TAEHV project); pixels -> latents likewise, chosen independently.
+    # Latents -> pixels: the Wan VAE decoder, or a light one, far less compute for lower fidelity: TAEHV
+    # (taew2_1.pth from the TAEHV project) or LightVAE (lightvaew2_1.pth, the Wan VAE with 75 % of its
+    # channels pruned); pixels -> latents likewise, chosen independently.
     decoder: Decoder = "wan"
     encoder: Encoder = "wan"
     taehv_weights: Optional[Path] = None
+    lightvae_weights: Optional[Path] = None
     # Forwards between a chunk's consecutive denoising steps (engine.stream_batch). 1, the reference's
     # schedule, has the lowest latency; with several steps and several ranks, the number of ranks lets
     # one stream keep every rank busy. Frames equal those of any engine with the same value.
@@ -74,7 +77,8 @@ class EngineOptions(BaseModel):
 
     @model_validator(mode="after")
     def _check_decoder(self) -> "EngineOptions":
-        problem = decoder_problem(self.decoder, self.taehv_weights, self.weights, encoder=self.encoder)
+        problem = decoder_problem(self.decoder, self.taehv_weights, self.weights, encoder=self.encoder,
+                                  lightvae_weights=self.lightvae_weights)
         if problem:
             raise ValueError(problem)
         return self
@@ -96,7 +100,7 @@ class EngineInfo(BaseModel):
 
 
 class StreamEncoder(Protocol):
-    """What a session needs from an encoder (WanVAE and TAEHV both are one): frames [B,3,T,H,W] in
+    """What a session needs from an encoder (WanVAE, LightVAE and TAEHV all are one): frames [B,3,T,H,W] in
     [-1,1] -> raw (not normalised) latents [B,16,t,H/8,W/8]; 1+4k frames on a stream's first call
     (k+1 latents), 4k later (k latents)."""
 
@@ -106,7 +110,7 @@ class StreamEncoder(Protocol):
 
 
 class StreamDecoder(Protocol):
-    """What a session needs from a decoder (WanVAE and TAEHV both are one): normalised latents
+    """What a session needs from a decoder (WanVAE, LightVAE and TAEHV all are one): normalised latents
     [B,16,t,h,w] -> frames [B,3,T,8h,8w] in [-1,1]; 1+4(t-1) frames on a stream's first call, 4t later."""
 
     def new_stream_state(self) -> Any: ...
@@ -230,20 +234,39 @@ def build_taehv(cfg: ModelConfig, path: Optional[Path], device: torch.device, dt
     return _finish(model, device, dtype)  # type: ignore[return-value]
 
 
+def build_lightvae(cfg: ModelConfig, path: Optional[Path], device: torch.device, dtype: torch.dtype, seed: int) -> WanVAE:
+    """LightVAE: the Wan VAE at a quarter of its widths (engine.config.lightvae_config), from
+    lightvaew2_1.pth (the Wan VAE's keys, checked strictly), or seeded random weights (allowed with random
+    model weights only: see EngineOptions). Its latents are the Wan VAE's, with the same statistics."""
+    light = lightvae_config(cfg.vae)
+    if path is None:
+        log.warning("LightVAE with RANDOM WEIGHTS (no lightvae_weights file given)")
+        torch.manual_seed(mix_seed(seed, _SEED_LIGHTVAE))
+        with _building(device, dtype):
+            return _finish(WanVAE(light), device, dtype)  # type: ignore[return-value]
+    vae = WanVAE(light)
+    load_into(vae, read_tensor_file(path), f"{path} (LightVAE, base width {light.dim})")
+    log.info("LightVAE loaded from %s", path)
+    return _finish(vae, device, dtype)  # type: ignore[return-value]
+
+
 def build_codecs(cfg: ModelConfig, options: "EngineOptions", vae: Optional[WanVAE], device: torch.device,
                  dtype: torch.dtype, encodes: bool = True, decodes: bool = True
                  ) -> tuple[Optional[StreamEncoder], Optional[StreamDecoder]]:
     """The encoder `options.encoder` and the decoder `options.decoder` name, for a process that encodes
     and/or decodes (None for a side it does not run); `vae` is its Wan VAE (needed where "wan" is
-    chosen). One TAEHV module serves both sides when both are light."""
-    light_enc, light_dec = encodes and options.encoder == "taehv", decodes and options.decoder == "taehv"
-    taehv = (build_taehv(cfg, options.taehv_weights, device, dtype, options.seed, encoder=light_enc, decoder=light_dec)
-             if light_enc or light_dec else None)
-    if vae is None and needs_wan_vae(options, encodes, decodes):
+    chosen). One light module serves both sides when both choose it."""
+    chosen = [kind for kind, on in ((options.encoder, encodes), (options.decoder, decodes)) if on]
+    if vae is None and "wan" in chosen:
         raise ValueError("the Wan encoder/decoder needs the Wan VAE")
-    encoder = (taehv if light_enc else vae) if encodes else None
-    decoder = (taehv if light_dec else vae) if decodes else None
-    return encoder, decoder
+    modules: dict[str, Any] = {"wan": vae}
+    if "taehv" in chosen:
+        modules["taehv"] = build_taehv(cfg, options.taehv_weights, device, dtype, options.seed,
+                                       encoder=encodes and options.encoder == "taehv",
+                                       decoder=decodes and options.decoder == "taehv")
+    if "lightvae" in chosen:
+        modules["lightvae"] = build_lightvae(cfg, options.lightvae_weights, device, dtype, options.seed)
+    return (modules[options.encoder] if encodes else None), (modules[options.decoder] if decodes else None)
 
 
 def build_text(cfg: ModelConfig, layout: Optional[WeightsLayout], device: torch.device, dtype: torch.dtype, seed: int):

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from engine.parallel.errors import EngineFailure
 from interface.frame_ring import FrameRing, RingFull
 from interface.messages import (
+    CODEC_NAMES,
     BlockDecision,
     CloseSession,
     EngineFailed,
@@ -313,6 +314,7 @@ def engine_options(options: WorkerOptions) -> Any:
         decoder=options.decoder,
         encoder=options.encoder,
         taehv_weights=Path(options.taehv_weights) if options.taehv_weights else None,
+        lightvae_weights=Path(options.lightvae_weights) if options.lightvae_weights else None,
         step_lag=step_lag,
         parallel=parallel,
     )
@@ -373,8 +375,8 @@ def main(conn: Connection, options: dict) -> None:
         info.device,
         info.dtype,
         info.attention,
-        "light TAEHV" if info.encoder == "taehv" else "Wan VAE",
-        "light TAEHV" if info.decoder == "taehv" else "Wan VAE",
+        CODEC_NAMES[info.encoder],
+        CODEC_NAMES[info.decoder],
         " (RANDOM WEIGHTS)" if info.random_weights else "",
     )
     conn.send(encode(EngineReady(info=info)))

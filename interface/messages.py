@@ -21,6 +21,11 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# An encoder or decoder: the Wan VAE, or a light network (engine.config.Encoder/Decoder name the same).
+Codec = Literal["wan", "taehv", "lightvae"]
+CODEC_NAMES: dict[str, str] = {"wan": "Wan VAE", "taehv": "light TAEHV", "lightvae": "LightVAE"}
+
+
 class EngineInfo(BaseModel):
     """What the engine reports about itself; mirrors `engine.runtime.EngineInfo` without torch."""
 
@@ -34,8 +39,8 @@ class EngineInfo(BaseModel):
     device: str
     dtype: str
     attention: str
-    decoder: Literal["wan", "taehv"] = "wan"  # latents -> pixels: the Wan VAE or the light TAEHV
-    encoder: Literal["wan", "taehv"] = "wan"  # pixels -> latents: the Wan VAE or the light TAEHV
+    decoder: Codec = "wan"  # latents -> pixels: the Wan VAE, or the light TAEHV or LightVAE
+    encoder: Codec = "wan"  # pixels -> latents, likewise
 
 
 # one device, or the ranks of a pipeline-parallel engine: cpu:N / cpu*N, cuda:0,1 / cuda*N, torchrun
@@ -51,9 +56,10 @@ class WorkerOptions(_Message):
     height: Optional[int] = Field(None, gt=0)
     width: Optional[int] = Field(None, gt=0)
     seed: int = 0
-    decoder: Literal["wan", "taehv"] = "wan"
-    encoder: Literal["wan", "taehv"] = "wan"
+    decoder: Codec = "wan"
+    encoder: Codec = "wan"
     taehv_weights: Optional[str] = None  # taew2_1.pth, for decoder or encoder taehv
+    lightvae_weights: Optional[str] = None  # lightvaew2_1.pth, for decoder or encoder lightvae
     # Forwards between a chunk's denoising steps (EngineOptions.step_lag); None: the number of ranks
     # for a multi-step model on several ranks, else 1.
     step_lag: Optional[int] = Field(None, ge=1, le=8)

@@ -11,7 +11,7 @@ from typing import AsyncIterator, Optional
 from aiohttp import web
 
 from interface.controls import StreamUpdate
-from interface.messages import WorkerOptions
+from interface.messages import CODEC_NAMES, WorkerOptions
 from server import outputs_api, whip
 from server.auth import token_middleware
 from server.config import ServerConfig, worker_options
@@ -173,8 +173,7 @@ async def _supervise_engine(state: AppState) -> None:
                     info.model,
                 )
             log.info("engine ready: %s on %s (%s), %dx%d, %s encoder, %s decoder", info.model, info.device, info.dtype,
-                     info.width, info.height, "light TAEHV" if info.encoder == "taehv" else "Wan VAE",
-                     "light TAEHV" if info.decoder == "taehv" else "Wan VAE")
+                     info.width, info.height, CODEC_NAMES[info.encoder], CODEC_NAMES[info.decoder])
             await state.engine.wait_lost()
         if state.engine.fatal:
             log.error("the engine cannot start; fix the configuration and restart the server")

@@ -36,12 +36,14 @@ class ServerConfig(BaseModel):
     width: Optional[int] = Field(None, gt=0, multiple_of=16)
     seed: int = Field(0, ge=0)
     decoder: Decoder = Field(
-        "wan", description="latents -> pixels: the Wan VAE, or the light TAEHV decoder (far less compute, lower fidelity)"
+        "wan", description="latents -> pixels: the Wan VAE, or a light one (taehv, lightvae: far less compute, lower fidelity)"
     )
     encoder: Encoder = Field(
-        "wan", description="pixels -> latents: the Wan VAE, or the light TAEHV encoder (far less compute, lower fidelity)"
+        "wan", description="pixels -> latents: the Wan VAE, or a light one (taehv, lightvae: far less compute, lower fidelity)"
     )
     taehv_weights: Optional[Path] = Field(None, description="taew2_1.pth from the TAEHV project, for decoder or encoder taehv")
+    lightvae_weights: Optional[Path] = Field(
+        None, description="lightvaew2_1.pth (LightX2V's pruned Wan VAE), for decoder or encoder lightvae")
     step_lag: Optional[int] = Field(
         None, ge=1, le=8,
         description="forwards between a chunk's denoising steps; default: the number of ranks for a multi-step model"
@@ -102,7 +104,8 @@ class ServerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_decoder(self) -> "ServerConfig":
-        problem = decoder_problem(self.decoder, self.taehv_weights, self.weights, encoder=self.encoder)
+        problem = decoder_problem(self.decoder, self.taehv_weights, self.weights, encoder=self.encoder,
+                                  lightvae_weights=self.lightvae_weights)
         if problem:
             raise ValueError(problem)
         return self
@@ -140,6 +143,7 @@ def worker_options(config: ServerConfig) -> WorkerOptions:
         seed=config.seed,
         decoder=config.decoder,
         encoder=config.encoder,
+        lightvae_weights=str(config.lightvae_weights) if config.lightvae_weights else None,
         taehv_weights=str(config.taehv_weights) if config.taehv_weights else None,
         step_lag=config.step_lag,
         log_level=config.log_level,
@@ -170,11 +174,16 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
     parser.add_argument("--port", type=int, help="port (default 8080)")
     parser.add_argument("--devices", help="auto, cpu, cuda, cuda:N, or several for a pipeline-parallel engine: cuda:0,1, cuda*N, cpu:N (default auto)")
     parser.add_argument("--decoder", choices=DECODERS,
-                        help="wan (default): the Wan VAE decoder; taehv: the light TAEHV decoder, far less compute, lower fidelity")
+                        help="wan (default): the Wan VAE decoder; taehv or lightvae: a light decoder, far less compute, "
+                             "lower fidelity (README: Light encoders and decoders)")
     parser.add_argument("--encoder", choices=ENCODERS,
-                        help="wan (default): the Wan VAE encoder; taehv: the light TAEHV encoder, far less compute, lower fidelity")
+                        help="wan (default): the Wan VAE encoder; taehv or lightvae: a light encoder, far less compute, "
+                             "lower fidelity")
     parser.add_argument("--taehv-weights", dest="taehv_weights", type=Path,
                         help="taew2_1.pth from the TAEHV project (needed for --decoder/--encoder taehv with --weights)")
+    parser.add_argument("--lightvae-weights", dest="lightvae_weights", type=Path,
+                        help="lightvaew2_1.pth, LightX2V's pruned Wan VAE (needed for --decoder/--encoder lightvae with "
+                             "--weights)")
     parser.add_argument("--step-lag", dest="step_lag", type=int,
                         help="forwards between a chunk's denoising steps (default: the number of ranks for a multi-step "
                              "model on several ranks, else 1; 1 is the reference's schedule)")
@@ -215,7 +224,7 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
         if config.model:
             load_model_config(config.model)  # fail now on an unknown model, not in the engine
         problem = decoder_problem(config.decoder, config.taehv_weights, config.weights, cli=True, check_file=True,
-                                  encoder=config.encoder)
+                                  encoder=config.encoder, lightvae_weights=config.lightvae_weights)
         if problem:  # the validator checked the rest: only a missing file is left
             parser.error(problem)
     except ValidationError as exc:

@@ -229,7 +229,7 @@ def test_option_errors(tmp_path, taehv_file):
     with pytest.raises(ValidationError, match="taehv_weights is only used with decoder taehv or encoder taehv"):
         EngineOptions(taehv_weights=taehv_file)
     with pytest.raises(ValidationError, match="encoder"):
-        EngineOptions(encoder="lightvae")
+        EngineOptions(encoder="tiny-vae")
     EngineOptions(model="wan-1.3b", weights=tmp_path, encoder="taehv", taehv_weights=taehv_file)
 
 
@@ -285,7 +285,7 @@ def test_cli_renders_with_the_light_encoder(tmp_path, taehv_file):
 @pytest.mark.parametrize("args, message", [
     (["--encoder", "taehv", "--weights", "."], "--encoder taehv with real model weights needs --taehv-weights"),
     (["--taehv-weights", "FILE"], "--taehv-weights is only used with --decoder taehv or --encoder taehv"),
-    (["--encoder", "lightvae"], "invalid choice"),
+    (["--encoder", "fast"], "invalid choice"),
 ])
 def test_cli_encoder_errors_one_line_exit_2(tmp_path, taehv_file, args, message):
     from tests.test_engine import write_mp4

@@ -25,6 +25,7 @@ let iceServers = [];
 let controlled = null; // a session driven through the REST API (not this page's own); null: our own
 let pollTimer = null;
 const SESSIONS_EVERY_MS = 2000;
+const LIGHT = { taehv: 'TAEHV', lightvae: 'LightVAE' }; // light encoders/decoders, by /api/info name
 const STATS_EVERY_MS = 1000;
 
 function setStatus(text, isError = false) {
@@ -75,8 +76,8 @@ async function showEngine() {
     ui.badge.className = `badge ${engineReady ? 'ready' : info.engine_state === 'failed' ? 'failed' : ''}`;
     ui.badge.textContent = e
       ? `${e.model} · ${e.width}×${e.height} · ${e.steps} step${e.steps > 1 ? 's' : ''} · ${e.device} ${e.dtype}`
-        + (e.encoder === 'taehv' ? ' · light encoder (TAEHV)' : '')
-        + (e.decoder === 'taehv' ? ' · light decoder (TAEHV)' : '')
+        + (LIGHT[e.encoder] ? ` · light encoder (${LIGHT[e.encoder]})` : '')
+        + (LIGHT[e.decoder] ? ` · light decoder (${LIGHT[e.decoder]})` : '')
       : `engine: ${info.engine_state}${info.engine_error ? ` — ${info.engine_error}` : ''}`;
     ui.banner.hidden = !info.notice;
     ui.banner.textContent = info.notice ?? '';
