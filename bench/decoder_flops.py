@@ -1,4 +1,4 @@
-"""Work per streamed 4-frame chunk of each encoder and decoder (Wan VAE, TAEHV) at a real size, counted
+"""Work per streamed 4-frame chunk of each encoder and decoder (Wan VAE, TAEHV, LightVAE) at a real size, counted
 with torch's FlopCounterMode on the meta device: no weights, no data, no GPU, seconds on any machine.
 A FLOP count is not a speed: time them on the target card before quoting speed-ups.
 
@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine.config import VAEConfig
+from engine.config import VAEConfig, lightvae_config
 from engine.taehv import TAEHV
 from engine.vae import WanVAE
 
@@ -56,15 +56,16 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     h, w = args.height, args.width
     with torch.device("meta"):
-        models = {"wan": WanVAE(VAEConfig()).eval(), "taehv": TAEHV(with_encoder=True).eval()}
-    # a Wan VAE's encoder side includes conv1 (-> mu), its decoder side conv2 (the latent's 1x1 conv)
+        models = {"wan": WanVAE(VAEConfig()).eval(), "taehv": TAEHV(with_encoder=True).eval(),
+                  "lightvae": WanVAE(lightvae_config(VAEConfig())).eval()}
+    # a Wan VAE's (and LightVAE's) encoder side includes conv1 (-> mu), its decoder side conv2 (the
+    # latent's 1x1 conv); TAEHV's parts are `encoder.` and `decoder.`
     sides = {"encoder": (("encoder.", "conv1."), encode_flops), "decoder": (("decoder.", "conv2."), decode_flops)}
     for side, (prefixes, count) in sides.items():
         flops = {k: count(m, h, w) for k, m in models.items()}
         for k, m in models.items():
-            log.info("%-5s %s: %6.1f M params, %7.2f TFLOP per 4-frame chunk at %dx%d", k, side,
-                     _params(m, prefixes) / 1e6, flops[k] / 1e12, h, w)
-        log.info("%s ratio wan/taehv: %.1fx the work", side, flops["wan"] / flops["taehv"])
+            log.info("%-8s %s: %6.1f M params, %7.2f TFLOP per 4-frame chunk at %dx%d (wan/%s: %.1fx)", k, side,
+                     _params(m, prefixes) / 1e6, flops[k] / 1e12, h, w, k, flops["wan"] / flops[k])
 
 
 if __name__ == "__main__":
