@@ -237,8 +237,8 @@ class StreamSession:
             self._input.frames.insert(0, self.frame0.frame)
             self._input.pts.insert(0, self.frame0.pts)
         self.frame0 = None
-        self.vae_state = None  # the encoder's stream (engine.encoder: Wan VAE or TAEHV); None until frame 0 is encoded
-        self.dec_state = None  # the decoder's stream (engine.decoder: Wan VAE or TAEHV), from the same chunk
+        self.vae_state = None  # the encoder's stream (engine.encoder: Wan VAE, TAEHV or LightVAE); None until frame 0 is encoded
+        self.dec_state = None  # the decoder's stream (engine.decoder, likewise), from the same chunk
         self.batch = self._new_batch()
         self.controller = NoiseController(**self._controller_args)
         self._in_flight: deque[Optional[list]] = deque()

@@ -5,7 +5,8 @@ Stage roles: rank 0 runs VAE encode, patch/time embedding and the first blocks; 
 the last rank the last blocks, the head, the flow step (x0, re-noising) and VAE decode. Only the parts
 a rank runs are materialised (the DiT is built on the meta device, then its own blocks and trunk parts;
 the text encoder on rank 0; the Wan VAE on rank 0 when it is the encoder and on the last rank when it
-is the decoder; the light TAEHV encoder, when chosen, on rank 0 and its decoder on the last rank).
+is the decoder; a light encoder (TAEHV, LightVAE), when chosen, on rank 0 and a light decoder on the last
+rank).
 
 The ring: every message goes rank 0 -> 1 -> ... -> last -> rank 0, and each rank handles messages in
 arrival order, so session state changes (open, prompt, reset, close, block moves) reach each rank at the
@@ -118,8 +119,8 @@ class RankBase:
         self.renoise_source = KeyedNoise(0, 0, self.device, self.dtype)  # re-seeded per group (last rank)
         self.layout = layout
         parts = [", VAE" if self.vae is not None else "", ", text encoder" if self.first else "",
-                 ", TAEHV encoder" if self.first and self.opts.encoder == "taehv" else "",
-                 ", TAEHV decoder" if self.last and self.opts.decoder == "taehv" else ""]
+                 f", {self.opts.encoder} encoder" if self.first and self.opts.encoder != "wan" else "",
+                 f", {self.opts.decoder} decoder" if self.last and self.opts.decoder != "wan" else ""]
         log.info("rank %d/%d on %s: blocks %s, trunk %s%s (%.1f s)", self.rank, self.world, self.device,
                  _span(layers), trunk, "".join(parts), time.perf_counter() - t0)
         self.stopped = False
