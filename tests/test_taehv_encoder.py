@@ -251,18 +251,35 @@ def test_server_flags_reach_the_engine_options(tmp_path, taehv_file):
 
 
 def test_server_reports_the_encoder(tmp_path, taehv_file):
-    """A real server (tiny, CPU) with --encoder taehv: /api/info, /metrics and the log name it."""
+    """A real server (tiny, CPU) with --encoder taehv --decoder lightvae: /api/info, /metrics, the log and
+    the page's badge name both."""
     from tests.conftest import run_server
+    from tests.test_browser import CHROMIUM
 
-    with run_server(tmp_path, "--encoder", "taehv", "--taehv-weights", str(taehv_file)) as server:
+    with run_server(tmp_path, "--encoder", "taehv", "--taehv-weights", str(taehv_file), "--decoder", "lightvae") as server:
         engine = server.get("/api/info")["engine"]
-        assert engine["encoder"] == "taehv" and engine["decoder"] == "wan"
+        assert engine["encoder"] == "taehv" and engine["decoder"] == "lightvae"
         with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
             metrics = r.read().decode()
         line = next(x for x in metrics.splitlines() if x.startswith("streamgen_engine_info{"))
-        assert 'encoder="taehv"' in line and 'decoder="wan"' in line
+        assert 'encoder="taehv"' in line and 'decoder="lightvae"' in line
         log = server.log.read_text()
-        assert "light TAEHV encoder, Wan VAE decoder" in log and "TAEHV encoder loaded from" in log
+        assert "light TAEHV encoder, LightVAE decoder" in log and "TAEHV encoder loaded from" in log
+        if not Path(CHROMIUM).exists():
+            pytest.skip("chromium is not installed (apt-get install chromium): the badge is not checked")
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+            try:
+                page = browser.new_page()
+                page.goto(server.url + "/")
+                page.wait_for_function("document.getElementById('engine-badge').textContent.includes('tiny')",
+                                       timeout=30_000)
+                badge = page.inner_text("#engine-badge")
+            finally:
+                browser.close()
+        assert "light encoder (TAEHV)" in badge and "light decoder (LightVAE)" in badge, badge
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
