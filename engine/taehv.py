@@ -27,9 +27,10 @@ Encoder conventions, chosen so the session can swap this for `WanVAE.stream_enco
   call takes 1+4k frames and puts 3 copies of frame 0 in front of them, so that every group of 4 the
   encoder pools is a Wan group: latent 0 is [f0, f0, f0, f0] (which is also how the TAEHV project
   encodes a single image: it pads at the end with copies of the last frame), latent i is f(4i-3..4i).
-  This is what the decoder's 3 trimmed frames stand for. The engine must encode frame 0 on its own
-  anyway (it arrives before frames 1-4), so a stream can't take the TAEHV project's other choice for
-  videos, padding the clip's end, which groups f0..f3 and shifts every later latent by 3 frames;
+  The decoder's 3 trimmed frames are the same alignment seen from its side. The engine must encode
+  frame 0 on its own anyway (it arrives before frames 1-4), so a stream can't take the TAEHV project's
+  other choice for videos, padding the clip's end, which groups f0..f3 and shifts every later latent
+  by 3 frames;
 - output: TAEHV's latent space is Wan's *normalised* one ((mu - mean) / std: the TAEHV project
   applies no latent scale or shift, it encodes what the diffusion model uses). `stream_encode`
   returns the raw mean mu = z·std + mean unless `normalize=True`, the convention of
@@ -53,8 +54,9 @@ reference wrapper instead decodes each new latent together with the 3 before it 
 frames: 4x the work, and only an approximation, since the stacked memories reach back further.
 
 Checkpoint: `taew2_1.pth` holds `decoder.*` and `encoder.*` tensors. We load the parts asked for but
-check every key and shape the file has, so a wrong or truncated file is named, not half-loaded. The reference trims the rows of a TGrow's weight when it builds a decoder with less
-time upscaling than the file; we always upscale time 4x, so the file's shapes must equal ours.
+check every key and shape the file has, so a wrong or truncated file is named, not half-loaded. The
+reference trims the rows of a TGrow's weight when it builds a decoder with less time upscaling than the
+file; we always upscale time 4x, so the file's shapes must equal ours.
 """
 
 from __future__ import annotations
