@@ -19,6 +19,7 @@ import torch
 
 from bench.measure import STAGES, StageClock, matmul_ceiling_tflops, mfu, run_meta, synthetic_video
 from bench.rows import INPUT_FPS, PROMPT, ROWS, RowResult, steady_warmup
+from interface.catalogue import DECODERS, ENCODERS
 from engine.parallel.devices import parse_devices
 from engine.runtime import EngineOptions, StreamEngine
 
@@ -29,18 +30,24 @@ def count_flops(engine: StreamEngine, session, video, pos: int) -> dict[str, flo
     """FLOPs of each stage over one steady-state chunk, the DiT and the VAE run eagerly (a replayed CUDA
     graph is invisible to the counter; the graph runs the same kernels)."""
     clock = StageClock(engine.device)
-    clock.wrap(engine.vae, "stream_encode", "vae_encode")
+    clock.wrap(engine.encoder, "stream_encode", "vae_encode")
     clock.wrap(session.batch, "push", "dit")
     clock.wrap(engine.decoder, "stream_decode", "vae_decode")
     runner = session.batch.runner
     graphs, runner.use_graphs = runner.use_graphs, False
-    vae_graphs, engine.vae.use_graphs = engine.vae.use_graphs, False
+    # the Wan VAE and LightVAE replay CUDA graphs; TAEHV has none
+    graphed = {id(m): m for m in (engine.encoder, engine.decoder) if hasattr(m, "use_graphs")}
+    vae_graphs = {k: m.use_graphs for k, m in graphed.items()}
+    for m in graphed.values():
+        m.use_graphs = False
     clock.enabled = clock.count = True
     try:
         session.push(video[pos : pos + 4], list(range(pos, pos + 4)))
     finally:
-        runner.use_graphs, engine.vae.use_graphs = graphs, vae_graphs
-        del engine.vae.stream_encode  # the wrappers were instance attributes over the class methods
+        runner.use_graphs = graphs
+        for k, m in graphed.items():
+            m.use_graphs = vae_graphs[k]
+        del engine.encoder.stream_encode  # the wrappers were instance attributes over the class methods
         del engine.decoder.stream_decode
         del session.batch.push
     return dict(clock.flops)
@@ -228,8 +235,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=6)
     ap.add_argument("--weights", type=Path, default=None, help="load this weights tree instead of random init")
     ap.add_argument("--device", default=None, help="instead of the row's (cuda; P4/P5: cuda*2), e.g. cpu:2 with --model tiny")
-    ap.add_argument("--decoder", choices=("wan", "taehv"), default=None, help="the light TAEHV decoder instead of Wan's")
+    ap.add_argument("--decoder", choices=DECODERS, default=None, help="a light decoder instead of Wan's")
+    ap.add_argument("--encoder", choices=ENCODERS, default=None, help="a light encoder instead of Wan's")
     ap.add_argument("--taehv-weights", type=Path, default=None)
+    ap.add_argument("--lightvae-weights", type=Path, default=None)
     ap.add_argument("--model", default=None, help="replace the rows' model (tiny: a CPU dry run)")
     ap.add_argument("--size", type=int, default=None, help="square frames of this size instead of the row's")
     ap.add_argument("--json", default=None)
@@ -243,8 +252,12 @@ def main() -> None:
         override["model"] = args.model
     if args.size:
         override.update(height=args.size, width=args.size)
-    if args.decoder:
-        override.update(decoder=args.decoder, taehv_weights=args.taehv_weights)
+    for side in ("decoder", "encoder"):
+        if getattr(args, side):
+            override[side] = getattr(args, side)
+    for file in ("taehv_weights", "lightvae_weights"):
+        if getattr(args, file):
+            override[file] = getattr(args, file)
     results = []
     for name in args.rows.split(","):
         r = run_row(name, args.chunks, args.warmup, args.weights, args.profile_dir, args.device, override)

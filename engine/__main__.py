@@ -7,14 +7,16 @@ downloads a model's published files from the Hugging Face Hub into the layout `-
 
     python -m engine render --input IN --output OUT.mp4|OUT.npz --prompt TEXT [--model tiny|wan-1.3b|wan-14b]
         [--weights DIR] [--steps N] [--height H --width W] [--devices SPEC] [--seed S]
-        [--decoder wan|taehv] [--taehv-weights taew2_1.pth] [--output-size input|model]
+        [--decoder wan|taehv|lightvae] [--encoder wan|taehv|lightvae] [--taehv-weights taew2_1.pth]
+        [--lightvae-weights lightvaew2_1.pth] [--output-size input|model]
 
 --devices: one device (auto, cpu, cuda, cuda:N = GPU N), or pipeline-parallel ranks: cpu:N (N CPU
 ranks), cuda:0,1 (those GPUs, in ring order), cuda*N (the first N GPUs), torchrun (ranks started by
 torchrun, possibly over several nodes; every process runs the same command). See docs/PARALLEL.md.
 
---decoder taehv: decode latents with the light TAEHV decoder (far less compute, lower fidelity) instead of the
-Wan VAE; with --weights it needs --taehv-weights (taew2_1.pth from the TAEHV project).
+--decoder taehv|lightvae / --encoder taehv|lightvae: decode latents / encode the input with a light network
+(far less compute, lower fidelity) instead of the Wan VAE, each chosen on its own; with --weights, TAEHV needs
+--taehv-weights (taew2_1.pth from the TAEHV project) and LightVAE --lightvae-weights (lightvaew2_1.pth).
 
 --output-size input (default): the model sees a centre crop of each frame at its size, and its output
 is scaled back to the input's size, as the server answers at the camera's; model: as generated.
@@ -29,7 +31,7 @@ import sys
 from pathlib import Path
 
 from engine.video_io import OUTPUT_SIZES, probe
-from interface.catalogue import DECODERS, ConfigError, decoder_problem, model_names
+from interface.catalogue import DECODERS, ENCODERS, ConfigError, decoder_problem, model_names
 
 log = logging.getLogger("engine.render")
 
@@ -67,8 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "torchrun (docs/PARALLEL.md)")
     r.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     r.add_argument("--decoder", choices=DECODERS, default="wan",
-                   help="wan: the Wan VAE decoder; taehv: the light TAEHV decoder (far less compute, lower fidelity)")
-    r.add_argument("--taehv-weights", type=Path, help="taew2_1.pth from the TAEHV project, for --decoder taehv")
+                   help="wan: the Wan VAE decoder; taehv or lightvae: a light decoder (far less compute, lower fidelity)")
+    r.add_argument("--encoder", choices=ENCODERS, default="wan",
+                   help="wan: the Wan VAE encoder; taehv or lightvae: a light encoder (far less compute, lower fidelity)")
+    r.add_argument("--taehv-weights", type=Path,
+                   help="taew2_1.pth from the TAEHV project, for --decoder taehv or --encoder taehv")
+    r.add_argument("--lightvae-weights", type=Path,
+                   help="lightvaew2_1.pth (LightX2V's pruned Wan VAE), for --decoder lightvae or --encoder lightvae")
     r.add_argument("--step-lag", type=int, default=1,
                    help="forwards between a chunk's denoising steps; with several steps on N ranks, N keeps "
                         "every rank busy (frames equal any engine with the same value)")
@@ -122,7 +129,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         ap.error(f"--steps {args.steps}: must be 1..4")
     if args.weights is not None and not args.weights.is_dir():
         ap.error(f"--weights {args.weights}: no such folder")
-    problem = decoder_problem(args.decoder, args.taehv_weights, args.weights, cli=True, check_file=True)
+    problem = decoder_problem(args.decoder, args.taehv_weights, args.weights, cli=True, check_file=True,
+                              encoder=args.encoder, lightvae_weights=args.lightvae_weights)
     if problem:
         ap.error(problem)
     from engine.parallel.devices import parse_devices

@@ -19,13 +19,13 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.checkpoint import WeightsLayout, check_state_dict, load_into, read_tensor_file
-from engine.config import ModelConfig
+from engine.config import ModelConfig, lightvae_config
 from engine.dit import Block, WanDiT
 from engine.parallel.options import ParallelOptions
 from engine.stream_batch import mix_seed
 from engine.taehv import LATENT_CHANNELS, TAEHV, load_taehv, random_taehv
 from engine.vae import WanVAE
-from interface.catalogue import Decoder, decoder_problem
+from interface.catalogue import Decoder, Encoder, decoder_problem
 from interface.devices import one_device
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # The DiT's parts besides its blocks (module names = state-dict prefixes).
 TRUNK_PARTS = ("patch_embedding", "text_embedding", "time_embedding", "time_projection", "head")
 # Sub-seeds of the random-weight init, one per part (DiT blocks add their index).
-_SEED_TRUNK, _SEED_BLOCK, _SEED_VAE, _SEED_TEXT, _SEED_TAEHV = 1, 2, 3, 4, 5
+_SEED_TRUNK, _SEED_BLOCK, _SEED_VAE, _SEED_TEXT, _SEED_TAEHV, _SEED_LIGHTVAE = 1, 2, 3, 4, 5, 6
 
 
 class EngineOptions(BaseModel):
@@ -47,10 +47,13 @@ class EngineOptions(BaseModel):
     steps: Optional[int] = Field(None, ge=1, le=4)
     dtype: Optional[str] = Field(None, pattern="^(float32|bfloat16|float16)$")
     seed: int = 0
-    # Latents -> pixels: the Wan VAE decoder, or the light TAEHV decoder (far less compute, lower fidelity;
-    # its file is taew2_1.pth from the TAEHV project). Encoding always uses the Wan VAE.
+    # Latents -> pixels: the Wan VAE decoder, or a light one, far less compute for lower fidelity: TAEHV
+    # (taew2_1.pth from the TAEHV project) or LightVAE (lightvaew2_1.pth, the Wan VAE with 75 % of its
+    # channels pruned); pixels -> latents likewise, chosen independently.
     decoder: Decoder = "wan"
+    encoder: Encoder = "wan"
     taehv_weights: Optional[Path] = None
+    lightvae_weights: Optional[Path] = None
     # Forwards between a chunk's consecutive denoising steps (engine.stream_batch). 1, the reference's
     # schedule, has the lowest latency; with several steps and several ranks, the number of ranks lets
     # one stream keep every rank busy. Frames equal those of any engine with the same value.
@@ -60,14 +63,25 @@ class EngineOptions(BaseModel):
 
     @model_validator(mode="after")
     def _check_decoder(self) -> "EngineOptions":
-        problem = decoder_problem(self.decoder, self.taehv_weights, self.weights)
+        problem = decoder_problem(self.decoder, self.taehv_weights, self.weights, encoder=self.encoder,
+                                  lightvae_weights=self.lightvae_weights)
         if problem:
             raise ValueError(problem)
         return self
 
 
+class StreamEncoder(Protocol):
+    """What a session needs from an encoder (WanVAE, LightVAE and TAEHV all are one): frames [B,3,T,H,W] in
+    [-1,1] -> raw (not normalised) latents [B,16,t,H/8,W/8]; 1+4k frames on a stream's first call
+    (k+1 latents), 4k later (k latents)."""
+
+    def new_stream_state(self) -> Any: ...
+
+    def stream_encode(self, video: torch.Tensor, state: Any) -> torch.Tensor: ...
+
+
 class StreamDecoder(Protocol):
-    """What a session needs from a decoder (WanVAE and TAEHV both are one): normalised latents
+    """What a session needs from a decoder (WanVAE, LightVAE and TAEHV all are one): normalised latents
     [B,16,t,h,w] -> frames [B,3,T,8h,8w] in [-1,1]; 1+4(t-1) frames on a stream's first call, 4t later."""
 
     def new_stream_state(self) -> Any: ...
@@ -169,27 +183,59 @@ def build_vae(cfg: ModelConfig, layout: Optional[WeightsLayout], device: torch.d
     return _finish(vae, device, dtype)  # type: ignore[return-value]
 
 
-def build_taehv(cfg: ModelConfig, path: Optional[Path], device: torch.device, dtype: torch.dtype, seed: int) -> TAEHV:
-    """The light decoder from its file, or seeded random weights (allowed with random model weights only:
-    see EngineOptions)."""
+def needs_wan_vae(options: "EngineOptions", encodes: bool = True, decodes: bool = True) -> bool:
+    """Whether a process that encodes and/or decodes needs the Wan VAE for it."""
+    return (encodes and options.encoder == "wan") or (decodes and options.decoder == "wan")
+
+
+def build_taehv(cfg: ModelConfig, path: Optional[Path], device: torch.device, dtype: torch.dtype, seed: int,
+                encoder: bool = False, decoder: bool = True) -> TAEHV:
+    """The light encoder and/or decoder from its file, or seeded random weights (allowed with random model
+    weights only: see EngineOptions)."""
     if cfg.vae.z_dim != LATENT_CHANNELS:
-        raise ValueError(f"the TAEHV decoder takes {LATENT_CHANNELS} latent channels; model {cfg.name} has {cfg.vae.z_dim}")
+        raise ValueError(f"TAEHV takes {LATENT_CHANNELS} latent channels; model {cfg.name} has {cfg.vae.z_dim}")
+    parts = " and ".join(p for p, on in (("encoder", encoder), ("decoder", decoder)) if on)
     if path is None:
-        log.warning("TAEHV decoder with RANDOM WEIGHTS (no taehv_weights file given)")
-        model = random_taehv(mix_seed(seed, _SEED_TAEHV))
+        log.warning("TAEHV %s with RANDOM WEIGHTS (no taehv_weights file given)", parts)
+        model = random_taehv(mix_seed(seed, _SEED_TAEHV), encoder=encoder, decoder=decoder)
     else:
-        model = load_taehv(path)
+        model = load_taehv(path, encoder=encoder, decoder=decoder)
     return _finish(model, device, dtype)  # type: ignore[return-value]
 
 
-def build_decoder(cfg: ModelConfig, options: "EngineOptions", vae: Optional[WanVAE], device: torch.device,
-                  dtype: torch.dtype) -> StreamDecoder:
-    """The decoder `options.decoder` names; `vae` is the engine's Wan VAE (needed for "wan")."""
-    if options.decoder == "taehv":
-        return build_taehv(cfg, options.taehv_weights, device, dtype, options.seed)
-    if vae is None:
-        raise ValueError("the Wan decoder needs the Wan VAE")
-    return vae
+def build_lightvae(cfg: ModelConfig, path: Optional[Path], device: torch.device, dtype: torch.dtype, seed: int) -> WanVAE:
+    """LightVAE: the Wan VAE at a quarter of its widths (engine.config.lightvae_config), from
+    lightvaew2_1.pth (the Wan VAE's keys, checked strictly), or seeded random weights (allowed with random
+    model weights only: see EngineOptions). Its latents are the Wan VAE's, with the same statistics."""
+    light = lightvae_config(cfg.vae)
+    if path is None:
+        log.warning("LightVAE with RANDOM WEIGHTS (no lightvae_weights file given)")
+        torch.manual_seed(mix_seed(seed, _SEED_LIGHTVAE))
+        with _building(device, dtype):
+            return _finish(WanVAE(light), device, dtype)  # type: ignore[return-value]
+    vae = WanVAE(light)
+    load_into(vae, read_tensor_file(path), f"{path} (LightVAE, base width {light.dim})")
+    log.info("LightVAE loaded from %s", path)
+    return _finish(vae, device, dtype)  # type: ignore[return-value]
+
+
+def build_codecs(cfg: ModelConfig, options: "EngineOptions", vae: Optional[WanVAE], device: torch.device,
+                 dtype: torch.dtype, encodes: bool = True, decodes: bool = True
+                 ) -> tuple[Optional[StreamEncoder], Optional[StreamDecoder]]:
+    """The encoder `options.encoder` and the decoder `options.decoder` name, for a process that encodes
+    and/or decodes (None for a side it does not run); `vae` is its Wan VAE (needed where "wan" is
+    chosen). One light module serves both sides when both choose it."""
+    chosen = [kind for kind, on in ((options.encoder, encodes), (options.decoder, decodes)) if on]
+    if vae is None and "wan" in chosen:
+        raise ValueError("the Wan encoder/decoder needs the Wan VAE")
+    modules: dict[str, Any] = {"wan": vae}
+    if "taehv" in chosen:
+        modules["taehv"] = build_taehv(cfg, options.taehv_weights, device, dtype, options.seed,
+                                       encoder=encodes and options.encoder == "taehv",
+                                       decoder=decodes and options.decoder == "taehv")
+    if "lightvae" in chosen:
+        modules["lightvae"] = build_lightvae(cfg, options.lightvae_weights, device, dtype, options.seed)
+    return (modules[options.encoder] if encodes else None), (modules[options.decoder] if decodes else None)
 
 
 def build_text(cfg: ModelConfig, layout: Optional[WeightsLayout], device: torch.device, dtype: torch.dtype, seed: int):

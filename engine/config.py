@@ -10,7 +10,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from interface.catalogue import load_model_file
+from interface.catalogue import ConfigError, load_model_file
 
 
 class _Strict(BaseModel):
@@ -116,6 +116,18 @@ class ModelConfig(_Strict):
         if isinstance(data, dict) and isinstance(data.get("dit"), dict) and isinstance(data.get("text"), dict):
             data["dit"].setdefault("text_dim", data["text"].get("dim", 4096))
         return data
+
+
+# LightVAE is the Wan VAE with 75 % of every layer's channels pruned (its publishers' code builds the Wan
+# VAE with each width scaled by 1 - 0.75 and loads lightvaew2_1.pth into it with the Wan VAE's keys).
+LIGHTVAE_KEPT = 4  # 1 / (1 - 0.75): a LightVAE's widths are the Wan VAE's divided by this
+
+
+def lightvae_config(vae: VAEConfig) -> VAEConfig:
+    """The LightVAE of a model's Wan VAE: every width a quarter (base dim 96 -> 24)."""
+    if vae.dim % LIGHTVAE_KEPT:
+        raise ConfigError(f"LightVAE keeps a quarter of the VAE's channels: dim {vae.dim} is not a multiple of 4")
+    return vae.model_copy(update={"dim": vae.dim // LIGHTVAE_KEPT})
 
 
 def load_model_config(name_or_path: str | Path) -> ModelConfig:

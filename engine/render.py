@@ -14,7 +14,8 @@ from interface.controls import StreamParams
 def _options(args: argparse.Namespace) -> EngineOptions:
     return EngineOptions(
         model=args.model, weights=args.weights, device=args.devices, height=args.height, width=args.width,
-        steps=args.steps, seed=args.seed, decoder=args.decoder, taehv_weights=args.taehv_weights,
+        steps=args.steps, seed=args.seed, decoder=args.decoder, encoder=args.encoder,
+        taehv_weights=args.taehv_weights, lightvae_weights=args.lightvae_weights,
         step_lag=args.step_lag,
     )
 

@@ -18,13 +18,14 @@ import numpy as np
 import torch
 
 from engine import attention
-from engine.build import (EngineOptions, build_decoder, build_dit, build_text, build_vae, embed_prompt, resolve_device,
-                          tune_backends)
+from engine.build import (EngineOptions, StreamDecoder, StreamEncoder, build_codecs, build_dit, build_text, build_vae,
+                          embed_prompt, needs_wan_vae, resolve_device, tune_backends)
 from engine.checkpoint import WeightsLayout
 from engine.config import ModelConfig, StreamDefaults, load_model_config
 from engine.parallel.devices import parse_devices
 from engine.parallel.engine import ParallelEngine
 from engine.rope import Rope
+from engine.vae import WanVAE
 from engine.session import StreamSession, engine_info
 from engine.transfer import FrameIO, PendingFrames
 from interface.controls import StreamParams
@@ -49,8 +50,13 @@ class StreamEngine:
         )
         self.layout = WeightsLayout(options.weights, cfg) if options.weights else None
         self.dit = build_dit(cfg, self.layout, self.device, self.dtype, options.seed)
-        self.vae = build_vae(cfg, self.layout, self.device, self.dtype, options.seed)
-        self.decoder = build_decoder(cfg, options, self.vae, self.device, self.dtype)
+        # the Wan VAE only where it encodes or decodes (None when both sides are light)
+        self.vae: Optional[WanVAE] = (build_vae(cfg, self.layout, self.device, self.dtype, options.seed)
+                                      if needs_wan_vae(options) else None)
+        encoder, decoder = build_codecs(cfg, options, self.vae, self.device, self.dtype)
+        assert encoder is not None and decoder is not None
+        self.encoder: StreamEncoder = encoder
+        self.decoder: StreamDecoder = decoder
         self.text = build_text(cfg, self.layout, self.device, self.dtype, options.seed)
         self.rope = Rope(cfg.dit.head_dim, self.device)
         self._io = FrameIO(self.device)
@@ -66,6 +72,7 @@ class StreamEngine:
             dtype=str(self.dtype).replace("torch.", ""),
             attention=attention.log_backend(self.device),
             decoder=options.decoder,
+            encoder=options.encoder,
         )
         if self.layout is None:
             log.warning(

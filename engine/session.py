@@ -246,8 +246,8 @@ class StreamSession:
             self._input.frames.insert(0, self.frame0.frame)
             self._input.pts.insert(0, self.frame0.pts)
         self.frame0 = None
-        self.vae_state = None  # None until frame 0 is encoded
-        self.dec_state = None  # the decoder's stream (engine.decoder: Wan VAE or TAEHV), from the same chunk
+        self.vae_state = None  # the encoder's stream (engine.encoder: Wan VAE, TAEHV or LightVAE); None until frame 0 is encoded
+        self.dec_state = None  # the decoder's stream (engine.decoder, likewise), from the same chunk
         self.batch = self._new_batch()
         self.controller = NoiseController(**self._controller_args)
         self._in_flight: deque[Optional[list]] = deque()
@@ -315,10 +315,10 @@ class StreamSession:
     def _encode_frame0(self, frame: np.ndarray, pts: int) -> None:
         e = self.engine
         lap = Lap(e.device)
-        self.vae_state = e.vae.new_stream_state()
+        self.vae_state = e.encoder.new_stream_state()
         self.dec_state = e.decoder.new_stream_state()
         video = e.to_video_tensor(frame)
-        latent = e.vae.stream_encode(video.to(e.dtype), self.vae_state).to(e.dtype)
+        latent = e.encoder.stream_encode(video.to(e.dtype), self.vae_state).to(e.dtype)
         self.frame0 = FrameZero(frame=frame[0], pts=pts, video=video, latent=latent)
         enc = lap.stop()
         # while frames 1-4 are on their way: the first chunk's DiT forward as a CUDA graph (its latents:
@@ -345,7 +345,7 @@ class StreamSession:
         # the DiT's first chunk holds frame 0 too: its video for the motion measure, its latent below
         full = video if f0 is None else torch.cat([f0.video, video], 2)
         strength_later = self.controller.queue_step(full[0])  # queued before the encode, read after it
-        latent = e.vae.stream_encode(video.to(e.dtype), self.vae_state).to(e.dtype)
+        latent = e.encoder.stream_encode(video.to(e.dtype), self.vae_state).to(e.dtype)
         if f0 is not None:
             latent, pts = torch.cat([f0.latent, latent], 2), [f0.pts, *pts]
         strength = strength_later()

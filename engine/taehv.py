@@ -1,9 +1,10 @@
-"""TAEHV: a light video decoder for Wan2.1 latents (the `taew2_1.pth` file of the TAEHV project).
+"""TAEHV: a light video encoder and decoder for Wan2.1 latents (the `taew2_1.pth` file of the TAEHV
+project).
 
-Users who choose speed over fidelity can decode the DiT's latents with this small 2D-conv network
-instead of the Wan VAE decoder. The Wan VAE encoder stays the input path: only the decoder runs here.
+Users who choose speed over fidelity can encode the input frames and/or decode the DiT's latents with
+this small 2D-conv network instead of the Wan VAE; encoder and decoder are chosen independently.
 
-Architecture (fixed by the checkpoint; module paths equal its keys, `decoder.N.…`):
+Decoder architecture (fixed by the checkpoint; module paths equal its keys, `decoder.N.…`):
 
     0 soft clamp 3·tanh(z/3)        1 conv 16->256, 2 ReLU        3-5 MemBlock(256)
     6 nearest x2   7 TGrow(256, 1)  8 conv 256->128 (no bias)     9-11 MemBlock(128)
@@ -16,7 +17,26 @@ A TGrow turns each frame into `stride` frames with a 1x1 conv to stride·C chann
 output frame). Two TGrows of stride 2 give Wan's 4 pixel frames per latent; three nearest x2 give its
 spatial stride 8.
 
-Conventions, chosen so the session can swap this for `WanVAE.stream_decode`:
+Encoder architecture (`encoder.N.…`): 0 conv 3->64, 1 ReLU, then three times [TPool(64, s), conv
+64->64 stride 2 (no bias), 3 MemBlock(64)] with s = 2, 2, 1, and 17 conv 64->16. A TPool turns `s`
+consecutive frames into one (their channels stacked, a 1x1 conv back to 64): 4 frames per latent.
+
+Encoder conventions, chosen so the session can swap this for `WanVAE.stream_encode`:
+- input: frames [B, 3, T, H, W] in [-1, 1] (mapped to the [0, 1] the network was trained on);
+- frame alignment: Wan's latent 0 is frame 0 alone and latent i frames 4i-3..4i. A stream's first
+  call takes 1+4k frames and puts 3 copies of frame 0 in front of them, so that every group of 4 the
+  encoder pools is a Wan group: latent 0 is [f0, f0, f0, f0] (which is also how the TAEHV project
+  encodes a single image: it pads at the end with copies of the last frame), latent i is f(4i-3..4i).
+  The decoder's 3 trimmed frames are the same alignment seen from its side. The engine must encode
+  frame 0 on its own anyway (it arrives before frames 1-4), so a stream can't take the TAEHV project's
+  other choice for videos, padding the clip's end, which groups f0..f3 and shifts every later latent
+  by 3 frames;
+- output: TAEHV's latent space is Wan's *normalised* one ((mu - mean) / std: the TAEHV project
+  applies no latent scale or shift, it encodes what the diffusion model uses). `stream_encode`
+  returns the raw mean mu = z·std + mean unless `normalize=True`, the convention of
+  `WanVAE.stream_encode` (whose raw output the engine feeds the DiT, as the reference does).
+
+Decoder conventions, chosen so the session can swap this for `WanVAE.stream_decode`:
 - input: normalised Wan latents [B, 16, t, h, w] (the same tensors the Wan decoder takes; TAEHV was
   trained on them as is, without de-normalisation);
 - output: [B, 3, T, 8h, 8w] in [-1, 1], contiguous, in the module's dtype. The network itself
@@ -28,14 +48,15 @@ Conventions, chosen so the session can swap this for `WanVAE.stream_decode`:
 
 Streaming: every MemBlock needs the last frame of its input history; those tensors live in a
 `TAEHVStreamState` owned by the session (never on the module), so one module serves many sessions.
-Decoding a stream latent by latent (or chunk by chunk) equals decoding the whole clip at once. The
+Decoding a stream latent by latent (or chunk by chunk) equals decoding the whole clip at once, and
+encoding it 4 frames at a time equals encoding it whole (a chunk is whole groups of 4). The
 reference wrapper instead decodes each new latent together with the 3 before it and keeps the last
 frames: 4x the work, and only an approximation, since the stacked memories reach back further.
 
-Checkpoint: `taew2_1.pth` holds `decoder.*` and `encoder.*` tensors. We keep only the decoder but
-check the encoder's keys and shapes too when they are present, so a wrong or truncated file is named,
-not half-loaded. The reference trims the rows of a TGrow's weight when it builds a decoder with less
-time upscaling than the file; we always upscale time 4x, so the file's shapes must equal ours.
+Checkpoint: `taew2_1.pth` holds `decoder.*` and `encoder.*` tensors. We load the parts asked for but
+check every key and shape the file has, so a wrong or truncated file is named, not half-loaded. The
+reference trims the rows of a TGrow's weight when it builds a decoder with less time upscaling than the
+file; we always upscale time 4x, so the file's shapes must equal ours.
 """
 
 from __future__ import annotations
@@ -50,6 +71,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.checkpoint import CheckpointError, check_state_dict, read_tensor_file
+from engine.vae import LATENT_MEAN, LATENT_STD
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +123,17 @@ class TGrow(nn.Module):
 
 
 class TPool(nn.Module):
-    """`stride` frames -> 1 (encoder only; kept so the file's encoder keys can be checked)."""
+    """`stride` consecutive frames -> 1: their channels stacked, a 1x1 conv back to C (encoder only)."""
 
     def __init__(self, channels: int, stride: int) -> None:
         super().__init__()
         self.stride = stride
         self.conv = nn.Conv2d(channels * stride, channels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [N·s, C, H, W] (frames row-major, a row's frame count a multiple of s) -> [N, s·C, H, W]
+        n, c, h, w = x.shape
+        return self.conv(x.reshape(n // self.stride, self.stride * c, h, w))
 
 
 def _decoder_layers() -> nn.Sequential:
@@ -133,43 +160,82 @@ def _encoder_layers() -> nn.Sequential:
 
 @dataclass
 class TAEHVStreamState:
-    """Per-stream decoder history: the last input frame of each MemBlock ([B, C, h, w]; None before
-    the first call), and whether the stream's first frames were trimmed already."""
+    """Per-stream history: the last input frame of each MemBlock ([B, C, h, w]; None before the first
+    call), of the decoder (`memory`) and of the encoder (`enc_memory`), and whether each direction's
+    first call (trimmed frames, padded frame 0) is done. A session keeps one state per direction."""
 
     memory: list[Optional[torch.Tensor]]
     started: bool = False
+    enc_memory: list[Optional[torch.Tensor]] = field(default_factory=list)
+    enc_started: bool = False
     _slots: int = field(default=0, repr=False)
+    _enc_slots: int = field(default=0, repr=False)
 
     def reset(self) -> None:
         self.memory = [None] * self._slots
         self.started = False
+        self.enc_memory = [None] * self._enc_slots
+        self.enc_started = False
+
+
+def _mem_slots(layers: Optional[nn.Sequential]) -> int:
+    return 0 if layers is None else sum(isinstance(m, MemBlock) for m in layers)
 
 
 class TAEHV(nn.Module):
-    """The TAEHV decoder for Wan2.1 latents. Stateless: the streaming history lives in a
-    `TAEHVStreamState` from `new_stream_state`, one per stream.
+    """The TAEHV encoder and/or decoder for Wan2.1 latents. Stateless: the streaming history lives in a
+    `TAEHVStreamState` from `new_stream_state`, one per stream and direction.
 
-    `with_encoder` builds the encoder's layers too; they have no forward here and serve only to check
-    a file's `encoder.*` keys (build it on the meta device for that: see `load_taehv`).
+    `with_encoder` / `with_decoder` choose the parts built (a pipeline rank builds only the part it
+    runs). Building both on the meta device serves to check a file's keys (see `check_taehv_state`).
     """
 
-    def __init__(self, with_encoder: bool = False) -> None:
+    def __init__(self, with_encoder: bool = False, with_decoder: bool = True) -> None:
         super().__init__()
+        if not (with_encoder or with_decoder):
+            raise ValueError("a TAEHV needs its encoder, its decoder or both")
         if with_encoder:
             self.encoder = _encoder_layers()
-        self.decoder = _decoder_layers()
-        self._mem_slots = sum(isinstance(m, MemBlock) for m in self.decoder)
+        if with_decoder:
+            self.decoder = _decoder_layers()
+        self._enc_slots = _mem_slots(getattr(self, "encoder", None))
+        self._mem_slots = _mem_slots(getattr(self, "decoder", None))
+        self.register_buffer("latent_mean", torch.tensor(LATENT_MEAN).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("latent_std", torch.tensor(LATENT_STD).view(1, -1, 1, 1, 1), persistent=False)
+
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
+        super()._apply(fn, *args, **kwargs)
+        # as in WanVAE: the statistics stay float32 when the module is cast (the map is done in float32)
+        self.latent_mean = self.latent_mean.float()
+        self.latent_std = self.latent_std.float()
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.decoder[1].weight.dtype
+        return next(self.parameters()).dtype
+
+    @property
+    def has_encoder(self) -> bool:
+        return hasattr(self, "encoder")
+
+    @property
+    def has_decoder(self) -> bool:
+        return hasattr(self, "decoder")
 
     def new_stream_state(self) -> TAEHVStreamState:
-        return TAEHVStreamState(memory=[None] * self._mem_slots, _slots=self._mem_slots)
+        return TAEHVStreamState(memory=[None] * self._mem_slots, enc_memory=[None] * self._enc_slots,
+                                _slots=self._mem_slots, _enc_slots=self._enc_slots)
 
     def _check_latent(self, z: torch.Tensor) -> None:
         if z.dim() != 5 or z.shape[1] != LATENT_CHANNELS or z.shape[2] < 1:
             raise ValueError(f"latent must be [B,{LATENT_CHANNELS},t>=1,h,w], got {tuple(z.shape)}")
+
+    @staticmethod
+    def _check_video(video: torch.Tensor) -> None:
+        if video.dim() != 5 or video.shape[1] != 3:
+            raise ValueError(f"video must be [B,3,T,H,W], got {tuple(video.shape)}")
+        if video.shape[3] % SPACE_SCALE or video.shape[4] % SPACE_SCALE:
+            raise ValueError(f"H and W must be multiples of {SPACE_SCALE}, got {tuple(video.shape[3:])}")
 
     @staticmethod
     def _past(x: torch.Tensor, rows: int, prev: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,6 +252,53 @@ class TAEHV(nn.Module):
         # clone: a view would keep the whole chunk's activations alive until the next call
         return past, frames[:, -1].clone()
 
+    def _run(self, layers: nn.Sequential, x: torch.Tensor, rows: int, memory: list[Optional[torch.Tensor]]) -> torch.Tensor:
+        """All frames of a call [rows·T, C, H, W] through `layers` as one batch: a MemBlock's `past` is
+        the previous frame within the call, or the remembered one for a row's first (updated here)."""
+        slot = 0
+        for layer in layers:
+            if isinstance(layer, MemBlock):
+                past, memory[slot] = self._past(x, rows, memory[slot])
+                x = layer(x, past)
+                slot += 1
+            else:
+                x = layer(x)
+        return x
+
+    @torch.no_grad()
+    def stream_encode(self, video: torch.Tensor, state: TAEHVStreamState, normalize: bool = False) -> torch.Tensor:
+        """Encode the next frames [B,3,T,H,W] in [-1,1] of a stream: 1+4k frames on its first call (frame
+        0 gets a latent of its own, as in Wan), then 4k; one latent [B,16,·,H/8,W/8] per 4 frames.
+
+        Returns the raw latent mean (the engine's convention, as `WanVAE.stream_encode`) unless
+        `normalize`, which gives TAEHV's own output: normalised Wan latents."""
+        if not self.has_encoder:
+            raise ValueError("this TAEHV was built without its encoder")
+        self._check_video(video)
+        b, _, t, h, w = video.shape
+        x = video.to(self.dtype)
+        first = not state.enc_started
+        if first:
+            if t % TIME_SCALE != 1:
+                raise ValueError(f"first stream_encode call needs 1+4k frames, got {t}")
+            # frame 0's group is 4 copies of it (module docstring: Wan's frame alignment)
+            x = torch.cat([x[:, :, :1].expand(-1, -1, TIME_SCALE - 1, -1, -1), x], 2)
+        elif t % TIME_SCALE or t == 0:
+            raise ValueError(f"stream_encode needs 4k frames after the first call, got {t}")
+        n = x.shape[2]
+        frames = x.transpose(1, 2).reshape(b * n, 3, h, w).mul(0.5).add_(0.5)  # TAEHV works in [0, 1]
+        z = self._run(self.encoder, frames, b, state.enc_memory)
+        state.enc_started = True
+        z = z.view(b, n // TIME_SCALE, LATENT_CHANNELS, h // SPACE_SCALE, w // SPACE_SCALE).transpose(1, 2)
+        if not normalize:
+            z = (z.float() * self.latent_std.to(z.device) + self.latent_mean.to(z.device)).to(self.dtype)
+        return z.contiguous()
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Encode a whole clip of 1+4k frames to 1+k latents (a stream of one call)."""
+        return self.stream_encode(video, self.new_stream_state(), normalize)
+
     @torch.no_grad()
     def stream_decode(self, latent: torch.Tensor, state: TAEHVStreamState) -> torch.Tensor:
         """Decode the next normalised latents [B,16,t,h,w] of a stream to frames [B,3,T,8h,8w] in [-1,1]:
@@ -194,17 +307,12 @@ class TAEHV(nn.Module):
         All t latents of a call run as one batch of frames: a MemBlock's `past` is the previous frame
         within the chunk, or the state's remembered frame for the chunk's first.
         """
+        if not self.has_decoder:
+            raise ValueError("this TAEHV was built without its decoder")
         self._check_latent(latent)
         b, c, t, h, w = latent.shape
         x = latent.to(self.dtype).transpose(1, 2).reshape(b * t, c, h, w)
-        slot = 0
-        for layer in self.decoder:
-            if isinstance(layer, MemBlock):
-                past, state.memory[slot] = self._past(x, b, state.memory[slot])
-                x = layer(x, past)
-                slot += 1
-            else:
-                x = layer(x)
+        x = self._run(self.decoder, x, b, state.memory)
         frames = x.shape[0] // b
         video = x.view(b, frames, 3, x.shape[2], x.shape[3]).transpose(1, 2)
         if not state.started:
@@ -229,15 +337,28 @@ def check_taehv_state(state: Mapping[str, torch.Tensor], source: str) -> None:
     check_state_dict(expected, state, source)
 
 
-def load_taehv(path: Union[str, Path]) -> TAEHV:
-    """The decoder from a taew2_1.pth file (CPU, float32 as stored); nothing is downloaded."""
+def _part(state: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    return {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+
+
+def _load_parts(model: TAEHV, state: Mapping[str, torch.Tensor]) -> TAEHV:
+    for name in ("encoder", "decoder"):
+        if hasattr(model, name):
+            getattr(model, name).load_state_dict(_part(state, name), strict=True)
+    return model
+
+
+def load_taehv(path: Union[str, Path], encoder: bool = False, decoder: bool = True) -> TAEHV:
+    """The parts asked for from a taew2_1.pth file (CPU, float32 as stored); nothing is downloaded.
+    The whole file is checked either way; the encoder needs a file that has one."""
     path = Path(path)
     state = read_tensor_file(path)
     check_taehv_state(state, str(path))
-    model = TAEHV()
-    decoder = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
-    model.decoder.load_state_dict(decoder, strict=True)
-    log.info("TAEHV decoder loaded from %s", path)
+    if encoder and not any(k.startswith("encoder.") for k in state):
+        raise CheckpointError(f"{path} holds the TAEHV decoder only (no encoder.* tensors): the TAEHV encoder "
+                              "needs the full taew2_1.pth")
+    model = _load_parts(TAEHV(with_encoder=encoder, with_decoder=decoder), state)
+    log.info("TAEHV %s loaded from %s", " and ".join(p for p, on in (("encoder", encoder), ("decoder", decoder)) if on), path)
     return model
 
 
@@ -280,10 +401,7 @@ def write_taehv(path: Union[str, Path], seed: int = 0, with_encoder: bool = True
     return state
 
 
-def random_taehv(seed: int) -> TAEHV:
-    """A decoder with the weights `write_taehv(path, seed)` would write (for random-weight engines)."""
-    model = TAEHV()
-    state = random_taehv_state(seed, with_encoder=False)
-    model.decoder.load_state_dict({k[len("decoder."):]: v for k, v in state.items()}, strict=True)
-    return model
-
+def random_taehv(seed: int, encoder: bool = False, decoder: bool = True) -> TAEHV:
+    """The parts asked for, with the weights `write_taehv(path, seed)` would write (for random-weight
+    engines: the same seed gives the same weights whichever parts a process builds)."""
+    return _load_parts(TAEHV(with_encoder=encoder, with_decoder=decoder), random_taehv_state(seed, with_encoder=encoder))

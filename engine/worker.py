@@ -29,6 +29,7 @@ from engine.parallel.engine import ParallelEngine
 from engine.parallel.errors import EngineFailure
 from engine.runtime import StreamEngine
 from interface.frame_ring import FrameRing, RingFull
+from interface.catalogue import CODEC_NAMES
 from interface.messages import (
     BlockDecision,
     CloseSession,
@@ -299,7 +300,9 @@ def engine_options(options: WorkerOptions) -> EngineOptions:
         width=options.width,
         seed=options.seed,
         decoder=options.decoder,
+        encoder=options.encoder,
         taehv_weights=Path(options.taehv_weights) if options.taehv_weights else None,
+        lightvae_weights=Path(options.lightvae_weights) if options.lightvae_weights else None,
         step_lag=step_lag,
         parallel=parallel,
     )
@@ -350,7 +353,7 @@ def main(conn: Connection, options: dict) -> None:
             conn.close()
         return
     log.info(
-        "engine ready: %s %dx%d, %d steps, %s %s, attention %s, %s decoder%s",
+        "engine ready: %s %dx%d, %d steps, %s %s, attention %s, %s encoder, %s decoder%s",
         info.model,
         info.width,
         info.height,
@@ -358,7 +361,8 @@ def main(conn: Connection, options: dict) -> None:
         info.device,
         info.dtype,
         info.attention,
-        "light TAEHV" if info.decoder == "taehv" else "Wan VAE",
+        CODEC_NAMES[info.encoder],
+        CODEC_NAMES[info.decoder],
         " (RANDOM WEIGHTS)" if info.random_weights else "",
     )
     conn.send(encode(EngineReady(info=info)))

@@ -15,8 +15,16 @@ M = TypeVar("M", bound=BaseModel)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 
-Decoder = Literal["wan", "taehv"]  # latents -> pixels: the Wan VAE, or the light TAEHV decoder
+Decoder = Literal["wan", "taehv", "lightvae"]  # latents -> pixels: the Wan VAE, or a light one (below)
 DECODERS: tuple[str, ...] = get_args(Decoder)
+Encoder = Literal["wan", "taehv", "lightvae"]  # pixels -> latents, chosen independently of the decoder
+ENCODERS: tuple[str, ...] = get_args(Encoder)
+CODEC_NAMES: dict[str, str] = {"wan": "Wan VAE", "taehv": "light TAEHV", "lightvae": "LightVAE"}
+# The light networks and the file each needs (option name, flag, what the file is).
+LIGHT_FILES: dict[str, tuple[str, str, str]] = {
+    "taehv": ("taehv_weights", "--taehv-weights", "the taew2_1.pth file of the TAEHV project"),
+    "lightvae": ("lightvae_weights", "--lightvae-weights", "lightvaew2_1.pth, LightX2V's pruned Wan VAE"),
+}
 
 
 class ConfigError(ValueError):
@@ -76,18 +84,23 @@ def model_entry(name_or_path: str | Path) -> ModelEntry:
 
 
 def decoder_problem(decoder: Decoder, taehv_weights: object, weights: object, cli: bool = False,
-                    check_file: bool = False) -> Optional[str]:
-    """Why a decoder choice is inconsistent, or None. One rule for the engine options, the render
-    CLI and the server config: the light TAEHV decoder needs its file (taew2_1.pth) whenever the model
-    has real weights; with random model weights a seeded random TAEHV is fine. `cli` names the flags.
-    Callers validate `decoder` against Decoder first. `check_file`: a given taehv_weights must also be
-    an existing file (the command lines check it up front; the engine fails on it when loading)."""
-    dec, file = ("--decoder", "--taehv-weights") if cli else ("decoder", "taehv_weights")
-    if taehv_weights is not None and decoder != "taehv":
-        return f"{file} is only used with {dec} taehv"
-    if decoder == "taehv" and taehv_weights is None and weights is not None:
-        return (f"{dec} taehv with real model weights needs {file}: the taew2_1.pth file of the "
-                "TAEHV project (random TAEHV weights are only used with random model weights)")
-    if check_file and taehv_weights is not None and not Path(str(taehv_weights)).is_file():
-        return f"{file} {taehv_weights}: no such file"
+                    check_file: bool = False, encoder: Encoder = "wan", lightvae_weights: object = None) -> Optional[str]:
+    """Why an encoder/decoder choice is inconsistent, or None. One rule for the engine options, the
+    render CLI and the server config: a light encoder or decoder (TAEHV, LightVAE) needs its file
+    whenever the model has real weights; with random model weights seeded random weights are fine, and
+    a file is only given for a network in use. `cli` names the flags. Callers validate
+    `decoder`/`encoder` against Decoder/Encoder first. `check_file`: a given file must also exist (the
+    command lines check it up front; the engine fails on it when loading)."""
+    dec, enc = ("--decoder", "--encoder") if cli else ("decoder", "encoder")
+    files = {"taehv": taehv_weights, "lightvae": lightvae_weights}
+    for kind, (option, flag, what) in LIGHT_FILES.items():
+        file, given = (flag if cli else option), files[kind]
+        users = [f"{name} {kind}" for name, choice in ((dec, decoder), (enc, encoder)) if choice == kind]
+        if given is not None and not users:
+            return f"{file} is only used with {dec} {kind} or {enc} {kind}"
+        if users and given is None and weights is not None:
+            return (f"{' and '.join(users)} with real model weights needs {file}: {what} (random {kind} "
+                    "weights are only used with random model weights)")
+        if check_file and given is not None and not Path(str(given)).is_file():
+            return f"{file} {given}: no such file"
     return None

@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from interface.catalogue import Decoder
+from interface.catalogue import Decoder, Encoder
 from interface.controls import MAX_PROMPT_CHARS, StreamParams, StreamUpdate
 from interface.devices import DeviceSpec
 
@@ -37,7 +37,8 @@ class EngineInfo(BaseModel):
     device: str
     dtype: str
     attention: str
-    decoder: Decoder = "wan"  # latents -> pixels: the Wan VAE or the light TAEHV
+    decoder: Decoder = "wan"  # latents -> pixels: the Wan VAE, or the light TAEHV or LightVAE
+    encoder: Encoder = "wan"  # pixels -> latents, likewise
     max_chunk_frames: int = Field(ge=1, description="the most frames one push may carry (a stream's first chunk)")
     chunk_frames: int = Field(ge=1, description="frames of a chunk once a stream runs")
     stage_stats: tuple[str, ...] = Field(description="FramesOut.stats keys that time a chunk's stages, in ms")
@@ -53,7 +54,9 @@ class WorkerOptions(_Message):
     width: Optional[int] = Field(None, gt=0)
     seed: int = 0
     decoder: Decoder = "wan"
-    taehv_weights: Optional[str] = None  # taew2_1.pth, for decoder taehv
+    encoder: Encoder = "wan"
+    taehv_weights: Optional[str] = None  # taew2_1.pth, for decoder or encoder taehv
+    lightvae_weights: Optional[str] = None  # lightvaew2_1.pth, for decoder or encoder lightvae
     # Forwards between a chunk's denoising steps (EngineOptions.step_lag); None: the number of ranks
     # for a multi-step model on several ranks, else 1.
     step_lag: Optional[int] = Field(None, ge=1, le=8)

@@ -11,6 +11,7 @@ from typing import AsyncIterator, Optional
 from aiohttp import web
 
 from interface.controls import StreamUpdate
+from interface.catalogue import CODEC_NAMES
 from interface.messages import WorkerOptions
 from server import outputs_api, whip
 from server.auth import authorize, token_middleware
@@ -188,8 +189,8 @@ async def _supervise_engine(state: AppState) -> None:
                     "model %s runs with RANDOM WEIGHTS: the output is not a real restyling (give --weights DIR)",
                     info.model,
                 )
-            log.info("engine ready: %s on %s (%s), %dx%d, %s decoder", info.model, info.device, info.dtype, info.width,
-                     info.height, "light TAEHV" if info.decoder == "taehv" else "Wan VAE")
+            log.info("engine ready: %s on %s (%s), %dx%d, %s encoder, %s decoder", info.model, info.device, info.dtype,
+                     info.width, info.height, CODEC_NAMES[info.encoder], CODEC_NAMES[info.decoder])
             await state.engine.wait_lost()
         if state.engine.fatal:
             state.give_up(f"{state.engine.error} (fix the configuration)", EXIT_CONFIGURATION)

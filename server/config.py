@@ -12,7 +12,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from interface.catalogue import DECODERS, ConfigError, Decoder, decoder_problem, model_entry
+from interface.catalogue import DECODERS, ENCODERS, ConfigError, Decoder, Encoder, decoder_problem, model_entry
 from interface.controls import MAX_PROMPT_CHARS
 from interface.devices import DeviceSpec
 from interface.messages import WorkerOptions
@@ -38,9 +38,14 @@ class ServerConfig(BaseModel):
     width: Optional[int] = Field(None, gt=0, multiple_of=16)
     seed: int = Field(0, ge=0)
     decoder: Decoder = Field(
-        "wan", description="latents -> pixels: the Wan VAE, or the light TAEHV decoder (far less compute, lower fidelity)"
+        "wan", description="latents -> pixels: the Wan VAE, or a light one (taehv, lightvae: far less compute, lower fidelity)"
     )
-    taehv_weights: Optional[Path] = Field(None, description="taew2_1.pth from the TAEHV project, for decoder taehv")
+    encoder: Encoder = Field(
+        "wan", description="pixels -> latents: the Wan VAE, or a light one (taehv, lightvae: far less compute, lower fidelity)"
+    )
+    taehv_weights: Optional[Path] = Field(None, description="taew2_1.pth from the TAEHV project, for decoder or encoder taehv")
+    lightvae_weights: Optional[Path] = Field(
+        None, description="lightvaew2_1.pth (LightX2V's pruned Wan VAE), for decoder or encoder lightvae")
     step_lag: Optional[int] = Field(
         None, ge=1, le=8,
         description="forwards between a chunk's denoising steps; default: the number of ranks for a multi-step model"
@@ -124,7 +129,8 @@ class ServerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_decoder(self) -> "ServerConfig":
-        problem = decoder_problem(self.decoder, self.taehv_weights, self.weights)
+        problem = decoder_problem(self.decoder, self.taehv_weights, self.weights, encoder=self.encoder,
+                                  lightvae_weights=self.lightvae_weights)
         if problem:
             raise ValueError(problem)
         return self
@@ -170,6 +176,8 @@ def worker_options(config: ServerConfig) -> WorkerOptions:
         width=config.width,
         seed=config.seed,
         decoder=config.decoder,
+        encoder=config.encoder,
+        lightvae_weights=str(config.lightvae_weights) if config.lightvae_weights else None,
         taehv_weights=str(config.taehv_weights) if config.taehv_weights else None,
         step_lag=config.step_lag,
         log_level=config.log_level,
@@ -200,9 +208,16 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
     parser.add_argument("--port", type=int, help="port (default 8080)")
     parser.add_argument("--devices", help="auto, cpu, cuda, cuda:N, or several for a pipeline-parallel engine: cuda:0,1, cuda*N, cpu:N (default auto)")
     parser.add_argument("--decoder", choices=DECODERS,
-                        help="wan (default): the Wan VAE decoder; taehv: the light TAEHV decoder, far less compute, lower fidelity")
+                        help="wan (default): the Wan VAE decoder; taehv or lightvae: a light decoder, far less compute, "
+                             "lower fidelity (README: Light encoders and decoders)")
+    parser.add_argument("--encoder", choices=ENCODERS,
+                        help="wan (default): the Wan VAE encoder; taehv or lightvae: a light encoder, far less compute, "
+                             "lower fidelity")
     parser.add_argument("--taehv-weights", dest="taehv_weights", type=Path,
-                        help="taew2_1.pth from the TAEHV project (needed for --decoder taehv with --weights)")
+                        help="taew2_1.pth from the TAEHV project (needed for --decoder/--encoder taehv with --weights)")
+    parser.add_argument("--lightvae-weights", dest="lightvae_weights", type=Path,
+                        help="lightvaew2_1.pth, LightX2V's pruned Wan VAE (needed for --decoder/--encoder lightvae with "
+                             "--weights)")
     parser.add_argument("--step-lag", dest="step_lag", type=int,
                         help="forwards between a chunk's denoising steps (default: the number of ranks for a multi-step "
                              "model on several ranks, else 1; 1 is the reference's schedule)")
@@ -262,7 +277,8 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
         config = ServerConfig.model_validate(data)
         if config.model:
             model_entry(config.model)  # fail now on an unknown model or file, not in the engine
-        problem = decoder_problem(config.decoder, config.taehv_weights, config.weights, cli=True, check_file=True)
+        problem = decoder_problem(config.decoder, config.taehv_weights, config.weights, cli=True, check_file=True,
+                                  encoder=config.encoder, lightvae_weights=config.lightvae_weights)
         if problem:  # the validator checked the rest: only a missing file is left
             parser.error(problem)
     except ValidationError as exc:

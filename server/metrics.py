@@ -86,7 +86,7 @@ class ServerMetrics:
             Gauge(
                 "streamgen_engine_info",
                 "the engine's model and device",
-                labels=("model", "device", "dtype", "attention", "random_weights", "height", "width", "decoder"),
+                labels=("model", "device", "dtype", "attention", "random_weights", "height", "width", "decoder", "encoder"),
                 read=engine,
             )
         )

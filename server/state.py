@@ -130,7 +130,7 @@ class AppState:
         if i is None:
             return {}
         key = (i.model, i.device, i.dtype, i.attention, str(i.random_weights).lower(), str(i.height), str(i.width),
-               i.decoder)
+               i.decoder, i.encoder)
         return {key: 1.0}
 
     def server_info(self) -> ServerInfo:

@@ -77,7 +77,7 @@ Driver = Generator[Wait, Any, None]
 
 class DriverSession:
     def __init__(self, host: Any, sid: int, prompt: str, params: StreamParams) -> None:
-        """`host` is rank 0 (engine.parallel.rank.Rank0): io, vae, defaults, device, dtype, clock,
+        """`host` is rank 0 (engine.parallel.rank.Rank0): io, encoder, defaults, device, dtype, clock,
         embed_prompt(), discard (returns nobody waits for any more)."""
         self.host, self.sid, self.params = host, sid, params
         d = host.defaults
@@ -159,7 +159,7 @@ class DriverSession:
         host = self.host
         video = host.io.to_video_tensor(cmd.frames)
         if self.vae_state is None:
-            self.vae_state = host.vae.new_stream_state()
+            self.vae_state = host.encoder.new_stream_state()
             self.new_vae = True
             if len(cmd.frames) == 1:
                 yield from self._frame0(cmd, video)
@@ -169,7 +169,7 @@ class DriverSession:
         f0, self.frame0 = self.frame0, None
         full = video if f0 is None else torch.cat([f0.video, video], 2)  # the motion measure sees frame 0 too
         strength_later = self.controller.queue_step(full[0])  # read after the encode is queued
-        latent = host.vae.stream_encode(video.to(host.dtype), self.vae_state).to(host.dtype)
+        latent = host.encoder.stream_encode(video.to(host.dtype), self.vae_state).to(host.dtype)
         if f0 is not None:
             latent, pts = torch.cat([f0.latent, latent], 2), [f0.pts, *pts]
         new_vae, self.new_vae = self.new_vae, False
@@ -190,7 +190,7 @@ class DriverSession:
         the shape has run before, the priming forward as a CUDA graph). The chunk completes once that
         message has been round the ring."""
         host = self.host
-        latent = host.vae.stream_encode(video.to(host.dtype), self.vae_state).to(host.dtype)
+        latent = host.encoder.stream_encode(video.to(host.dtype), self.vae_state).to(host.dtype)
         self.frame0 = FrameZero(frame=cmd.frames[0], pts=cmd.pts[0], video=video, latent=latent)
         yield Emit(Message("prep", {"sid": self.sid, "frames": 1 + CHUNK // 4, "done": cmd.seq}))
 

@@ -4,8 +4,9 @@ and serves the ring.
 Stage roles: rank 0 runs VAE encode, patch/time embedding and the first blocks; middle ranks blocks;
 the last rank the last blocks, the head, the flow step (x0, re-noising) and VAE decode. Only the parts
 a rank runs are materialised (the DiT is built on the meta device, then its own blocks and trunk parts;
-the text encoder on rank 0; the Wan VAE on rank 0 and, when it is the decoder, on the last rank; the
-light TAEHV decoder, when chosen, on the last rank only).
+the text encoder on rank 0; the Wan VAE on rank 0 when it is the encoder and on the last rank when it
+is the decoder; a light encoder (TAEHV, LightVAE), when chosen, on rank 0 and a light decoder on the last
+rank).
 
 The ring: every message goes rank 0 -> 1 -> ... -> last -> rank 0, and each rank handles messages in
 arrival order, so session state changes (open, prompt, reset, close, block moves) reach each rank at the
@@ -51,7 +52,8 @@ from engine.parallel.stage import Group, Stage
 from engine.timing import ForwardTimes, StageClock
 from engine.parallel.wire import DistLink, Link, LoopbackLink, Message
 from engine.rope import Rope
-from engine.build import EngineOptions, build_decoder, build_dit, build_text, build_vae, embed_prompt, tune_backends
+from engine.build import (EngineOptions, build_codecs, build_dit, build_text, build_vae, embed_prompt, needs_wan_vae,
+                          tune_backends)
 from engine.session import DECODE_MS, engine_info, first_latent_apart
 from engine.stream_batch import KeyedNoise
 from engine.transfer import FrameIO, PendingFrames
@@ -105,10 +107,11 @@ class RankBase:
         layers = list(ranges(self.split)[self.rank])
         t0 = time.perf_counter()
         dit = build_dit(self.cfg, layout, self.device, self.dtype, self.opts.seed, blocks=layers, trunk=trunk)
-        wan_decodes = self.opts.decoder == "wan"
-        need_vae = self.first or (self.last and wan_decodes)
+        need_vae = needs_wan_vae(self.opts, encodes=self.first, decodes=self.last)
         self.vae = build_vae(self.cfg, layout, self.device, self.dtype, self.opts.seed) if need_vae else None
-        self.decoder = build_decoder(self.cfg, self.opts, self.vae, self.device, self.dtype) if self.last else None
+        # rank 0 encodes, the last rank decodes (a ring of one does both)
+        self.encoder, self.decoder = build_codecs(self.cfg, self.opts, self.vae, self.device, self.dtype,
+                                                  encodes=self.first, decodes=self.last)
         self.text = build_text(self.cfg, layout, self.device, self.dtype, self.opts.seed) if self.first else None
         self.io = FrameIO(self.device)
         self.rope = Rope(self.cfg.dit.head_dim, self.device)
@@ -118,7 +121,8 @@ class RankBase:
         self.renoise_source = KeyedNoise(0, 0, self.device, self.dtype)  # re-seeded per group (last rank)
         self.layout = layout
         parts = [", VAE" if self.vae is not None else "", ", text encoder" if self.first else "",
-                 ", TAEHV decoder" if self.last and not wan_decodes else ""]
+                 f", {self.opts.encoder} encoder" if self.first and self.opts.encoder != "wan" else "",
+                 f", {self.opts.decoder} decoder" if self.last and self.opts.decoder != "wan" else ""]
         log.info("rank %d/%d on %s: blocks %s, trunk %s%s (%.1f s)", self.rank, self.world, self.device,
                  _span(layers), trunk, "".join(parts), time.perf_counter() - t0)
         self.stopped = False
@@ -426,6 +430,7 @@ class Rank0(RankBase):
             device=",".join(self.spec.devices.devices) if not self.spec.devices.external else f"torchrun:{self.world}",
             dtype=str(self.dtype).replace("torch.", ""), attention=attention.backend_name(self.device),
             decoder=self.opts.decoder,
+            encoder=self.opts.encoder,
         )
 
     # -- the loop --------------------------------------------------------------------------------------

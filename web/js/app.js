@@ -28,6 +28,7 @@ let ownOutput = null; // this page's session's generated stream
 let engineSteps = null; // the model's default steps (from /api/info)
 const DEFAULTS = { strength: ui.strength.value, transition: ui.transition.value }; // the page's own
 const SESSIONS_EVERY_MS = 2000;
+const LIGHT = { taehv: 'TAEHV', lightvae: 'LightVAE' }; // light encoders/decoders, by /api/info name
 const STATS_EVERY_MS = 1000;
 
 function setStatus(text, isError = false) {
@@ -78,7 +79,8 @@ async function showEngine() {
     ui.badge.className = `badge ${engineReady ? 'ready' : info.engine_state === 'failed' ? 'failed' : ''}`;
     ui.badge.textContent = e
       ? `${e.model} · ${e.width}×${e.height} · ${e.steps} step${e.steps > 1 ? 's' : ''} · ${e.device} ${e.dtype}`
-        + (e.decoder === 'taehv' ? ' · light decoder (TAEHV)' : '')
+        + (LIGHT[e.encoder] ? ` · light encoder (${LIGHT[e.encoder]})` : '')
+        + (LIGHT[e.decoder] ? ` · light decoder (${LIGHT[e.decoder]})` : '')
       : `engine: ${info.engine_state}${info.engine_error ? ` — ${info.engine_error}` : ''}`;
     ui.banner.hidden = !info.notice;
     ui.banner.textContent = info.notice ?? '';
