@@ -149,7 +149,7 @@ def test_cli_renders_with_lightvae_and_names_errors(tmp_path, tiny_light_file):
     src = tmp_path / "in.mp4"
     write_mp4(src, 6)
     run = [sys.executable, "-m", "engine", "render", "--input", str(src), "--output", str(tmp_path / "o.npz"),
-           "--prompt", "a cat", "--quiet", "--height", "32", "--width", "32"]
+           "--prompt", "a cat", "--quiet", "--height", "32", "--width", "32", "--output-size", "model"]
     r = subprocess.run([*run, "--encoder", "lightvae", "--lightvae-weights", str(tiny_light_file)], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

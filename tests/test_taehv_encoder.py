@@ -242,7 +242,8 @@ def test_server_flags_reach_the_engine_options(tmp_path, taehv_file):
     assert options.encoder == "taehv" and options.decoder == "wan" and options.taehv_weights == str(taehv_file)
     assert engine_options(options).encoder == "taehv"
     assert EngineInfo.model_validate({**EngineInfo(model="tiny", height=16, width=16, steps=1, random_weights=True,
-                                                   device="cpu", dtype="float32", attention="sdpa").model_dump(),
+                                                   device="cpu", dtype="float32", attention="sdpa", max_chunk_frames=5,
+                                                   chunk_frames=4, stage_stats=("dit_ms",)).model_dump(),
                                       "encoder": "taehv"}).encoder == "taehv"
     for bad in (["--encoder", "taehv", "--weights", str(tmp_path)], ["--encoder", "fast"],
                 ["--encoder", "taehv", "--taehv-weights", str(tmp_path / "x.pth")]):
@@ -292,7 +293,7 @@ def test_cli_renders_with_the_light_encoder(tmp_path, taehv_file):
     src = tmp_path / "in.mp4"
     write_mp4(src, 10)
     r = cli("render", "--input", str(src), "--output", str(tmp_path / "o.npz"), "--prompt", "a cat", "--quiet",
-            "--height", "64", "--width", "96", "--encoder", "taehv", "--taehv-weights", str(taehv_file))
+            "--height", "64", "--width", "96", "--output-size", "model", "--encoder", "taehv", "--taehv-weights", str(taehv_file))
     assert r.returncode == 0, r.stderr
     assert "TAEHV encoder loaded" in r.stderr and "'encoder': 'taehv'" in r.stderr
     frames = np.load(tmp_path / "o.npz")["frames"]
