@@ -1,6 +1,6 @@
 """Offline CLI:
 
-    python -m engine fetch wan-1.3b|wan-14b|taehv --to DIR [--dry-run]
+    python -m engine fetch wan-1.3b|wan-14b|taehv|lightvae --to DIR [--dry-run]
 
 downloads a model's published files from the Hugging Face Hub into the layout `--weights DIR` reads
 (engine/fetch.py), then checks them with the strict loaders;
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch", help="download a model's weights from the Hugging Face Hub into the --weights layout")
     f.error = ap.error  # type: ignore[method-assign]
     f.add_argument("model", metavar="MODEL",
-                   help="wan-1.3b, wan-14b (with their StreamDiffusionV2 checkpoints), taehv (taew2_1.pth), "
+                   help="wan-1.3b, wan-14b (with their StreamDiffusionV2 checkpoints), taehv (taew2_1.pth), lightvae (lightvaew2_1.pth), "
                         "or a model config .yaml with a hub section")
     f.add_argument("--to", required=True, type=Path, metavar="DIR",
                    help="the weights folder to fill (created if missing); pass it to the server as --weights DIR")

@@ -37,9 +37,11 @@ from interface.catalogue import ConfigError, model_names
 log = logging.getLogger("engine.fetch")
 
 REVISION = "main"
-TAEHV = "taehv"  # the light TAEHV decoder's file, fetched on its own
+TAEHV = "taehv"  # the light TAEHV encoder/decoder's file, fetched on its own
 TAEHV_REPO = "lightx2v/Autoencoders"
 TAEHV_FILE = "taew2_1.pth"
+LIGHTVAE = "lightvae"  # LightVAE (the pruned Wan VAE), from the same repository
+LIGHTVAE_FILE = "lightvaew2_1.pth"
 
 
 class FetchError(Exception):
@@ -97,8 +99,8 @@ class Plan:
 
 
 def fetchable() -> list[str]:
-    """The names `fetch` takes: every model config that names its hub repositories, and taehv."""
-    return [n for n in model_names() if load_model_config(n).hub is not None] + [TAEHV]
+    """The names `fetch` takes: every model config that names its hub repositories, taehv and lightvae."""
+    return [n for n in model_names() if load_model_config(n).hub is not None] + [TAEHV, LIGHTVAE]
 
 
 def wan_files() -> tuple[str, ...]:
@@ -122,6 +124,12 @@ def _check_taehv(root: Path) -> list[Path]:
     return check_taehv_file(root / TAEHV_FILE)
 
 
+def _check_lightvae(root: Path) -> list[Path]:
+    from engine.weights_check import check_lightvae_file
+
+    return check_lightvae_file(root / LIGHTVAE_FILE)
+
+
 def model_target(cfg: ModelConfig) -> Target:
     if cfg.hub is None or cfg.weights_folder is None or cfg.causal_checkpoint is None:
         raise FetchError(f"model {cfg.name} has no published weights to fetch; choose one of {', '.join(fetchable())}")
@@ -135,10 +143,13 @@ def model_target(cfg: ModelConfig) -> Target:
 
 
 def resolve_target(model: str) -> Target:
-    """`taehv`, a model name, or a model config file (.yaml) with a `hub` section."""
+    """`taehv`, `lightvae`, a model name, or a model config file (.yaml) with a `hub` section."""
     if model == TAEHV:
         return Target(TAEHV, (Source(TAEHV_REPO, (TAEHV_FILE,)),), _check_taehv,
                       use=f"--decoder taehv --taehv-weights {{root}}/{TAEHV_FILE}")
+    if model == LIGHTVAE:
+        return Target(LIGHTVAE, (Source(TAEHV_REPO, (LIGHTVAE_FILE,)),), _check_lightvae,
+                      use=f"--decoder lightvae --lightvae-weights {{root}}/{LIGHTVAE_FILE}")
     if model not in model_names() and not model.endswith((".yaml", ".yml")):
         raise FetchError(f"unknown model {model!r}; choose one of {', '.join(fetchable())}")
     try:

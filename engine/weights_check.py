@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import CheckpointError, WeightsLayout, check_state_dict, read_tensor_file
-from engine.config import ModelConfig
+from engine.config import ModelConfig, VAEConfig, lightvae_config
 
 
 def check_model_weights(root: Path, cfg: ModelConfig) -> list[Path]:
@@ -41,4 +41,15 @@ def check_taehv_file(path: Path) -> list[Path]:
     from engine.taehv import check_taehv_state
 
     check_taehv_state(read_tensor_file(path), str(path))
+    return [path]
+
+
+def check_lightvae_file(path: Path, vae: VAEConfig = VAEConfig()) -> list[Path]:
+    """A lightvaew2_1.pth file, checked as `engine.build.build_lightvae` loads it (the Wan VAE's keys at
+    a quarter of the widths of `vae`, the Wan2.1 VAE by default)."""
+    from engine.vae import WanVAE
+
+    with torch.device("meta"):
+        light = WanVAE(lightvae_config(vae))
+    check_state_dict(light, read_tensor_file(path), f"{path} (LightVAE)")
     return [path]

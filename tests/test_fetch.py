@@ -232,3 +232,25 @@ def test_not_enough_disk_is_said_before_any_download(published, tmp_path, monkey
         # a dry run lists and downloads nothing
         assert fetch.fetch("taehv", tmp_path / "w", dry_run=True, endpoint=hub.url) == []
         assert not hub.gets()
+
+
+def test_lightvae_is_fetched_alone_and_checked(published, tmp_path):
+    from engine.config import VAEConfig, lightvae_config
+    from engine.vae import WanVAE
+
+    with torch.device("meta"):
+        shapes = WanVAE(lightvae_config(VAEConfig())).state_dict()
+    buf = io.BytesIO()
+    torch.save({k: torch.zeros(v.shape, dtype=torch.float16) for k, v in shapes.items()}, buf)
+    home = tmp_path / "hf_home"
+    with FakeHub() as hub:
+        hub.add(TAEHV_REPO, {**published["taehv"], "lightvaew2_1.pth": published["taehv"]["taew2_1.pth"]})
+        r = fetch_cli(hub.url, "lightvae", tmp_path / "w", home)  # a TAEHV file under LightVAE's name
+        assert r.returncode == 1
+        [line] = error_lines(r.stderr)
+        assert "lightvaew2_1.pth" in line and "LightVAE" in line, line
+        hub.add(TAEHV_REPO, {**published["taehv"], "lightvaew2_1.pth": buf.getvalue()})
+        r = fetch_cli(hub.url, "lightvae", tmp_path / "w", home)
+        assert r.returncode == 0, r.stderr
+        assert landed(tmp_path / "w") == {"lightvaew2_1.pth"}
+        assert "--lightvae-weights" in r.stderr
