@@ -112,7 +112,9 @@ async def test_bad_requests_get_json_4xx_and_streams_go_on(server: ServerProcess
                 assert isinstance(body["error"], str) and body["error"]
                 return body
 
-        await expect("POST", "/api/offer", 400, data=b"{not json")
+        json_type = {"Content-Type": "application/json"}
+        await expect("POST", "/api/offer", 415, data=b"{not json")  # JSON must say it is JSON
+        await expect("POST", "/api/offer", 400, data=b"{not json", headers=json_type)
         await expect("POST", "/api/offer", 422, json=[1, 2])
         wrong = await expect("POST", "/api/offer", 422, json={"sdp": 5, "type": "offer"})
         assert {d["loc"] for d in wrong["details"]} == {"sdp"}
@@ -125,7 +127,7 @@ async def test_bad_requests_get_json_4xx_and_streams_go_on(server: ServerProcess
             await expect(method, "/api/sessions/not-a-session", 404, json={})
         for bad in ({"steps": 0}, {"noise_strength": 1.5}, {"seed": -1}, {"bogus": 1}, {"steps": "many"}):
             await expect("PATCH", f"/api/sessions/{sid}", 422, json=bad)
-        await expect("PATCH", f"/api/sessions/{sid}", 400, data=b"\xff\xfe")
+        await expect("PATCH", f"/api/sessions/{sid}", 400, data=b"\xff\xfe", headers=json_type)
         for path in ("/../pyproject.toml", "/%2e%2e/pyproject.toml", "/..%2fserver/app.py", "/.hidden", "/js/../../tests/conftest.py"):
             await expect("GET", path, 404)
         async with http.patch(f"{url}/api/sessions/{sid}", json={"seed": 7}) as r:
