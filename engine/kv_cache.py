@@ -10,7 +10,8 @@ Where this differs from the reference on purpose (each shown by a test):
   second session cannot disturb it;
 - the sink-similarity check runs when a frame is about to evict one (cache full); the reference also
   runs it while the cache fills, when a sink slot may still be empty (cosine 0), which flags that sink;
-- the FIFO covers every rolling slot; the reference's queue skips slot 2 when num_sink is 2;
+- the FIFO covers every rolling slot; the reference's queue starts at slot 3 after a 2-latent first
+  chunk, so it never evicts the rolling slots below 3;
 - on a position wrap, cached keys are re-rotated to the new positions (rolling slots move with the
   query, sinks go back to their slot index); the reference keeps the old rotations.
 With policy "reference" (engine/kv_policy.py) the cache follows the reference in each of these instead.

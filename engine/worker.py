@@ -301,6 +301,7 @@ def engine_options(options: WorkerOptions) -> EngineOptions:
         decoder=options.decoder,
         taehv_weights=Path(options.taehv_weights) if options.taehv_weights else None,
         step_lag=step_lag,
+        kv_policy=options.kv_policy,
         parallel=parallel,
     )
 

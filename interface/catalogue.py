@@ -18,6 +18,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 Decoder = Literal["wan", "taehv"]  # latents -> pixels: the Wan VAE, or the light TAEHV decoder
 # KV cache and first-chunk schedule: ours, or the reference package's exactly (README "Where we differ")
 KVPolicy = Literal["ours", "reference"]
+KV_POLICIES: tuple[str, ...] = get_args(KVPolicy)
 DECODERS: tuple[str, ...] = get_args(Decoder)
 
 
