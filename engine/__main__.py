@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from engine.video_io import OUTPUT_SIZES, probe
-from interface.catalogue import DECODERS, ENCODERS, ConfigError, decoder_problem, model_names
+from interface.catalogue import DECODERS, ENCODERS, KV_POLICIES, ConfigError, decoder_problem, model_names
 
 log = logging.getLogger("engine.render")
 
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--step-lag", type=int, default=1,
                    help="forwards between a chunk's denoising steps; with several steps on N ranks, N keeps "
                         "every rank busy (frames equal any engine with the same value)")
+    r.add_argument("--kv-policy", choices=KV_POLICIES,
+                   help="ours (the model config's default) or reference: the reference package's KV cache eviction, "
+                        "sink checks, first-chunk timestep and RoPE wrap, exactly (README 'Where we differ')")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     f = sub.add_parser("fetch", help="download a model's weights from the Hugging Face Hub into the --weights layout")
     f.error = ap.error  # type: ignore[method-assign]

@@ -19,13 +19,13 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.checkpoint import WeightsLayout, check_state_dict, load_into, read_tensor_file
-from engine.config import ModelConfig, lightvae_config
+from engine.config import ModelConfig, StreamDefaults, lightvae_config
 from engine.dit import Block, WanDiT
 from engine.parallel.options import ParallelOptions
 from engine.stream_batch import mix_seed
 from engine.taehv import LATENT_CHANNELS, TAEHV, load_taehv, random_taehv
 from engine.vae import WanVAE
-from interface.catalogue import Decoder, Encoder, decoder_problem
+from interface.catalogue import Decoder, Encoder, KVPolicy, decoder_problem
 from interface.devices import one_device
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ class EngineOptions(BaseModel):
     # schedule, has the lowest latency; with several steps and several ranks, the number of ranks lets
     # one stream keep every rank busy. Frames equal those of any engine with the same value.
     step_lag: int = Field(1, ge=1, le=8)
+    # KV cache and first-chunk schedule (engine/kv_policy.py); None: the model config's (ours by default)
+    kv_policy: Optional[KVPolicy] = None
     # Only for several ranks (pipeline-parallel engine): schedulers, start-up and test hooks.
     parallel: ParallelOptions = Field(default_factory=ParallelOptions)
 
@@ -78,6 +80,19 @@ class StreamEncoder(Protocol):
     def new_stream_state(self) -> Any: ...
 
     def stream_encode(self, video: torch.Tensor, state: Any) -> torch.Tensor: ...
+
+
+def stream_defaults(cfg: ModelConfig, options: EngineOptions) -> StreamDefaults:
+    """The model's stream defaults with the engine options' overrides (size, steps, KV policy); the
+    in-process engine and every rank take theirs from here."""
+    height = options.height or cfg.stream.height
+    width = options.width or cfg.stream.width
+    if height % 16 or width % 16:
+        raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
+    return cfg.stream.model_copy(update={
+        "height": height, "width": width, "steps": options.steps or cfg.stream.steps,
+        "kv_policy": options.kv_policy or cfg.stream.kv_policy,
+    })
 
 
 class StreamDecoder(Protocol):

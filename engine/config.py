@@ -10,7 +10,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from interface.catalogue import ConfigError, load_model_file
+from interface.catalogue import ConfigError, KVPolicy, load_model_file
 
 
 class _Strict(BaseModel):
@@ -82,6 +82,8 @@ class StreamDefaults(_Strict):
     motion_sigma: float = Field(0.2, gt=0.0)
     motion_smoothing: float = Field(0.9, ge=0.0, le=1.0)
     transition_chunks: int = Field(4, ge=0)
+    # ours, or the reference package's KV cache and first-chunk timestep exactly (engine/kv_policy.py)
+    kv_policy: KVPolicy = "ours"
 
     @model_validator(mode="after")
     def _check(self) -> "StreamDefaults":

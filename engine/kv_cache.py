@@ -10,9 +10,11 @@ Where this differs from the reference on purpose (each shown by a test):
   second session cannot disturb it;
 - the sink-similarity check runs when a frame is about to evict one (cache full); the reference also
   runs it while the cache fills, when a sink slot may still be empty (cosine 0), which flags that sink;
-- the FIFO covers every rolling slot; the reference's queue skips slot 2 when num_sink is 2;
+- the FIFO covers every rolling slot; the reference's queue starts at slot 3 after a 2-latent first
+  chunk, so it never evicts the rolling slots below 3;
 - on a position wrap, cached keys are re-rotated to the new positions (rolling slots move with the
   query, sinks go back to their slot index); the reference keeps the old rotations.
+With policy "reference" (engine/kv_policy.py) the cache follows the reference in each of these instead.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 
 from engine import kernels
 from engine.attention import attention
+from engine.kv_policy import EvictionQueues, KVPolicy, rebase_on_wrap
 from engine.rope import Rope, rotate
 from engine.transfer import h2d, h2d_into
 
@@ -42,9 +45,14 @@ class StreamKVCache:
         rope: Rope,
         dtype: torch.dtype,
         device: torch.device,
+        policy: KVPolicy = "ours",
+        queues: Optional[EvictionQueues] = None,
     ) -> None:
         if num_sink >= window:
             raise ValueError("num_sink must be smaller than the window")
+        # reference: slots come from the session's eviction queues (decided on the host, per layer)
+        self.policy: KVPolicy = policy
+        self.queues = queues if queues is not None or policy == "ours" else EvictionQueues(num_sink, window, sink_threshold)
         self.layers = list(layers)
         self.rows, self.window, self.frame_tokens = rows, window, frame_tokens
         self.num_sink, self.sink_threshold, self.rope = num_sink, sink_threshold, rope
@@ -63,7 +71,7 @@ class StreamKVCache:
         self._plan: Optional[dict] = None
         # Per layer, the token-mean key and value of each sink slot, for the refresh test: kept up to date
         # where sinks are written instead of being recomputed over the sink slots at every eviction.
-        self._refresh = sink_threshold is not None and num_sink > 0
+        self._refresh = sink_threshold is not None and num_sink > 0 and self.queues is None
         self.sink_mean: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if self._refresh:
             for i in self.layers:
@@ -81,7 +89,7 @@ class StreamKVCache:
             is_full = p + frames > self.window or self.filled[r] >= self.window
             if is_full and frames != 1:
                 raise ValueError("only single-frame chunks can evict")
-            if is_full and p < self.last_pos[r]:
+            if is_full and p < self.last_pos[r] and rebase_on_wrap(self.policy):
                 self._rebase(r, self.last_pos[r] + 1 - p)
             full.append(int(is_full))
             host_slot.append(0 if is_full else p)
@@ -132,14 +140,21 @@ class StreamKVCache:
                 self.slot_pos[layer][r, p : p + f] = torch.arange(p, p + f, device=self.device)
             if plan["writes_sink"]:
                 self._update_sink_mean(layer)
+            if self.queues is not None:
+                q = self.queues
+                q.rows(layer, rows)
+                for r, p in enumerate(plan["host_slot"]):
+                    q.filled(layer, r, p, f)
             if plan["prefix"] is not None:
                 return kc[:, : plan["prefix"] * t], vc[:, : plan["prefix"] * t], None
             return kc, vc, plan["valid"]
         # On CUDA the slot decision and the write are Triton kernels (kernels.evict_slots, write_frames:
         # the same rule and copies, in 3 + 1 kernels instead of about 25 per layer); elsewhere torch.
         slot = self.plan[1]
-        fused = kernels.evict_usable(k) and v.is_contiguous()
-        if plan["any_full"] and fused:
+        fused = kernels.evict_usable(k) and v.is_contiguous() and self.queues is None
+        if self.queues is not None:
+            slot = self._reference_slots(layer, k, v)
+        elif plan["any_full"] and fused:
             slot = kernels.evict_slots(k, v, self.plan, self.rr[layer], self.sink_mean.get(layer) if self._refresh else None,
                                        self.num_sink, self.window - self.num_sink, self.sink_threshold)
         elif plan["any_full"]:
@@ -157,6 +172,29 @@ class StreamKVCache:
         if plan["writes_sink"]:
             self._update_sink_mean(layer)
         return kc, vc, plan["valid"]
+
+    def _reference_slots(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The slots of a single-frame write under the reference's queues (engine/kv_policy.py); host
+        decisions, one sync per layer, as the reference makes them."""
+        plan, q = self._plan, self.queues
+        assert plan is not None and q is not None
+        q.rows(layer, self.rows)
+        low: list[float] = []
+        idx: list[int] = []
+        if q.checks_sinks:
+            low, idx = q.sink_similarity(self.k[layer], self.v[layer], k, v, self.frame_tokens)
+        full = self.plan[0].tolist()
+        slots = []
+        for r in range(self.rows):
+            if q.checks_sinks and low[r] < q.threshold:  # type: ignore[operator]
+                q.flag_sink(layer, r, idx[r])
+            if full[r]:
+                slots.append(q.evict(layer, r))
+            else:
+                p = plan["host_slot"][r]
+                q.filled(layer, r, p, 1)
+                slots.append(p)
+        return h2d(slots, self.device)
 
     def _update_sink_mean(self, layer: int) -> None:
         rows, s, t = self.rows, self.num_sink, self.frame_tokens
@@ -213,13 +251,23 @@ class StreamKVCache:
     # -- moving a layer to another cache (pipeline block moves) --------------------------------------
     LAYER_STATE = ("k", "v", "rr", "pos")
 
+    @property
+    def layer_state(self) -> tuple[str, ...]:
+        """What export_layer returns: LAYER_STATE, and the eviction queues under the reference policy."""
+        return self.LAYER_STATE + (("queue",) if self.queues is not None else ())
+
     def export_layer(self, layer: int) -> dict[str, torch.Tensor]:
-        """Remove `layer` from this cache and return its state (LAYER_STATE names)."""
+        """Remove `layer` from this cache and return its state (layer_state names)."""
         self.layers.remove(layer)
         self.sink_mean.pop(layer, None)  # derived: the taker recomputes it
-        return dict(k=self.k.pop(layer), v=self.v.pop(layer), rr=self.rr.pop(layer), pos=self.slot_pos.pop(layer))
+        out = dict(k=self.k.pop(layer), v=self.v.pop(layer), rr=self.rr.pop(layer), pos=self.slot_pos.pop(layer))
+        if self.queues is not None:
+            out["queue"] = self.queues.export_layer(layer)
+        return out
 
     def import_layer(self, layer: int, state: dict[str, torch.Tensor]) -> None:
+        if self.queues is not None:
+            self.queues.import_layer(layer, state["queue"])
         self.k[layer], self.v[layer] = state["k"], state["v"]
         self.rr[layer], self.slot_pos[layer] = state["rr"], state["pos"]
         self.layers = sorted(set(self.layers) | {layer})

@@ -19,7 +19,7 @@ import torch
 
 from engine import attention
 from engine.build import (EngineOptions, StreamDecoder, StreamEncoder, build_codecs, build_dit, build_text, build_vae,
-                          embed_prompt, needs_wan_vae, resolve_device, tune_backends)
+                          embed_prompt, needs_wan_vae, resolve_device, stream_defaults, tune_backends)
 from engine.checkpoint import WeightsLayout
 from engine.config import ModelConfig, StreamDefaults, load_model_config
 from engine.parallel.devices import parse_devices
@@ -41,13 +41,8 @@ class StreamEngine:
         tune_backends(self.device)
         default_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype: torch.dtype = getattr(torch, options.dtype or default_dtype)
-        height = options.height or cfg.stream.height
-        width = options.width or cfg.stream.width
-        if height % 16 or width % 16:
-            raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
-        self.defaults: StreamDefaults = cfg.stream.model_copy(
-            update={"height": height, "width": width, "steps": options.steps or cfg.stream.steps}
-        )
+        self.defaults: StreamDefaults = stream_defaults(cfg, options)
+        height, width = self.defaults.height, self.defaults.width
         self.layout = WeightsLayout(options.weights, cfg) if options.weights else None
         self.dit = build_dit(cfg, self.layout, self.device, self.dtype, options.seed)
         # the Wan VAE only where it encodes or decodes (None when both sides are light)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from engine.kv_policy import SessionPolicy, eviction_queues
 from engine.noise_control import NoiseController
 from engine.stream_batch import KeyedNoise, StreamBatch
 from engine.timing import Lap
@@ -163,6 +164,9 @@ class StreamSession:
         self.frame0: Optional[FrameZero] = None
         # queued chunks, oldest first; a reset keeps them (they are finished frames of the old stream)
         self._pending: deque[_Pending] = deque()
+        # the KV/schedule policy's state is the session's and outlives its restarts (engine/kv_policy.py)
+        self.policy = SessionPolicy(d.kv_policy)
+        self.queues = eviction_queues(d.kv_policy, d.num_sink, d.num_kv_cache, d.sink_refresh_threshold)
         self._reset_stream()
 
     # -- public API ---------------------------------------------------------------------------------
@@ -269,6 +273,8 @@ class StreamSession:
             noise=noise,
             step_lag=e.options.step_lag,
             warm_shapes=e.warm_shapes,
+            policy=self.policy,
+            queues=self.queues,
         )
 
     def _apply_updates(self) -> None:

@@ -23,6 +23,7 @@ from engine import flow
 from engine.dit import WanDiT
 from engine.dit_runner import DiTRunner
 from engine.kv_cache import StreamKVCache
+from engine.kv_policy import EvictionQueues, SessionPolicy
 from engine.rope import Rope
 
 NoiseFn = Callable[[torch.Size], torch.Tensor]
@@ -91,13 +92,18 @@ class StreamBatch:
         noise: Noise,
         step_lag: int = 1,
         warm_shapes: Optional[set] = None,
+        policy: Optional[SessionPolicy] = None,
+        queues: Optional[EvictionQueues] = None,
     ) -> None:
+        """`policy` (the session's, surviving its restarts; default ours) chooses the chunks' timesteps;
+        under the reference policy `queues` (the session's too) drive the cache's evictions."""
         if step_lag < 1:
             raise ValueError(f"step_lag must be >= 1, got {step_lag}")
         cfg = dit.cfg
         self.step_lag = step_lag
         p = dit.patch_embedding.weight
         self.dit, self.rope, self.noise = dit, rope, noise
+        self.policy = policy or SessionPolicy("ours")
         self.steps = flow.step_list(steps)
         self.window, self.rope_reset = window, rope_reset
         h, w = latent_hw
@@ -113,8 +119,11 @@ class StreamBatch:
             rope=rope,
             dtype=p.dtype,
             device=p.device,
+            policy=self.policy.policy,
+            queues=queues,
         )
-        self.runner = DiTRunner(dit, rope, self.cache, warm_shapes=warm_shapes)
+        # the reference policy decides slots on the host inside the forward: no CUDA graph can hold that
+        self.runner = DiTRunner(dit, rope, self.cache, use_graphs=self.policy.policy == "ours", warm_shapes=warm_shapes)
         # the last step_lag forwards' outputs [n, 16, 1, h, w] (re-noised), oldest first: forward f's
         # rows 1.. come from rows ..n-2 of forward f - step_lag
         self.outputs: Optional[deque[torch.Tensor]] = None
@@ -144,7 +153,7 @@ class StreamBatch:
         frames = latent.shape[2]
         x = strength * self._eps(latent.shape, KeyedNoise.PRIME, 0, 0) + (1 - strength) * latent
         x = x.to(latent.dtype)
-        ts = [t0] + self.steps[1:]
+        ts = self.policy.prime_timesteps(t0, self.steps)
         for i, t in enumerate(ts):
             x0 = self.runner(cross_kv, x, [t], [0])
             if i + 1 < len(ts):
@@ -175,7 +184,7 @@ class StreamBatch:
         x = torch.cat([new.to(prev.dtype), prev[:-1]])
         self.entered.append(pos)
         self.row_pos = [self.entered[-1 - i * self.step_lag] for i in range(len(self.steps))]
-        ts = [t0] + self.steps[1:]
+        ts = self.policy.stream_timesteps(t0, self.steps)
         x0 = self.runner(cross_kv, x, ts, self.row_pos)
         for i in range(len(ts) - 1):
             x0[i : i + 1] = flow.renoise(x0[i : i + 1], self._eps(shape, KeyedNoise.STREAM, j, i + 1), self.steps[i + 1])

@@ -304,6 +304,7 @@ def engine_options(options: WorkerOptions) -> EngineOptions:
         taehv_weights=Path(options.taehv_weights) if options.taehv_weights else None,
         lightvae_weights=Path(options.lightvae_weights) if options.lightvae_weights else None,
         step_lag=step_lag,
+        kv_policy=options.kv_policy,
         parallel=parallel,
     )
 

@@ -25,6 +25,9 @@ LIGHT_FILES: dict[str, tuple[str, str, str]] = {
     "taehv": ("taehv_weights", "--taehv-weights", "the taew2_1.pth file of the TAEHV project"),
     "lightvae": ("lightvae_weights", "--lightvae-weights", "lightvaew2_1.pth, LightX2V's pruned Wan VAE"),
 }
+# KV cache and first-chunk schedule: ours, or the reference package's exactly (README "Where we differ")
+KVPolicy = Literal["ours", "reference"]
+KV_POLICIES: tuple[str, ...] = get_args(KVPolicy)
 
 
 class ConfigError(ValueError):

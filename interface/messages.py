@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from interface.catalogue import Decoder, Encoder
+from interface.catalogue import Decoder, Encoder, KVPolicy
 from interface.controls import MAX_PROMPT_CHARS, StreamParams, StreamUpdate
 from interface.devices import DeviceSpec
 
@@ -60,6 +60,8 @@ class WorkerOptions(_Message):
     # Forwards between a chunk's denoising steps (EngineOptions.step_lag); None: the number of ranks
     # for a multi-step model on several ranks, else 1.
     step_lag: Optional[int] = Field(None, ge=1, le=8)
+    # KV cache and first-chunk schedule (EngineOptions.kv_policy); None: the model config's
+    kv_policy: Optional[KVPolicy] = None
     log_level: str = "INFO"
     warmup: bool = Field(True, description="run a throwaway session once before reporting ready")
     # Test-only: seconds the worker sleeps per pushed chunk, to simulate an engine slower than

@@ -12,7 +12,8 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from interface.catalogue import DECODERS, ENCODERS, ConfigError, Decoder, Encoder, decoder_problem, model_entry
+from interface.catalogue import (DECODERS, ENCODERS, KV_POLICIES, ConfigError, Decoder, Encoder, KVPolicy,
+                                  decoder_problem, model_entry)
 from interface.controls import MAX_PROMPT_CHARS
 from interface.devices import DeviceSpec
 from interface.messages import WorkerOptions
@@ -50,6 +51,10 @@ class ServerConfig(BaseModel):
         None, ge=1, le=8,
         description="forwards between a chunk's denoising steps; default: the number of ranks for a multi-step model"
                     " on several ranks (one stream keeps every rank busy), else 1",
+    )
+    kv_policy: Optional[KVPolicy] = Field(
+        None, description="ours, or reference: the reference package's KV cache and first-chunk timestep exactly "
+                          "(README 'Where we differ'); default: the model config's (ours)",
     )
     deadline_s: float = Field(1.0, gt=0.0, description="per-frame latency budget (miss rate)")
     max_sessions: int = Field(4, ge=1, le=64)
@@ -180,6 +185,7 @@ def worker_options(config: ServerConfig) -> WorkerOptions:
         lightvae_weights=str(config.lightvae_weights) if config.lightvae_weights else None,
         taehv_weights=str(config.taehv_weights) if config.taehv_weights else None,
         step_lag=config.step_lag,
+        kv_policy=config.kv_policy,
         log_level=config.log_level,
     )
 
@@ -221,6 +227,9 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
     parser.add_argument("--step-lag", dest="step_lag", type=int,
                         help="forwards between a chunk's denoising steps (default: the number of ranks for a multi-step "
                              "model on several ranks, else 1; 1 is the reference's schedule)")
+    parser.add_argument("--kv-policy", dest="kv_policy", choices=KV_POLICIES,
+                        help="ours (the model config's default) or reference: the reference package's KV cache "
+                             "eviction, sink checks, first-chunk timestep and RoPE wrap, exactly (README 'Where we differ')")
     parser.add_argument("--config", type=Path, help="YAML or JSON file with ServerConfig fields")
     parser.add_argument("--engine-max-restarts", dest="engine_max_restarts", type=int,
                         help="engine crashes in a row the server restarts it after; one more and it exits 1 (default 5)")

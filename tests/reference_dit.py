@@ -78,6 +78,14 @@ class ReferenceStream:
         self.current_start = self.current_end
         return out.permute(0, 2, 1, 3, 4)
 
+    def restart(self) -> None:
+        """A new stream on the same pipeline, as streamv2v's SingleGPUInferencePipeline.reset_stream_state
+        leaves the DiT side (its VAE flags aside): the caches go; the eviction queues on the attention
+        modules and the step list, whose first entry the last stream chunk overwrote, stay."""
+        p = self.p
+        p.kv_cache1 = p.crossattn_cache = p.block_x = p.hidden_states = None
+        self.current_start = self.current_end = 0
+
     def push(self, noisy: torch.Tensor, t0: int) -> torch.Tensor:
         """One stream forward, with the RoPE refresh rule of the reference's stream loop."""
         f = self.frame_tokens

@@ -28,6 +28,7 @@ from typing import Any, Generator, Optional
 import torch
 
 from engine import flow
+from engine.kv_policy import SessionPolicy
 from engine.noise_control import NoiseController
 from engine.parallel.protocol import ChunkCmd, CloseCmd, DrainCmd, UpdateCmd
 from engine.parallel.stage import Group
@@ -98,6 +99,7 @@ class DriverSession:
         self.latent_hw = (h, w)
         self.commands: deque = deque()
         self.sources: deque[Optional[int]] = deque()  # per batch: see _new_batch
+        self.policy = SessionPolicy(d.kv_policy)  # the session's, kept across its restarts
         self._reset_stream()
 
     # -- stream state (StreamSession._reset_stream / _new_batch, StreamBatch.__init__) ----------------
@@ -200,7 +202,7 @@ class DriverSession:
         frames, n = latent.shape[2], len(self.steps)
         x = strength * self.noise.draw(latent.shape, KeyedNoise.PRIME, 0, 0) + (1 - strength) * latent
         x = x.to(latent.dtype)
-        ts = [t0] + self.steps[1:]
+        ts = self.policy.prime_timesteps(t0, self.steps)
         for i, t in enumerate(ts):
             last = i + 1 == n
             decode = None
@@ -249,7 +251,7 @@ class DriverSession:
         x = torch.cat([new.to(self.host.dtype), tail])
         self.entered.append(pos)
         self.row_pos = [self.entered[-1 - i * self.step_lag] for i in range(n)]
-        ts = [t0] + self.steps[1:]
+        ts = self.policy.stream_timesteps(t0, self.steps)
         self.forwards += 1
         decode = self.in_flight.popleft() if self.forwards > (n - 1) * self.step_lag else None
         g = self._group(

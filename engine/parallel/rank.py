@@ -53,7 +53,7 @@ from engine.timing import ForwardTimes, StageClock
 from engine.parallel.wire import DistLink, Link, LoopbackLink, Message
 from engine.rope import Rope
 from engine.build import (EngineOptions, build_codecs, build_dit, build_text, build_vae, embed_prompt, needs_wan_vae,
-                          tune_backends)
+                          stream_defaults, tune_backends)
 from engine.session import DECODE_MS, engine_info, first_latent_apart
 from engine.stream_batch import KeyedNoise
 from engine.transfer import FrameIO, PendingFrames
@@ -91,10 +91,7 @@ class RankBase:
         tune_backends(self.device)
         default_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype: torch.dtype = getattr(torch, self.opts.dtype or default_dtype)
-        height = self.opts.height or self.cfg.stream.height
-        width = self.opts.width or self.cfg.stream.width
-        self.defaults = self.cfg.stream.model_copy(
-            update={"height": height, "width": width, "steps": self.opts.steps or self.cfg.stream.steps})
+        self.defaults = stream_defaults(self.cfg, self.opts)
         self.split = list(spec.split)
         self._init_groups()
 

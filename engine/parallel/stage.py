@@ -25,6 +25,7 @@ from engine import flow
 from engine.config import StreamDefaults
 from engine.dit import AttnInputs, Embedded, WanDiT
 from engine.kv_cache import StreamKVCache
+from engine.kv_policy import EvictionQueues, eviction_queues
 from engine.parallel.stage_graph import StageGraph, cross_kv_rows
 from engine.rope import Rope
 from engine.transfer import h2d
@@ -118,6 +119,8 @@ class RankSession:
     next_cache: Optional[StreamKVCache] = None
     prime: Optional[StageGraph] = None
     prime_live: bool = False  # the prime graph's cache still has its first-chunk tensors (before expand)
+    # reference KV policy: this rank's layers' eviction queues, kept across the session's restarts
+    queues: Optional[EvictionQueues] = None
 
 
 def export_cache_layers(cache: StreamKVCache, layers: Sequence[int], prefix: str, out: dict[str, torch.Tensor]) -> None:
@@ -127,7 +130,7 @@ def export_cache_layers(cache: StreamKVCache, layers: Sequence[int], prefix: str
 
 def import_cache_layers(cache: StreamKVCache, layers: Sequence[int], prefix: str, tensors: dict[str, torch.Tensor]) -> None:
     for i in layers:
-        cache.import_layer(i, {name: tensors[f"{prefix}{name}.{i}"] for name in StreamKVCache.LAYER_STATE})
+        cache.import_layer(i, {name: tensors[f"{prefix}{name}.{i}"] for name in cache.layer_state})
 
 
 def _is_prime(g: Group) -> bool:
@@ -167,7 +170,8 @@ class Stage:
         self.frame_tokens = (self.latent_hw[0] // cfg.patch_size[1]) * (self.latent_hw[1] // cfg.patch_size[2])
         self.sessions: dict[int, RankSession] = {}
         # steady-state forwards replay from CUDA graphs (False: always eager)
-        self.use_graphs = device.type == "cuda"
+        # (not under the reference KV policy: its slots are decided on the host inside the forward)
+        self.use_graphs = device.type == "cuda" and defaults.kv_policy == "ours"
         self.batch_graphs: "OrderedDict[tuple[int, ...], StageGraph]" = OrderedDict()  # several sessions' forwards
         self.captures = self.replays = self.prime_replays = 0
         self.last_graphed = False  # whether the last run() replayed a graph
@@ -176,7 +180,9 @@ class Stage:
     # -- sessions ------------------------------------------------------------------------------------
     @torch.no_grad()
     def open(self, sid: int, context: torch.Tensor) -> None:
-        self.sessions[sid] = RankSession(PromptState(self._cross_kv(context)))
+        d = self.defaults
+        queues = eviction_queues(d.kv_policy, d.num_sink, d.num_kv_cache, d.sink_refresh_threshold)
+        self.sessions[sid] = RankSession(PromptState(self._cross_kv(context)), queues=queues)
 
     def close(self, sid: int) -> None:
         self.drop_graphs(sid)
@@ -189,12 +195,13 @@ class Stage:
     def _cross_kv(self, context: torch.Tensor) -> dict[int, KV]:
         return dict(zip(self.layers, self.dit.cross_kv(context.to(self.device, self.dtype), self.layers)))
 
-    def new_cache(self) -> StreamKVCache:
+    def new_cache(self, queues: Optional[EvictionQueues] = None) -> StreamKVCache:
         d, cfg = self.defaults, self.dit.cfg
         return StreamKVCache(
             layers=self.layers, rows=1, window=d.num_kv_cache, frame_tokens=self.frame_tokens,
             heads=cfg.num_heads, head_dim=cfg.head_dim, num_sink=d.num_sink,
             sink_threshold=d.sink_refresh_threshold, rope=self.rope, dtype=self.dtype, device=self.device,
+            policy=d.kv_policy, queues=queues,
         )
 
     # -- one forward ---------------------------------------------------------------------------------
@@ -217,7 +224,7 @@ class Stage:
         for g in groups:
             s = self.sessions[g.sid]
             if g.new_batch or s.cache is None:
-                s.cache, s.next_cache = s.next_cache or self.new_cache(), None
+                s.cache, s.next_cache = s.next_cache or self.new_cache(s.queues), None
                 s.prime_live = s.prime is not None and s.prime.caches[0] is s.cache
             if g.kv_tick:
                 s.prompt.tick()
@@ -258,7 +265,7 @@ class Stage:
         s = self.sessions.get(sid)
         if s is None:
             return
-        cache = self.new_cache()
+        cache = self.new_cache(s.queues)
         s.next_cache, s.prime, s.prime_live = cache, None, False
         cfg = self.dit.cfg
         grid = (frames, self.latent_hw[0] // cfg.patch_size[1], self.latent_hw[1] // cfg.patch_size[2])
