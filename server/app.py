@@ -13,19 +13,19 @@ from aiohttp import web
 from interface.controls import StreamUpdate
 from interface.catalogue import CODEC_NAMES
 from interface.messages import WorkerOptions
-from server import outputs_api, whip
-from server.auth import authorize, token_middleware
+from server.outputs import outputs_api, whip
+from server.ops.auth import authorize, token_middleware
 from server.config import ServerConfig, worker_options
-from server.engine_client import EngineUnavailable
+from server.media.engine_client import EngineUnavailable
 from server.errors import ApiError
-from server.guard import HostPolicy, OriginPolicy, guard_middleware
+from server.ops.guard import HostPolicy, OriginPolicy, guard_middleware
 from server.http import cors_middleware, json_errors, json_response, preflight, read_json
-from server.prometheus import CONTENT_TYPE
+from server.ops.prometheus import CONTENT_TYPE
 from server.schemas import IceServerList, OfferRequest, OfferResponse, SessionList
-from server.session import ControlRejected
-from server.signaling import accept_offer
+from server.media.controls import ControlRejected
+from server.media.signaling import accept_offer
 from server.state import STATE, AppState
-from server.virtual_camera import CameraOpener, open_camera
+from server.outputs.virtual_camera import CameraOpener, open_camera
 
 log = logging.getLogger(__name__)
 

@@ -11,13 +11,13 @@ from typing import Optional
 from aiohttp import web
 
 from interface.shm_owner import remove_orphans
-from server.access_log import QuietReadsAccessLogger
+from server.ops.access_log import QuietReadsAccessLogger
 from server.app import EXIT_CONFIGURATION, create_app
-from server.auth import check_exposure, is_loopback
+from server.ops.auth import check_exposure, is_loopback
 from server.config import ServerConfig, parse_args, worker_options
-from server.port_check import port_problem
+from server.ops.port_check import port_problem
 from server.state import STATE
-from server.virtual_camera import VirtualCameraUnavailable, check_available
+from server.outputs.virtual_camera import VirtualCameraUnavailable, check_available
 
 log = logging.getLogger("server")
 

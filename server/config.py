@@ -17,7 +17,7 @@ from interface.catalogue import (DECODERS, ENCODERS, KV_POLICIES, ConfigError, D
 from interface.controls import MAX_PROMPT_CHARS
 from interface.devices import DeviceSpec
 from interface.messages import WorkerOptions
-from server.ice import IceServer, check_turn_credentials, servers_for_peer
+from server.media.ice import IceServer, check_turn_credentials, servers_for_peer
 
 log = logging.getLogger(__name__)
 

@@ -11,15 +11,15 @@ from aiohttp import web
 
 from interface.messages import WorkerOptions
 from server.config import ServerConfig
-from server.engine_client import EngineClient
+from server.media.engine_client import EngineClient
 from server.errors import ApiError
-from server.ice import public_servers
-from server.metrics import ServerMetrics
-from server.prometheus import Gauge
+from server.media.ice import public_servers
+from server.ops.metrics import ServerMetrics
+from server.ops.prometheus import Gauge
 from server.schemas import ServerInfo
-from server.session import Session, SessionContext
-from server.tasks import BackgroundTasks
-from server.virtual_camera import CameraOpener, VirtualCamera, open_camera
+from server.media.session import Session, SessionContext
+from server.media.tasks import BackgroundTasks
+from server.outputs.virtual_camera import CameraOpener, VirtualCamera, open_camera
 
 log = logging.getLogger(__name__)
 

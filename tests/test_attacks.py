@@ -19,10 +19,10 @@ from aiohttp.test_utils import make_mocked_request
 from aiohttp import web
 
 from server.config import ServerConfig, parse_args, worker_options
-from server.guard import HostPolicy, OriginPolicy, same_origin, split_host
-from server.ice import turn_rest_credentials
+from server.ops.guard import HostPolicy, OriginPolicy, same_origin, split_host
+from server.media.ice import turn_rest_credentials
 from server.state import STATE, AppState
-from server.whip import sdp_created
+from server.outputs.whip import sdp_created
 from tests.conftest import REPO, ServerProcess, run_server
 from tests.test_security import Http, _offer_sdp
 

@@ -67,7 +67,7 @@ def test_an_engine_failure_is_fatal_only_before_the_engine_was_ready() -> None:
     """EngineFailed while loading: no restart will help (exit 2). After ready (a pipeline rank
     died): a crash like any other, which the supervisor restarts."""
     from interface.messages import EngineFailed, WorkerOptions
-    from server.engine_client import EngineClient
+    from server.media.engine_client import EngineClient
 
     loading = EngineClient(WorkerOptions())
     loading.state = "starting"

@@ -1,7 +1,7 @@
 """GStreamer's webrtcbin (Debian's 1.22) as a WHIP publisher and a WHEP viewer against `python -m
 server` (tiny model, CPU): H.264 + Opus in through `POST /whip`, generated frames back through
 `POST /whep/{session}`. webrtcbin has an RSA DTLS certificate, which aiortc as the DTLS client
-cannot talk to (server/signaling.py, as_dtls_server).
+cannot talk to (server/media/signaling.py, as_dtls_server).
 
 The client runs in the system python3 (tests/gst_whip_client.py; PyGObject and GStreamer come from
 Debian's packages, which `make test` installs through `make gstreamer`)."""

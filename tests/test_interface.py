@@ -94,7 +94,7 @@ from pathlib import Path
 import server, server.__main__, server.cli
 from server.app import create_app
 from server.config import parse_args, worker_options
-from server.engine_client import EngineClient
+from server.media.engine_client import EngineClient
 
 config = parse_args(["--model", "tiny", "--devices", "cpu", "--port", "0", "--weights", sys.argv[1]])
 create_app(config)

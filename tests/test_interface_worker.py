@@ -197,7 +197,7 @@ def test_a_two_rank_engine_process_pipelines_one_session() -> None:
     ctx = multiprocessing.get_context("spawn")
     ours, theirs = ctx.Pipe()
     options = WorkerOptions(model="tiny", device="cpu:2", height=SIZE, width=SIZE, warmup=False)
-    # not a daemon: the engine process starts its rank processes (as server/engine_client.py does)
+    # not a daemon: the engine process starts its rank processes (as server/media/engine_client.py does)
     process = ctx.Process(target=worker.main, args=(theirs, options.model_dump()))
     process.start()
     theirs.close()

@@ -112,7 +112,7 @@ async def test_whip_resource_preflight_lets_patch_through_to_its_405() -> None:
     from aiohttp import web
     from aiohttp.test_utils import TestClient, TestServer
 
-    from server.whip import add_routes
+    from server.outputs.whip import add_routes
 
     app = web.Application()
     add_routes(app)

@@ -191,6 +191,6 @@ async def test_outputs_reject_bad_requests_and_failures_stay_contained(
 
 
 def av_has_srt() -> bool:
-    from server.restream import has_protocol
+    from server.outputs.restream import has_protocol
 
     return has_protocol("srt")

@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from server import auth
+from server.ops import auth
 from server.app import resolve_static
-from server.auth import check_exposure, needs_token
+from server.ops.auth import check_exposure, needs_token
 from tests.conftest import REPO, ServerProcess, _free_port, run_server
 
 # The data-channel test's aiortc thread uses `random` while hypothesis draws: harmless here.

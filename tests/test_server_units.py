@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 
 from interface.controls import StreamUpdate
 from server.config import ServerConfig, parse_args, resolve_model, worker_options
-from server.imaging import crop_box, output_size, to_model_rgb, to_output_frame
-from server.metrics import ServerMetrics, SessionMetrics
-from server.pacing import PtsPacer
-from server.sampling import ChunkSampler, spaced_indices
-from server.session import merge_updates
+from server.media.imaging import crop_box, output_size, to_model_rgb, to_output_frame
+from server.ops.metrics import ServerMetrics, SessionMetrics
+from server.media.pacing import PtsPacer
+from server.media.sampling import ChunkSampler, spaced_indices
+from server.media.controls import merge_updates
 
 FRAME = 3000  # pts of one frame at 30 fps in the 90 kHz clock
 STAGE_STATS = ("vae_encode_ms", "dit_ms", "vae_decode_ms")  # as an engine reports them in EngineInfo
@@ -244,7 +244,7 @@ def test_merge_updates_keeps_the_latest_fields_and_a_reset() -> None:
 async def test_background_tasks_report_failures_and_cancel_on_close():
     import asyncio
 
-    from server.tasks import BackgroundTasks
+    from server.media.tasks import BackgroundTasks
 
     errors: list[BaseException] = []
     tasks = BackgroundTasks(errors.append)
@@ -273,7 +273,7 @@ def test_a_chunks_cost_is_its_gpu_time_when_the_push_returned_sooner() -> None:
     """Admission counts what a chunk costs the engine: a CUDA engine's push returns once the chunk is
     queued, so its stage times, not the push's wall time, are the cost then."""
     from interface.messages import FramesOut
-    from server.session import chunk_cost_s
+    from server.media.session import chunk_cost_s
 
     def reply(engine_ms: float, **stats: float) -> FramesOut:
         return FramesOut(session_id="s", first_seq=0, count=0, pts=[], chunk_frames=4, engine_ms=engine_ms, stats=stats)

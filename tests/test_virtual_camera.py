@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from av import VideoFrame
 
-from server.virtual_camera import VirtualCameraSink, VirtualCameraUnavailable, check_available, open_camera
+from server.outputs.virtual_camera import VirtualCameraSink, VirtualCameraUnavailable, check_available, open_camera
 from tests.conftest import REPO, RtcClient, ServerProcess, WhipClient, run_server
 
 FAKE_PYVIRTUALCAM = '''

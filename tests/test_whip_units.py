@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from server.auth import authorize, bearer, is_loopback
+from server.ops.auth import authorize, bearer, is_loopback
 from server.config import ServerConfig, parse_args
 from server.errors import ApiError
-from server.ice import IceServer, link_headers, rtc_configuration
-from server.restream import recording_path, redact_url, restream_target
-from server.signaling import _answer, _set_offer, as_dtls_server
-from server.sinks import DropOldestQueue
+from server.media.ice import IceServer, link_headers, rtc_configuration
+from server.outputs.restream import recording_path, redact_url, restream_target
+from server.media.signaling import _answer, _set_offer, as_dtls_server
+from server.outputs.sinks import DropOldestQueue
 
 TOKEN = SecretStr("s3cret-token")
 

@@ -15,13 +15,13 @@ from aiortc import sdp as aiortc_sdp
 
 from interface.controls import StreamParams
 from server.config import ServerConfig
-from server.egress import SessionEgress, Viewer
-from server.engine_client import EngineUnavailable
+from server.outputs.egress import SessionEgress, Viewer
+from server.media.engine_client import EngineUnavailable
 from server.errors import ApiError
-from server.ice import peer_connection
+from server.media.ice import peer_connection
 from server.schemas import OfferRequest, SessionKind
-from server.session import Session, SessionContext
-from server.tracks import drain
+from server.media.session import Session, SessionContext
+from server.media.tracks import drain
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import VideoFrame
 
-from server.sinks import FrameSink
-from server.tasks import BackgroundTasks
-from server.tracks import drain
+from server.outputs.sinks import FrameSink
+from server.media.tasks import BackgroundTasks
+from server.media.tracks import drain
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 `POST /api/sessions/{id}/outputs` {kind: record|restream|virtual_camera, ...} -> 201 with the
 output (and its id); `GET` lists them or one; `DELETE .../outputs/{oid}` stops one and answers
 once it has finished (the file is complete). Starting and stopping outputs needs the same
-authorization as WHIP (server/auth.py): they write files and open outbound connections.
+authorization as WHIP (server/ops/auth.py): they write files and open outbound connections.
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ import logging
 
 from aiohttp import web
 
-from server.auth import authorize
+from server.ops.auth import authorize
 from server.errors import ApiError
 from server.http import json_response, read_json
-from server.restream import EncoderSink, recording_path, redact_url, restream_target
+from server.outputs.restream import EncoderSink, recording_path, redact_url, restream_target
 from server.schemas import OutputList, OutputRequest, RecordRequest, RestreamRequest
-from server.session import Session
-from server.sinks import FrameSink
+from server.media.session import Session
+from server.outputs.sinks import FrameSink
 from server.state import STATE, AppState
-from server.virtual_camera import VirtualCameraUnavailable
+from server.outputs.virtual_camera import VirtualCameraUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from interface.messages import PipelineStats, RankStage
-from server.prometheus import Counter, Gauge, Histogram, Registry
+from server.ops.prometheus import Counter, Gauge, Histogram, Registry
 from server.schemas import Percentiles, SessionStats
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)

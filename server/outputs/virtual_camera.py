@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 import numpy as np
 from av import VideoFrame
 
-from server.sinks import FrameSink
+from server.outputs.sinks import FrameSink
 
 if TYPE_CHECKING:
-    from server.session import Session
+    from server.media.session import Session
 
 log = logging.getLogger(__name__)
 

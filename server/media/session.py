@@ -21,17 +21,18 @@ from interface.controls import StreamParams, StreamUpdate
 from interface.frame_ring import FrameRing, StaleSlot
 from interface.messages import FramesOut, OpenSession, PushFrames, SessionError, UpdateSession
 from server.config import ServerConfig
-from server.egress import SessionEgress
-from server.engine_client import EngineClient, EngineUnavailable
+from server.outputs.egress import SessionEgress
+from server.media.engine_client import EngineClient, EngineUnavailable
 from server.errors import validation_details
 from server.http import parse_json
-from server.imaging import output_size, to_model_rgb, to_output_frame
-from server.metrics import ServerMetrics, SessionMetrics
-from server.pacing import CLOCK_RATE, PtsPacer
-from server.sampling import ChunkSampler
+from server.media.imaging import output_size, to_model_rgb, to_output_frame
+from server.ops.metrics import ServerMetrics, SessionMetrics
+from server.media.controls import ControlRejected, RateLimiter, merge_updates
+from server.media.pacing import CLOCK_RATE, PtsPacer
+from server.media.sampling import ChunkSampler
 from server.schemas import ChannelAck, ChannelError, SessionInfo, SessionKind, SessionState, Size
-from server.tasks import BackgroundTasks
-from server.tracks import GeneratedVideoTrack, drain
+from server.media.tasks import BackgroundTasks
+from server.media.tracks import GeneratedVideoTrack, drain
 
 log = logging.getLogger(__name__)
 
@@ -61,33 +62,6 @@ class SessionContext:
     on_closed: Callable[["Session"], None]
 
 
-class ControlRejected(Exception):
-    """A live control that the session's limits refuse (too many per second, prompt too long)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-class RateLimiter:
-    """A token bucket: `rate` events per second on average, bursts of up to `burst`."""
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate, self.burst, self._clock = rate, float(burst), clock
-        self._tokens = float(burst)
-        self._at = clock()
-
-    def allow(self) -> bool:
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
-
-
 @dataclass
 class _Arrival:
     frame: VideoFrame
@@ -100,16 +74,6 @@ class _InputMeta:
     arrived_at: float
     width: int
     height: int
-
-
-def merge_updates(old: Optional[StreamUpdate], new: StreamUpdate) -> StreamUpdate:
-    """Coalesce updates not yet sent: later fields win, a reset sticks."""
-    if old is None:
-        return new
-    merged = old.model_dump(exclude_none=True)
-    merged.update(new.model_dump(exclude_none=True))
-    merged["reset"] = old.reset or new.reset
-    return StreamUpdate.model_validate(merged)
 
 
 def _convert_inputs(frames: list[VideoFrame], width: int, height: int) -> list[np.ndarray]:

@@ -19,7 +19,7 @@ from typing import Generic, Optional, TypeVar
 
 from av import VideoFrame
 
-from server.pacing import CLOCK_RATE
+from server.media.pacing import CLOCK_RATE
 from server.schemas import OutputInfo, OutputKind, OutputState, Size
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from typing import Awaitable, Callable
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import VideoFrame
 
-from server.pacing import CLOCK_RATE, PtsPacer
+from server.media.pacing import CLOCK_RATE, PtsPacer
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from multidict import CIMultiDict
 from pydantic import ValidationError
 
 from interface.controls import MAX_PROMPT_CHARS, StreamParams
-from server.auth import authorize, is_authenticated
+from server.ops.auth import authorize, is_authenticated
 from server.errors import ApiError, validation_details
 from server.http import preflight
-from server.ice import link_headers, public_servers
-from server.session import Session
-from server.signaling import accept_viewer, open_session
+from server.media.ice import link_headers, public_servers
+from server.media.session import Session
+from server.media.signaling import accept_viewer, open_session
 from server.state import STATE, AppState
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ import av
 from av import VideoFrame
 
 from server.errors import ApiError
-from server.pacing import CLOCK_RATE
-from server.sinks import FrameSink
+from server.media.pacing import CLOCK_RATE
+from server.outputs.sinks import FrameSink
 
 log = logging.getLogger(__name__)
 
