@@ -258,7 +258,7 @@ class Worker:
 
 
 def pipeline_stats(st: dict) -> Optional[PipelineStats]:
-    """The server's view of engine.parallel.rank.Rank0.stats() (None before rank 0's first report)."""
+    """The server's view of engine.parallel.rank0.Rank0.stats() (None before rank 0's first report)."""
     if "split" not in st:
         return None
     balance = st.get("balance") or {}

@@ -78,7 +78,7 @@ Driver = Generator[Wait, Any, None]
 
 class DriverSession:
     def __init__(self, host: Any, sid: int, prompt: str, params: StreamParams) -> None:
-        """`host` is rank 0 (engine.parallel.rank.Rank0): io, encoder, defaults, device, dtype, clock,
+        """`host` is rank 0 (engine.parallel.rank0.Rank0): io, encoder, defaults, device, dtype, clock,
         embed_prompt(), discard (returns nobody waits for any more)."""
         self.host, self.sid, self.params = host, sid, params
         d = host.defaults

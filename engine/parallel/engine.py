@@ -215,7 +215,8 @@ class ParallelEngine:
 
     # -- start / stop ----------------------------------------------------------------------------------
     def _start(self, options: Any) -> None:
-        from engine.parallel.rank import RankSpec, rank_main
+        from engine.parallel.rank import RankSpec
+        from engine.parallel.rank_process import rank_main
 
         world = self.ranks.world
         opts = options.model_dump(mode="json")
@@ -483,7 +484,8 @@ class ParallelEngine:
 def serve_torchrun_rank(options: Any) -> None:
     """Under torchrun, what every process but RANK 0 runs: serve the ring until rank 0 stops it."""
     from engine.parallel.devices import parse_devices
-    from engine.parallel.rank import RankSpec, rank_main
+    from engine.parallel.rank import RankSpec
+    from engine.parallel.rank_process import rank_main
     from engine.config import load_model_config
 
     ranks = parse_devices("torchrun")

@@ -1,0 +1,389 @@
+"""Rank 0 of the ring: besides its stage (engine/parallel/rank.py), the sessions' drivers, batching
+several sessions into one forward under the SLO, the block scheduler, and the pipe to the engine
+process (docs/PARALLEL.md)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from engine import attention
+from engine.dit import Embedded
+from engine.parallel import protocol as P
+from engine.parallel.balance import BlockScheduler, Move, apply_move, moved_layers, ranges
+from engine.parallel.driver import AwaitRows, DriverSession, Emit, Failure, NeedCommand, Submit
+from engine.parallel.slo import BatchScheduler
+from engine.timing import ForwardTimes
+from engine.parallel.wire import Message
+from engine.build import embed_prompt
+from engine.session import engine_info
+from interface.messages import EngineInfo
+from engine.parallel.rank import RankBase, RankSpec, layer_span
+
+log = logging.getLogger("engine.parallel.rank")
+
+
+@dataclass
+class _InFlight:
+    fid: int
+    issued: float
+    sessions: int
+    frames: int
+    sids: frozenset = frozenset()
+    chain: bool = False
+    rows_back: bool = False  # its re-noised rows came back ("ret"): the DiT chain is through
+
+
+class Rank0(RankBase):
+    """Rank 0: the sessions' drivers, batching, the schedulers, and the caller's pipe."""
+
+    def __init__(self, spec: RankSpec, events: Any, commands: Any) -> None:
+        super().__init__(spec, events)
+        self.commands = commands
+        p = self.popts
+        self.balancer = BlockScheduler(self.split, every=p.rebalance_every, gain=p.rebalance_gain,
+                                       min_ms=p.rebalance_min_ms, min_blocks=p.min_blocks, enabled=p.rebalance,
+                                       settle=p.rebalance_settle, ban_windows=p.rebalance_ban_windows)
+        self.batcher = BatchScheduler(p.max_batch, p.target_fps, p.deadline_ms)
+        # A ring of one holds two forwards, so that one's frames go out while the next is queued.
+        self.capacity = p.ring_capacity or max(2, self.world)
+        self.drivers: dict[int, tuple[DriverSession, Any]] = {}  # sid -> (driver, generator)
+        self.waits: dict[int, Any] = {}  # sid -> what its generator waits for
+        self.pending: list[tuple[int, Submit]] = []  # submitted rows, oldest first
+        self.issued: dict[int, int] = {}  # sid -> fid its Submit got (resume value)
+        self.returns: dict[tuple[int, int], torch.Tensor] = {}
+        self.discard: set[tuple[int, int]] = set()
+        self.inflight: dict[int, _InFlight] = {}
+        self.max_inflight = 0  # most forwards in the ring at once so far
+        self.max_stream_overlap = 0  # most steady multi-step forwards of one stream in flight at once
+        self.next_fid = 0
+        self.timing: dict[int, dict[int, tuple[float, float]]] = {}
+        self.balance_from_fid = 0  # forwards before the last move say nothing of the new split
+        self.skip_fids: set[int] = set()  # forwards not representative (first chunks)
+        self.manual_moves: deque[Move] = deque()
+        self.moves: list[dict] = []  # the latest block moves made, automatic or asked for
+        self.moves_total = 0
+        self.rebalancing = False
+        self.awaiting_blocks: Optional[tuple[int, int]] = None
+        self.batched_forwards = 0
+        self.early_frames = 0  # first frames of fresh streams sent ahead of their chunks
+        self.forwards = 0
+        self.rank_forwards = [[0, 0] for _ in range(self.world)]  # per rank: blocks from a graph, eager
+        self.hop_ms: Optional[float] = None
+        self._ping_back: Optional[Message] = None
+        self._stats_dirty = True
+        self._stats_sent = 0.0
+
+    def embed_prompt(self, prompt: str) -> torch.Tensor:
+        return embed_prompt(self.text, self.cfg, prompt, self.device, self.dtype)
+
+    def info(self) -> EngineInfo:
+        return engine_info(
+            model=self.cfg.name, height=self.defaults.height, width=self.defaults.width, steps=self.defaults.steps,
+            random_weights=self.layout is None,
+            device=",".join(self.spec.devices.devices) if not self.spec.devices.external else f"torchrun:{self.world}",
+            dtype=str(self.dtype).replace("torch.", ""), attention=attention.backend_name(self.device),
+            decoder=self.opts.decoder,
+            encoder=self.opts.encoder,
+        )
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def serve(self) -> None:
+        while not self.stopped:
+            busy = self._read_commands()
+            busy = self._read_ring() or busy
+            busy = self._step_drivers() or busy
+            busy = self._issue() or busy
+            busy = self._maybe_rebalance() or busy
+            self._maybe_send_stats()
+            if not busy and not self.stopped:
+                if self.deferred is not None:  # a ring of one's last frames: nothing else to queue first
+                    self.flush_outputs()
+                    continue
+                self.commands.poll(0.0005)  # wakes at once on a command; ring messages are polled
+
+    def _send_event(self, event: Any) -> None:
+        self.events.send(event)
+
+    def _read_commands(self) -> bool:
+        busy = False
+        while not self.stopped and self.commands.poll(0):
+            busy = True
+            cmd = self.commands.recv()
+            log.debug("command %s", type(cmd).__name__)
+            if isinstance(cmd, P.OpenCmd):
+                from interface.controls import StreamParams
+
+                d = DriverSession(self, cmd.sid, cmd.prompt, StreamParams.model_validate(cmd.params))
+                self.drivers[cmd.sid] = (d, d.run(cmd.seq))
+                self.waits[cmd.sid] = None  # start it
+            elif isinstance(cmd, (P.ChunkCmd, P.UpdateCmd, P.DrainCmd, P.CloseCmd)):
+                if cmd.sid in self.drivers:
+                    self.drivers[cmd.sid][0].commands.append(cmd)
+                else:
+                    self._send_event(P.Done(cmd.sid, cmd.seq, error="no such session"))
+            elif isinstance(cmd, P.RebalanceCmd):
+                self.manual_moves.append(Move(cmd.boundary, cmd.blocks))
+            elif isinstance(cmd, P.ConfigureCmd):
+                if cmd.rebalance is not None:
+                    self.balancer.enabled = cmd.rebalance
+                    self._stats_dirty = True
+                if cmd.profile is not None:
+                    directory, count = cmd.profile
+                    self._emit(Message("prof", {"dir": directory, "from": self.next_fid, "count": count}))
+            elif isinstance(cmd, P.PingCmd):
+                self._ping(cmd)
+            elif isinstance(cmd, P.StopCmd):
+                self._emit(Message("stop", {}))
+        return busy
+
+    def _emit(self, msg: Message) -> None:
+        """A control message from rank 0: apply it here, then send it around the ring."""
+        self.handle(msg)
+
+    # -- sessions' generators --------------------------------------------------------------------------
+    def _step_drivers(self) -> bool:
+        busy = False
+        for sid in list(self.drivers):
+            while sid in self.drivers:
+                driver, gen = self.drivers[sid]
+                w = self.waits[sid]
+                if w is None:
+                    value = None
+                elif isinstance(w, NeedCommand) and driver.commands:
+                    value = driver.commands.popleft()
+                elif isinstance(w, Submit) and sid in self.issued:
+                    value = self.issued.pop(sid)
+                elif isinstance(w, AwaitRows) and (w.fid, sid) in self.returns:
+                    value = self.returns.pop((w.fid, sid))
+                else:
+                    break
+                busy = True
+                self._advance(sid, gen, value)
+        return busy
+
+    def _advance(self, sid: int, gen: Any, value: Any) -> None:
+        while True:
+            try:
+                w = gen.send(value) if self.waits[sid] is not None else next(gen)
+            except StopIteration:
+                self.drivers.pop(sid, None)
+                self.waits.pop(sid, None)
+                return
+            self.waits[sid] = w
+            value = None
+            if isinstance(w, Emit):
+                self._emit(w.msg)
+                continue
+            if isinstance(w, Failure):
+                self._send_event(P.Done(sid, w.seq, error=w.error))
+                continue
+            if isinstance(w, Submit):
+                self.pending.append((sid, w))
+            return
+
+    # -- forwards --------------------------------------------------------------------------------------
+    def _issue(self) -> bool:
+        # Forwards keep flowing during a block move: ring order puts each one wholly before or after it.
+        if not self.pending or len(self.inflight) >= self.capacity or self.awaiting_blocks:
+            return False
+        frames = self.pending[0][1].group.frames
+        same = [p for p in self.pending if p[1].group.frames == frames]
+        # forwards between a chunk entering and leaving (engine.stream_batch)
+        lag = max((len(p[1].group.t) - 1) * self.opts.step_lag if p[1].group.frames == 1 else 0 for p in same)
+        b = self.batcher.choose(len(same), lag)
+        chosen = same[:b]
+        for p in chosen:
+            self.pending.remove(p)
+        # rows in session order: the same sessions always make the same forward, so one CUDA graph per
+        # set of sessions serves it on every rank (a forward's order changes no number)
+        chosen.sort(key=lambda p: p[0])
+        fid = self.next_fid
+        self.next_fid += 1
+        self.profiler.forward(fid)
+        groups = [s.group for _, s in chosen]
+        xs = [s.x for _, s in chosen]
+        times = ForwardTimes(fid)
+        for _, s in chosen:
+            times.other.extend(s.laps)
+        lap = self.clock.lap()
+        emb = self.stage.embed(groups, xs)
+        times.other.append(lap.stop())
+        tokens = self.run_stage(groups, emb, times)
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        sids = frozenset(g.sid for g in groups)
+        chain = frames == 1 and all(g.renoise for g in groups)  # steady forwards of multi-step streams
+        if chain:  # ... of the same streams whose rows are not back yet: > 1 means such a stream pipelines
+            overlap = 1 + sum(1 for f in self.inflight.values() if f.chain and f.sids & sids and not f.rows_back)
+            self.max_stream_overlap = max(self.max_stream_overlap, overlap)
+        self.inflight[fid] = _InFlight(fid, time.perf_counter(), len(groups), frames, sids, chain)
+        self.max_inflight = max(self.max_inflight, len(self.inflight))
+        if frames != 1:
+            self.skip_fids.add(fid)
+        header = {"fid": fid, "groups": groups, "grid": list(emb.grid), "times": []}
+        if self.last:  # a ring of one
+            self.finish_forward(header, groups, Embedded(tokens, emb.e, emb.e6, emb.grid), x, times)
+        else:
+            self.clock.add(times)
+            header["times"] = [(self.rank, *r) for r in self.clock.harvest()]
+            self.out_link.send(Message("fwd", header, {"tokens": tokens, "e": emb.e, "e6": emb.e6, "x": x}))
+        for sid, _ in chosen:
+            self.issued[sid] = fid
+        self.forwards += 1
+        if len(groups) > 1:
+            self.batched_forwards += 1
+        self._stats_dirty = True
+        return True
+
+    # -- what comes back from the last rank (and back links) -----------------------------------------
+    def _read_ring(self) -> bool:
+        busy = False
+        while not self.stopped and self.in_link.ready():
+            busy = True
+            self._on_return(self.in_link.recv())
+        if self.awaiting_blocks is not None and not self.stopped:
+            link = self.link(*self.awaiting_blocks)
+            if link is not self.in_link and link.ready():
+                self._on_return(link.recv())
+                busy = True
+        return busy
+
+    def _on_return(self, msg: Message) -> None:
+        kind, h = msg.kind, msg.header
+        if kind == "ret":
+            if h["fid"] in self.inflight:
+                self.inflight[h["fid"]].rows_back = True
+            for name, rows in msg.tensors.items():
+                key = (h["fid"], int(name[1:]))
+                if key in self.discard:
+                    self.discard.discard(key)
+                else:
+                    self.returns[key] = rows
+        elif kind == "out":
+            self._on_out(h)
+        elif kind == "early":  # a fresh stream's frame 0, ahead of its chunk's "out"
+            for sid, frames, pts, stats in h["outputs"]:
+                self._send_event(P.Output(sid, frames, pts, stats))
+                self.early_frames += len(frames)
+            self._stats_dirty = True
+        elif kind == "blocks":
+            self.stage.import_layers(h["layers"], msg.tensors)
+            self.awaiting_blocks = None
+            self._stats_dirty = True
+        elif kind == "reb":
+            self.rebalancing = False
+            self._stats_dirty = True
+        elif kind == "ping":
+            self._ping_back = msg
+        elif kind == "stop":
+            self.stopped = True
+        elif h.get("done") is not None:  # open / ctl / close / note acknowledgements
+            self._send_event(P.Done(h["sid"], h["done"]))
+
+    def _on_out(self, h: dict) -> None:
+        now = time.perf_counter()
+        f = self.inflight.pop(h["fid"], None)
+        latency = None if f is None else 1000.0 * (now - f.issued)
+        for sid, frames, pts, stats in h["outputs"]:
+            if latency is not None:
+                stats = dict(stats, latency_ms=latency)
+            self._send_event(P.Output(sid, frames, pts, stats))
+        for sid, seq in h["done"]:
+            self._send_event(P.Done(sid, seq))
+        if f is not None and f.frames == 1 and latency is not None:
+            self.batcher.observe(f.sessions, latency)
+        for rank, fid, dit_ms, other_ms, graphed in list(h["times"]) + [(self.rank, *r) for r in self.clock.harvest()]:
+            self.timing.setdefault(fid, {})[rank] = (dit_ms, other_ms)
+            self.rank_forwards[rank][0 if graphed else 1] += 1
+        for fid in sorted(self.timing):
+            rec = self.timing[fid]
+            if len(rec) == self.world:
+                del self.timing[fid]
+                if fid >= self.balance_from_fid and fid not in self.skip_fids:
+                    self.balancer.observe([rec[r] for r in range(self.world)])
+                self.skip_fids.discard(fid)
+        for fid in [k for k in self.timing if k < self.next_fid - 256]:
+            del self.timing[fid]
+        self._stats_dirty = True
+
+    # -- block moves ---------------------------------------------------------------------------------
+    def _maybe_rebalance(self) -> bool:
+        if self.rebalancing or self.awaiting_blocks or self.world < 2:
+            return False
+        manual = bool(self.manual_moves)
+        move = self.manual_moves.popleft() if manual else self.balancer.decide()
+        if move is None:
+            return False
+        if not (0 <= move.boundary < self.world - 1) or move.blocks == 0 or \
+                self.split[move.giver] - abs(move.blocks) < 0:
+            log.warning("ignoring impossible block move %s for split %s", move, self.split)
+            return False
+        layers = moved_layers(self.split, move)
+        after = apply_move(self.split, move)
+        self.moves.append(dict(time=time.time(), forward=self.next_fid, boundary=move.boundary, blocks=move.blocks,
+                               layers=layers, split_before=list(self.split), split_after=after,
+                               automatic=not manual))
+        del self.moves[:-32]
+        self.moves_total += 1
+        log.info("moving blocks %s from rank %d to rank %d (split %s -> %s)", layers, move.giver, move.taker,
+                 self.split, after)
+        self.rebalancing = True
+        self.balance_from_fid = self.next_fid
+        msg = Message("reb", {"move": (move.boundary, move.blocks), "layers": layers, "split": after})
+        self.on_rebalance(msg)  # rank 0's part (giver or taker), then around the ring
+        self.out_link.send(msg)
+        if move.taker == 0:
+            self.awaiting_blocks = (move.giver, 0)
+        self.balancer.applied(move)
+        self._maybe_send_stats(force=True)  # /metrics shows a move at once
+        return True
+
+    # -- hop time ----------------------------------------------------------------------------------------
+    def _ping(self, cmd: P.PingCmd) -> None:
+        """Round trips of a payload of `nbytes` through the ring; per hop = round trip / ranks. Run when
+        idle (the bench calls it between streams): it synchronises the device to time real transfers."""
+        if self.world == 1:
+            self._send_event(P.PingResult(0.0, []))
+            return
+        buf = torch.zeros(max(1, cmd.nbytes), dtype=torch.uint8, device=self.device)
+        rtts = []
+        for i in range(cmd.repeats + 2):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._ping_back = None
+            t0 = time.perf_counter()
+            self.out_link.send(Message("ping", {"i": i}, {"buf": buf}))
+            while self._ping_back is None:
+                self._on_return(self.in_link.recv())
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if i >= 2:  # the first round trips set up connections
+                rtts.append(1000.0 * (time.perf_counter() - t0))
+        rtts.sort()
+        self.hop_ms = rtts[len(rtts) // 2] / self.world
+        self._send_event(P.PingResult(self.hop_ms, rtts))
+        self._stats_dirty = True
+
+    # -- stats for the caller (and the server's /metrics) ----------------------------------------------
+    def stats(self) -> dict:
+        return dict(
+            world=self.world, devices=list(self.spec.devices.devices), split=list(self.split),
+            blocks=[layer_span(list(r)) for r in ranges(self.split)], forwards=self.forwards,
+            batched_forwards=self.batched_forwards, early_frames=self.early_frames, inflight=len(self.inflight),
+            capacity=self.capacity,
+            graphs=[dict(rank=r, replayed=g, eager=e) for r, (g, e) in enumerate(self.rank_forwards)],
+            max_inflight=self.max_inflight, max_stream_overlap=self.max_stream_overlap,
+            sessions=len(self.drivers), hop_ms=self.hop_ms, moves=list(self.moves), moves_total=self.moves_total,
+            balance=self.balancer.stats(), batch=self.batcher.stats(),
+        )
+
+    def _maybe_send_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or (self._stats_dirty and now - self._stats_sent > 0.25):
+            self._send_event(P.Stats(self.stats()))
+            self._stats_sent, self._stats_dirty = now, False
