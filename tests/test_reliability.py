@@ -187,6 +187,29 @@ async def test_a_client_that_vanishes_is_freed_within_seconds(rserver: ServerPro
     assert fd_count(pid) <= fds0 + 4
 
 
+async def test_a_slow_answer_does_not_count_as_idle(tmp_path: Path) -> None:
+    """Gathering the answer's candidates can take seconds (aioice waits up to 5 s for a STUN server
+    that does not reply); the idle clock starts once the client has the answer, so a session is not
+    closed before its client could send anything."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # a STUN server that never replies
+        silent.bind(("127.0.0.1", 0))
+        stun = f"stun:127.0.0.1:{silent.getsockname()[1]}"
+        with run_server(tmp_path, "--idle-timeout", "2", "--ice-server", stun) as server:
+            async with aiohttp.ClientSession() as http:
+                started = time.monotonic()
+                status, body, _ = await post_offer(http, server.url, await make_offer())
+                answer_s = time.monotonic() - started
+                assert status == 200, body
+                async with http.get(f"{server.url}/api/sessions/{body['session_id']}") as r:
+                    info = await r.json()
+                    assert r.status == 200 and info["state"] != "failed", info
+            assert answer_s > 2, answer_s  # the answer did take longer than the idle timeout
+            await wait_until(lambda: not server.get("/api/sessions")["sessions"], 10, "the unconnected session to close")
+    record("slow answer", answer_s=f"{answer_s:.1f}", idle_timeout_s=2)
+
+
 # -- admission control -----------------------------------------------------------------------------
 
 

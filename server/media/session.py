@@ -138,6 +138,7 @@ class Session:
         self._controls = RateLimiter(ctx.config.control_rate, ctx.config.control_burst, clock)
         self._opened_at = clock()
         self._last_input = self._opened_at
+        self._answered = False  # the idle clock runs only once the client has our answer
         self.engine_chunk_s: Optional[float] = None  # engine time of a chunk (smoothed): admission control
         pc.on("track", self._on_track)
         pc.on("datachannel", self._on_datachannel)
@@ -438,12 +439,18 @@ class Session:
         while True:
             await asyncio.sleep(min(1.0, config.idle_timeout_s / 4))
             now = self._clock()
-            if now - self._last_input > config.idle_timeout_s:
+            if self._answered and now - self._last_input > config.idle_timeout_s:
                 await self.close(f"no input for {config.idle_timeout_s:g} s", failed=True)
                 return
             if config.max_session_s is not None and now - self._opened_at > config.max_session_s:
                 await self.close(f"the session reached its maximum length of {config.max_session_s:g} s")
                 return
+
+    def answered(self) -> None:
+        """The client has our answer: its input can start only now. Gathering ICE candidates for the
+        answer can take seconds (aioice waits up to 5 s for a STUN server), which must not count as idle."""
+        self._answered = True
+        self._last_input = self._clock()
 
     async def _stats_loop(self) -> None:
         interval = self._ctx.config.stats_interval_s

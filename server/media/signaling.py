@@ -54,6 +54,7 @@ async def open_session(
         except asyncio.TimeoutError:
             raise ApiError(503, "the engine did not open the session in time (busy?)") from None
         await _answer(pc)
+        session.answered()
     except BaseException:
         await session.close("offer rejected")
         raise
