@@ -71,7 +71,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.checkpoint import CheckpointError, check_state_dict, read_tensor_file
-from engine.vae import LATENT_MEAN, LATENT_STD
+from engine.vae import LatentStats
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def _mem_slots(layers: Optional[nn.Sequential]) -> int:
     return 0 if layers is None else sum(isinstance(m, MemBlock) for m in layers)
 
 
-class TAEHV(nn.Module):
+class TAEHV(LatentStats):
     """The TAEHV encoder and/or decoder for Wan2.1 latents. Stateless: the streaming history lives in a
     `TAEHVStreamState` from `new_stream_state`, one per stream and direction.
 
@@ -200,15 +200,7 @@ class TAEHV(nn.Module):
             self.decoder = _decoder_layers()
         self._enc_slots = _mem_slots(getattr(self, "encoder", None))
         self._mem_slots = _mem_slots(getattr(self, "decoder", None))
-        self.register_buffer("latent_mean", torch.tensor(LATENT_MEAN).view(1, -1, 1, 1, 1), persistent=False)
-        self.register_buffer("latent_std", torch.tensor(LATENT_STD).view(1, -1, 1, 1, 1), persistent=False)
-
-    def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
-        super()._apply(fn, *args, **kwargs)
-        # as in WanVAE: the statistics stay float32 when the module is cast (the map is done in float32)
-        self.latent_mean = self.latent_mean.float()
-        self.latent_std = self.latent_std.float()
-        return self
+        self.add_latent_stats()
 
     @property
     def dtype(self) -> torch.dtype:

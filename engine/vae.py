@@ -482,7 +482,22 @@ def _assign_slots(root: nn.Module) -> int:
     return n
 
 
-class WanVAE(nn.Module):
+class LatentStats(nn.Module):
+    """The Wan2.1 latent space's per-channel mean and std as float32 buffers, outside the state dict,
+    kept float32 when the module is cast (.to(bf16) would round them; the map is done in float32)."""
+
+    def add_latent_stats(self) -> None:
+        self.register_buffer("latent_mean", torch.tensor(LATENT_MEAN).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("latent_std", torch.tensor(LATENT_STD).view(1, -1, 1, 1, 1), persistent=False)
+
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
+        super()._apply(fn, *args, **kwargs)
+        self.latent_mean = self.latent_mean.float()
+        self.latent_std = self.latent_std.float()
+        return self
+
+
+class WanVAE(LatentStats):
     """Wan2.1 VAE. Stateless: streaming history lives in a `VAEStreamState` from `new_stream_state`.
 
     Inputs are cast to the module's dtype (bf16 on GPU, float32 on CPU); outputs are in that dtype.
@@ -509,16 +524,7 @@ class WanVAE(nn.Module):
                                  tuple(reversed(cfg.temporal_downsample)))
         self._enc_slots = _assign_slots(self.encoder)
         self._dec_slots = _assign_slots(self.decoder)
-        # Not in the state dict; kept float32 even when the module is cast (see _apply).
-        self.register_buffer("latent_mean", torch.tensor(LATENT_MEAN).view(1, -1, 1, 1, 1), persistent=False)
-        self.register_buffer("latent_std", torch.tensor(LATENT_STD).view(1, -1, 1, 1, 1), persistent=False)
-
-    def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
-        super()._apply(fn, *args, **kwargs)
-        # .to(bf16) would round the statistics; normalisation is done in float32 anyway
-        self.latent_mean = self.latent_mean.float()
-        self.latent_std = self.latent_std.float()
-        return self
+        self.add_latent_stats()
 
     @property
     def dtype(self) -> torch.dtype:
