@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import pickle
 import time
 from typing import Callable, Sequence
 
@@ -27,7 +28,8 @@ import torch
 
 from engine.config import load_model_config
 from engine.parallel.stage import Group, Stage
-from engine.parallel.wire import pack, unpack
+from engine.parallel.ring_messages import Blocks
+from engine.parallel.wire import decode, encode
 from engine.rope import Rope
 from engine.build import build_dit, embed_prompt, tune_backends
 
@@ -197,8 +199,10 @@ def move_cost(args, cfg, defaults, device, dtype) -> None:
         warm = window + 4  # the cache fills, then a warm-up forward and a capture
         before = stage_ms([a, b], feed, args.forwards, warm, device)
         moved = list(range(half, half + k))
-        entries, buf = pack(b.export_layers(moved), device)
-        a.import_layers(moved, unpack(entries, buf))
+        raw, entries, buf = encode(Blocks(moved, b.export_layers(moved)), device)
+        got = decode(pickle.loads(raw)[0], entries, buf)
+        assert isinstance(got, Blocks)
+        a.import_layers(got.layers, got.tensors)
         after = stage_ms([a, b], feed, args.forwards, 4, device)
         del a, b, buf
         native = make_stage(cfg, defaults, range(0, half + k), device, dtype, graphs)

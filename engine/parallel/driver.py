@@ -32,7 +32,7 @@ from engine.kv_policy import SessionPolicy
 from engine.noise_control import NoiseController
 from engine.parallel.protocol import ChunkCmd, CloseCmd, DrainCmd, UpdateCmd
 from engine.parallel.stage import Group
-from engine.parallel.wire import Message
+from engine.parallel import ring_messages as M
 from engine.session import CHUNK, FrameZero
 from engine.stream_batch import KeyedNoise
 from interface.controls import StreamParams, StreamUpdate
@@ -59,7 +59,7 @@ class AwaitRows:
 
 @dataclass
 class Emit:
-    msg: Message
+    msg: M.RingMessage
 
 
 @dataclass
@@ -136,7 +136,7 @@ class DriverSession:
         except Exception as exc:  # a prompt the encoder refuses: this session fails, the engine goes on
             yield Failure(open_seq, f"{type(exc).__name__}: {exc}")
             return
-        yield Emit(Message("open", {"sid": self.sid, "done": open_seq}, {"ctx": context}))
+        yield Emit(M.OpenSession(self.sid, open_seq, context))
         while True:
             cmd = yield NeedCommand()
             if isinstance(cmd, ChunkCmd):
@@ -145,12 +145,12 @@ class DriverSession:
                 ok = yield from self._update(StreamUpdate.model_validate(cmd.update), cmd.seq)
                 if not ok:
                     return
-                yield Emit(Message("note", {"sid": self.sid, "done": cmd.seq}))
+                yield Emit(M.Note(self.sid, cmd.seq))
             elif isinstance(cmd, DrainCmd):
                 yield from self._drain()
-                yield Emit(Message("note", {"sid": self.sid, "done": cmd.seq}))
+                yield Emit(M.Note(self.sid, cmd.seq))
             elif isinstance(cmd, CloseCmd):
-                yield Emit(Message("close", {"sid": self.sid, "done": cmd.seq}))
+                yield Emit(M.CloseSession(self.sid, cmd.seq))
                 return
 
     def _group(self, **kw: Any) -> Group:
@@ -194,7 +194,7 @@ class DriverSession:
         host = self.host
         latent = host.encoder.stream_encode(video.to(host.dtype), self.vae_state).to(host.dtype)
         self.frame0 = FrameZero(frame=cmd.frames[0], pts=cmd.pts[0], video=video, latent=latent)
-        yield Emit(Message("prep", {"sid": self.sid, "frames": 1 + CHUNK // 4, "done": cmd.seq}))
+        yield Emit(M.PrepareFirstChunk(self.sid, 1 + CHUNK // 4, cmd.seq))
 
     def _prime(self, latent: torch.Tensor, strength: float, t0: int, new_vae: bool, seq: int, lap: Any,
                stats: dict) -> Driver:
@@ -275,7 +275,7 @@ class DriverSession:
     def _update(self, u: StreamUpdate, seq: int) -> Generator[Wait, Any, bool]:
         if u.reset:
             self._reset_stream()
-            yield Emit(Message("ctl", {"sid": self.sid, "reset": True}))
+            yield Emit(M.ResetStream(self.sid))
         if u.transition_chunks is not None:
             self.transition_chunks = u.transition_chunks
         if u.prompt is not None and u.prompt != self.prompt:
@@ -283,10 +283,9 @@ class DriverSession:
                 context = self.host.embed_prompt(u.prompt)
             except Exception as exc:
                 yield Failure(seq, f"{type(exc).__name__}: {exc}")
-                yield Emit(Message("close", {"sid": self.sid}))
+                yield Emit(M.CloseSession(self.sid))
                 return False
-            yield Emit(Message("ctl", {"sid": self.sid, "prompt": True, "chunks": self.transition_chunks},
-                               {"ctx": context}))
+            yield Emit(M.SetPrompt(self.sid, self.transition_chunks, context))
             self.prompt = u.prompt
         if u.seed is not None:
             self.seed = u.seed

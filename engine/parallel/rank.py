@@ -11,18 +11,20 @@ rank).
 The ring: every message goes rank 0 -> 1 -> ... -> last -> rank 0, and each rank handles messages in
 arrival order, so session state changes (open, prompt, reset, close, block moves) reach each rank at the
 same point of the sequence of forwards. A forward's tokens travel in one packed payload per hop; the
-last rank sends the re-noised rows back to rank 0 as soon as they exist ("ret"), then decodes and sends
-frames, completions and its timings ("out"). Control messages come back to rank 0 as acknowledgements.
+last rank sends the re-noised rows back to rank 0 as soon as they exist (`ReturnedRows`), then decodes and
+sends frames, completions and its timings (`ForwardOutput`). Control messages come back to rank 0 as
+acknowledgements. The messages are the typed ones of engine/parallel/ring_messages.py.
 
 Block moves (balance.Move across boundary b|b+1): the giver exports the blocks' weights and every
 session's KV cache and cross-attention K/V for them; downstream moves ride the ring link before the
-"reb" message, so the taker installs them exactly between the forwards before and after; upstream
-moves use a back link the taker waits on before it runs anything after "reb". No forward is dropped or
+`Rebalance` message, so the taker installs them exactly between the forwards before and after; upstream
+moves use a back link the taker waits on before it runs anything after `Rebalance`. No forward is dropped or
 sees a half-moved layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -40,9 +42,10 @@ from engine.dit import Embedded
 from engine.parallel.balance import Move, ranges
 from engine.parallel.options import ParallelOptions
 from engine.parallel.profiling import RankProfiler
+from engine.parallel import ring_messages as M
 from engine.parallel.stage import Group, Stage
 from engine.timing import ForwardTimes, StageClock
-from engine.parallel.wire import DistLink, Link, LoopbackLink, Message
+from engine.parallel.wire import DistLink, Link, LoopbackLink, split_tensors
 from engine.rope import Rope
 from engine.build import (EngineOptions, build_codecs, build_dit, build_text, build_vae, needs_wan_vae, stream_defaults,
                           tune_backends)
@@ -169,42 +172,43 @@ class RankBase:
         return self.links[(src, dst)]
 
     # -- messages every rank handles ---------------------------------------------------------------------
-    def handle(self, msg: Message) -> None:
+    def handle(self, msg: M.RingMessage) -> None:
         """Apply a message arriving from the previous rank (or made by rank 0) and pass it on."""
-        kind, h = msg.kind, msg.header
-        if kind != "fwd":
+        if not isinstance(msg, M.Forward):
             self.flush_outputs()  # outputs go back before anything that follows them in the ring
-        log.debug("message %s %s", kind, {k: v for k, v in h.items() if k in ("sid", "fid", "done")})
-        if kind == "fwd":
-            self.on_forward(msg)
-            return
-        if kind == "open":
-            self.stage.open(h["sid"], msg.tensors["ctx"])
-        elif kind == "ctl":
-            s = self.stage.sessions[h["sid"]]
-            if h.get("reset"):
+        log.debug("message %s", msg.__class__.__name__)
+        match msg:
+            case M.Forward():
+                self.on_forward(msg)
+                return
+            case M.OpenSession(sid=sid, context=context):
+                assert context is not None
+                self.stage.open(sid, context)
+            case M.ResetStream(sid=sid):
+                s = self.stage.sessions[sid]
                 s.prompt.reset_blend()
                 s.cache = s.decode_state = None
-                self.stage.drop_graphs(h["sid"])  # and the first chunk prepared for the old stream
-            if h.get("prompt"):
-                self.stage.set_prompt(h["sid"], msg.tensors["ctx"], h["chunks"])
-        elif kind == "prep":  # a fresh stream's frame 0 is in: its first chunk follows
-            self.stage.prepare_prime(h["sid"], h["frames"])
-        elif kind == "close":
-            self.stage.close(h["sid"])
-        elif kind == "prof":
-            self.profiler.arm(h["dir"], h["from"], h["count"])
-        elif kind == "reb":
-            self.on_rebalance(msg)
-            return
-        elif kind == "blocks":
-            self.stage.import_layers(h["layers"], msg.tensors)
-            return
-        elif kind == "stop" and not self.first:  # rank 0 stops when it comes back around
-            self.stopped = True
-        # note / ping / stop / open / ctl / close: pass on (the last rank's "next" is rank 0: an ack);
-        # the tensors a control message carried are not needed downstream of the last rank
-        self.out_link.send(msg if not self.last else Message(kind, h, msg.tensors if kind == "ping" else {}))
+                self.stage.drop_graphs(sid)  # and the first chunk prepared for the old stream
+            case M.SetPrompt(sid=sid, chunks=chunks, context=context):
+                assert context is not None
+                self.stage.set_prompt(sid, context, chunks)
+            case M.PrepareFirstChunk(sid=sid, frames=frames):  # a fresh stream's frame 0 is in
+                self.stage.prepare_prime(sid, frames)
+            case M.CloseSession(sid=sid):
+                self.stage.close(sid)
+            case M.Profile():
+                self.profiler.arm(msg.directory, msg.first_fid, msg.count)
+            case M.Rebalance():
+                self.on_rebalance(msg)
+                return
+            case M.Blocks():
+                self.stage.import_layers(msg.layers, msg.tensors)
+                return
+            case M.Stop() if not self.first:  # rank 0 stops when it comes back around
+                self.stopped = True
+        # Note / Ping / Stop / session state: pass on (the last rank's "next" is rank 0: an ack); the
+        # tensors a control message carried are not needed downstream of the last rank
+        self.out_link.send(msg if not self.last or isinstance(msg, M.Ping) else split_tensors(msg)[0])
 
     def run_stage(self, groups: list[Group], emb: Embedded, times: ForwardTimes) -> torch.Tensor:
         lap = self.clock.lap()
@@ -218,25 +222,26 @@ class RankBase:
         times.dit.append(lap.stop())
         return tokens
 
-    def on_forward(self, msg: Message) -> None:
-        h, t = msg.header, msg.tensors
-        self.profiler.forward(h["fid"])
-        groups: list[Group] = h["groups"]
-        emb = Embedded(t["tokens"], t["e"], t["e6"], tuple(h["grid"]))  # type: ignore[arg-type]
-        times = ForwardTimes(h["fid"])
-        tokens = self.run_stage(groups, emb, times)
+    def on_forward(self, msg: M.Forward) -> None:
+        self.profiler.forward(msg.fid)
+        assert msg.tokens is not None and msg.e is not None and msg.e6 is not None and msg.x is not None
+        emb = Embedded(msg.tokens, msg.e, msg.e6, msg.grid)  # type: ignore[arg-type]
+        times = ForwardTimes(msg.fid)
+        tokens = self.run_stage(msg.groups, emb, times)
         if not self.last:
             self.clock.add(times)
-            h["times"] = h.get("times", []) + [(self.rank, *r) for r in self.clock.harvest()]
-            self.out_link.send(Message("fwd", h, {"tokens": tokens, "e": t["e"], "e6": t["e6"], "x": t["x"]}))
+            records = msg.times + [(self.rank, *r) for r in self.clock.harvest()]
+            self.out_link.send(dataclasses.replace(msg, times=records, tokens=tokens))
             return
-        self.finish_forward(h, groups, Embedded(tokens, t["e"], t["e6"], emb.grid), t["x"], times)
+        self.finish_forward(msg, Embedded(tokens, msg.e, msg.e6, emb.grid), msg.x, times)
 
-    def finish_forward(self, h: dict, groups: list[Group], emb: Embedded, x: torch.Tensor, times: ForwardTimes) -> None:
+    def finish_forward(self, fwd: M.Forward, emb: Embedded, x: torch.Tensor, times: ForwardTimes) -> None:
         """Last rank: head, flow step, rows back to rank 0 at once, then VAE decode and frames."""
+        groups = fwd.groups
         lap = self.clock.lap()
         x0 = self.stage.finish(groups, emb, emb.tokens, x)
-        back, start = {}, 0
+        back: dict[int, torch.Tensor] = {}
+        start = 0
         for g in groups:
             xg = x0[start : start + g.rows]
             noise = self.renoise_source
@@ -244,10 +249,10 @@ class RankBase:
             for row, t_next, key in g.renoise:
                 xg[row : row + 1] = flow.renoise(xg[row : row + 1], noise.draw(xg[row : row + 1].shape, *key), t_next)
             if g.renoise:
-                back[f"s{g.sid}"] = xg[: len(g.renoise)]
+                back[g.sid] = xg[: len(g.renoise)]
             start += g.rows
         if back:
-            self.out_link.send(Message("ret", {"fid": h["fid"]}, back))
+            self.out_link.send(M.ReturnedRows(fwd.fid, back))
         times.other.append(lap.stop())
         lap = self.clock.lap()
         frames, start = [], 0
@@ -269,7 +274,7 @@ class RankBase:
         decode = lap.stop()
         times.other.append(decode)
         self.clock.add(times)
-        out = _Outputs(h["fid"], groups, frames, decode, h.get("times", []))
+        out = _Outputs(fwd.fid, groups, frames, decode, fwd.times)
         previous, self.deferred = self.deferred, None
         if previous is not None:
             self.send_outputs(previous)  # its frames were copied before this forward's work began
@@ -284,16 +289,16 @@ class RankBase:
         for g, pending, pts in out.frames:
             keep = [(f, p) for f, p in zip(pending.result(), pts) if p is not None]
             stats = {**g.stats, DECODE_MS: out.decode.wait().ms() or 0.0}
-            outputs.append((g.sid, [f for f, _ in keep], [p for _, p in keep], stats))
+            outputs.append(M.SessionFrames(g.sid, [f for f, _ in keep], [p for _, p in keep], stats))
         records = out.times + [(self.rank, *r) for r in self.clock.harvest()]
         done = [(g.sid, g.done) for g in out.groups if g.done is not None]
-        self.out_link.send(Message("out", {"fid": out.fid, "outputs": outputs, "done": done, "times": records}))
+        self.out_link.send(M.ForwardOutput(out.fid, outputs, done, records))
 
     def send_early(self, g: Group, frame0: PendingFrames) -> None:
         """A fresh stream's frame 0 to rank 0 ahead of the rest of its chunk (waits for that frame's copy
         alone). Frames of earlier forwards go first, so that no stream's frames change order."""
         self.flush_outputs()
-        self.out_link.send(Message("early", {"outputs": [(g.sid, [frame0.result()[0]], [g.decode[0]], dict(g.stats))]}))
+        self.out_link.send(M.EarlyFrames([M.SessionFrames(g.sid, [frame0.result()[0]], [g.decode[0]], dict(g.stats))]))
 
     def flush_outputs(self) -> None:
         if self.deferred is not None:
@@ -301,22 +306,21 @@ class RankBase:
             self.send_outputs(out)
 
     # -- block moves ---------------------------------------------------------------------------------
-    def on_rebalance(self, msg: Message) -> None:
-        h = msg.header
-        move = Move(*h["move"])
-        layers = h["layers"]
+    def on_rebalance(self, msg: M.Rebalance) -> None:
+        move = Move(msg.boundary, msg.blocks)
+        layers = msg.layers
         me = self.rank
         if me == move.giver and move.taker == me + 1:
-            self.link(me, move.taker).send(Message("blocks", {"layers": layers}, self.stage.export_layers(layers)))
+            self.link(me, move.taker).send(M.Blocks(layers, self.stage.export_layers(layers)))
         if not self.first:  # rank 0 made it; everyone else passes it on (the last rank: back to rank 0)
-            self.out_link.send(Message("reb", h))
+            self.out_link.send(msg)
         if me == move.giver and move.taker == me - 1:
-            self.link(me, move.taker).send(Message("blocks", {"layers": layers}, self.stage.export_layers(layers)))
+            self.link(me, move.taker).send(M.Blocks(layers, self.stage.export_layers(layers)))
         if me == move.taker and move.giver == me + 1 and not self.first:
             got = self.link(move.giver, me).recv()
-            assert got.kind == "blocks", got.kind
-            self.stage.import_layers(got.header["layers"], got.tensors)
-        self.split = list(h["split"])
+            assert isinstance(got, M.Blocks), type(got).__name__
+            self.stage.import_layers(got.layers, got.tensors)
+        self.split = list(msg.split)
 
     # -- the loop of ranks 1..N-1 ----------------------------------------------------------------------
     def serve(self) -> None:
@@ -327,7 +331,7 @@ class RankBase:
         self.flush_outputs()
 
     def close(self) -> None:
-        """After "stop" went around: every message was delivered, so a peer that already closed its
+        """After `Stop` went around: every message was delivered, so a peer that already closed its
         end may make waiting on an old send fail; that is not an error any more."""
         for link in self.links.values():
             if isinstance(link, DistLink) and link.src == self.rank:
@@ -354,4 +358,4 @@ class _Outputs:
     groups: list[Group]
     frames: list[tuple[Group, PendingFrames, list]]  # (group, its frames on their way, their pts)
     decode: Any  # timing.Lap of the decodes
-    times: list  # upstream ranks' stage times carried by the forward
+    times: list[M.StageRecord]  # upstream ranks' stage times carried by the forward

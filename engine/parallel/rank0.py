@@ -19,7 +19,7 @@ from engine.parallel.balance import BlockScheduler, Move, apply_move, moved_laye
 from engine.parallel.driver import AwaitRows, DriverSession, Emit, Failure, NeedCommand, Submit
 from engine.parallel.slo import BatchScheduler
 from engine.timing import ForwardTimes
-from engine.parallel.wire import Message
+from engine.parallel import ring_messages as M
 from engine.build import embed_prompt
 from engine.session import engine_info
 from interface.messages import EngineInfo
@@ -36,7 +36,7 @@ class _InFlight:
     frames: int
     sids: frozenset = frozenset()
     chain: bool = False
-    rows_back: bool = False  # its re-noised rows came back ("ret"): the DiT chain is through
+    rows_back: bool = False  # its re-noised rows came back (ReturnedRows): the DiT chain is through
 
 
 class Rank0(RankBase):
@@ -75,7 +75,7 @@ class Rank0(RankBase):
         self.forwards = 0
         self.rank_forwards = [[0, 0] for _ in range(self.world)]  # per rank: blocks from a graph, eager
         self.hop_ms: Optional[float] = None
-        self._ping_back: Optional[Message] = None
+        self._ping_back: Optional[M.Ping] = None
         self._stats_dirty = True
         self._stats_sent = 0.0
 
@@ -135,14 +135,14 @@ class Rank0(RankBase):
                     self._stats_dirty = True
                 if cmd.profile is not None:
                     directory, count = cmd.profile
-                    self._emit(Message("prof", {"dir": directory, "from": self.next_fid, "count": count}))
+                    self._emit(M.Profile(directory, self.next_fid, count))
             elif isinstance(cmd, P.PingCmd):
                 self._ping(cmd)
             elif isinstance(cmd, P.StopCmd):
-                self._emit(Message("stop", {}))
+                self._emit(M.Stop())
         return busy
 
-    def _emit(self, msg: Message) -> None:
+    def _emit(self, msg: M.RingMessage) -> None:
         """A control message from rank 0: apply it here, then send it around the ring."""
         self.handle(msg)
 
@@ -225,13 +225,13 @@ class Rank0(RankBase):
         self.max_inflight = max(self.max_inflight, len(self.inflight))
         if frames != 1:
             self.skip_fids.add(fid)
-        header = {"fid": fid, "groups": groups, "grid": list(emb.grid), "times": []}
         if self.last:  # a ring of one
-            self.finish_forward(header, groups, Embedded(tokens, emb.e, emb.e6, emb.grid), x, times)
+            fwd = M.Forward(fid, groups, tuple(emb.grid), [])
+            self.finish_forward(fwd, Embedded(tokens, emb.e, emb.e6, emb.grid), x, times)
         else:
             self.clock.add(times)
-            header["times"] = [(self.rank, *r) for r in self.clock.harvest()]
-            self.out_link.send(Message("fwd", header, {"tokens": tokens, "e": emb.e, "e6": emb.e6, "x": x}))
+            records = [(self.rank, *r) for r in self.clock.harvest()]
+            self.out_link.send(M.Forward(fid, groups, tuple(emb.grid), records, tokens, emb.e, emb.e6, x))
         for sid, _ in chosen:
             self.issued[sid] = fid
         self.forwards += 1
@@ -253,51 +253,55 @@ class Rank0(RankBase):
                 busy = True
         return busy
 
-    def _on_return(self, msg: Message) -> None:
-        kind, h = msg.kind, msg.header
-        if kind == "ret":
-            if h["fid"] in self.inflight:
-                self.inflight[h["fid"]].rows_back = True
-            for name, rows in msg.tensors.items():
-                key = (h["fid"], int(name[1:]))
-                if key in self.discard:
-                    self.discard.discard(key)
-                else:
-                    self.returns[key] = rows
-        elif kind == "out":
-            self._on_out(h)
-        elif kind == "early":  # a fresh stream's frame 0, ahead of its chunk's "out"
-            for sid, frames, pts, stats in h["outputs"]:
-                self._send_event(P.Output(sid, frames, pts, stats))
-                self.early_frames += len(frames)
-            self._stats_dirty = True
-        elif kind == "blocks":
-            self.stage.import_layers(h["layers"], msg.tensors)
-            self.awaiting_blocks = None
-            self._stats_dirty = True
-        elif kind == "reb":
-            self.rebalancing = False
-            self._stats_dirty = True
-        elif kind == "ping":
-            self._ping_back = msg
-        elif kind == "stop":
-            self.stopped = True
-        elif h.get("done") is not None:  # open / ctl / close / note acknowledgements
-            self._send_event(P.Done(h["sid"], h["done"]))
+    def _on_return(self, msg: M.RingMessage) -> None:
+        match msg:
+            case M.ReturnedRows(fid=fid, rows=rows):
+                if fid in self.inflight:
+                    self.inflight[fid].rows_back = True
+                for sid, r in rows.items():
+                    if (fid, sid) in self.discard:
+                        self.discard.discard((fid, sid))
+                    else:
+                        self.returns[(fid, sid)] = r
+            case M.ForwardOutput():
+                self._on_out(msg)
+            case M.EarlyFrames(outputs=outputs):  # a fresh stream's frame 0, ahead of its chunk's output
+                for o in outputs:
+                    self._send_event(P.Output(o.sid, o.frames, o.pts, o.stats))
+                    self.early_frames += len(o.frames)
+                self._stats_dirty = True
+            case M.Blocks():
+                self.stage.import_layers(msg.layers, msg.tensors)
+                self.awaiting_blocks = None
+                self._stats_dirty = True
+            case M.Rebalance():
+                self.rebalancing = False
+                self._stats_dirty = True
+            case M.Ping():
+                self._ping_back = msg
+            case M.Stop():
+                self.stopped = True
+            # session state coming back around: acknowledgements
+            case M.OpenSession(sid=sid, done=done) | M.Note(sid=sid, done=done) | \
+                    M.PrepareFirstChunk(sid=sid, done=done) | M.CloseSession(sid=sid, done=done) if done is not None:
+                self._send_event(P.Done(sid, done))
+            case M.ResetStream() | M.SetPrompt() | M.CloseSession():
+                pass  # nothing to acknowledge
+            case _:
+                raise TypeError(f"rank 0 got an unexpected ring message: {type(msg).__name__}")
 
-    def _on_out(self, h: dict) -> None:
+    def _on_out(self, out: M.ForwardOutput) -> None:
         now = time.perf_counter()
-        f = self.inflight.pop(h["fid"], None)
+        f = self.inflight.pop(out.fid, None)
         latency = None if f is None else 1000.0 * (now - f.issued)
-        for sid, frames, pts, stats in h["outputs"]:
-            if latency is not None:
-                stats = dict(stats, latency_ms=latency)
-            self._send_event(P.Output(sid, frames, pts, stats))
-        for sid, seq in h["done"]:
+        for o in out.outputs:
+            stats = o.stats if latency is None else dict(o.stats, latency_ms=latency)
+            self._send_event(P.Output(o.sid, o.frames, o.pts, stats))
+        for sid, seq in out.done:
             self._send_event(P.Done(sid, seq))
         if f is not None and f.frames == 1 and latency is not None:
             self.batcher.observe(f.sessions, latency)
-        for rank, fid, dit_ms, other_ms, graphed in list(h["times"]) + [(self.rank, *r) for r in self.clock.harvest()]:
+        for rank, fid, dit_ms, other_ms, graphed in list(out.times) + [(self.rank, *r) for r in self.clock.harvest()]:
             self.timing.setdefault(fid, {})[rank] = (dit_ms, other_ms)
             self.rank_forwards[rank][0 if graphed else 1] += 1
         for fid in sorted(self.timing):
@@ -334,7 +338,7 @@ class Rank0(RankBase):
                  self.split, after)
         self.rebalancing = True
         self.balance_from_fid = self.next_fid
-        msg = Message("reb", {"move": (move.boundary, move.blocks), "layers": layers, "split": after})
+        msg = M.Rebalance(move.boundary, move.blocks, layers, after)
         self.on_rebalance(msg)  # rank 0's part (giver or taker), then around the ring
         self.out_link.send(msg)
         if move.taker == 0:
@@ -357,7 +361,7 @@ class Rank0(RankBase):
                 torch.cuda.synchronize(self.device)
             self._ping_back = None
             t0 = time.perf_counter()
-            self.out_link.send(Message("ping", {"i": i}, {"buf": buf}))
+            self.out_link.send(M.Ping(i, buf))
             while self._ping_back is None:
                 self._on_return(self.in_link.recv())
             if self.device.type == "cuda":

@@ -1,8 +1,9 @@
 """One message per hop, and the links of the ring.
 
-A message is a small pickled header (kind, session/chunk ids, row positions, timesteps, ... and host
-data such as decoded frames) plus at most one packed payload: every device tensor of the message laid
-out in one byte buffer, so a hop is one transfer whatever the tensors (tokens, time embeddings, the
+A message is one of the typed messages of `engine.parallel.ring_messages`. On the wire it is a small
+pickled header (the message without its tensors: session/chunk ids, row positions, timesteps, ... and
+host data such as decoded frames) plus at most one packed payload: every device tensor of the message
+(the fields its class names in `TENSORS`) laid out in one byte buffer, so a hop is one transfer whatever the tensors (tokens, time embeddings, the
 noisy latents; or a block's weights and KV caches). The header travels on a gloo group over TCP; the
 payload on the data group (NCCL on GPUs, gloo on CPUs). Why the split: the receiver must know the
 header on the host (positions drive the KV cache's host-side plan) and the payload's size before it
@@ -17,37 +18,80 @@ each match in order), so each rank's processing order is the ring's order.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import pickle
 import queue
 import struct
 import threading
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Hashable, Optional
 
 import torch
 import torch.distributed as dist
+
+from engine.parallel.ring_messages import RingMessage, Stop
 
 HEADER_BYTES = 4096  # fixed first transfer; larger headers send the rest in a second one
 _ALIGN = 64  # payload offsets: any dtype can be viewed at any entry
 
 
+# A payload entry's name: (the message's field, None) for a tensor field, (field, key) for a dict's value
+TensorName = tuple[str, Optional[Hashable]]
+
+
 @dataclass
 class Entry:
-    name: str
+    name: TensorName
     dtype: str
     shape: tuple[int, ...]
     offset: int
     nbytes: int
 
 
-@dataclass
-class Message:
-    kind: str
-    header: dict[str, Any] = field(default_factory=dict)
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+def split_tensors(msg: RingMessage) -> tuple[RingMessage, dict[TensorName, torch.Tensor]]:
+    """The message without its tensors (the header to pickle), and its tensors by payload name."""
+    tensors: dict[TensorName, torch.Tensor] = {}
+    emptied: dict[str, Any] = {}
+    for name in type(msg).TENSORS:
+        value = getattr(msg, name)
+        if isinstance(value, torch.Tensor):
+            tensors[(name, None)] = value
+            emptied[name] = None
+        elif value:  # a dict of tensors
+            for key, t in value.items():
+                tensors[(name, key)] = t
+            emptied[name] = {}
+    if not tensors:
+        return msg, tensors
+    return dataclasses.replace(msg, **emptied), tensors
 
 
-def pack(tensors: dict[str, torch.Tensor], device: torch.device) -> tuple[list[Entry], Optional[torch.Tensor]]:
+def join_tensors(header: RingMessage, tensors: dict[TensorName, torch.Tensor]) -> RingMessage:
+    """split_tensors undone: the header with the received tensors put back in their fields."""
+    if not tensors:
+        return header
+    fields: dict[str, Any] = {}
+    for (name, key), t in tensors.items():
+        if key is None:
+            fields[name] = t
+        else:
+            fields.setdefault(name, {})[key] = t
+    return dataclasses.replace(header, **fields)
+
+
+def encode(msg: RingMessage, device: torch.device) -> tuple[bytes, list[Entry], Optional[torch.Tensor]]:
+    """A message as it travels: the pickled header (with the payload's layout) and the packed payload."""
+    header, tensors = split_tensors(msg)
+    entries, buf = pack(tensors, device)
+    return pickle.dumps((header, entries), protocol=pickle.HIGHEST_PROTOCOL), entries, buf
+
+
+def decode(header: RingMessage, entries: list[Entry], buf: Optional[torch.Tensor]) -> RingMessage:
+    """encode undone, once the pickled header is read and the payload received."""
+    return join_tensors(header, unpack(entries, buf))
+
+
+def pack(tensors: dict[TensorName, torch.Tensor], device: torch.device) -> tuple[list[Entry], Optional[torch.Tensor]]:
     """All tensors in one uint8 buffer on `device` (one copy kernel each, no host round trip)."""
     entries, offset = [], 0
     for name, t in tensors.items():
@@ -63,9 +107,9 @@ def pack(tensors: dict[str, torch.Tensor], device: torch.device) -> tuple[list[E
     return entries, buf
 
 
-def unpack(entries: list[Entry], buf: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+def unpack(entries: list[Entry], buf: Optional[torch.Tensor]) -> dict[TensorName, torch.Tensor]:
     """Views into the received buffer (no copies)."""
-    out = {}
+    out: dict[TensorName, torch.Tensor] = {}
     for e in entries:
         dtype = getattr(torch, e.dtype)
         if e.nbytes == 0:
@@ -79,14 +123,14 @@ def unpack(entries: list[Entry], buf: Optional[torch.Tensor]) -> dict[str, torch
 class Link:
     """A directed channel between two ranks (or a rank and itself)."""
 
-    def send(self, msg: Message) -> None:
+    def send(self, msg: RingMessage) -> None:
         raise NotImplementedError
 
     def ready(self) -> bool:
         """True when recv() would not wait for the next header."""
         raise NotImplementedError
 
-    def recv(self) -> Message:
+    def recv(self) -> RingMessage:
         raise NotImplementedError
 
 
@@ -94,15 +138,15 @@ class LoopbackLink(Link):
     """A rank sending to itself (a ring of one): no copies, no torch.distributed."""
 
     def __init__(self) -> None:
-        self._q: collections.deque[Message] = collections.deque()
+        self._q: collections.deque[RingMessage] = collections.deque()
 
-    def send(self, msg: Message) -> None:
+    def send(self, msg: RingMessage) -> None:
         self._q.append(msg)
 
     def ready(self) -> bool:
         return bool(self._q)
 
-    def recv(self) -> Message:
+    def recv(self) -> RingMessage:
         if not self._q:
             raise RuntimeError("loopback link is empty: a rank of one waited for itself")
         return self._q.popleft()
@@ -132,10 +176,9 @@ class DistLink(Link):
             threading.Thread(target=self._read_headers, name=f"link{src}->{dst}", daemon=True).start()
 
     # -- sending -------------------------------------------------------------------------------------
-    def send(self, msg: Message) -> None:
+    def send(self, msg: RingMessage) -> None:
         assert self.me == self.src
-        entries, buf = pack(msg.tensors, self.device)
-        raw = pickle.dumps((msg.kind, msg.header, entries), protocol=pickle.HIGHEST_PROTOCOL)
+        raw, _, buf = encode(msg, self.device)
         head = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
         first = raw[: HEADER_BYTES - 8]
         head[:8] = torch.frombuffer(bytearray(struct.pack("<q", len(raw))), dtype=torch.uint8)
@@ -188,22 +231,22 @@ class DistLink(Link):
                 self._q.put(exc)
                 return
             self._q.put(item)
-            if item[0] == "stop":
+            if isinstance(item[0], Stop):
                 return
 
     def ready(self) -> bool:
         return not self._q.empty()
 
-    def recv(self) -> Message:
+    def recv(self) -> RingMessage:
         assert self.me == self.dst
         item = self._q.get()
         if isinstance(item, Exception):
             self._q.put(item)  # every later recv fails the same way
             raise ConnectionError(f"link {self.src}->{self.dst}: {item}") from item
-        kind, header, entries = item
+        header, entries = item
         buf = None
         if entries:
             size = max(e.offset + -(-e.nbytes // _ALIGN) * _ALIGN for e in entries)
             buf = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
             dist.irecv(buf, self.src, group=self.data).wait()  # NCCL: the compute stream waits, not the host
-        return Message(kind, header, unpack(entries, buf))
+        return decode(header, entries, buf)
