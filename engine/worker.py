@@ -27,6 +27,7 @@ from engine.config import load_model_config
 from engine.parallel.devices import parse_devices
 from engine.parallel.engine import ParallelEngine
 from engine.parallel.errors import EngineFailure
+from engine.parallel.protocol import RingStats
 from engine.runtime import StreamEngine
 from interface.frame_ring import FrameRing, RingFull
 from interface.catalogue import CODEC_NAMES
@@ -236,7 +237,7 @@ class Worker:
         if not self._pipeline or now - self._pipeline_at < PIPELINE_STATS_S:
             return
         self._pipeline_at = now
-        message = pipeline_stats(self._engine.stats())
+        message = pipeline_stats(self._engine.ring_stats())
         if message is not None and message != self._pipeline_sent:
             self._pipeline_sent = message
             self._send(message)
@@ -257,26 +258,23 @@ class Worker:
             log.info("server pipe closed; reply %s not sent", type(message).__name__)
 
 
-def pipeline_stats(st: dict) -> Optional[PipelineStats]:
-    """The server's view of engine.parallel.rank0.Rank0.stats() (None before rank 0's first report)."""
-    if "split" not in st:
+def pipeline_stats(st: Optional[RingStats]) -> Optional[PipelineStats]:
+    """The server's view of rank 0's report (None before its first)."""
+    if st is None:
         return None
-    balance = st.get("balance") or {}
-    stage = balance.get("stage_ms") or []
-    graphs = st.get("graphs") or []
+    stage = st.balance.stage_ms or []
     ranks = []
-    for r, blocks in enumerate(st["split"]):
-        times = stage[r] if r < len(stage) else {}
-        counts = graphs[r] if r < len(graphs) else {}
-        ranks.append(RankStage(blocks=blocks, dit_ms=times.get("dit"), other_ms=times.get("other"),
-                               graph_forwards=counts.get("replayed", 0), eager_forwards=counts.get("eager", 0)))
-    fields = BlockDecision.model_fields
-    decisions = [BlockDecision(**{k: v for k, v in d.items() if k in fields}) for d in balance.get("decisions", [])]
+    for r, blocks in enumerate(st.split):
+        times = stage[r] if r < len(stage) else None
+        counts = st.graphs[r] if r < len(st.graphs) else None
+        ranks.append(RankStage(blocks=blocks, dit_ms=times.dit if times else None,
+                               other_ms=times.other if times else None,
+                               graph_forwards=counts.replayed if counts else 0,
+                               eager_forwards=counts.eager if counts else 0))
+    decisions = [BlockDecision.model_validate(d, from_attributes=True) for d in st.balance.decisions[-8:]]
     return PipelineStats(
-        ranks=ranks, rebalance=bool(balance.get("enabled", False)), moves=int(st.get("moves_total", 0)),
-        decisions=decisions[-8:], forwards=int(st.get("forwards", 0)),
-        batched_forwards=int(st.get("batched_forwards", 0)), early_frames=int(st.get("early_frames", 0)),
-        hop_ms=st.get("hop_ms"),
+        ranks=ranks, rebalance=st.balance.enabled, moves=st.moves_total, decisions=decisions,
+        forwards=st.forwards, batched_forwards=st.batched_forwards, early_frames=st.early_frames, hop_ms=st.hop_ms,
     )
 
 

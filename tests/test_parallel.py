@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from engine.config import load_model_config
-from engine.parallel.balance import BlockScheduler, Move, apply_move, even_split, moved_layers
+from engine.parallel.balance import Ban, BlockScheduler, Move, apply_move, even_split, moved_layers
 from engine.parallel.devices import parse_devices
 from engine.parallel.errors import EngineFailure
 from engine.parallel.slo import BatchScheduler
@@ -166,7 +166,7 @@ def test_block_scheduler_does_not_measure_the_forwards_right_after_a_move():
     assert sched.stage_ms() is None and sched.decide() is None
     for _ in range(2):
         sched.observe([(26.0, 36.5), (24.0, 49.5)])
-    assert sched.decide() is None or sched.decisions[-1].get("rollback") is None
+    assert sched.decide() is None or not sched.decisions[-1].rollback
     assert not sched.banned and sched.stage_ms() == [(26.0, 36.5), (24.0, 49.5)]
 
 
@@ -188,8 +188,8 @@ def test_block_scheduler_rolls_back_a_move_that_made_things_worse():
     undo = sched.decide()
     assert undo == Move(move.boundary, -move.blocks)
     sched.applied(undo)
-    assert sched.split == [15, 15] and sched.decisions[-1]["rollback"]
-    assert sched.stats()["banned"] == [dict(boundary=0, direction="upstream")]
+    assert sched.split == [15, 15] and sched.decisions[-1].rollback
+    assert sched.stats().banned == [Ban(boundary=0, direction="upstream")]
     for _ in range(8):  # the same imbalance again: that direction is left alone for a while
         sched.observe([(22.7, 36.5), (29.4, 49.5)])
     assert sched.decide() is None
@@ -207,7 +207,7 @@ def test_block_scheduler_rolls_back_a_move_that_made_things_worse():
     assert noisy.decide() is None
     for _ in range(2):
         noisy.observe([(17.5, 20.9), (11.0, 33.0)])  # 44 ms
-    assert not any(d.get("rollback") for d in noisy.decisions) and not noisy.banned
+    assert not any(d.rollback for d in noisy.decisions) and not noisy.banned
     # a move that helps is kept
     ok = BlockScheduler([15, 15], every=2, gain=0.05, min_ms=0.5)
     for _ in range(2):
@@ -217,7 +217,7 @@ def test_block_scheduler_rolls_back_a_move_that_made_things_worse():
         ok.observe([(26.0, 36.5), (24.0, 49.5)])
     again = ok.decide()  # better (73.5 ms < 78.9 ms): kept, and it may go on in the same direction
     assert not ok.banned and (again is None or again.blocks < 0)
-    assert not any(d.get("rollback") for d in ok.decisions)
+    assert not any(d.rollback for d in ok.decisions)
 
 
 def test_slo_batch_scheduler_picks_largest_batch_within_deadline():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -287,17 +288,22 @@ def test_a_chunks_cost_is_its_gpu_time_when_the_push_returned_sooner() -> None:
 def test_a_pipeline_report_becomes_metrics_and_none_gives_no_samples() -> None:
     """What rank 0 reports (engine.parallel.rank0.Rank0.stats) reaches /metrics through the engine
     process's PipelineStats: blocks, stage times, CUDA graph use per rank, moves, batching, hop time."""
+    from engine.parallel.balance import BalanceStats, Decision, StageTimes
+    from engine.parallel.protocol import RankForwards, RingStats
     from engine.worker import pipeline_stats
 
-    decision = dict(time=1.0, forward=5, boundary=0, blocks=-1, split_before=[2, 2], split_after=[3, 1],
-                    slowest_ms_before=30.0, slowest_ms_predicted=25.0, stage_ms=[15.0, 30.0])
-    rollback = dict(decision, forward=20, blocks=1, split_before=[3, 1], split_after=[2, 2], rollback=True)
-    report = pipeline_stats({
-        "split": [2, 2], "forwards": 10, "batched_forwards": 2, "early_frames": 1, "hop_ms": 0.5, "moves_total": 2,
-        "graphs": [{"rank": 0, "replayed": 7, "eager": 3}, {"rank": 1, "replayed": 6, "eager": 4}],
-        "balance": {"enabled": True, "decisions": [decision, rollback],
-                    "stage_ms": [{"dit": 10.0, "other": 5.0, "total": 15.0}, {"dit": 4.0, "other": 26.0, "total": 30.0}]},
-    })
+    decision = Decision(time=1.0, forward=5, boundary=0, blocks=-1, split_before=[2, 2], split_after=[3, 1],
+                        slowest_ms_before=30.0, slowest_ms_predicted=25.0, stage_ms=[15.0, 30.0])
+    rollback = dataclasses.replace(decision, forward=20, blocks=1, split_before=[3, 1], split_after=[2, 2],
+                                   rollback=True)
+    balance = BalanceStats(enabled=True, split=[2, 2], decisions=[decision, rollback],
+                           stage_ms=[StageTimes(10.0, 5.0, 15.0), StageTimes(4.0, 26.0, 30.0)])
+    report = pipeline_stats(RingStats(
+        world=2, devices=["cpu", "cpu"], split=[2, 2], blocks=["0-1", "2-3"], forwards=10, batched_forwards=2,
+        early_frames=1, inflight=0, capacity=2, max_inflight=2, max_stream_overlap=1, sessions=1, hop_ms=0.5,
+        graphs=[RankForwards(rank=0, replayed=7, eager=3), RankForwards(rank=1, replayed=6, eager=4)],
+        moves=[], moves_total=2, balance=balance, batch={},
+    ))
     assert report is not None and [d.rollback for d in report.decisions] == [False, True]
     metrics = ServerMetrics(1.0)
     metrics.add_pipeline_gauges(lambda: report)
@@ -308,7 +314,7 @@ def test_a_pipeline_report_becomes_metrics_and_none_gives_no_samples() -> None:
                  'streamgen_pipeline_forwards{sessions="several"} 2', 'streamgen_pipeline_forwards{sessions="one"} 8',
                  "streamgen_pipeline_rebalance 1", "streamgen_pipeline_hop_seconds 0.0005"):
         assert line in text, line
-    assert pipeline_stats({"world": 2}) is None  # before rank 0's first report
+    assert pipeline_stats(None) is None  # before rank 0's first report
     one_device = ServerMetrics(1.0)
     one_device.add_pipeline_gauges(lambda: None)
     assert "streamgen_pipeline_blocks{" not in one_device.render()

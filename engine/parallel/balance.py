@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 log = logging.getLogger("engine.parallel.balance")
@@ -79,6 +79,47 @@ def apply_move(split: Sequence[int], move: Move) -> list[int]:
     return out
 
 
+@dataclass(frozen=True)
+class Decision:
+    """A decision of the block scheduler: a move, or the rollback of one that made things worse."""
+
+    time: float
+    forward: int  # forwards observed when it was made
+    boundary: int
+    blocks: int  # > 0: downstream, < 0: upstream
+    split_before: list[int]
+    split_after: list[int]
+    slowest_ms_before: float
+    slowest_ms_predicted: float
+    stage_ms: list[float]  # each rank's stage (dit + other) then
+    rollback: bool = False
+
+
+@dataclass(frozen=True)
+class StageTimes:
+    """A rank's median stage times since the last move, ms."""
+
+    dit: float
+    other: float
+    total: float
+
+
+@dataclass(frozen=True)
+class Ban:
+    boundary: int
+    direction: str  # "downstream" or "upstream"
+
+
+@dataclass(frozen=True)
+class BalanceStats:
+    enabled: bool
+    split: list[int]
+    stage_ms: Optional[list[StageTimes]]  # None until a window of forwards was measured
+    decisions: list[Decision] = field(default_factory=list)  # the latest, oldest first
+    samples: int = 0
+    banned: list[Ban] = field(default_factory=list)
+
+
 class BlockScheduler:
     def __init__(self, split: Sequence[int], every: int = 8, gain: float = 0.08, min_ms: float = 0.5,
                  min_blocks: int = 1, enabled: bool = True, settle: int = 0, ban_windows: int = 16) -> None:
@@ -95,7 +136,7 @@ class BlockScheduler:
         self.ban_windows = ban_windows
         # (boundary, direction) that made things worse -> the observed forward count when the ban ends
         self._bans: dict[tuple[int, int], int] = {}
-        self.decisions: list[dict] = []
+        self.decisions: list[Decision] = []
         self.observed = 0
 
     # -- measurements --------------------------------------------------------------------------------
@@ -141,7 +182,7 @@ class BlockScheduler:
             return None
         move = Move(move.boundary, sign * max(1, (abs(move.blocks) + 1) // 2))  # half way
         after = self.predict(stage, move)
-        self.decisions.append(dict(
+        self.decisions.append(Decision(
             time=time.time(), forward=self.observed, boundary=move.boundary, blocks=move.blocks,
             split_before=list(self.split), split_after=apply_move(self.split, move),
             slowest_ms_before=round(before, 3), slowest_ms_predicted=round(after, 3),
@@ -178,7 +219,7 @@ class BlockScheduler:
         undo = Move(move.boundary, -move.blocks)
         self._bans[(move.boundary, 1 if move.blocks > 0 else -1)] = self.observed + self.ban_windows * self.every
         self._rollback = undo
-        self.decisions.append(dict(
+        self.decisions.append(Decision(
             time=time.time(), forward=self.observed, boundary=undo.boundary, blocks=undo.blocks,
             split_before=list(self.split), split_after=apply_move(self.split, undo), rollback=True,
             slowest_ms_before=round(now, 3), slowest_ms_predicted=round(before, 3),
@@ -234,11 +275,11 @@ class BlockScheduler:
         self._samples.clear()  # measurements of the old split say nothing of the new one
         self._skip = self.settle
 
-    def stats(self) -> dict:
+    def stats(self) -> BalanceStats:
         stage = self.stage_ms()
-        return dict(
+        return BalanceStats(
             enabled=self.enabled, split=list(self.split),
-            stage_ms=None if stage is None else [dict(dit=round(d, 3), other=round(o, 3), total=round(d + o, 3)) for d, o in stage],
+            stage_ms=None if stage is None else [StageTimes(round(d, 3), round(o, 3), round(d + o, 3)) for d, o in stage],
             decisions=list(self.decisions), samples=len(self._samples),
-            banned=[dict(boundary=b, direction="downstream" if d > 0 else "upstream") for b, d in sorted(self.banned)],
+            banned=[Ban(b, "downstream" if d > 0 else "upstream") for b, d in sorted(self.banned)],
         )

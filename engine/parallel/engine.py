@@ -18,6 +18,7 @@ chunks of a session may be in flight before push() waits (1: push returns its ow
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing.connection as mpc
 import os
@@ -192,7 +193,8 @@ class ParallelEngine:
         self._cond = threading.Condition(threading.RLock())
         self._failure: Optional[EngineFailure] = None
         self._sessions: dict[int, ParallelSession] = {}
-        self._stats: dict = {}
+        self._stats: dict = {}  # the latest RingStats as plain values (stats(), wait_stats())
+        self._ring_stats: Optional[P.RingStats] = None
         self._ready: Optional[P.Ready] = None
         self._ping: Optional[P.PingResult] = None
         self._next_sid = 0
@@ -343,7 +345,8 @@ class ParallelEngine:
                 if s is not None:
                     s._on_done(ev)
             elif isinstance(ev, P.Stats):
-                self._stats = ev.stats
+                self._ring_stats = ev.stats
+                self._stats = dataclasses.asdict(ev.stats)
             elif isinstance(ev, P.Ready):
                 self._ready = ev
             elif isinstance(ev, P.PingResult):
@@ -437,6 +440,11 @@ class ParallelEngine:
         out["failed"] = None if self._failure is None else str(self._failure)
         out["pids"] = [p.pid for p in self._procs]
         return out
+
+    def ring_stats(self) -> Optional[P.RingStats]:
+        """The latest report from rank 0, typed (None before its first)."""
+        with self._cond:
+            return self._ring_stats
 
     @property
     def rank_pids(self) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from engine.parallel.balance import BalanceStats
 from interface.messages import EngineInfo
 
 
@@ -95,9 +96,57 @@ class Done:
     error: Optional[str] = None
 
 
+@dataclass(frozen=True)
+class RankForwards:
+    """How a rank ran its blocks so far: forwards replayed from a CUDA graph, forwards run eagerly."""
+
+    rank: int
+    replayed: int
+    eager: int
+
+
+@dataclass(frozen=True)
+class BlockMove:
+    """A block move rank 0 made, decided by the scheduler (automatic) or asked for."""
+
+    time: float
+    forward: int  # the first forward after it
+    boundary: int
+    blocks: int
+    layers: list[int]
+    split_before: list[int]
+    split_after: list[int]
+    automatic: bool
+
+
+@dataclass(frozen=True)
+class RingStats:
+    """Rank 0's report on the ring (engine.parallel.rank0.Rank0.stats); engine.worker.pipeline_stats
+    turns it into the server's PipelineStats."""
+
+    world: int
+    devices: list[str]
+    split: list[int]  # blocks per rank
+    blocks: list[str]  # each rank's block range, e.g. "0-14"
+    forwards: int
+    batched_forwards: int  # forwards that carried several sessions
+    early_frames: int  # first frames of fresh streams sent ahead of their chunks
+    inflight: int
+    capacity: int
+    graphs: list[RankForwards]
+    max_inflight: int  # most forwards in the ring at once so far
+    max_stream_overlap: int  # most steady multi-step forwards of one stream in flight at once
+    sessions: int
+    hop_ms: Optional[float]  # measured by a PingCmd; None before
+    moves: list[BlockMove]  # the latest, oldest first
+    moves_total: int
+    balance: BalanceStats
+    batch: dict  # engine.parallel.slo.BatchScheduler.stats(): batch sizes and latencies, for benchmarks
+
+
 @dataclass
 class Stats:
-    stats: dict
+    stats: RingStats
 
 
 @dataclass

@@ -66,7 +66,7 @@ class Rank0(RankBase):
         self.balance_from_fid = 0  # forwards before the last move say nothing of the new split
         self.skip_fids: set[int] = set()  # forwards not representative (first chunks)
         self.manual_moves: deque[Move] = deque()
-        self.moves: list[dict] = []  # the latest block moves made, automatic or asked for
+        self.moves: list[P.BlockMove] = []  # the latest block moves made, automatic or asked for
         self.moves_total = 0
         self.rebalancing = False
         self.awaiting_blocks: Optional[tuple[int, int]] = None
@@ -285,8 +285,8 @@ class Rank0(RankBase):
             case M.OpenSession(sid=sid, done=done) | M.Note(sid=sid, done=done) | \
                     M.PrepareFirstChunk(sid=sid, done=done) | M.CloseSession(sid=sid, done=done) if done is not None:
                 self._send_event(P.Done(sid, done))
-            case M.ResetStream() | M.SetPrompt() | M.CloseSession():
-                pass  # nothing to acknowledge
+            case M.ResetStream() | M.SetPrompt() | M.CloseSession() | M.Profile():
+                pass  # back around, nothing to acknowledge
             case _:
                 raise TypeError(f"rank 0 got an unexpected ring message: {type(msg).__name__}")
 
@@ -329,9 +329,9 @@ class Rank0(RankBase):
             return False
         layers = moved_layers(self.split, move)
         after = apply_move(self.split, move)
-        self.moves.append(dict(time=time.time(), forward=self.next_fid, boundary=move.boundary, blocks=move.blocks,
-                               layers=layers, split_before=list(self.split), split_after=after,
-                               automatic=not manual))
+        self.moves.append(P.BlockMove(time=time.time(), forward=self.next_fid, boundary=move.boundary,
+                                      blocks=move.blocks, layers=layers, split_before=list(self.split),
+                                      split_after=after, automatic=not manual))
         del self.moves[:-32]
         self.moves_total += 1
         log.info("moving blocks %s from rank %d to rank %d (split %s -> %s)", layers, move.giver, move.taker,
@@ -374,13 +374,13 @@ class Rank0(RankBase):
         self._stats_dirty = True
 
     # -- stats for the caller (and the server's /metrics) ----------------------------------------------
-    def stats(self) -> dict:
-        return dict(
+    def stats(self) -> P.RingStats:
+        return P.RingStats(
             world=self.world, devices=list(self.spec.devices.devices), split=list(self.split),
             blocks=[layer_span(list(r)) for r in ranges(self.split)], forwards=self.forwards,
             batched_forwards=self.batched_forwards, early_frames=self.early_frames, inflight=len(self.inflight),
             capacity=self.capacity,
-            graphs=[dict(rank=r, replayed=g, eager=e) for r, (g, e) in enumerate(self.rank_forwards)],
+            graphs=[P.RankForwards(rank=r, replayed=g, eager=e) for r, (g, e) in enumerate(self.rank_forwards)],
             max_inflight=self.max_inflight, max_stream_overlap=self.max_stream_overlap,
             sessions=len(self.drivers), hop_ms=self.hop_ms, moves=list(self.moves), moves_total=self.moves_total,
             balance=self.balancer.stats(), batch=self.batcher.stats(),
