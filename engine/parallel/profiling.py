@@ -1,6 +1,6 @@
 """A rank's own profile of a window of forwards, taken inside its process (where its GPU work is queued).
 
-`ParallelEngine.profile_ranks(directory, forwards)` sends a "prof" message round the ring; each rank then
+`ParallelEngine.profile_ranks(directory, forwards)` sends a `Profile` message round the ring; each rank then
 runs torch.profiler over its part of the next `forwards` forwards and writes, into `directory`:
 - `rank{r}.json.gz`: the Chrome trace (chrome://tracing, Perfetto);
 - `rank{r}.txt`: the GPU's busy time per CUDA stream over the window and its idle gaps (no kernel on any
@@ -62,7 +62,7 @@ def stream_busy(trace: list[dict], top: int = 3) -> list[str]:
 
 
 class RankProfiler:
-    """Armed by a "prof" message; profiles forwards [first, first + count) as this rank sees them."""
+    """Armed by a `Profile` ring message; profiles forwards [first, first + count) as this rank sees them."""
 
     def __init__(self, rank: int, device: torch.device) -> None:
         self.rank, self.device = rank, device
