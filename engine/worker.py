@@ -305,6 +305,7 @@ def engine_options(options: WorkerOptions) -> EngineOptions:
         lightvae_weights=Path(options.lightvae_weights) if options.lightvae_weights else None,
         step_lag=step_lag,
         kv_policy=options.kv_policy,
+        dtype=options.dtype,
         parallel=parallel,
     )
 
