@@ -30,6 +30,8 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 
+from interface.catalogue import ConfigError
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 # a zero row (e.g. padding) gets this scale instead of 0, so that x / scale stays finite
@@ -53,10 +55,14 @@ def fp8_device_problem(device: torch.device) -> Optional[str]:
             f"this device is {what}")
 
 
+class FP8Unavailable(ConfigError):
+    """dtype fp8 asked for on a device that cannot run it: a configuration error, reported in one line."""
+
+
 def check_fp8_device(device: torch.device) -> None:
     problem = fp8_device_problem(device)
     if problem:
-        raise ValueError(problem)
+        raise FP8Unavailable(problem)
 
 
 def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
