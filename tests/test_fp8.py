@@ -253,3 +253,22 @@ def test_render_with_fp8_on_cpu_is_one_line(tmp_path: Path) -> None:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and REFUSAL in lines[0], r.stderr
     assert not (tmp_path / "o.npz").exists()
+
+
+# -- the GPU checks, run here on the tiny model ------------------------------------------------------------
+
+def test_the_quality_script_runs_end_to_end_on_cpu_and_enforces_its_floor(capsys: pytest.CaptureFixture) -> None:
+    from bench.fp8_quality import main
+
+    argv = ["--rows", "p2", "--model", "tiny", "--device", "cpu", "--chunks", "3", "--size", "32"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "PSNR fp8|bf16" in out and "ffn.2" in out
+    assert main([*argv, "--floor-db", "200"]) == 1  # no PSNR of an FP8 run reaches 200 dB
+    assert "under the floor of 200 dB on: p2" in capsys.readouterr().out
+
+
+def test_engine_bench_takes_a_dtype_list() -> None:
+    r = subprocess.run([sys.executable, "-m", "bench.engine_bench", "--rows", "p2", "--dtype", "bfloat16,int8"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--dtype: unknown int8" in r.stderr
