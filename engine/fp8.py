@@ -8,7 +8,7 @@ stay bf16.
 Scales, both row-wise (float32):
 - weights: one scale per output channel, amax(|W[n, :]|) / 448, computed once at conversion. A per-tensor
   scale lets one large channel crush the resolution of all others; per channel costs nothing at run time
-  (cuBLASLt applies it in the GEMM's epilogue).
+  (the scaled-matmul kernel applies it to its output).
 - activations: one scale per token, amax(|x[m, :]|) / 448, computed on the device at every call (dynamic:
   no calibration data exists for random or new weights, and token norms vary a lot across a frame and
   across timesteps, which one static per-tensor scale would clip or waste).
