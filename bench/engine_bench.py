@@ -19,7 +19,7 @@ import torch
 
 from bench.measure import STAGES, StageClock, matmul_ceiling_tflops, mfu, run_meta, synthetic_video
 from bench.rows import INPUT_FPS, PROMPT, ROWS, RowResult, steady_warmup
-from interface.catalogue import DECODERS, ENCODERS
+from interface.catalogue import DECODERS, DTYPES, ENCODERS
 from engine.parallel.devices import parse_devices
 from engine.runtime import EngineOptions, StreamEngine
 
@@ -107,7 +107,11 @@ def run_row(name: str, chunks: int, warmup: int, weights: Optional[Path] = None,
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     probe = device if ranks is None else "cuda:0" if gpu else "cpu"  # where the matmul ceiling is measured
-    ceiling = matmul_ceiling_tflops(torch.device(probe))
+    fp8 = spec.get("dtype") == "fp8"
+    if fp8 and not gpu:
+        raise SystemExit("--dtype fp8 needs a GPU with FP8 tensor cores (the engine refuses it elsewhere)")
+    # fp8 rows: MFU against the FP8 GEMM's ceiling (their attention and the VAE still run in bf16)
+    ceiling = matmul_ceiling_tflops(torch.device(probe), fp8=fp8)
     if gpu:
         torch.cuda.empty_cache()  # the ranks are other processes: leave them the memory the ceiling took
     t0 = time.perf_counter()
@@ -160,7 +164,7 @@ def run_row(name: str, chunks: int, warmup: int, weights: Optional[Path] = None,
         row=name, impl="ours", model=spec["model"], size=f"{h}x{w}", steps=engine.info.steps,
         fps=4 * chunks / elapsed, ttff_s=ttff, first_chunk_ms=first_ms, chunk_ms=1000 * elapsed / chunks,
         peak_gib=peak, chunks=chunks, load_s=load_s, ceiling_tflops=ceiling,
-        weights=f"loaded from {weights}" if weights else "random init",
+        weights=f"loaded from {weights}" if weights else "random init", dtype=spec.get("dtype") or "",
         note="TTFF of 3 fresh sessions: " + ", ".join(f"{t:.3f}" for t in ttffs) + " s",
     )
     for st in STAGES:
@@ -241,6 +245,9 @@ def main() -> None:
     ap.add_argument("--lightvae-weights", type=Path, default=None)
     ap.add_argument("--model", default=None, help="replace the rows' model (tiny: a CPU dry run)")
     ap.add_argument("--size", type=int, default=None, help="square frames of this size instead of the row's")
+    ap.add_argument("--dtype", default=None,
+                    help="comma-separated engine dtypes, each row run in each (e.g. bfloat16,fp8: FP8 beside bf16 in one "
+                         f"run; one of {', '.join(DTYPES)}); default: the engine's (bf16 on a GPU)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile-dir", default=None,
                     help="write a torch.profiler table per row here (pipeline rows: each rank's own profile)")
@@ -258,20 +265,27 @@ def main() -> None:
     for file in ("taehv_weights", "lightvae_weights"):
         if getattr(args, file):
             override[file] = getattr(args, file)
+    dtypes: list[Optional[str]] = args.dtype.split(",") if args.dtype else [None]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad:
+        ap.error(f"--dtype: unknown {', '.join(map(str, bad))}; choose from {', '.join(DTYPES)}")
     results = []
     for name in args.rows.split(","):
-        r = run_row(name, args.chunks, args.warmup, args.weights, args.profile_dir, args.device, override)
-        log.info("%s", asdict(r))
-        results.append(r)
+        for dtype in dtypes:
+            row_override = {**override, **({"dtype": dtype} if dtype else {})}
+            r = run_row(name, args.chunks, args.warmup, args.weights, args.profile_dir, args.device, row_override)
+            log.info("%s", asdict(r))
+            results.append(r)
     meta = run_meta()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, results=[asdict(r) for r in results]), f, indent=1)
     print(f"\n{meta}")
-    print(f"{'row':5} {'model':9} {'size':8} {'st':>2} {'fps':>7} {'ttff s':>7} {'enc ms':>7} {'dit ms':>7} {'dec ms':>7} {'peak GiB':>8}")
+    print(f"{'row':5} {'dtype':8} {'model':9} {'size':8} {'st':>2} {'fps':>7} {'ttff s':>7} {'enc ms':>7} {'dit ms':>7} {'dec ms':>7} {'peak GiB':>8} {'DiT MFU':>7}")
     for r in results:
         ms = " ".join("      -" if v is None else f"{v:7.1f}" for v in (r.vae_encode_ms, r.dit_ms, r.vae_decode_ms))
-        print(f"{r.row:5} {r.model:9} {r.size:8} {r.steps:>2} {r.fps:7.2f} {r.ttff_s:7.3f} {ms} {r.peak_gib:8.1f}")
+        print(f"{r.row:5} {r.dtype or 'default':8} {r.model:9} {r.size:8} {r.steps:>2} {r.fps:7.2f} {r.ttff_s:7.3f} {ms} {r.peak_gib:8.1f} "
+              f"{'      -' if r.dit_mfu is None else f'{100 * r.dit_mfu:6.1f}%'}")
 
 
 if __name__ == "__main__":

@@ -33,20 +33,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_ceiling_tflops(device: torch.device, n: int = 8192, repeats: int = 30) -> float:
-    """Best sustained bf16 GEMM rate of this card (n×n×n), in TFLOP/s (0 off the GPU: no MFU there)."""
+def matmul_ceiling_tflops(device: torch.device, n: int = 8192, repeats: int = 30, fp8: bool = False) -> float:
+    """Best sustained bf16 GEMM rate of this card (n×n×n), in TFLOP/s (0 off the GPU: no MFU there). With
+    `fp8`: the e4m3 GEMM the fp8 engine runs (torch._scaled_mm, row-wise float32 scales, bf16 out)."""
     if device.type != "cuda":
         return 0.0
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    gemm: Callable[[], Any] = lambda: a @ b  # noqa: E731
+    if fp8:
+        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()  # b column-major, as the kernel wants
+        sa = torch.ones(n, 1, device=device, dtype=torch.float32)
+        sb = torch.ones(1, n, device=device, dtype=torch.float32)
+        gemm = lambda: torch._scaled_mm(a8, b8, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)  # noqa: E731
     for _ in range(3):
-        a @ b
+        gemm()
     torch.cuda.synchronize(device)
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
         for _ in range(repeats):
-            a @ b
+            gemm()
         torch.cuda.synchronize(device)
         best = min(best, (time.perf_counter() - t0) / repeats)
     return 2 * n**3 / best / 1e12

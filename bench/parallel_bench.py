@@ -143,7 +143,7 @@ def payload_bytes(engine: Any, spec: dict) -> int:
     """One forward's hop payload: tokens [R, L, dim] plus time embeddings and latents (engine dtype)."""
     cfg = engine.cfg.dit
     h, w = spec["height"] // 16, spec["width"] // 16
-    rows, size = spec["steps"], 2 if engine.info.dtype in ("bfloat16", "float16") else 4
+    rows, size = spec["steps"], 2 if engine.info.dtype in ("bfloat16", "float16", "fp8") else 4
     tokens = rows * h * w * cfg.dim
     return size * (tokens + rows * 7 * cfg.dim + rows * 16 * (h * 2) * (w * 2))
 

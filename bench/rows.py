@@ -60,3 +60,4 @@ class RowResult:
     load_s: float = 0.0
     weights: str = "random init"
     note: str = ""
+    dtype: str = ""  # the engine's dtype option ("": its default, bf16 on a GPU); fp8 rows' MFU is against the FP8 ceiling

@@ -8,7 +8,7 @@ downloads a model's published files from the Hugging Face Hub into the layout `-
     python -m engine render --input IN --output OUT.mp4|OUT.npz --prompt TEXT [--model tiny|wan-1.3b|wan-14b]
         [--weights DIR] [--steps N] [--height H --width W] [--devices SPEC] [--seed S]
         [--decoder wan|taehv|lightvae] [--encoder wan|taehv|lightvae] [--taehv-weights taew2_1.pth]
-        [--lightvae-weights lightvaew2_1.pth] [--output-size input|model]
+        [--lightvae-weights lightvaew2_1.pth] [--output-size input|model] [--dtype float32|bfloat16|float16|fp8]
 
 --devices: one device (auto, cpu, cuda, cuda:N = GPU N), or pipeline-parallel ranks: cpu:N (N CPU
 ranks), cuda:0,1 (those GPUs, in ring order), cuda*N (the first N GPUs), torchrun (ranks started by
@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from engine.video_io import OUTPUT_SIZES, probe
-from interface.catalogue import DECODERS, ENCODERS, KV_POLICIES, ConfigError, decoder_problem, model_names
+from interface.catalogue import DECODERS, DTYPES, ENCODERS, KV_POLICIES, ConfigError, decoder_problem, model_names
 
 log = logging.getLogger("engine.render")
 
@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--kv-policy", choices=KV_POLICIES,
                    help="ours (the model config's default) or reference: the reference package's KV cache eviction, "
                         "sink checks, first-chunk timestep and RoPE wrap, exactly (README 'Where we differ')")
+    r.add_argument("--dtype", choices=DTYPES,
+                   help="number format (default: bfloat16 on a GPU, float32 on CPU); fp8: the DiT blocks' linear layers "
+                        "as FP8 matmuls, on GPUs with FP8 tensor cores (Ada/Hopper) only (README 'FP8 (Hopper/Ada)')")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     f = sub.add_parser("fetch", help="download a model's weights from the Hugging Face Hub into the --weights layout")
     f.error = ap.error  # type: ignore[method-assign]

@@ -25,7 +25,8 @@ from engine.parallel.options import ParallelOptions
 from engine.stream_batch import mix_seed
 from engine.taehv import LATENT_CHANNELS, TAEHV, load_taehv, random_taehv
 from engine.vae import WanVAE
-from interface.catalogue import Decoder, Encoder, KVPolicy, decoder_problem
+from engine.fp8 import check_fp8_device, convert_blocks
+from interface.catalogue import Decoder, DType, Encoder, KVPolicy, decoder_problem
 from interface.devices import one_device
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ class EngineOptions(BaseModel):
     height: Optional[int] = Field(None, gt=0)
     width: Optional[int] = Field(None, gt=0)
     steps: Optional[int] = Field(None, ge=1, le=4)
-    dtype: Optional[str] = Field(None, pattern="^(float32|bfloat16|float16)$")
+    # None: bf16 on CUDA, float32 elsewhere; fp8: bf16 with FP8 block linears (engine.fp8, resolve_dtype)
+    dtype: Optional[DType] = None
     seed: int = 0
     # Latents -> pixels: the Wan VAE decoder, or a light one, far less compute for lower fidelity: TAEHV
     # (taew2_1.pth from the TAEHV project) or LightVAE (lightvaew2_1.pth, the Wan VAE with 75 % of its
@@ -129,6 +131,16 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
+def resolve_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
+    """The dtype the engine's modules and activations use on `device` for the option `name`. fp8 computes
+    in bf16 (its FP8 linears are swapped in by build_dit) and is refused here, at start-up, on a device
+    without FP8 tensor cores."""
+    if name == "fp8":
+        check_fp8_device(device)
+        return torch.bfloat16
+    return getattr(torch, name or ("bfloat16" if device.type == "cuda" else "float32"))
+
+
 @contextlib.contextmanager
 def _building(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
     """Create parameters directly on the device and in the dtype (a 14B model never exists in fp32)."""
@@ -153,10 +165,12 @@ def build_dit(
     seed: int,
     blocks: Optional[Iterable[int]] = None,
     trunk: Sequence[str] = TRUNK_PARTS,
+    fp8: bool = False,
 ) -> WanDiT:
     """The DiT with only `blocks` (None: all) and the `trunk` parts materialised; the rest stays on the
     meta device (a pipeline rank holds only what it runs). Checkpoints are checked whole (strict: every
-    key and shape), then only the wanted tensors are read (the state dict is memory-mapped)."""
+    key and shape), then only the wanted tensors are read (the state dict is memory-mapped). With `fp8`
+    the blocks' linear layers are then converted to FP8 from the loaded weights (engine.fp8)."""
     blocks = range(cfg.dit.num_layers) if blocks is None else list(blocks)
     with torch.device("meta"):
         dit = WanDiT(cfg.dit)
@@ -185,6 +199,8 @@ def build_dit(
     for name in wanted:
         module = dit.get_submodule(name)
         _finish(module, device, dtype)
+    if fp8:  # after _finish: Module.to(dtype) would cast the e4m3 weights back
+        convert_blocks(dit, blocks)
     return dit.eval().requires_grad_(False)  # type: ignore[return-value]
 
 

@@ -117,7 +117,7 @@ class Block(nn.Module):
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         fc1, _, fc2 = self.ffn
-        if not x.is_cuda:
+        if not x.is_cuda or not isinstance(fc1, nn.Linear):  # CPU, or FP8 linears (engine.fp8)
             return self.ffn(x)
         # cuBLASLt applies the bias and the tanh-approximated GELU in the GEMM's epilogue: one pass over
         # the [tokens, ffn_dim] activations fewer

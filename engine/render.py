@@ -16,7 +16,7 @@ def _options(args: argparse.Namespace) -> EngineOptions:
         model=args.model, weights=args.weights, device=args.devices, height=args.height, width=args.width,
         steps=args.steps, seed=args.seed, decoder=args.decoder, encoder=args.encoder,
         taehv_weights=args.taehv_weights, lightvae_weights=args.lightvae_weights,
-        step_lag=args.step_lag, kv_policy=args.kv_policy,
+        step_lag=args.step_lag, kv_policy=args.kv_policy, dtype=args.dtype,
     )
 
 

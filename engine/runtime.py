@@ -19,7 +19,7 @@ import torch
 
 from engine import attention
 from engine.build import (EngineOptions, StreamDecoder, StreamEncoder, build_codecs, build_dit, build_text, build_vae,
-                          embed_prompt, needs_wan_vae, resolve_device, stream_defaults, tune_backends)
+                          embed_prompt, needs_wan_vae, resolve_device, resolve_dtype, stream_defaults, tune_backends)
 from engine.checkpoint import WeightsLayout
 from engine.config import ModelConfig, StreamDefaults, load_model_config
 from engine.parallel.devices import parse_devices
@@ -39,12 +39,11 @@ class StreamEngine:
         self.options = options
         self.device = resolve_device(options.device)
         tune_backends(self.device)
-        default_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        self.dtype: torch.dtype = getattr(torch, options.dtype or default_dtype)
+        self.dtype: torch.dtype = resolve_dtype(options.dtype, self.device)  # refuses fp8 where it cannot run
         self.defaults: StreamDefaults = stream_defaults(cfg, options)
         height, width = self.defaults.height, self.defaults.width
         self.layout = WeightsLayout(options.weights, cfg) if options.weights else None
-        self.dit = build_dit(cfg, self.layout, self.device, self.dtype, options.seed)
+        self.dit = build_dit(cfg, self.layout, self.device, self.dtype, options.seed, fp8=options.dtype == "fp8")
         # the Wan VAE only where it encodes or decodes (None when both sides are light)
         self.vae: Optional[WanVAE] = (build_vae(cfg, self.layout, self.device, self.dtype, options.seed)
                                       if needs_wan_vae(options) else None)
@@ -64,7 +63,7 @@ class StreamEngine:
             steps=self.defaults.steps,
             random_weights=self.layout is None,
             device=str(self.device),
-            dtype=str(self.dtype).replace("torch.", ""),
+            dtype="fp8" if options.dtype == "fp8" else str(self.dtype).replace("torch.", ""),
             attention=attention.log_backend(self.device),
             decoder=options.decoder,
             encoder=options.encoder,
@@ -82,6 +81,8 @@ class StreamEngine:
         cfg = load_model_config(options.model)
         ranks = parse_devices(options.device)
         if ranks is not None:
+            if options.dtype == "fp8" and ranks.kind == "cpu":  # before spawning ranks (CUDA ranks check their own GPU)
+                resolve_dtype(options.dtype, torch.device("cpu"))
             return ParallelEngine(cfg, options, ranks)
         return cls(cfg, options)
 

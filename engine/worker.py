@@ -30,7 +30,7 @@ from engine.parallel.errors import EngineFailure
 from engine.parallel.protocol import RingStats
 from engine.runtime import StreamEngine
 from interface.frame_ring import FrameRing, RingFull
-from interface.catalogue import CODEC_NAMES
+from interface.catalogue import CODEC_NAMES, ConfigError
 from interface.messages import (
     BlockDecision,
     CloseSession,
@@ -303,6 +303,7 @@ def engine_options(options: WorkerOptions) -> EngineOptions:
         lightvae_weights=Path(options.lightvae_weights) if options.lightvae_weights else None,
         step_lag=step_lag,
         kv_policy=options.kv_policy,
+        dtype=options.dtype,
         parallel=parallel,
     )
 
@@ -345,7 +346,10 @@ def main(conn: Connection, options: dict) -> None:
         if worker_options.warmup:
             _warm_up(engine, info)
     except Exception as exc:
-        log.exception("engine failed to start")
+        if isinstance(exc, ConfigError):  # a bad option (e.g. fp8 on a GPU without FP8): its message says it all
+            log.error("engine failed to start: %s", exc)
+        else:
+            log.exception("engine failed to start")
         try:
             conn.send(encode(EngineFailed(message=f"{type(exc).__name__}: {exc}")))
         finally:

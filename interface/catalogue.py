@@ -28,6 +28,10 @@ LIGHT_FILES: dict[str, tuple[str, str, str]] = {
 # KV cache and first-chunk schedule: ours, or the reference package's exactly (README "Where we differ")
 KVPolicy = Literal["ours", "reference"]
 KV_POLICIES: tuple[str, ...] = get_args(KVPolicy)
+# The engine's number format; fp8: bf16 with the DiT blocks' linear layers as FP8 matmuls (README "FP8
+# (Hopper/Ada)"), refused at start-up off a GPU with FP8 tensor cores. None (unset): bf16 on CUDA, else float32
+DType = Literal["float32", "bfloat16", "float16", "fp8"]
+DTYPES: tuple[str, ...] = get_args(DType)
 
 
 class ConfigError(ValueError):

@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from interface.catalogue import Decoder, Encoder, KVPolicy
+from interface.catalogue import Decoder, DType, Encoder, KVPolicy
 from interface.controls import MAX_PROMPT_CHARS, StreamParams, StreamUpdate
 from interface.devices import DeviceSpec
 
@@ -62,6 +62,8 @@ class WorkerOptions(_Message):
     step_lag: Optional[int] = Field(None, ge=1, le=8)
     # KV cache and first-chunk schedule (EngineOptions.kv_policy); None: the model config's
     kv_policy: Optional[KVPolicy] = None
+    # Number format (EngineOptions.dtype); None: bf16 on CUDA, float32 on CPU; fp8 needs FP8 tensor cores
+    dtype: Optional[DType] = None
     log_level: str = "INFO"
     warmup: bool = Field(True, description="run a throwaway session once before reporting ready")
     # Test-only: seconds the worker sleeps per pushed chunk, to simulate an engine slower than

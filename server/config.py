@@ -12,8 +12,8 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from interface.catalogue import (DECODERS, ENCODERS, KV_POLICIES, ConfigError, Decoder, Encoder, KVPolicy,
-                                  decoder_problem, model_entry)
+from interface.catalogue import (DECODERS, DTYPES, ENCODERS, KV_POLICIES, ConfigError, Decoder, DType, Encoder,
+                                  KVPolicy, decoder_problem, model_entry)
 from interface.controls import MAX_PROMPT_CHARS
 from interface.devices import DeviceSpec
 from interface.messages import WorkerOptions
@@ -55,6 +55,10 @@ class ServerConfig(BaseModel):
     kv_policy: Optional[KVPolicy] = Field(
         None, description="ours, or reference: the reference package's KV cache and first-chunk timestep exactly "
                           "(README 'Where we differ'); default: the model config's (ours)",
+    )
+    dtype: Optional[DType] = Field(
+        None, description="the engine's number format; default: bfloat16 on a GPU, float32 on CPU; fp8: bf16 with the "
+                          "DiT blocks' linear layers as FP8 matmuls (needs FP8 tensor cores: Ada/Hopper; README 'FP8')",
     )
     deadline_s: float = Field(1.0, gt=0.0, description="per-frame latency budget (miss rate)")
     max_sessions: int = Field(4, ge=1, le=64)
@@ -186,6 +190,7 @@ def worker_options(config: ServerConfig) -> WorkerOptions:
         taehv_weights=str(config.taehv_weights) if config.taehv_weights else None,
         step_lag=config.step_lag,
         kv_policy=config.kv_policy,
+        dtype=config.dtype,
         log_level=config.log_level,
     )
 
@@ -230,6 +235,9 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
     parser.add_argument("--kv-policy", dest="kv_policy", choices=KV_POLICIES,
                         help="ours (the model config's default) or reference: the reference package's KV cache "
                              "eviction, sink checks, first-chunk timestep and RoPE wrap, exactly (README 'Where we differ')")
+    parser.add_argument("--dtype", choices=DTYPES,
+                        help="number format (default: bfloat16 on a GPU, float32 on CPU); fp8: the DiT blocks' linear "
+                             "layers as FP8 matmuls, on GPUs with FP8 tensor cores (Ada/Hopper) only (README 'FP8')")
     parser.add_argument("--config", type=Path, help="YAML or JSON file with ServerConfig fields")
     parser.add_argument("--engine-max-restarts", dest="engine_max_restarts", type=int,
                         help="engine crashes in a row the server restarts it after; one more and it exits 1 (default 5)")

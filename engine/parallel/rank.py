@@ -47,8 +47,8 @@ from engine.parallel.stage import Group, Stage
 from engine.timing import ForwardTimes, StageClock
 from engine.parallel.wire import DistLink, Link, LoopbackLink, split_tensors
 from engine.rope import Rope
-from engine.build import (EngineOptions, build_codecs, build_dit, build_text, build_vae, needs_wan_vae, stream_defaults,
-                          tune_backends)
+from engine.build import (EngineOptions, build_codecs, build_dit, build_text, build_vae, needs_wan_vae, resolve_dtype,
+                          stream_defaults, tune_backends)
 from engine.session import DECODE_MS, first_latent_apart
 from engine.stream_batch import KeyedNoise
 from engine.transfer import FrameIO, PendingFrames
@@ -83,8 +83,8 @@ class RankBase:
         self.cfg: ModelConfig = load_model_config(self.opts.model)
         self.device = self._device()
         tune_backends(self.device)
-        default_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        self.dtype: torch.dtype = getattr(torch, self.opts.dtype or default_dtype)
+        self.fp8 = self.opts.dtype == "fp8"
+        self.dtype: torch.dtype = resolve_dtype(self.opts.dtype, self.device)  # refuses fp8 where it cannot run
         self.defaults = stream_defaults(self.cfg, self.opts)
         self.split = list(spec.split)
         self._init_groups()
@@ -97,7 +97,8 @@ class RankBase:
             trunk += ["head"]
         layers = list(ranges(self.split)[self.rank])
         t0 = time.perf_counter()
-        dit = build_dit(self.cfg, layout, self.device, self.dtype, self.opts.seed, blocks=layers, trunk=trunk)
+        dit = build_dit(self.cfg, layout, self.device, self.dtype, self.opts.seed, blocks=layers, trunk=trunk,
+                        fp8=self.fp8)
         need_vae = needs_wan_vae(self.opts, encodes=self.first, decodes=self.last)
         self.vae = build_vae(self.cfg, layout, self.device, self.dtype, self.opts.seed) if need_vae else None
         # rank 0 encodes, the last rank decodes (a ring of one does both)
@@ -106,7 +107,7 @@ class RankBase:
         self.text = build_text(self.cfg, layout, self.device, self.dtype, self.opts.seed) if self.first else None
         self.io = FrameIO(self.device)
         self.rope = Rope(self.cfg.dit.head_dim, self.device)
-        self.stage = Stage(dit, self.rope, self.defaults, self.device, self.dtype, layers)
+        self.stage = Stage(dit, self.rope, self.defaults, self.device, self.dtype, layers, fp8=self.fp8)
         self.clock = StageClock(self.device)
         self.profiler = RankProfiler(self.rank, self.device)
         self.renoise_source = KeyedNoise(0, 0, self.device, self.dtype)  # re-seeded per group (last rank)

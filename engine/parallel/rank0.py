@@ -87,7 +87,7 @@ class Rank0(RankBase):
             model=self.cfg.name, height=self.defaults.height, width=self.defaults.width, steps=self.defaults.steps,
             random_weights=self.layout is None,
             device=",".join(self.spec.devices.devices) if not self.spec.devices.external else f"torchrun:{self.world}",
-            dtype=str(self.dtype).replace("torch.", ""), attention=attention.backend_name(self.device),
+            dtype="fp8" if self.fp8 else str(self.dtype).replace("torch.", ""), attention=attention.backend_name(self.device),
             decoder=self.opts.decoder,
             encoder=self.opts.encoder,
         )

@@ -24,6 +24,7 @@ import torch
 from engine import flow
 from engine.config import StreamDefaults
 from engine.dit import AttnInputs, Embedded, WanDiT
+from engine.fp8 import convert_block
 from engine.kv_cache import StreamKVCache
 from engine.kv_policy import EvictionQueues, eviction_queues
 from engine.parallel.stage_graph import StageGraph, cross_kv_rows
@@ -161,8 +162,9 @@ class Stage:
     MAX_BATCH_GRAPHS = 4
 
     def __init__(self, dit: WanDiT, rope: Rope, defaults: StreamDefaults, device: torch.device, dtype: torch.dtype,
-                 layers: Sequence[int]) -> None:
+                 layers: Sequence[int], fp8: bool = False) -> None:
         self.dit, self.rope, self.defaults = dit, rope, defaults
+        self.fp8 = fp8  # the blocks' linears are engine.fp8.FP8Linear (blocks moved in arrive as FP8 weights + scales)
         self.device, self.dtype = device, dtype
         self.layers = list(layers)
         cfg = dit.cfg
@@ -389,6 +391,8 @@ class Stage:
     def import_layers(self, layers: Sequence[int], tensors: dict[str, torch.Tensor]) -> None:
         for i in layers:
             sd = {k[len(f"w.{i}.") :]: v for k, v in tensors.items() if k.startswith(f"w.{i}.")}
+            if self.fp8:  # the giver sent e4m3 weights and their scales: give the meta block their layout
+                convert_block(self.dit.blocks[i])
             self.dit.blocks[i].load_state_dict(sd, strict=True, assign=True)
             self.dit.blocks[i].requires_grad_(False)
         for sid, s in self.sessions.items():
