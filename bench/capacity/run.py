@@ -78,10 +78,11 @@ async def measure_n(http: Any, server: ServerProcess, url: str, args: argparse.N
     return StepResult(n=n, sessions=sessions), detail
 
 
-async def run(args: argparse.Namespace, slo: Slo, server: ServerProcess, url: str, result: dict) -> None:
+async def run(args: argparse.Namespace, slo: Slo, server: ServerProcess, url: str, steps: list[StepResult],
+              result: dict) -> None:
+    """Every N in turn, each step appended to `steps` and (as JSON) to result["steps"] when done."""
     import aiohttp
 
-    steps: list[StepResult] = result["steps"]
     async with aiohttp.ClientSession() as http:
         result["healthz"] = await wait_ready(http, server, url, args.startup_timeout)
         _, result["server_info"] = await get_json(http, url + "/api/info")
@@ -94,6 +95,7 @@ async def run(args: argparse.Namespace, slo: Slo, server: ServerProcess, url: st
             log.info("N=%d: %d client(s) for %.0f s", n, n, args.duration)
             step, detail = await measure_n(http, server, url, args, n)
             steps.append(step)
+            result["steps"].append(step.model_dump())  # the watchdog's JSON keeps what finished
             result["details"].append(detail)
             if should_stop(step, slo, args.keep_going):
                 log.info("N=%d fails the SLO: stopping (--keep-going runs the rest)", n)
@@ -153,19 +155,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     result: dict[str, Any] = {
         "benchmark": "capacity", "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "slo": slo.model_dump(), "server_cmd": cmd, "server_config": config, "server_log": str(args.log),
-        "env": environment(), "steps": steps, "details": [],
+        "env": environment(), "steps": [], "details": [],
     }
 
     async def work() -> None:
         log.info("starting: %s (log %s)", " ".join(cmd), args.log)
         server.start()
-        await run(args, slo, server, url, result)
+        await run(args, slo, server, url, steps, result)
 
     status = run_guarded("capacity", args, server, work, result)
     result["capacity"] = capacity(steps, slo)
     result["row"] = row_name(args, result)
-    write_json(args, result | {"steps": [s.model_dump() for s in steps]})
+    write_json(args, result)
     print()
     print(table(steps, slo, result["row"]))
+    if result.get("error"):
+        print(f"the run ended early: {result['error'].splitlines()[0][:200]}")
     print(f"\nserver log: {args.log}" + (f"\njson: {args.json}" if args.json else ""))
     return status

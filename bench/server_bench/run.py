@@ -288,8 +288,11 @@ def run_guarded(name: str, args: argparse.Namespace, server: ServerProcess, work
     try:
         asyncio.run(asyncio.wait_for(work(), max(1.0, args.timeout - 30)))
         status = 0
-    except (BenchError, asyncio.TimeoutError) as exc:
+    except BenchError as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
+        log.error("%s", result["error"])
+    except asyncio.TimeoutError:
+        result["error"] = f"TimeoutError: the run went past its time limit (--timeout {args.timeout:.0f} s, less 30 s)"
         log.error("%s", result["error"])
     except KeyboardInterrupt:
         result["error"] = "interrupted"
