@@ -113,6 +113,12 @@ def client_stats(client: Client, deadline_ms: float, warmup_s: float) -> dict:
     if len(steady) > 1 and end > steady[0]:
         out["fps_out"] = round((len(steady) - 1) / (end - steady[0]), 2)
     out["fps_out_all"] = round((len(client.received_at) - 1) / max(1e-9, end - first_rx), 2)
+    # Frames delivered per second of wall time from the warm-up's end to the camera's last frame: a
+    # stream that stalls and then bursts scores what it delivered, unlike fps_out (first to last frame).
+    window = cam.sent_at[-1] - (first_rx + warmup_s)
+    if window > 0:
+        got = sum(1 for t in client.received_at if first_rx + warmup_s <= t <= cam.sent_at[-1])
+        out["fps_out_window"] = round(got / window, 2)
     gaps = np.diff(client.received_at) * 1000 if len(client.received_at) > 1 else np.array([])
     out["interframe_ms"] = percentiles_ms(gaps)
     idx, support = match_received(cam.pts, client.received_pts)

@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import numpy as np
 
@@ -25,11 +25,12 @@ from bench.server_bench.latency import SessionPoller, client_stats, series_stats
 from bench.server_bench.process import ServerProcess, free_port
 from bench.server_bench.prometheus_text import GAUGES, metrics_delta, parse_prometheus, summarize_metrics
 from bench.server_bench.report import PAPER, environment, table, write_json
+from interface.catalogue import DECODERS, ENCODERS
 
 log = logging.getLogger("server_bench")
 
 
-async def _get_json(http: Any, url: str, timeout: float = 10.0) -> tuple[int, Any]:
+async def get_json(http: Any, url: str, timeout: float = 10.0) -> tuple[int, Any]:
     async with http.get(url, timeout=http_timeout(timeout)) as r:
         try:
             return r.status, await r.json(content_type=None)
@@ -45,7 +46,7 @@ async def wait_ready(http: Any, server: ServerProcess, url: str, timeout: float)
         if code is not None:
             raise BenchError(f"the server exited ({code}) while starting:\n{server.log_tail()}")
         with contextlib.suppress(OSError, asyncio.TimeoutError, Exception):
-            status, last = await _get_json(http, url + "/healthz", 5)
+            status, last = await get_json(http, url + "/healthz", 5)
             if status == 200 and isinstance(last, dict) and last.get("status") == "ok":
                 log.info("server ready after %.1f s", time.monotonic() - started)
                 return last
@@ -61,74 +62,77 @@ async def wait_ready(http: Any, server: ServerProcess, url: str, timeout: float)
             raise BenchError(f"server not ready after {timeout:.0f} s (last /healthz: {last}):\n{server.log_tail()}")
         await asyncio.sleep(0.5)
 
-async def stream_session(http: Any, server: ServerProcess, url: str, args: argparse.Namespace, seconds: float,
-                         t0: float, poller: Optional[SessionPoller], seed: int) -> tuple[Client, Optional[dict]]:
-    """Connect a client, stream for `seconds` (after the first generated frame if wait_first), poll."""
-    camera = CameraTrack(args.camera_width, args.camera_height, args.fps, seed=seed)
-    client = Client(url, camera)
+async def stream_sessions(http: Any, server: ServerProcess, url: str, args: argparse.Namespace, seconds: float,
+                          t0: float, pollers: list[Optional[SessionPoller]],
+                          seeds: list[int]) -> list[tuple[Client, Optional[dict]]]:
+    """Connect one client per seed at once, stream each camera for `seconds`, poll each session
+    (where its poller is not None). Returns each client with its session's final snapshot."""
+    clients = [Client(url, CameraTrack(args.camera_width, args.camera_height, args.fps, seed=seed)) for seed in seeds]
     params = {"steps": args.steps, "seed": args.seed}
     if args.noise_strength is not None:
         params["noise_strength"] = args.noise_strength
-    final: Optional[dict] = None
+    finals: list[Optional[dict]] = [None] * len(clients)
     try:
-        await client.connect(http, args.prompt, params, timeout=120)
-        sid = client.session_id
-        log.info("session %s: streaming %dx%d at %d fps for %.0f s", sid, args.camera_width, args.camera_height,
-                 args.fps, seconds)
+        await asyncio.gather(*(c.connect(http, args.prompt, params, timeout=120) for c in clients))
+        log.info("%d session(s) %s: streaming %dx%d at %d fps for %.0f s", len(clients),
+                 ", ".join(c.session_id for c in clients), args.camera_width, args.camera_height, args.fps, seconds)
         begin = time.monotonic()
         next_log = begin + 10
         while True:
             now = time.monotonic()
-            if camera.started_at is None and now - begin > args.connect_timeout:
-                raise BenchError(f"the camera did not start in {args.connect_timeout:.0f} s (ICE/DTLS?)")
-            started = camera.started_at or now
-            if now - started >= seconds:
+            if any(c.camera.started_at is None for c in clients) and now - begin > args.connect_timeout:
+                raise BenchError(f"a camera did not start in {args.connect_timeout:.0f} s (ICE/DTLS?)")
+            if all(c.camera.started_at is not None and now - c.camera.started_at >= seconds for c in clients):
                 break
-            if now - begin > seconds + args.connect_timeout and not client.received_at:
-                raise BenchError(f"no generated frame after {now - begin:.0f} s:\n" + server.log_tail())
+            if now - begin > seconds + args.connect_timeout and not all(c.received_at for c in clients):
+                raise BenchError(f"a session had no generated frame after {now - begin:.0f} s:\n" + server.log_tail())
             if server.exited() is not None:
                 raise BenchError("the server exited during the run")
-            if poller is not None:
-                status, info = await _get_json(http, f"{url}/api/sessions/{sid}")
+            for client, poller in zip(clients, pollers):
+                if poller is None:
+                    continue
+                status, info = await get_json(http, f"{url}/api/sessions/{client.session_id}")
                 if status == 200 and info:
                     poller.add(info, time.monotonic(), t0)
                     if info.get("state") in ("closed", "failed"):
-                        raise BenchError(f"session ended: {info.get('state')}: {info.get('error')}")
+                        raise BenchError(f"session {client.session_id} ended: {info.get('state')}: {info.get('error')}")
             if now >= next_log:
-                log.info("t=%4.0f s: sent %d, received %d", now - started, len(camera.sent_at), len(client.received_at))
+                log.info("t=%4.0f s: sent %s, received %s", now - begin, [len(c.camera.sent_at) for c in clients],
+                         [len(c.received_at) for c in clients])
                 next_log += 10
             await asyncio.sleep(args.poll_s)
-        # Final snapshot while the camera still runs (its fps windows are live).
-        status, info = await _get_json(http, f"{url}/api/sessions/{sid}")
-        if status == 200 and info:
-            final = info
-            if poller is not None:
-                poller.add(info, time.monotonic(), t0)
+        # Final snapshots while the cameras still run (their fps windows are live).
+        for i, (client, poller) in enumerate(zip(clients, pollers)):
+            status, info = await get_json(http, f"{url}/api/sessions/{client.session_id}")
+            if status == 200 and info:
+                finals[i] = info
+                if poller is not None:
+                    poller.add(info, time.monotonic(), t0)
     finally:
-        await client.close()
-    return client, final
+        await asyncio.gather(*(c.close() for c in clients))
+    return list(zip(clients, finals))
 
 async def run(args: argparse.Namespace, server: ServerProcess, url: str, result: dict) -> None:
     import aiohttp
 
     async with aiohttp.ClientSession() as http:
         result["healthz"] = await wait_ready(http, server, url, args.startup_timeout)
-        _, result["server_info"] = await _get_json(http, url + "/api/info")
+        _, result["server_info"] = await get_json(http, url + "/api/info")
         engine = (result["server_info"] or {}).get("engine") or {}
         log.info("engine: %s", engine)
 
         if args.prewarm > 0:
             log.info("pre-warm session for %.0f s (not measured)", args.prewarm)
-            pre, _ = await stream_session(http, server, url, args, args.prewarm, time.monotonic(), None, seed=99)
+            [(pre, _)] = await stream_sessions(http, server, url, args, args.prewarm, time.monotonic(), [None], [99])
             result["prewarm"] = {"seconds": args.prewarm, "frames_sent": len(pre.camera.sent_at),
                                  "frames_received": len(pre.received_at)}
-            await _wait_sessions_gone(http, url, 15)
+            await wait_sessions_gone(http, url, 15)
         async with http.get(url + "/metrics", timeout=http_timeout(10)) as r:
             before = parse_prometheus(await r.text())
 
         poller = SessionPoller()
         t0 = time.monotonic()
-        client, final = await stream_session(http, server, url, args, args.duration, t0, poller, seed=args.seed + 1234)
+        [(client, final)] = await stream_sessions(http, server, url, args, args.duration, t0, [poller], [args.seed + 1234])
         async with http.get(url + "/metrics", timeout=http_timeout(10)) as r:
             metrics_text = await r.text()
         after = parse_prometheus(metrics_text)
@@ -162,24 +166,25 @@ async def run(args: argparse.Namespace, server: ServerProcess, url: str, result:
     result["metrics_text"] = metrics_text
     result["polls"] = poller.polls
 
-async def _wait_sessions_gone(http: Any, url: str, timeout: float) -> None:
+async def wait_sessions_gone(http: Any, url: str, timeout: float) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        status, body = await _get_json(http, url + "/api/sessions")
+        status, body = await get_json(http, url + "/api/sessions")
         if status == 200 and not (body or {}).get("sessions"):
             return
         await asyncio.sleep(0.3)
-    log.warning("the pre-warm session is still listed after %.0f s", timeout)
+    log.warning("sessions are still listed after %.0f s", timeout)
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.server_bench", description=DOC.split("\n\n")[0])
+def add_stream_args(p: argparse.ArgumentParser) -> None:
+    """The options of the server under test and of its clients (this run and bench.capacity)."""
     p.add_argument("--model", default="wan-1.3b", help="tiny, wan-1.3b, wan-14b (random weights unless --weights)")
     p.add_argument("--weights", help="weights folder (optional; speed does not depend on weight values)")
     p.add_argument("--devices", default="cuda", help="cpu, cuda or cuda:N")
     p.add_argument("--height", type=int, default=None, help="model height (default 512; tiny: the model's own)")
     p.add_argument("--width", type=int, default=None, help="model width (default 512; tiny: the model's own)")
     p.add_argument("--steps", type=int, default=1, help="denoising steps of the session (1-4)")
-    p.add_argument("--duration", type=float, default=60.0, help="seconds of camera streaming measured")
+    p.add_argument("--decoder", choices=DECODERS, default=None, help="server --decoder (default: the server's, wan)")
+    p.add_argument("--encoder", choices=ENCODERS, default=None, help="server --encoder (default: the server's, wan)")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds after the first output excluded from steady fps/latency")
     p.add_argument("--prewarm", type=float, default=5.0, help="seconds of a throwaway session first (0: none)")
     p.add_argument("--fps", type=int, default=30, help="camera frame rate")
@@ -197,35 +202,43 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="write everything here")
     p.add_argument("--log", type=Path, default=None, help="server log (default: next to --json, .server.log)")
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for python -m server")
-    args = p.parse_args(argv)
+
+def finish_stream_args(p: argparse.ArgumentParser, args: argparse.Namespace, prefix: str) -> None:
+    """Checks and derived values of add_stream_args' options (a one-line error via p.error)."""
     try:
         w, h = (int(v) for v in args.camera.lower().split("x"))
     except ValueError:
         p.error(f"--camera {args.camera!r}: expected WxH")
+    if w < 16 or h < 16:
+        p.error(f"--camera {args.camera!r}: at least 16x16")
     args.camera_width, args.camera_height = w, h
+    if args.fps < 1:
+        p.error("--fps must be at least 1")
     if args.model != "tiny":
         args.height = args.height or 512
         args.width = args.width or 512
     if not 1 <= args.steps <= 4:
         p.error("--steps must be 1..4")
-    if args.timeout is None:
-        args.timeout = args.startup_timeout + args.prewarm + args.duration + args.connect_timeout + 60
     if args.log is None:
         if args.json is not None:
             args.log = args.json.with_name(args.json.stem + ".server.log")
         else:
-            args.log = Path(tempfile.mkdtemp(prefix="server_bench-")) / "server.log"
+            args.log = Path(tempfile.mkdtemp(prefix=prefix + "-")) / "server.log"
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.server_bench", description=DOC.split("\n\n")[0])
+    add_stream_args(p)
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of camera streaming measured")
+    args = p.parse_args(argv)
+    finish_stream_args(p, args, "server_bench")
+    if args.timeout is None:
+        args.timeout = args.startup_timeout + args.prewarm + args.duration + args.connect_timeout + 60
     return args
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aioice").setLevel(logging.WARNING)
-    logging.getLogger("aiortc").setLevel(logging.WARNING)
-
-    port = args.port or free_port()
-    url = f"http://127.0.0.1:{port}"
-    config = {"deadline_s": args.deadline, "output_size": args.output_size, "max_sessions": 4}
+def server_command(args: argparse.Namespace, port: int, config: dict) -> list[str]:
+    """`python -m server` for these options; `config` (written next to the log: the CLI has no flags
+    for height/width/deadline) gets the model size."""
+    config = dict(config)
     if args.height:
         config["height"] = args.height
     if args.width:
@@ -237,37 +250,49 @@ def main(argv: Optional[list[str]] = None) -> int:
            "--host", "127.0.0.1", "--port", str(port), "--config", str(config_path), "--log-level", "INFO"]
     if args.weights:
         cmd += ["--weights", args.weights]
-    cmd += args.server_arg
-    server = ServerProcess(cmd, args.log)
+    if args.decoder:
+        cmd += ["--decoder", args.decoder]
+    if args.encoder:
+        cmd += ["--encoder", args.encoder]
+    return cmd + args.server_arg
 
-    result: dict[str, Any] = {
-        "benchmark": "server_bench", "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "server_cmd": cmd, "server_config": config, "server_log": str(args.log), "paper": PAPER,
-        "env": environment(),
-    }
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aioice").setLevel(logging.WARNING)
+    logging.getLogger("aiortc").setLevel(logging.WARNING)
+
+def run_guarded(name: str, args: argparse.Namespace, server: ServerProcess, work: Callable[[], Awaitable[None]],
+                result: dict) -> int:
+    """Run `work` under a hard timeout (args.timeout, enforced by a watchdog thread even if the event
+    loop hangs) and SIGTERM; the server is stopped on every exit path (result["server_exit_code"])
+    and any error lands in result["error"]. Returns the exit status (0: the work finished)."""
     status = 1
 
-    # Hard limit: even if the event loop hangs, kill the server and leave.
+    def stop_server(grace_s: float) -> None:
+        result["server_exit_code"] = server.stop(grace_s=grace_s)
+
     def watchdog() -> None:
-        print(f"server_bench: hard timeout of {args.timeout:.0f} s reached: killing the server", file=sys.stderr, flush=True)
-        server.stop(grace_s=5)
+        print(f"{name}: hard timeout of {args.timeout:.0f} s reached: killing the server", file=sys.stderr, flush=True)
+        stop_server(5)
         write_json(args, result | {"error": f"hard timeout {args.timeout:.0f} s"})
         os._exit(3)
 
     timer = threading.Timer(args.timeout, watchdog)
     timer.daemon = True
     timer.start()
+
     def on_sigterm(*_: Any) -> None:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        log.info("starting: %s (log %s)", " ".join(cmd), args.log)
-        server.start()
-        asyncio.run(asyncio.wait_for(run(args, server, url, result), args.timeout - 30))
+        asyncio.run(asyncio.wait_for(work(), max(1.0, args.timeout - 30)))
         status = 0
-    except (BenchError, asyncio.TimeoutError) as exc:
+    except BenchError as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
+        log.error("%s", result["error"])
+    except asyncio.TimeoutError:
+        result["error"] = f"TimeoutError: the run went past its time limit (--timeout {args.timeout:.0f} s, less 30 s)"
         log.error("%s", result["error"])
     except KeyboardInterrupt:
         result["error"] = "interrupted"
@@ -276,9 +301,31 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.exception("benchmark failed")
         result["error"] = f"{type(exc).__name__}: {exc}"
     finally:
-        result["server_exit_code"] = server.stop()
+        stop_server(20)
         timer.cancel()
         signal.signal(signal.SIGTERM, previous)
+    return status
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    port = args.port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = {"deadline_s": args.deadline, "output_size": args.output_size, "max_sessions": 4}
+    cmd = server_command(args, port, config)
+    server = ServerProcess(cmd, args.log)
+    result: dict[str, Any] = {
+        "benchmark": "server_bench", "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "server_cmd": cmd, "server_config": config, "server_log": str(args.log), "paper": PAPER,
+        "env": environment(),
+    }
+
+    async def work() -> None:
+        log.info("starting: %s (log %s)", " ".join(cmd), args.log)
+        server.start()
+        await run(args, server, url, result)
+
+    status = run_guarded("server_bench", args, server, work, result)
     write_json(args, result)
     if "client" in result:
         print()
