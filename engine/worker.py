@@ -32,7 +32,6 @@ from engine.runtime import StreamEngine
 from interface.frame_ring import FrameRing, RingFull
 from interface.catalogue import CODEC_NAMES, ConfigError
 from interface.messages import (
-    BlockDecision,
     CloseSession,
     EngineFailed,
     EngineInfo,
@@ -271,7 +270,7 @@ def pipeline_stats(st: Optional[RingStats]) -> Optional[PipelineStats]:
                                other_ms=times.other if times else None,
                                graph_forwards=counts.replayed if counts else 0,
                                eager_forwards=counts.eager if counts else 0))
-    decisions = [BlockDecision.model_validate(d, from_attributes=True) for d in st.balance.decisions[-8:]]
+    decisions = st.balance.decisions[-8:]
     return PipelineStats(
         ranks=ranks, rebalance=st.balance.enabled, moves=st.moves_total, decisions=decisions,
         forwards=st.forwards, batched_forwards=st.batched_forwards, early_frames=st.early_frames, hop_ms=st.hop_ms,

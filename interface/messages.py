@@ -186,6 +186,7 @@ class BlockDecision(BaseModel):
     split_after: list[int]
     slowest_ms_before: float
     slowest_ms_predicted: float
+    stage_ms: list[float] = []  # each rank's stage (dit + other) then
     rollback: bool = False
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -288,14 +287,15 @@ def test_a_chunks_cost_is_its_gpu_time_when_the_push_returned_sooner() -> None:
 def test_a_pipeline_report_becomes_metrics_and_none_gives_no_samples() -> None:
     """What rank 0 reports (engine.parallel.rank0.Rank0.stats) reaches /metrics through the engine
     process's PipelineStats: blocks, stage times, CUDA graph use per rank, moves, batching, hop time."""
-    from engine.parallel.balance import BalanceStats, Decision, StageTimes
+    from engine.parallel.balance import BalanceStats, StageTimes
+    from interface.messages import BlockDecision
     from engine.parallel.protocol import RankForwards, RingStats
     from engine.worker import pipeline_stats
 
-    decision = Decision(time=1.0, forward=5, boundary=0, blocks=-1, split_before=[2, 2], split_after=[3, 1],
-                        slowest_ms_before=30.0, slowest_ms_predicted=25.0, stage_ms=[15.0, 30.0])
-    rollback = dataclasses.replace(decision, forward=20, blocks=1, split_before=[3, 1], split_after=[2, 2],
-                                   rollback=True)
+    decision = BlockDecision(time=1.0, forward=5, boundary=0, blocks=-1, split_before=[2, 2], split_after=[3, 1],
+                             slowest_ms_before=30.0, slowest_ms_predicted=25.0, stage_ms=[15.0, 30.0])
+    rollback = decision.model_copy(update=dict(forward=20, blocks=1, split_before=[3, 1], split_after=[2, 2],
+                                               rollback=True))
     balance = BalanceStats(enabled=True, split=[2, 2], decisions=[decision, rollback],
                            stage_ms=[StageTimes(10.0, 5.0, 15.0), StageTimes(4.0, 26.0, 30.0)])
     report = pipeline_stats(RingStats(

@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from interface.messages import BlockDecision
+
 log = logging.getLogger("engine.parallel.balance")
 
 
@@ -80,22 +82,6 @@ def apply_move(split: Sequence[int], move: Move) -> list[int]:
 
 
 @dataclass(frozen=True)
-class Decision:
-    """A decision of the block scheduler: a move, or the rollback of one that made things worse."""
-
-    time: float
-    forward: int  # forwards observed when it was made
-    boundary: int
-    blocks: int  # > 0: downstream, < 0: upstream
-    split_before: list[int]
-    split_after: list[int]
-    slowest_ms_before: float
-    slowest_ms_predicted: float
-    stage_ms: list[float]  # each rank's stage (dit + other) then
-    rollback: bool = False
-
-
-@dataclass(frozen=True)
 class StageTimes:
     """A rank's median stage times since the last move, ms."""
 
@@ -115,7 +101,7 @@ class BalanceStats:
     enabled: bool
     split: list[int]
     stage_ms: Optional[list[StageTimes]]  # None until a window of forwards was measured
-    decisions: list[Decision] = field(default_factory=list)  # the latest, oldest first
+    decisions: list[BlockDecision] = field(default_factory=list)  # the latest, oldest first
     samples: int = 0
     banned: list[Ban] = field(default_factory=list)
 
@@ -136,7 +122,7 @@ class BlockScheduler:
         self.ban_windows = ban_windows
         # (boundary, direction) that made things worse -> the observed forward count when the ban ends
         self._bans: dict[tuple[int, int], int] = {}
-        self.decisions: list[Decision] = []
+        self.decisions: list[BlockDecision] = []
         self.observed = 0
 
     # -- measurements --------------------------------------------------------------------------------
@@ -182,7 +168,7 @@ class BlockScheduler:
             return None
         move = Move(move.boundary, sign * max(1, (abs(move.blocks) + 1) // 2))  # half way
         after = self.predict(stage, move)
-        self.decisions.append(Decision(
+        self.decisions.append(BlockDecision(
             time=time.time(), forward=self.observed, boundary=move.boundary, blocks=move.blocks,
             split_before=list(self.split), split_after=apply_move(self.split, move),
             slowest_ms_before=round(before, 3), slowest_ms_predicted=round(after, 3),
@@ -219,7 +205,7 @@ class BlockScheduler:
         undo = Move(move.boundary, -move.blocks)
         self._bans[(move.boundary, 1 if move.blocks > 0 else -1)] = self.observed + self.ban_windows * self.every
         self._rollback = undo
-        self.decisions.append(Decision(
+        self.decisions.append(BlockDecision(
             time=time.time(), forward=self.observed, boundary=undo.boundary, blocks=undo.blocks,
             split_before=list(self.split), split_after=apply_move(self.split, undo), rollback=True,
             slowest_ms_before=round(now, 3), slowest_ms_predicted=round(before, 3),

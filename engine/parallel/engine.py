@@ -18,7 +18,6 @@ chunks of a session may be in flight before push() waits (1: push returns its ow
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import multiprocessing.connection as mpc
 import os
@@ -30,6 +29,7 @@ import uuid
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+from pydantic import TypeAdapter
 
 from engine.config import ModelConfig
 from engine.parallel import protocol as P
@@ -42,6 +42,7 @@ from interface.devices import RankDevices
 from interface.messages import EngineInfo
 
 log = logging.getLogger("engine.parallel")
+_PLAIN_STATS = TypeAdapter(P.RingStats)  # rank 0's report as plain dicts, for callers that read keys
 
 OutputFrame = tuple[np.ndarray, int]
 
@@ -346,7 +347,7 @@ class ParallelEngine:
                     s._on_done(ev)
             elif isinstance(ev, P.Stats):
                 self._ring_stats = ev.stats
-                self._stats = dataclasses.asdict(ev.stats)
+                self._stats = _PLAIN_STATS.dump_python(ev.stats)  # nested dataclasses and models as dicts
             elif isinstance(ev, P.Ready):
                 self._ready = ev
             elif isinstance(ev, P.PingResult):
