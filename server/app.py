@@ -234,8 +234,9 @@ def create_app(
     web_root: Path = WEB_ROOT,
     camera_opener: CameraOpener = open_camera,
 ) -> web.Application:
-    guard = guard_middleware(HostPolicy(config.host, config.public_hosts), OriginPolicy(config.cors_origins))
-    middlewares = [cors_middleware(config.cors_origins), json_errors, guard, token_middleware(config.token, config.token_scope)]
+    origins = OriginPolicy(config.cors_origins)
+    guard = guard_middleware(HostPolicy(config.host, config.public_hosts), origins)
+    middlewares = [cors_middleware(origins), json_errors, guard, token_middleware(config.token, config.token_scope)]
     max_body = max(config.max_body_bytes, config.max_sdp_bytes + 4096)  # an /api/offer carries SDP in JSON
     app = web.Application(middlewares=middlewares, client_max_size=max_body)
     app[STATE] = AppState(config, options or worker_options(config), web_root, camera_opener)

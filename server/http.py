@@ -11,6 +11,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from server.errors import ApiError, validation_details
+from server.ops.guard import OriginPolicy
 from server.schemas import ErrorBody
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,7 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error_response(500, "internal server error")
 
 
-def cors_middleware(origins: list[str]) -> Callable:
-    allowed = frozenset(origins)
-
+def cors_middleware(origins: OriginPolicy) -> Callable:
     @web.middleware
     async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
         """CORS headers on API/WHIP/WHEP responses, errors included (outermost middleware), for
@@ -92,9 +91,9 @@ def cors_middleware(origins: list[str]) -> Callable:
         response = await handler(request)
         if request.path.startswith(CORS_PREFIXES):
             origin = request.headers.get("Origin")
-            if "*" in allowed:
+            if origins.any:
                 response.headers["Access-Control-Allow-Origin"] = "*"
-            elif origin and origin in allowed:
+            elif origin and origins.listed(origin):
                 response.headers["Access-Control-Allow-Origin"] = origin
                 response.headers["Vary"] = "Origin"
             else:

@@ -107,10 +107,12 @@ class OriginPolicy:
         self.any = "*" in cors_origins
         self.allowed = frozenset(o.rstrip("/").lower() for o in cors_origins)
 
+    def listed(self, origin: str) -> bool:
+        """Configured with --cors-origin (what CORS answers echo too)."""
+        return self.any or origin.rstrip("/").lower() in self.allowed
+
     def allows(self, origin: str, host_header: Optional[str]) -> bool:
-        if self.any or origin.rstrip("/").lower() in self.allowed:
-            return True
-        return host_header is not None and same_origin(origin, host_header)
+        return self.listed(origin) or (host_header is not None and same_origin(origin, host_header))
 
 
 def guard_middleware(hosts: HostPolicy, origins: OriginPolicy) -> Callable:
