@@ -20,17 +20,10 @@ from engine.taehv import TAEHV, load_taehv, write_taehv
 from engine.vae import LATENT_MEAN, LATENT_STD, WanVAE
 from interface.controls import StreamParams
 from tests.streams import push_interleaved
-from tests.test_taehv import push_all, video
+from tests.test_taehv import push_all, taehv_file, video  # noqa: F401 (taehv_file: a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = dict(height=64, width=64)
-
-
-@pytest.fixture(scope="module")
-def taehv_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("taehv_enc") / "taew2_1.pth"
-    write_taehv(path, seed=0)
-    return path
 
 
 @pytest.fixture(scope="module")
