@@ -21,7 +21,13 @@ import torch
 
 from interface.catalogue import KVPolicy
 
-__all__ = ["KVPolicy", "SessionPolicy", "EvictionQueues", "eviction_queues", "rebase_on_wrap"]
+__all__ = ["KVPolicy", "SessionPolicy", "EvictionQueues", "eviction_queues", "graphs_allowed", "rebase_on_wrap"]
+
+
+def graphs_allowed(policy: KVPolicy) -> bool:
+    """Whether the DiT forward may run as a CUDA graph: not under the reference, whose cache slots are
+    decided on the host inside the forward."""
+    return policy == "ours"
 
 
 def rebase_on_wrap(policy: KVPolicy) -> bool:

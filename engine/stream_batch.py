@@ -23,7 +23,7 @@ from engine import flow
 from engine.dit import WanDiT
 from engine.dit_runner import DiTRunner
 from engine.kv_cache import StreamKVCache
-from engine.kv_policy import EvictionQueues, SessionPolicy
+from engine.kv_policy import EvictionQueues, SessionPolicy, graphs_allowed
 from engine.rope import Rope
 
 NoiseFn = Callable[[torch.Size], torch.Tensor]
@@ -122,8 +122,8 @@ class StreamBatch:
             policy=self.policy.policy,
             queues=queues,
         )
-        # the reference policy decides slots on the host inside the forward: no CUDA graph can hold that
-        self.runner = DiTRunner(dit, rope, self.cache, use_graphs=self.policy.policy == "ours", warm_shapes=warm_shapes)
+        self.runner = DiTRunner(dit, rope, self.cache, use_graphs=graphs_allowed(self.policy.policy),
+                                warm_shapes=warm_shapes)
         # the last step_lag forwards' outputs [n, 16, 1, h, w] (re-noised), oldest first: forward f's
         # rows 1.. come from rows ..n-2 of forward f - step_lag
         self.outputs: Optional[deque[torch.Tensor]] = None

@@ -26,7 +26,7 @@ from engine.config import StreamDefaults
 from engine.dit import AttnInputs, Embedded, WanDiT
 from engine.fp8 import convert_block
 from engine.kv_cache import StreamKVCache
-from engine.kv_policy import EvictionQueues, eviction_queues
+from engine.kv_policy import EvictionQueues, eviction_queues, graphs_allowed
 from engine.parallel.stage_graph import StageGraph, cross_kv_rows
 from engine.rope import Rope
 from engine.transfer import h2d
@@ -172,8 +172,7 @@ class Stage:
         self.frame_tokens = (self.latent_hw[0] // cfg.patch_size[1]) * (self.latent_hw[1] // cfg.patch_size[2])
         self.sessions: dict[int, RankSession] = {}
         # steady-state forwards replay from CUDA graphs (False: always eager)
-        # (not under the reference KV policy: its slots are decided on the host inside the forward)
-        self.use_graphs = device.type == "cuda" and defaults.kv_policy == "ours"
+        self.use_graphs = device.type == "cuda" and graphs_allowed(defaults.kv_policy)
         self.batch_graphs: "OrderedDict[tuple[int, ...], StageGraph]" = OrderedDict()  # several sessions' forwards
         self.captures = self.replays = self.prime_replays = 0
         self.last_graphed = False  # whether the last run() replayed a graph
