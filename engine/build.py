@@ -22,7 +22,7 @@ from engine.checkpoint import WeightsLayout, check_state_dict, load_into, read_t
 from engine.config import ModelConfig, StreamDefaults, lightvae_config
 from engine.dit import Block, WanDiT
 from engine.parallel.options import ParallelOptions
-from engine.stream_batch import mix_seed
+from engine.noise import mix_seed
 from engine.taehv import LATENT_CHANNELS, TAEHV, load_taehv, random_taehv
 from engine.vae import WanVAE
 from engine.fp8 import check_fp8_device, convert_blocks
@@ -56,7 +56,7 @@ class EngineOptions(BaseModel):
     encoder: Encoder = "wan"
     taehv_weights: Optional[Path] = None
     lightvae_weights: Optional[Path] = None
-    # Forwards between a chunk's consecutive denoising steps (engine.stream_batch). 1, the reference's
+    # Forwards between a chunk's consecutive denoising steps (engine.schedule). 1, the reference's
     # schedule, has the lowest latency; with several steps and several ranks, the number of ranks lets
     # one stream keep every rank busy. Frames equal those of any engine with the same value.
     step_lag: int = Field(1, ge=1, le=8)

@@ -1,8 +1,8 @@
 """The KV/scheduling policy of a session (docs/ARCHITECTURE.md §3): `ours` (the default) or `reference`, which
 reproduces StreamDiffusionV2's behaviour where we depart from it on purpose (README "Where we differ").
 
-Every decision that depends on the policy is made here, once, and called by both executors (the in-process
-StreamBatch and the ring's DriverSession for timesteps; StreamKVCache, which both use, for eviction):
+Every decision that depends on the policy is made here, once (the schedule, engine.schedule, asks for
+timesteps; StreamKVCache for eviction):
 
 - the timesteps of a chunk (`SessionPolicy.prime_timesteps`, `.stream_timesteps`);
 - where a new frame goes in a full KV cache, and which sink a refresh replaces (`EvictionQueues`);

@@ -1,83 +1,84 @@
-"""The in-process engine: builds or loads the models once (engine.build) and opens stream sessions on them.
+"""The in-process executor: the engine's core (rank 0 of a ring of one, engine.parallel.rank0) built in
+the caller's process and stepped by the caller's thread. Nothing crosses a process or torch.distributed:
+the ring's one hop is a loopback. Several sessions share it; those due together are batched into one
+forward, as on a ring.
 
     engine = StreamEngine.create(EngineOptions(model="tiny"))
     s = engine.open_session("a watercolor painting")
-    outputs = s.push(frames_uint8_THW3, pts)   # [(frame, pts), ...]
+    outputs = s.push(frames_uint8_THW3, pts) + s.flush()   # [(frame, pts), ...]
 
-`device` names one device (`cpu`, `cuda`, `cuda:N`, `auto`) for this in-process engine, or several ranks
-(`cpu:N`, `cuda:0,1`, `cuda*N`, `torchrun`) for the pipeline-parallel engine of engine.parallel, which
-`create` returns instead; it has the same session API (docs/PARALLEL.md).
+`device` names one device (`cpu`, `cuda`, `cuda:N`, `auto`) for this engine, or several ranks (`cpu:N`,
+`cuda:0,1`, `cuda*N`, `torchrun`) for the ring executor of engine.parallel, which `create` returns
+instead; both run the same schedule and have the same session API (docs/ARCHITECTURE.md §1).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Optional, Union
+from collections import deque
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
 
-from engine import attention
-from engine.build import (EngineOptions, StreamDecoder, StreamEncoder, build_codecs, build_dit, build_text, build_vae,
-                          embed_prompt, needs_wan_vae, resolve_device, resolve_dtype, stream_defaults, tune_backends)
-from engine.checkpoint import WeightsLayout
-from engine.config import ModelConfig, StreamDefaults, load_model_config
+from engine.build import EngineOptions, resolve_device, resolve_dtype
+from engine.config import ModelConfig, load_model_config
+from engine.frontend import EngineFrontend
 from engine.parallel.devices import parse_devices
 from engine.parallel.engine import ParallelEngine
-from engine.rope import Rope
-from engine.vae import WanVAE
-from engine.session import StreamSession, engine_info
-from engine.transfer import FrameIO, PendingFrames
-from interface.controls import StreamParams
+from engine.parallel.errors import EngineFailure
+from engine.parallel.rank import RankSpec
+from engine.parallel.rank0 import Rank0
+from interface.devices import RankDevices
 
 log = logging.getLogger(__name__)
 
+__all__ = ["EngineOptions", "StreamEngine"]
 
-class StreamEngine:
+
+class _Commands:
+    """The core's command queue when it runs in the caller's thread (a pipe's poll/recv, without the pipe)."""
+
+    def __init__(self) -> None:
+        self._queue: deque = deque()
+
+    def append(self, cmd: Any) -> None:
+        self._queue.append(cmd)
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        return bool(self._queue)
+
+    def recv(self) -> Any:
+        return self._queue.popleft()
+
+
+class _Events:
+    def __init__(self, on_event: Callable[[Any], None]) -> None:
+        self.send = on_event
+
+
+class StreamEngine(EngineFrontend):
     def __init__(self, cfg: ModelConfig, options: EngineOptions) -> None:
+        super().__init__(options)
         self.cfg = cfg
-        self.options = options
-        self.device = resolve_device(options.device)
-        tune_backends(self.device)
-        self.dtype: torch.dtype = resolve_dtype(options.dtype, self.device)  # refuses fp8 where it cannot run
-        self.defaults: StreamDefaults = stream_defaults(cfg, options)
-        height, width = self.defaults.height, self.defaults.width
-        self.layout = WeightsLayout(options.weights, cfg) if options.weights else None
-        self.dit = build_dit(cfg, self.layout, self.device, self.dtype, options.seed, fp8=options.dtype == "fp8")
-        # the Wan VAE only where it encodes or decodes (None when both sides are light)
-        self.vae: Optional[WanVAE] = (build_vae(cfg, self.layout, self.device, self.dtype, options.seed)
-                                      if needs_wan_vae(options) else None)
-        encoder, decoder = build_codecs(cfg, options, self.vae, self.device, self.dtype)
-        assert encoder is not None and decoder is not None
-        self.encoder: StreamEncoder = encoder
-        self.decoder: StreamDecoder = decoder
-        self.text = build_text(cfg, self.layout, self.device, self.dtype, options.seed)
-        self.rope = Rope(cfg.dit.head_dim, self.device)
-        self._io = FrameIO(self.device)
-        # first-chunk DiT input shapes whose kernels ran once in this process (see DiTRunner.prepare_prime)
-        self.warm_shapes: set = set()
-        self.info = engine_info(
-            model=cfg.name,
-            height=height,
-            width=width,
-            steps=self.defaults.steps,
-            random_weights=self.layout is None,
-            device=str(self.device),
-            dtype="fp8" if options.dtype == "fp8" else str(self.dtype).replace("torch.", ""),
-            attention=attention.log_backend(self.device),
-            decoder=options.decoder,
-            encoder=options.encoder,
-        )
-        if self.layout is None:
-            log.warning(
-                "model %s runs with RANDOM WEIGHTS (no --weights given): the output is not a real restyling",
-                cfg.name,
-            )
+        device = resolve_device(options.device)
+        resolve_dtype(options.dtype, device)  # refuses fp8 where it cannot run, before building anything
+        spec = RankSpec(0, 1, RankDevices(kind=device.type, devices=(str(device),)), options.model_dump(mode="json"),
+                        init_method="", split=[cfg.dit.num_layers])
+        self._commands = _Commands()
+        with torch.no_grad():
+            self.core = Rank0(spec, _Events(self._on_event), self._commands)
+        self.info = self.core.info()
+        self.finishes_in_background = device.type == "cuda"
+        self.core._maybe_send_stats(force=True)
+        if self.core.layout is None:
+            log.warning("model %s runs with RANDOM WEIGHTS (no --weights given): the output is not a real restyling",
+                        cfg.name)
         log.info("engine ready: %s", self.info.model_dump())
 
     @classmethod
     def create(cls, options: EngineOptions) -> Union["StreamEngine", ParallelEngine]:
-        """The in-process engine for one device; the pipeline-parallel engine for several ranks."""
+        """The in-process engine for one device; the ring executor for several ranks."""
         cfg = load_model_config(options.model)
         ranks = parse_devices(options.device)
         if ranks is not None:
@@ -86,53 +87,111 @@ class StreamEngine:
             return ParallelEngine(cfg, options, ranks)
         return cls(cfg, options)
 
-    # -- helpers used by sessions ------------------------------------------------------------------
+    # -- the executor: the core runs when the caller waits ---------------------------------------------
+    @property
+    def inflight(self) -> int:
+        # on CUDA a push returns once its chunk is queued, so the GPU goes on while the host hands over
+        # the previous chunk's frames
+        return self.options.parallel.inflight or (2 if self.device.type == "cuda" else 1)
+
+    def _command(self, cmd: Any) -> None:
+        self._check()
+        self._commands.append(cmd)
+
+    def _step(self) -> bool:
+        try:
+            with torch.no_grad():
+                return self.core.step()
+        except Exception as exc:  # the core's state is not to be trusted any more: as a rank failing
+            self._fail(EngineFailure(f"engine core: {type(exc).__name__}: {exc}", 0))
+            raise EngineFailure(str(self._failure), 0) from exc
+
+    def _flush_outputs(self) -> None:
+        try:
+            self.core.flush_outputs()
+        except Exception as exc:
+            self._fail(EngineFailure(f"engine core: {type(exc).__name__}: {exc}", 0))
+            raise EngineFailure(str(self._failure), 0) from exc
+
+    def _wait(self, pred: Callable[[], bool], what: str, timeout: Optional[float] = None) -> None:
+        while True:
+            if self._failure is not None:
+                raise EngineFailure(str(self._failure), self._failure.rank) from self._failure
+            if pred():
+                return
+            if self._step():
+                continue
+            if self.core.deferred is not None:  # the last forward's frames: nothing else to queue first
+                self._flush_outputs()
+                continue
+            raise RuntimeError(f"the engine has nothing left to do while waiting for {what}")
+
+    def _poll(self) -> None:
+        while self._step():
+            pass
+        deferred = self.core.deferred
+        if deferred is not None and all(pending.ready() for _, pending, _ in deferred.frames):
+            self._flush_outputs()  # the frames are on the host: hand them over (one loopback hop)
+            while self._step():
+                pass
+
+    def _close_session(self, s: Any) -> None:
+        super()._close_session(s)
+        if self._failure is None and not self._closed:
+            self._poll()  # the session's KV cache goes now, not with the next push
+
+    def close(self) -> None:
+        self._closed = True
+
+    # -- the parts, for tools and tests ----------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.core.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.core.dtype
+
+    @property
+    def defaults(self) -> Any:
+        return self.core.defaults
+
+    @property
+    def dit(self) -> Any:
+        return self.core.stage.dit
+
+    @property
+    def vae(self) -> Any:
+        return self.core.vae
+
+    @property
+    def encoder(self) -> Any:
+        return self.core.encoder
+
+    @property
+    def decoder(self) -> Any:
+        return self.core.decoder
+
+    @property
+    def text(self) -> Any:
+        return self.core.text
+
+    @property
+    def layout(self) -> Any:
+        return self.core.layout
+
     def embed_prompt(self, prompt: str) -> torch.Tensor:
         """Text embeddings [1, text_len, text_dim] for one prompt."""
-        return embed_prompt(self.text, self.cfg, prompt, self.device, self.dtype)
-
-    @torch.no_grad()
-    def prompt_kv(self, prompt: str) -> list:
-        return self.dit.cross_kv(self.embed_prompt(prompt))
+        return self.core.embed_prompt(prompt)
 
     def to_video_tensor(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 [T, H, W, 3] -> [1, 3, T, H, W] in [-1, 1] on the device (pinned, async copy on CUDA)."""
-        return self._io.to_video_tensor(frames)
+        """uint8 [T, H, W, 3] -> [1, 3, T, H, W] in [-1, 1] on the device."""
+        return self.core.io.to_video_tensor(frames)
 
     def to_uint8(self, video: torch.Tensor) -> np.ndarray:
         """[1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3] on the host."""
-        return self._io.to_uint8(video)
-
-    def to_uint8_later(self, video: torch.Tensor) -> PendingFrames:
-        """As to_uint8, queued: result() waits for the copy and gives the frames."""
-        return self._io.to_uint8_later(video)
-
-    @property
-    def finishes_in_background(self) -> bool:
-        """On CUDA a session's push returns once its chunk is queued; the frames follow through later
-        pushes and take_finished() (the engine process polls it between requests)."""
-        return self.device.type == "cuda"
+        return self.core.io.to_uint8(video)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    # -- sessions ------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def open_session(self, prompt: str, params: Optional[StreamParams] = None) -> StreamSession:
-        return StreamSession(self, prompt, params)
-
-    # -- the parts of the engine API that matter for several ranks ------------------------------------
-    def stats(self) -> dict:
-        """Scheduler state for /metrics; one process has no pipeline to report."""
-        return {"world": 1, "device": str(self.device)}
-
-    def close(self) -> None:
-        """Nothing to shut down in-process (the parallel engine stops its ranks here)."""
-
-    def __enter__(self) -> "StreamEngine":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-

@@ -27,7 +27,7 @@ from engine.config import load_model_config
 from engine.parallel.devices import parse_devices
 from engine.parallel.engine import ParallelEngine
 from engine.parallel.errors import EngineFailure
-from engine.parallel.protocol import RingStats
+from engine.protocol import RingStats
 from engine.runtime import StreamEngine
 from interface.frame_ring import FrameRing, RingFull
 from interface.catalogue import CODEC_NAMES, ConfigError
@@ -65,7 +65,7 @@ TEST_DELAY_ENV = "STREAMGEN_TEST_CHUNK_DELAY_S"
 
 @dataclass
 class _Session:
-    stream: Any  # engine.session.StreamSession, or engine.parallel.engine.ParallelSession
+    stream: Any  # engine.session.Session
     input_ring: FrameRing
     output_ring: FrameRing
     prompt: str

@@ -19,7 +19,7 @@ from engine.config import DiTConfig  # noqa: E402
 from engine.dit import WanDiT  # noqa: E402
 from engine.kv_cache import StreamKVCache  # noqa: E402
 from engine.rope import Rope  # noqa: E402
-from engine.stream_batch import StreamBatch, dit_step  # noqa: E402
+from tests.latent_stream import LatentStream, dit_step  # noqa: E402
 from tests.reference_dit import ReferenceStream, build_reference_model, patched_randn_like  # noqa: E402
 
 # head_dim 128, as the reference pipeline's cache allocation assumes
@@ -67,13 +67,12 @@ def chunk_inputs(n: int, seed: int = 11):
 
 def run_ours(dit, ctx, steps, chunks, num_sink=3, window=6, tau=None, rope_reset=50, noise=None):
     noise = noise or Recorder()
-    sb = StreamBatch(dit, Rope(CFG.head_dim), steps, window, num_sink, tau, rope_reset, LAT_HW, noise)
-    kv = dit.cross_kv(ctx)
+    sb = LatentStream(dit, ctx, steps, window, num_sink, tau, rope_reset, LAT_HW, noise)
     first, rest, t0s = chunk_inputs(chunks)
-    outs = [sb.prime(first, 0.8, 700, kv)]
+    outs = [sb.prime(first, 0.8, 700)]
     for lat, t0 in zip(rest, t0s):
         s = (t0 + 100) / 1000
-        sb.push(lat, s, t0, kv)
+        sb.push(lat, s, t0)
         outs.append(sb.outputs[-1].clone())
     return outs, noise, sb
 
@@ -165,7 +164,7 @@ def test_reference_never_evicts_slot_2_with_two_sinks(models, monkeypatch):
     g = torch.Generator().manual_seed(1)
     noisy = torch.randn(1, 16, 1, *LAT_HW, generator=g)
     ours_before, ref_before = sb.cache.k[0][0].clone(), stream.p.kv_cache1[0]["k"][0].clone()
-    sb.push(noisy, 1.0, 700, ours.cross_kv(ctx))
+    sb.push(noisy, 1.0, 700)
     stream.push(noisy, 700)
     def changed(before, after):
         return [s for s in range(5) if not torch.equal(before.view(5, FRAME_TOKENS, -1)[s], after.view(5, FRAME_TOKENS, -1)[s])]
@@ -203,12 +202,10 @@ def test_kv_cached_stream_equals_block_causal_forward(models):
     rope = Rope(CFG.head_dim)
     offline = ours.forward_block_causal(x, t, ctx, chunk_frames, rope)
     offline_x0 = flow.to_x0(offline, x, t)
-    cache = StreamKVCache(range(CFG.num_layers), 1, 6, FRAME_TOKENS, CFG.num_heads, CFG.head_dim, 3, None, rope,
-                          torch.float32, torch.device("cpu"))
-    kv = ours.cross_kv(ctx)
+    stage = LatentStream(ours, ctx, 1, 6, 3, None, 50, LAT_HW, Recorder()).stage  # window 6, 3 sinks
     start, outs = 0, []
     for f in chunk_frames:
-        outs.append(dit_step(ours, rope, cache, kv, x[:, :, start : start + f], t[:, start : start + f], [start]))
+        outs.append(dit_step(ours, stage, x[:, :, start : start + f], int(t[0, start]), start))
         start += f
     assert rel(torch.cat(outs, dim=2), offline_x0) <= 1e-5
 

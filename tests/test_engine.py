@@ -142,21 +142,22 @@ def test_prompt_change_blends_cross_attention_without_restart(tiny):
     frames = video(29)
     s = tiny.open_session("a cat", StreamParams(seed=3, transition_chunks=2))
     s.push(frames[:9], list(range(9)))
-    cache_before = s.batch.cache.k[0].clone()
-    old_kv, new_kv = tiny.prompt_kv("a cat"), tiny.prompt_kv("a dog")
+    state = tiny.core.stage.sessions[s.sid]  # what the stage keeps of the session: KV cache, prompt K/V
+    cache_before = state.cache.k[0].clone()
+    old_kv, new_kv = (tiny.dit.cross_kv(tiny.embed_prompt(p)) for p in ("a cat", "a dog"))
     s.update(StreamUpdate(prompt="a dog"))
     used = []
-    orig = s._kv_now
-    s._kv_now = lambda: used.append(orig()) or used[-1]  # type: ignore[method-assign]
+    tick = state.prompt.tick
+    state.prompt.tick = lambda: (tick(), used.append(dict(state.prompt.cur)))  # type: ignore[method-assign]
     out = s.push(frames[9:21], list(range(9, 21)))
     assert [p for _, p in out] == list(range(5, 17))  # the stream went on: no restart, no lost frames
-    assert s.batch.cache.filled[0] > 3 and not torch.equal(s.batch.cache.k[0][:, :16], torch.zeros_like(s.batch.cache.k[0][:, :16]))
+    assert state.cache.filled[0] > 3 and not torch.equal(state.cache.k[0][:, :16], torch.zeros_like(state.cache.k[0][:, :16]))
     k0 = lambda kv: kv[0][0]  # noqa: E731  block 0's cross-attention keys
     # chunk 1 and 2 of the transition are blends strictly between the prompts; chunk 3 is the new prompt
     for kv, a in zip(used, [1 / 3, 2 / 3]):
         assert torch.allclose(k0(kv), k0(old_kv).lerp(k0(new_kv), a), atol=1e-6)
     assert torch.equal(k0(used[2]), k0(new_kv))
-    assert cache_before.shape == s.batch.cache.k[0].shape
+    assert cache_before.shape == state.cache.k[0].shape
 
 
 def test_steps_change_and_reset_lose_no_frame(tiny):
@@ -165,7 +166,7 @@ def test_steps_change_and_reset_lose_no_frame(tiny):
     out = s.push(frames[:13], list(range(13)))
     s.update(StreamUpdate(steps=1))
     out += s.push(frames[13:21], list(range(13, 21)))
-    assert s.batch.steps == [700]
+    assert tiny.core.drivers[s.sid][0].steps == [700]  # the session's schedule
     s.update(StreamUpdate(reset=True))
     out += s.push(frames[21:33], list(range(21, 33))) + s.flush()
     pts = [p for _, p in out]
@@ -174,18 +175,20 @@ def test_steps_change_and_reset_lose_no_frame(tiny):
 
 
 def test_frame_zero_is_encoded_on_arrival_and_leaves_first(tiny):
-    """A fresh stream takes frame 0 alone (its encode overlaps the wait for frames 1-4); the push that
-    completes the first chunk hands frame 0 to `early` before it returns frames 1-4. The frames are
-    those of a session fed all at once."""
+    """A fresh stream takes frame 0 alone and encodes it on arrival (its encode overlaps the wait for
+    frames 1-4); the push that completes the first chunk gives frames 0-4 (on CUDA frame 0 leaves alone,
+    ahead of the rest: see the test below). The frames are those of a session fed all at once."""
     frames = video(13, seed=3)
     _, whole = run(tiny, frames, "a cat", 7, step=13)
     s = tiny.open_session("a cat", StreamParams(seed=7))
     assert s.chunk_frames == 1
     assert s.push(frames[:1], [0]) == [] and s.chunk_frames == 4
+    assert tiny.core.drivers[s.sid][0].frame0 is not None  # its latent waits for frames 1-4
     early: list = []
     rest = s.push(frames[1:5], [1, 2, 3, 4], early=early.extend)
-    assert [p for _, p in early] == [0] and [p for _, p in rest] == [1, 2, 3, 4]
-    got = early + rest + s.push(frames[5:13], list(range(5, 13))) + s.flush()
+    got = early + rest
+    assert [p for _, p in got] == [0, 1, 2, 3, 4]
+    got += s.push(frames[5:13], list(range(5, 13))) + s.flush()
     assert [p for _, p in got] == list(range(13))
     assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(got, whole))
 
@@ -203,47 +206,46 @@ def test_a_lone_frame_zero_still_comes_out(tiny):
 
 
 def test_a_push_returns_before_its_frames_and_they_follow_in_order(tiny, monkeypatch):
-    """On CUDA a push queues its chunk and returns; its frames come with a later push (which waits only
-    when MAX_PENDING chunks are queued), from take_finished(), or from flush(), always in order, across
-    a reset too, and equal to a session that waits for every chunk."""
-    from engine.session import MAX_PENDING
-
+    """With two chunks in flight (a CUDA device's default) a push queues its chunk and returns; its
+    frames come with a later push, from take_finished() once their copy to the host is done, or from
+    flush(), always in order, across a reset too, and equal to a session that waits for every chunk."""
     frames = video(29, seed=4)
     _, whole = run(tiny, frames, "a cat", 5, step=4, steps=1)
-    monkeypatch.setattr(tiny, "to_uint8_later", HeldCopies(tiny))
-    s = tiny.open_session("a cat", StreamParams(seed=5, steps=1))
-    early: list = []
+    e = StreamEngine.create(EngineOptions(model="tiny", parallel=dict(inflight=2)))
+    held = HeldCopies(e.core.io)
+    monkeypatch.setattr(e.core.io, "to_uint8_later", held)
+    s = e.open_session("a cat", StreamParams(seed=5, steps=1))
     assert s.push(frames[:1], [0]) == []
-    assert s.push(frames[1:5], [1, 2, 3, 4], early=early.extend) == []  # frames 1-4 still on their way
-    assert [p for _, p in early] == [0]  # frame 0 is waited for: it leaves ahead
-    assert s.take_finished() == []
-    got = list(early)
-    pts = [list(range(a, a + 4)) for a in range(5, 29, 4)]
-    for i, chunk_pts in enumerate(pts[:3]):
-        out = s.push(frames[chunk_pts[0] : chunk_pts[-1] + 1], chunk_pts)
-        queued_before = 1 + i  # frames 1-4, then one chunk more per push
-        # the push waits for the oldest chunks only to keep MAX_PENDING queued
-        assert [p for _, p in out] == list(range(1, 1 + 4 * max(0, queued_before + 1 - MAX_PENDING)))[len(got) - 1:]
-        got += out
-        assert len(s._pending) == MAX_PENDING
-    tiny.to_uint8_later.released = True
+    assert e.core.drivers[s.sid][0].frame0 is not None  # encoded on arrival, before frames 1-4 come
+    early: list = []
+    got = s.push(frames[1:5], [1, 2, 3, 4], early=early.extend)
+    assert [p for _, p in early + got] == [0]  # frame 0 is waited for alone: it leaves ahead of 1-4
+    got = early + got
+    assert s.take_finished() == []  # the copies of frames 1-4 are not done
+    for a in range(5, 17, 4):
+        got += s.push(frames[a : a + 4], list(range(a, a + 4)))
+        assert len(s._chunks) <= 1  # one chunk may stay in flight, never more
+        assert [p for _, p in got] == list(range(len(got)))
+    assert len(got) < 17 and s.take_finished() == []  # frames 13-16 are still on their way
+    held.released = True
     got += s.take_finished()
     assert [p for _, p in got] == list(range(17)) and s.take_finished() == []
     got += s.push(frames[17:29], list(range(17, 29))) + s.flush()
     assert [p for _, p in got] == list(range(29))
     assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(got, whole))
 
-    # a reset while chunks are queued: the old stream's frames leave before the new stream's frame 0
-    tiny.to_uint8_later.released = False
-    s = tiny.open_session("a cat", StreamParams(seed=5, steps=1))
-    # frame 0 is waited for, frames 1-4 once two chunks more are queued
-    assert [p for _, p in s.push(frames[:13], list(range(13)))] == [0, 1, 2, 3, 4]
+    # a reset while a chunk is in flight: the old stream's frames leave before the new stream's frame 0
+    held.released = False
+    s = e.open_session("a cat", StreamParams(seed=5, steps=1))
+    got = s.push(frames[:13], list(range(13)))
     s.update(StreamUpdate(reset=True))
     early = []
-    out = s.push(frames[13:18], list(range(13, 18)), early=early.extend)
-    assert [p for _, p in early] == list(range(5, 14)) and out == []
-    tiny.to_uint8_later.released = True
-    assert [p for _, p in s.flush()] == [14, 15, 16, 17]
+    got += s.push(frames[13:18], list(range(13, 18)), early=early.extend)
+    got += early
+    held.released = True
+    got += s.flush()
+    assert [p for _, p in got] == list(range(18))
+    e.close()
 
 
 def test_bad_frames_are_rejected_clearly(tiny):

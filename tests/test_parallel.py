@@ -27,7 +27,8 @@ from engine.parallel.errors import EngineFailure
 from engine.parallel.slo import BatchScheduler
 from engine.build import EngineOptions, build_dit
 from engine.runtime import StreamEngine
-from engine.stream_batch import KeyedNoise
+from engine.noise import KeyedNoise
+from tests.latent_stream import LatentStream
 from interface.controls import StreamParams, StreamUpdate
 from tests.streams import push_interleaved
 
@@ -487,22 +488,19 @@ def test_step_lag_leaves_the_first_step_alone(tiny4):
     """Row 0 (the new chunk's first step) attends only to its own KV row, which sees the same chunks
     in the same order whatever the lag: its output is the same for step_lag 1 and 3; chunks leave
     (steps - 1) * lag forwards after they entered."""
-    from engine.rope import Rope
-    from engine.stream_batch import StreamBatch
-
     cfg = load_model_config(tiny4).dit
     dit = build_dit(load_model_config(tiny4), None, torch.device("cpu"), torch.float32, 0)
-    kv = dit.cross_kv(torch.randn(1, 512, cfg.text_dim, generator=torch.Generator().manual_seed(1)))
+    ctx = torch.randn(1, 512, cfg.text_dim, generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(2)
     first = torch.randn(1, 16, 2, 4, 4, generator=g)
     rest = [torch.randn(1, 16, 1, 4, 4, generator=g) for _ in range(9)]
     rows0, left = {}, {}
     for lag in (1, 3):
-        sb = StreamBatch(dit, Rope(cfg.head_dim), 3, 6, 3, 0.2, 50, (4, 4), KeyedNoise(7, 0, torch.device("cpu"), torch.float32), step_lag=lag)
-        sb.prime(first, 0.8, 700, kv)
+        sb = LatentStream(dit, ctx, 3, 6, 3, 0.2, 50, (4, 4), KeyedNoise(7, 0, torch.device("cpu"), torch.float32), step_lag=lag)
+        sb.prime(first, 0.8, 700)
         rows0[lag], left[lag] = [], []
         for i, lat in enumerate(rest):
-            out = sb.push(lat, 0.7, 650, kv)
+            out = sb.push(lat, 0.7, 650)
             rows0[lag].append(sb.outputs[-1][0].clone())
             left[lag].append(out is not None)
     assert all(torch.equal(a, b) for a, b in zip(rows0[1], rows0[3]))

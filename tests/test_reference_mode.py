@@ -20,7 +20,7 @@ from engine.config import load_model_config  # noqa: E402
 from engine.kv_policy import EvictionQueues, SessionPolicy  # noqa: E402
 from engine.noise_control import NoiseController  # noqa: E402
 from engine.rope import Rope  # noqa: E402
-from engine.stream_batch import StreamBatch  # noqa: E402
+from tests.latent_stream import LatentStream  # noqa: E402
 from tests.reference_dit import ReferenceStream, patched_randn_like  # noqa: E402
 from tests.test_dit_parity import CFG, FRAME_TOKENS, LAT_HW, Recorder, models, rel  # noqa: E402,F401
 
@@ -76,22 +76,21 @@ class LoggedQueues(EvictionQueues):
 
 
 def run_engine(dit, ctx, policy: str, steps: int, window: int, sinks: int, tau, plan=PLAN):
-    """Our StreamBatch with one session's policy state across the restart; every forward's rows. Under
+    """Our schedule with one session's policy state across the restart; every forward's rows. Under
     the reference policy the queues log what they decide (LoggedQueues)."""
     noise = Recorder()
     pol = SessionPolicy(policy)  # type: ignore[arg-type]
     queues = LoggedQueues(sinks, window, tau) if policy == "reference" else None
-    kv = dit.cross_kv(ctx)
     outs: list[torch.Tensor] = []
     sb = None
     for i, seg in enumerate(plan):
-        sb = StreamBatch(dit, Rope(CFG.head_dim), steps, window, sinks, tau, WRAP, LAT_HW, noise, policy=pol, queues=queues)
+        sb = LatentStream(dit, ctx, steps, window, sinks, tau, WRAP, LAT_HW, noise, policy=pol, queues=queues)
         first, rest = latents(i, len(seg.t0s))
-        outs.append(sb.prime(first, seg.strength, NoiseController.timestep(seg.strength), kv))
+        outs.append(sb.prime(first, seg.strength, NoiseController.timestep(seg.strength)))
         for lat, t0 in zip(rest, seg.t0s):
             if queues is not None:
                 queues.forward = len(outs)  # the chunk index of this forward's output
-            sb.push(lat, (t0 + 100) / 1000, t0, kv)
+            sb.push(lat, (t0 + 100) / 1000, t0)
             outs.append(sb.outputs[-1].clone())
     return outs, noise, queues
 

@@ -289,7 +289,7 @@ def test_a_pipeline_report_becomes_metrics_and_none_gives_no_samples() -> None:
     process's PipelineStats: blocks, stage times, CUDA graph use per rank, moves, batching, hop time."""
     from engine.parallel.balance import BalanceStats, StageTimes
     from interface.messages import BlockDecision
-    from engine.parallel.protocol import RankForwards, RingStats
+    from engine.protocol import RankForwards, RingStats
     from engine.worker import pipeline_stats
 
     decision = BlockDecision(time=1.0, forward=5, boundary=0, blocks=-1, split_before=[2, 2], split_after=[3, 1],

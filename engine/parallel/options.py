@@ -1,4 +1,4 @@
-"""Knobs of the pipeline-parallel engine (no torch: validated with the engine's options)."""
+"""Knobs of the engine's core and of the ring (no torch: validated with the engine's options)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ class ParallelOptions(BaseModel):
     # also run the VAE, get the smaller shares when it does not divide evenly).
     split: Optional[list[int]] = None
     # Chunks of one session that push() may leave in flight before it waits for outputs. 1: push
-    # returns the outputs of its own chunks, as the in-process engine does; 2 or more lets the ranks
-    # work on consecutive chunks of one stream at once (outputs then come back from later calls).
-    inflight: int = Field(1, ge=1, le=64)
+    # returns the outputs of its own chunks; 2 or more lets the device (or the ranks) work on the next
+    # chunk while the host hands over the last one (outputs then come back from later calls). None: 2 for
+    # one CUDA device, 1 otherwise.
+    inflight: Optional[int] = Field(None, ge=1, le=64)
     # Forwards in the ring at once; None: the number of ranks (each rank busy with one), two for a ring of
     # one (a forward's frames go back while the next is queued).
     ring_capacity: Optional[int] = Field(None, ge=1, le=64)

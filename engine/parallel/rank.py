@@ -35,7 +35,6 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from engine import flow
 from engine.checkpoint import WeightsLayout
 from engine.config import ModelConfig, load_model_config
 from engine.dit import Embedded
@@ -43,14 +42,15 @@ from engine.parallel.balance import Move, ranges
 from engine.parallel.options import ParallelOptions
 from engine.parallel.profiling import RankProfiler
 from engine.parallel import ring_messages as M
-from engine.parallel.stage import Group, Stage
+from engine.parallel.stage import Stage
 from engine.timing import ForwardTimes, StageClock
 from engine.parallel.wire import DistLink, Link, LoopbackLink, split_tensors
 from engine.rope import Rope
 from engine.build import (EngineOptions, build_codecs, build_dit, build_text, build_vae, needs_wan_vae, resolve_dtype,
                           stream_defaults, tune_backends)
-from engine.session import DECODE_MS, first_latent_apart
-from engine.stream_batch import KeyedNoise
+from engine.noise import KeyedNoise
+from engine.protocol import DECODE_MS
+from engine.schedule import Group, first_latent_apart, renoise_rows
 from engine.transfer import FrameIO, PendingFrames
 from interface.devices import RankDevices
 
@@ -241,17 +241,7 @@ class RankBase:
         groups = fwd.groups
         lap = self.clock.lap()
         x0 = self.stage.finish(groups, emb, emb.tokens, x)
-        back: dict[int, torch.Tensor] = {}
-        start = 0
-        for g in groups:
-            xg = x0[start : start + g.rows]
-            noise = self.renoise_source
-            noise.seed, noise.epoch = g.seed, g.epoch
-            for row, t_next, key in g.renoise:
-                xg[row : row + 1] = flow.renoise(xg[row : row + 1], noise.draw(xg[row : row + 1].shape, *key), t_next)
-            if g.renoise:
-                back[g.sid] = xg[: len(g.renoise)]
-            start += g.rows
+        back = renoise_rows(x0, groups, self.renoise_source)
         if back:
             self.out_link.send(M.ReturnedRows(fwd.fid, back))
         times.other.append(lap.stop())

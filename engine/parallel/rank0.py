@@ -1,6 +1,8 @@
-"""Rank 0 of the ring: besides its stage (engine/parallel/rank.py), the sessions' drivers, batching
-several sessions into one forward under the SLO, the block scheduler, and the pipe to the engine
-process (docs/PARALLEL.md)."""
+"""Rank 0, the engine's core: besides its stage (engine/parallel/rank.py) it runs the sessions'
+schedules (engine.schedule), batches several sessions into one forward under the SLO, runs the block
+scheduler, and takes the caller's commands (docs/ARCHITECTURE.md §2, docs/PARALLEL.md). The other ranks
+only execute. In a ring of one (the in-process engine, engine.runtime) it is the whole engine, stepped
+by the caller's thread; in a ring of several it serves in its own process."""
 
 from __future__ import annotations
 
@@ -14,14 +16,14 @@ import torch
 
 from engine import attention
 from engine.dit import Embedded
-from engine.parallel import protocol as P
+from engine import protocol as P
+from engine.protocol import DIT_MS, ENCODE_MS, engine_info
 from engine.parallel.balance import BlockScheduler, Move, apply_move, moved_layers, ranges
-from engine.parallel.driver import AwaitRows, DriverSession, Emit, Failure, NeedCommand, Submit
+from engine.schedule import AwaitRows, Emit, Failure, NeedCommand, SessionSchedule, Submit
 from engine.parallel.slo import BatchScheduler
 from engine.timing import ForwardTimes
 from engine.parallel import ring_messages as M
 from engine.build import embed_prompt
-from engine.session import engine_info
 from interface.messages import EngineInfo
 from engine.parallel.rank import RankBase, RankSpec, layer_span
 
@@ -40,7 +42,7 @@ class _InFlight:
 
 
 class Rank0(RankBase):
-    """Rank 0: the sessions' drivers, batching, the schedulers, and the caller's pipe."""
+    """Rank 0: the sessions' schedules, batching, the schedulers, and the caller's commands."""
 
     def __init__(self, spec: RankSpec, events: Any, commands: Any) -> None:
         super().__init__(spec, events)
@@ -52,7 +54,12 @@ class Rank0(RankBase):
         self.batcher = BatchScheduler(p.max_batch, p.target_fps, p.deadline_ms)
         # A ring of one holds two forwards, so that one's frames go out while the next is queued.
         self.capacity = p.ring_capacity or max(2, self.world)
-        self.drivers: dict[int, tuple[DriverSession, Any]] = {}  # sid -> (driver, generator)
+        self.drivers: dict[int, tuple[SessionSchedule, Any]] = {}  # sid -> (schedule, its generator)
+        # per session, for its chunks' stats: its latest chunk's encode laps, its latest timed forward's
+        # DiT ms (all ranks); the sessions of forwards whose times are not all in yet
+        self.encode_laps: dict[int, list] = {}
+        self.dit_ms: dict[int, float] = {}
+        self.fid_sids: dict[int, list[int]] = {}
         self.waits: dict[int, Any] = {}  # sid -> what its generator waits for
         self.pending: list[tuple[int, Submit]] = []  # submitted rows, oldest first
         self.issued: dict[int, int] = {}  # sid -> fid its Submit got (resume value)
@@ -93,14 +100,19 @@ class Rank0(RankBase):
         )
 
     # -- the loop --------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One round of everything there is to do without waiting; False when there was nothing."""
+        busy = self._read_commands()
+        busy = self._read_ring() or busy
+        busy = self._step_drivers() or busy
+        busy = self._issue() or busy
+        busy = self._maybe_rebalance() or busy
+        self._maybe_send_stats()
+        return busy
+
     def serve(self) -> None:
         while not self.stopped:
-            busy = self._read_commands()
-            busy = self._read_ring() or busy
-            busy = self._step_drivers() or busy
-            busy = self._issue() or busy
-            busy = self._maybe_rebalance() or busy
-            self._maybe_send_stats()
+            busy = self.step()
             if not busy and not self.stopped:
                 if self.deferred is not None:  # a ring of one's last frames: nothing else to queue first
                     self.flush_outputs()
@@ -119,7 +131,7 @@ class Rank0(RankBase):
             if isinstance(cmd, P.OpenCmd):
                 from interface.controls import StreamParams
 
-                d = DriverSession(self, cmd.sid, cmd.prompt, StreamParams.model_validate(cmd.params))
+                d = SessionSchedule(self, cmd.sid, cmd.prompt, StreamParams.model_validate(cmd.params))
                 self.drivers[cmd.sid] = (d, d.run(cmd.seq))
                 self.waits[cmd.sid] = None  # start it
             elif isinstance(cmd, (P.ChunkCmd, P.UpdateCmd, P.DrainCmd, P.CloseCmd)):
@@ -174,6 +186,8 @@ class Rank0(RankBase):
             except StopIteration:
                 self.drivers.pop(sid, None)
                 self.waits.pop(sid, None)
+                self.encode_laps.pop(sid, None)
+                self.dit_ms.pop(sid, None)
                 return
             self.waits[sid] = w
             value = None
@@ -209,8 +223,11 @@ class Rank0(RankBase):
         groups = [s.group for _, s in chosen]
         xs = [s.x for _, s in chosen]
         times = ForwardTimes(fid)
-        for _, s in chosen:
+        for sid, s in chosen:
             times.other.extend(s.laps)
+            if s.laps:
+                self.encode_laps[sid] = s.laps
+        self.fid_sids[fid] = [sid for sid, _ in chosen]
         lap = self.clock.lap()
         emb = self.stage.embed(groups, xs)
         times.other.append(lap.stop())
@@ -294,13 +311,6 @@ class Rank0(RankBase):
         now = time.perf_counter()
         f = self.inflight.pop(out.fid, None)
         latency = None if f is None else 1000.0 * (now - f.issued)
-        for o in out.outputs:
-            stats = o.stats if latency is None else dict(o.stats, latency_ms=latency)
-            self._send_event(P.Output(o.sid, o.frames, o.pts, stats))
-        for sid, seq in out.done:
-            self._send_event(P.Done(sid, seq))
-        if f is not None and f.frames == 1 and latency is not None:
-            self.batcher.observe(f.sessions, latency)
         for rank, fid, dit_ms, other_ms, graphed in list(out.times) + [(self.rank, *r) for r in self.clock.harvest()]:
             self.timing.setdefault(fid, {})[rank] = (dit_ms, other_ms)
             self.rank_forwards[rank][0 if graphed else 1] += 1
@@ -308,11 +318,28 @@ class Rank0(RankBase):
             rec = self.timing[fid]
             if len(rec) == self.world:
                 del self.timing[fid]
+                for sid in self.fid_sids.pop(fid, ()):  # the DiT time of a session's latest timed forward
+                    self.dit_ms[sid] = sum(d for d, _ in rec.values())
                 if fid >= self.balance_from_fid and fid not in self.skip_fids:
                     self.balancer.observe([rec[r] for r in range(self.world)])
                 self.skip_fids.discard(fid)
         for fid in [k for k in self.timing if k < self.next_fid - 256]:
             del self.timing[fid]
+            self.fid_sids.pop(fid, None)
+        for o in out.outputs:
+            stats = dict(o.stats)
+            if latency is not None:
+                stats["latency_ms"] = latency
+            encode = [lap.ms() for lap in self.encode_laps.get(o.sid, [])]
+            if encode and None not in encode:
+                stats[ENCODE_MS] = float(sum(encode))  # type: ignore[arg-type]
+            if o.sid in self.dit_ms:
+                stats[DIT_MS] = self.dit_ms[o.sid]
+            self._send_event(P.Output(o.sid, o.frames, o.pts, stats))
+        for sid, seq in out.done:
+            self._send_event(P.Done(sid, seq))
+        if f is not None and f.frames == 1 and latency is not None:
+            self.batcher.observe(f.sessions, latency)
         self._stats_dirty = True
 
     # -- block moves ---------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from engine.parallel import protocol as P
+from engine import protocol as P
 from engine.parallel.rank import RankBase, RankSpec
 from engine.parallel.rank0 import Rank0
 

@@ -14,14 +14,34 @@ goes on gloo), then puts views of the received buffer back in. A field in `TENSO
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 
-from engine.parallel.stage import Group
 
 # (rank, forward id, dit ms, other ms, graphed): a rank's stage times of one forward
 StageRecord = tuple[int, int, float, float, bool]
+
+
+@dataclass
+class Group:
+    """One session's rows in a forward: everything but the tensors (those ride in the payload)."""
+
+    sid: int
+    rows: int
+    frames: int
+    positions: list[int]
+    t: list[int]  # timestep of each row (all its frames)
+    kv_tick: bool = True  # advance the prompt transition (once per chunk)
+    new_batch: bool = False  # a fresh KV cache before this forward (new stream batch)
+    new_vae: bool = False  # a fresh decode stream before this forward (new video stream)
+    expand: int = 0  # after this forward, replicate the cache row into `expand` rows (end of priming)
+    renoise: list[tuple[int, int, tuple[int, ...]]] = field(default_factory=list)  # (row, t_next, noise key)
+    decode: Optional[list] = None  # pts of the chunk leaving with the last row; None: nothing leaves
+    seed: int = 0
+    epoch: int = 0
+    done: Optional[int] = None  # the caller's command this forward completes
+    stats: dict = field(default_factory=dict)  # the schedule's figures for this chunk (strength, timestep)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,8 @@ A forward carries `Group`s: one session's rows (a stream batch, or a step of its
 embeds each group alone (the patch-embedding convolution is not batch-invariant on every backend),
 then every rank runs its blocks over all rows at once: row-wise ops are exact under batching, and
 self-attention goes to each row's own session cache through `BatchedCache`, which splits the rows by
-session. The last rank adds the head and the flow step. Every numeric step is the one
-`engine.dit_runner.DiTRunner` takes in one process, so a rank count never changes a frame.
+session. The last rank adds the head and the flow step. A rank runs the same kernels on the same rows
+whatever the rank count, so a rank count never changes a frame.
 
 `RankSession` is what a rank keeps of a session: its KV cache and cross-attention K/V for the rank's
 own layers (plus the VAE decode stream on the last rank). Blocks moving between ranks take those
@@ -28,6 +28,7 @@ from engine.fp8 import convert_block
 from engine.kv_cache import StreamKVCache
 from engine.kv_policy import EvictionQueues, eviction_queues, graphs_allowed
 from engine.parallel.stage_graph import StageGraph, cross_kv_rows
+from engine.parallel.ring_messages import Group
 from engine.rope import Rope
 from engine.transfer import h2d
 
@@ -36,30 +37,9 @@ log = logging.getLogger(__name__)
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
-@dataclass
-class Group:
-    """One session's rows in a forward: everything but the tensors (those ride in the payload)."""
-
-    sid: int
-    rows: int
-    frames: int
-    positions: list[int]
-    t: list[int]  # timestep of each row (all its frames)
-    kv_tick: bool = True  # advance the prompt transition (once per chunk, as StreamSession._kv_now)
-    new_batch: bool = False  # a fresh KV cache before this forward (new stream batch)
-    new_vae: bool = False  # a fresh decode stream before this forward (new video stream)
-    expand: int = 0  # after this forward, replicate the cache row into `expand` rows (end of priming)
-    renoise: list[tuple[int, int, tuple[int, ...]]] = field(default_factory=list)  # (row, t_next, noise key)
-    decode: Optional[list] = None  # pts of the chunk leaving with the last row; None: nothing leaves
-    seed: int = 0
-    epoch: int = 0
-    done: Optional[int] = None  # the caller's command this forward completes
-    stats: dict = field(default_factory=dict)  # rank 0's figures for this chunk (encode ms, strength...)
-
-
 class PromptState:
     """Cross-attention K/V of one session for a rank's layers, with a prompt transition in progress.
-    The arithmetic is engine.session.PromptBlend's, layer by layer."""
+    A transition blends the old K/V into the new over `chunks` chunks, layer by layer."""
 
     def __init__(self, kv: dict[int, KV]) -> None:
         self.kv = kv  # the current prompt's K/V
@@ -259,8 +239,7 @@ class Stage:
     def prepare_prime(self, sid: int, frames: int) -> None:
         """Frame 0 of a fresh stream arrived (its other first-chunk frames are on their way): give the
         session the cache its next stream batch starts with, and capture this rank's blocks of the
-        priming forward (one row of `frames` latents at position 0) on it, as DiTRunner.prepare_prime
-        does in one process. Eager priming forwards are host-bound (a ring of one on an H200: the GPU
+        priming forward (one row of `frames` latents at position 0) on it. Eager priming forwards are host-bound (a ring of one on an H200: the GPU
         idled 172 of 314 ms from the push of frames 0-4 to the first frame). Only a shape that has
         already run eagerly on this rank is captured (a capture must not be its first run)."""
         s = self.sessions.get(sid)

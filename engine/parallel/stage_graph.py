@@ -1,7 +1,7 @@
 """A rank's blocks for a steady-state forward, replayed from a CUDA graph: one session's rows, or the
 rows of several sessions batched into one forward.
 
-The same idea as engine.dit_runner.DiTRunner, for a rank's share: once every session in the forward has
+Once every session in the forward has
 a full KV cache and each row brings one latent frame, the forward's shapes no longer change and
 everything that does change lives in device buffers (each cache's plan and positions, and here the
 incoming tokens, modulation and cross-attention K/V, copied into static inputs). One replay then stands
@@ -17,18 +17,36 @@ block move or a new shape makes a new one (after one eager forward that warms th
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from engine.dit import AttnInputs, Embedded, WanDiT
-from engine.dit_runner import capture_graph
+from engine.stream_graph import capture_error_mode
 from engine.kv_cache import StreamKVCache
 from engine.rope import Rope
 
 log = logging.getLogger(__name__)
 
 KV = tuple[torch.Tensor, torch.Tensor]
+
+
+def capture_graph(fn: Callable[[], Any], device: torch.device) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Capture fn's kernels as a CUDA graph (not run). Unlike `with torch.cuda.graph(...)` this neither
+    synchronises the device nor empties the allocator's cache: a capture ahead of time (a fresh
+    stream's first chunk) must not stall the GPU's other work or make later allocations cudaMalloc again."""
+    graph = torch.cuda.CUDAGraph()
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        graph.capture_begin(capture_error_mode=capture_error_mode())
+        try:
+            out = fn()
+        finally:
+            graph.capture_end()
+    current.wait_stream(side)
+    return graph, out
 
 
 class StageGraph:
@@ -52,7 +70,7 @@ class StageGraph:
         stage.BatchedCache over `caches`).
 
         Captured on a side stream without synchronising the device or emptying the allocator's cache
-        (dit_runner.capture_graph), unlike `with torch.cuda.graph()`: a rank captures while the ring
+        (capture_graph), unlike `with torch.cuda.graph()`: a rank captures while the ring
         runs (a new session, a block move), and a device-wide wait plus an emptied cache (later
         allocations going back to cudaMalloc) would land in the forwards right after a move, the very
         ones the block scheduler measures to judge it."""

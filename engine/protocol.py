@@ -1,8 +1,10 @@
-"""What the caller (engine.parallel.engine) and the ranks say to each other over pipes.
+"""What an engine's caller side (engine.frontend) and its core (rank 0, engine.parallel.rank0) say to
+each other: over pipes when the core runs in a rank process, as plain calls when it runs in the caller's
+thread (engine.runtime).
 
-Commands go to rank 0 only; rank 0 turns them into ring messages. Events come back from rank 0
-(outputs, completions, stats) and from any rank (its failure). Plain dataclasses, pickled by the pipe.
-No torch here.
+Commands go to the core only; it turns them into forwards and ring messages. Events come back from the
+core (outputs, completions, stats) and from any rank (its failure). Plain dataclasses, pickled by a
+pipe. No torch here. The chunk facts every engine shares are here too.
 """
 
 from __future__ import annotations
@@ -12,6 +14,17 @@ from typing import Any, Optional
 
 from engine.parallel.balance import BalanceStats
 from interface.messages import EngineInfo
+
+FIRST_CHUNK = 5  # a stream's first DiT chunk: 5 pixel frames -> 2 latent frames
+CHUNK = 4  # then 4 -> 1
+# A chunk's stats that time its stages on the device, in ms (FramesOut.stats; EngineInfo names them)
+ENCODE_MS, DIT_MS, DECODE_MS = STAGE_STATS = ("vae_encode_ms", "dit_ms", "vae_decode_ms")
+
+
+def engine_info(**facts: Any) -> EngineInfo:
+    """What an engine reports about itself, with the chunk facts the server sizes its frame rings and
+    budgets by."""
+    return EngineInfo(max_chunk_frames=FIRST_CHUNK, chunk_frames=CHUNK, stage_stats=STAGE_STATS, **facts)
 
 
 # -- commands (caller -> rank 0) ----------------------------------------------------------------------

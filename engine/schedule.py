@@ -1,21 +1,28 @@
-"""Rank 0's side of one session: what engine.session.StreamSession does in one process, cut where the
-work leaves for the other ranks.
+"""The streaming algorithm, once (docs/ARCHITECTURE.md §3, §4): a session's frames, updates and resets
+turned into DiT forwards. Both executors run it: the in-process engine (a ring of one in the caller's
+thread, engine.runtime) and the ring of ranks (engine.parallel); neither has a copy of it.
 
-Rank 0 keeps the session's input side (noise controller, VAE encode stream, the stream batch's rows and
-positions, the noise keys) and decides everything a forward needs, writing it into the forward's
-`Group` header: timesteps, positions, which rows the last rank re-noises and with which noise keys,
-whether a chunk leaves and with which pts. The other ranks only follow headers ("one place decides").
+A `SessionSchedule` keeps the session's input side (noise controller, VAE encode stream, the rows in
+flight and their positions, the noise keys) and decides everything a forward needs, writing it into the
+forward's `Group`: timesteps, positions, which rows the last stage re-noises and with which noise keys,
+whether a chunk leaves and with which pts. Whatever executes the forward only follows the group.
 
-The logic is a generator that yields what it waits for, so rank 0 can serve many sessions, keep several
-forwards in flight and batch sessions together:
+The stream batch. The first chunk is denoised step by step in one row. After it, with n steps, n chunks
+are in flight, one per noise level, and run as one forward of n rows: each forward takes a new chunk in
+at the noisiest level and lets the cleanest out. With a step lag L (default 1, the reference's schedule),
+row i of forward f holds the chunk that entered at forward f - i*L, fed from row i-1 of forward f-L's
+output; a chunk leaves (n-1)*L forwards after it entered. With L = 1 a forward needs the previous
+forward's output, so one forward of a stream is in flight (other sessions fill the executor); with L > 1,
+L forwards of one stream can be (a ring keeps its ranks busy that way). Rows a chunk has not reached yet
+are filler (zero latents), so frames equal those of another engine with the same L, not L = 1.
+
+The schedule is a generator that yields what it waits for, so one core can serve many sessions, keep
+several forwards in flight and batch sessions together:
 - `NeedCommand()`: the next command of this session (from the caller);
 - `Submit(group, x)`: a forward's rows, to be batched and issued; resumes with the forward id;
-- `AwaitRows(fid)`: the re-noised rows of that forward, back from the last rank;
-- `Emit(msg)`: a control message for every rank (prompt, reset, close), sent in order with forwards.
-With one denoising step a forward needs nothing from the previous one, so consecutive chunks of one
-stream pipeline across the ranks. With n >= 2 steps row j of a forward is row j-1 of the output of the
-forward `step_lag` (L) before it (engine.stream_batch): with L = 1 a session has one forward in flight
-and the ranks fill up with other sessions; with L = the number of ranks, one stream keeps them all busy.
+- `AwaitRows(fid)`: the re-noised rows of that forward, back from the last stage;
+- `Emit(msg)`: a control message for every stage (prompt, reset, close), in order with forwards;
+- `Failure(seq, error)`: the session cannot go on.
 """
 
 from __future__ import annotations
@@ -30,14 +37,46 @@ import torch
 from engine import flow
 from engine.kv_policy import SessionPolicy
 from engine.noise_control import NoiseController
-from engine.parallel.protocol import ChunkCmd, CloseCmd, DrainCmd, UpdateCmd
-from engine.parallel.stage import Group
+from engine.noise import KeyedNoise
 from engine.parallel import ring_messages as M
-from engine.session import CHUNK, FrameZero
-from engine.stream_batch import KeyedNoise
+from engine.parallel.ring_messages import Group
+from engine.protocol import CHUNK, ChunkCmd, CloseCmd, DrainCmd, UpdateCmd
 from interface.controls import StreamParams, StreamUpdate
 
-log = logging.getLogger("engine.parallel.driver")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FrameZero:
+    """A fresh stream's frame 0, encoded on arrival while frames 1-4 are still on their way (the VAE
+    encodes frame 0 on its own anyway); the first chunk then takes only frames 1-4."""
+
+    frame: Any  # np.ndarray uint8 [H, W, 3]
+    pts: int
+    video: torch.Tensor  # [1, 3, 1, H, W] in [-1, 1], for the noise controller
+    latent: torch.Tensor  # [1, 16, 1, h, w]
+
+
+def renoise_rows(x0: torch.Tensor, groups: list[Group], noise: KeyedNoise) -> dict[int, torch.Tensor]:
+    """The last stage's flow step after a forward: each group's rows re-noised in place to their next
+    timestep with the group's noise keys; returns the rows each session's next forwards take, by sid."""
+    back: dict[int, torch.Tensor] = {}
+    start = 0
+    for g in groups:
+        xg = x0[start : start + g.rows]
+        noise.seed, noise.epoch = g.seed, g.epoch
+        for row, t_next, key in g.renoise:
+            xg[row : row + 1] = flow.renoise(xg[row : row + 1], noise.draw(xg[row : row + 1].shape, *key), t_next)
+        if g.renoise:
+            back[g.sid] = xg[: len(g.renoise)]
+        start += g.rows
+    return back
+
+
+def first_latent_apart(x0: torch.Tensor) -> list[torch.Tensor]:
+    """A stream's first chunk decodes latent 0 (frame 0 alone) before the rest, so that frame 0 can leave
+    early while the rest is decoded."""
+    return [x0[:, :, :1], x0[:, :, 1:]] if x0.shape[2] > 1 else [x0]
 
 
 @dataclass
@@ -49,7 +88,7 @@ class NeedCommand:
 class Submit:
     group: Group
     x: torch.Tensor  # the group's noisy rows [R, 16, F, h, w]
-    laps: list = field(default_factory=list)  # rank 0's timing laps spent on this chunk (VAE encode)
+    laps: list = field(default_factory=list)  # timing laps spent on this chunk before the forward (VAE encode)
 
 
 @dataclass
@@ -73,12 +112,12 @@ class Failure:
 Wait = Any  # one of the above
 
 
-Driver = Generator[Wait, Any, None]
+Steps = Generator[Wait, Any, None]
 
 
-class DriverSession:
+class SessionSchedule:
     def __init__(self, host: Any, sid: int, prompt: str, params: StreamParams) -> None:
-        """`host` is rank 0 (engine.parallel.rank0.Rank0): io, encoder, defaults, device, dtype, clock,
+        """`host` is the core that runs it (engine.parallel.rank0.Rank0): io, encoder, defaults, device, dtype, clock,
         embed_prompt(), discard (returns nobody waits for any more)."""
         self.host, self.sid, self.params = host, sid, params
         d = host.defaults
@@ -102,7 +141,7 @@ class DriverSession:
         self.policy = SessionPolicy(d.kv_policy)  # the session's, kept across its restarts
         self._reset_stream()
 
-    # -- stream state (StreamSession._reset_stream / _new_batch, StreamBatch.__init__) ----------------
+    # -- stream state --------------------------------------------------------------------------------
     def _reset_stream(self) -> None:
         self.vae_state = None
         self.frame0: Optional[FrameZero] = None  # a fresh stream's frame 0, waiting for frames 1-4
@@ -130,7 +169,7 @@ class DriverSession:
         self.forwards = 0
 
     # -- the session's life ----------------------------------------------------------------------------
-    def run(self, open_seq: int) -> Driver:
+    def run(self, open_seq: int) -> Steps:
         try:
             context = self.host.embed_prompt(self.prompt)
         except Exception as exc:  # a prompt the encoder refuses: this session fails, the engine goes on
@@ -156,8 +195,8 @@ class DriverSession:
     def _group(self, **kw: Any) -> Group:
         return Group(sid=self.sid, seed=self.noise.seed, epoch=self.noise.epoch, **kw)
 
-    # -- one chunk (StreamSession._run_chunk) ----------------------------------------------------------
-    def _chunk(self, cmd: ChunkCmd) -> Driver:
+    # -- one chunk -------------------------------------------------------------------------------------
+    def _chunk(self, cmd: ChunkCmd) -> Steps:
         host = self.host
         video = host.io.to_video_tensor(cmd.frames)
         if self.vae_state is None:
@@ -182,12 +221,12 @@ class DriverSession:
         self.in_flight.append(pts)
         stats = {"noise_strength": strength, "timestep": float(t0)}
         if not self.primed:
-            yield from self._prime(latent, strength, t0, new_vae, cmd.seq, lap, stats)
+            yield from self.prime(latent, strength, t0, new_vae, cmd.seq, lap, stats)
         else:
-            yield from self._push(latent, strength, t0, cmd.seq, lap, stats)
+            yield from self.push(latent, strength, t0, cmd.seq, lap, stats)
 
-    def _frame0(self, cmd: ChunkCmd, video: torch.Tensor) -> Driver:
-        """A fresh stream's frame 0, alone (StreamSession._encode_frame0): encoded on arrival, held for
+    def _frame0(self, cmd: ChunkCmd, video: torch.Tensor) -> Steps:
+        """A fresh stream's frame 0, alone: encoded on arrival, held for
         the first chunk; every rank prepares that chunk's forward meanwhile (its fresh KV cache and, where
         the shape has run before, the priming forward as a CUDA graph). The chunk completes once that
         message has been round the ring."""
@@ -196,9 +235,9 @@ class DriverSession:
         self.frame0 = FrameZero(frame=cmd.frames[0], pts=cmd.pts[0], video=video, latent=latent)
         yield Emit(M.PrepareFirstChunk(self.sid, 1 + CHUNK // 4, cmd.seq))
 
-    def _prime(self, latent: torch.Tensor, strength: float, t0: int, new_vae: bool, seq: int, lap: Any,
-               stats: dict) -> Driver:
-        """StreamBatch.prime: the first chunk goes through every step in one row, one forward each."""
+    def prime(self, latent: torch.Tensor, strength: float, t0: int, new_vae: bool, seq: int, lap: Any,
+               stats: dict) -> Steps:
+        """The first chunk goes through every step in one row, one forward each."""
         frames, n = latent.shape[2], len(self.steps)
         x = strength * self.noise.draw(latent.shape, KeyedNoise.PRIME, 0, 0) + (1 - strength) * latent
         x = x.to(latent.dtype)
@@ -230,9 +269,10 @@ class DriverSession:
     def step_lag(self) -> int:
         return self.host.opts.step_lag
 
-    def _push(self, latent: Optional[torch.Tensor], strength: float, t0: int, seq: Optional[int], lap: Any,
-              stats: dict) -> Driver:
-        """StreamBatch.push: a new chunk enters at the noisiest row, the cleanest leaves."""
+    def push(self, latent: Optional[torch.Tensor], strength: float, t0: int, seq: Optional[int], lap: Any,
+              stats: dict) -> Steps:
+        """One stream forward: a new chunk (None: pure noise, while draining) enters at the noisiest row, the
+        cleanest leaves."""
         n = len(self.steps)
         h, w = self.latent_hw
         shape = (1, 16, 1, h, w)
@@ -263,15 +303,15 @@ class DriverSession:
         if n > 1:
             self.sources.append(fid)
 
-    def _drain(self) -> Driver:
-        """StreamSession._drain: pure-noise chunks until every real chunk in flight has left."""
+    def _drain(self) -> Steps:
+        """Pure-noise chunks until every real chunk in flight has left (a reset keeps the frames they finish)."""
         if not self.primed:
             return
         while any(p is not None for p in self.in_flight):
             self.in_flight.append(None)
-            yield from self._push(None, 1.0, self.last_t0, None, None, {})
+            yield from self.push(None, 1.0, self.last_t0, None, None, {})
 
-    # -- live updates (StreamSession._apply_updates, one update) ---------------------------------------
+    # -- live updates, at a chunk boundary -------------------------------------------------------------
     def _update(self, u: StreamUpdate, seq: int) -> Generator[Wait, Any, bool]:
         if u.reset:
             self._reset_stream()
