@@ -1,4 +1,4 @@
-"""The caller's side of an engine (docs/ARCHITECTURE.md §1, §2): sessions (engine.session) send
+"""The caller's side of an engine (docs/ARCHITECTURE.md §6): sessions (engine.session) send
 commands (engine.protocol) to the engine's core, rank 0 (engine.parallel.rank0), and its events come
 back here. The two executors differ only in where the core runs:
 

@@ -9,7 +9,7 @@ forward, as on a ring.
 
 `device` names one device (`cpu`, `cuda`, `cuda:N`, `auto`) for this engine, or several ranks (`cpu:N`,
 `cuda:0,1`, `cuda*N`, `torchrun`) for the ring executor of engine.parallel, which `create` returns
-instead; both run the same schedule and have the same session API (docs/ARCHITECTURE.md §1).
+instead; both run the same schedule and have the same session API (docs/ARCHITECTURE.md §6).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The streaming algorithm, once (docs/ARCHITECTURE.md §3, §4): a session's frames, updates and resets
+"""The streaming algorithm, once (docs/ARCHITECTURE.md §3, §5): a session's frames, updates and resets
 turned into DiT forwards. Both executors run it: the in-process engine (a ring of one in the caller's
 thread, engine.runtime) and the ring of ranks (engine.parallel); neither has a copy of it.
 

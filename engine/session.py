@@ -1,5 +1,5 @@
 """One stream session as the caller sees it: frames + pts in, generated frames + pts out, live updates
-(docs/ARCHITECTURE.md §3, §5). The same class serves every engine: the session cuts frames into chunks
+(docs/ARCHITECTURE.md §6). The same class serves every engine: the session cuts frames into chunks
 and sends commands to the engine's core; the core's schedule (engine.schedule) does the streaming, in
 the caller's thread (engine.runtime) or in rank processes (engine.parallel.engine).
 
@@ -10,16 +10,13 @@ the caller's thread (engine.runtime) or in rank processes (engine.parallel.engin
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from engine import protocol as P
 from engine.protocol import CHUNK
 from interface.controls import StreamUpdate
-
-if TYPE_CHECKING:
-    from engine.frontend import EngineFrontend
 
 OutputFrame = tuple[np.ndarray, int]
 EarlyFrames = Callable[[list[OutputFrame]], None]
@@ -68,7 +65,8 @@ class ChunkBuffer:
 
 
 class Session:
-    def __init__(self, engine: "EngineFrontend", sid: int) -> None:
+    def __init__(self, engine: Any, sid: int) -> None:
+        """`engine` is the engine.frontend.EngineFrontend that opened it (commands, waits, its lock)."""
         self.engine, self.sid = engine, sid
         self.id = uuid.uuid4().hex[:12]
         self.stats: dict[str, float] = {}

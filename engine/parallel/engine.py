@@ -25,8 +25,7 @@ import shutil
 import tempfile
 import threading
 import time
-import uuid
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 from engine.config import ModelConfig
 from engine import protocol as P

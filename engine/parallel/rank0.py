@@ -1,6 +1,6 @@
 """Rank 0, the engine's core: besides its stage (engine/parallel/rank.py) it runs the sessions'
 schedules (engine.schedule), batches several sessions into one forward under the SLO, runs the block
-scheduler, and takes the caller's commands (docs/ARCHITECTURE.md §2, docs/PARALLEL.md). The other ranks
+scheduler, and takes the caller's commands (docs/ARCHITECTURE.md §5, docs/PARALLEL.md). The other ranks
 only execute. In a ring of one (the in-process engine, engine.runtime) it is the whole engine, stepped
 by the caller's thread; in a ring of several it serves in its own process."""
 

@@ -14,7 +14,7 @@ goes on gloo), then puts views of the received buffer back in. A field in `TENSO
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Union
+from typing import ClassVar, Optional, Union
 
 import torch
 

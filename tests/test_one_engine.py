@@ -1,0 +1,126 @@
+"""One engine (docs/ARCHITECTURE.md §5, §6): one schedule run by two executors, in process and on a ring
+of ranks, gives the same frames; a session batched with another gives the frames it gives alone; and the
+house has no import circle and no second copy of the streaming algorithm.
+
+Float32 on CPU throughout: equality is exact (np.array_equal on the uint8 frames)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from engine.runtime import EngineOptions, StreamEngine
+from interface.controls import StreamParams
+from tests.streams import HeldCopies, push_interleaved
+from tests.test_parallel import SIZE, assert_same, drive, tiny4, video  # noqa: F401
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def in_process(tiny4):
+    return StreamEngine.create(EngineOptions(model=tiny4, device="cpu", **SIZE))
+
+
+@pytest.fixture(scope="module")
+def alone(in_process):
+    """Each test stream alone on the in-process engine, at 1 and 3 steps."""
+    frames = {1: video(29, seed=1), 2: video(29, seed=2)}
+    return frames, {(k, steps): drive(in_process, frames[k], f"prompt {k}", seed=k, steps=steps)
+                    for k in (1, 2) for steps in (1, 3)}
+
+
+@pytest.mark.parametrize("devices", ["cpu:1", "cpu:2", "cpu:3"])
+def test_in_process_and_rings_of_1_2_3_ranks_give_identical_frames(tiny4, alone, devices):
+    """For 1 and 3 steps alone, and for two sessions batched into one forward (a ring that holds one
+    forward at a time: while one session's forward runs, the other's waits and they meet in the queue)."""
+    frames, want = alone
+    opts = dict(ring_capacity=1, inflight=2, max_batch=2, rebalance=False, deadline_ms=60_000.0)
+    with StreamEngine.create(EngineOptions(model=tiny4, device=devices, **SIZE, parallel=opts)) as e:
+        for steps in (1, 3):
+            assert_same(drive(e, frames[1], "prompt 1", seed=1, steps=steps), want[(1, steps)])
+            a = e.open_session("prompt 1", StreamParams(seed=1, steps=steps))
+            b = e.open_session("prompt 2", StreamParams(seed=2, steps=steps))
+            a_out, b_out = push_interleaved([a, b], [frames[1], frames[2]])
+            assert_same(a_out, want[(1, steps)])
+            assert_same(b_out, want[(2, steps)])
+            a.close()
+            b.close()
+        st = e.stats()
+    assert st["batched_forwards"] > 0 and max(int(k) for k in st["batch"]["forwards"]) == 2
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_sessions_batched_in_process_equal_each_alone(tiny4, alone, monkeypatch, steps):
+    """One device batches sessions as a ring does. Frames whose copy to the host is slow (held here, as
+    a busy GPU holds them) keep a forward in flight, so the next sessions' chunks wait and go through the
+    DiT together."""
+    frames, want = alone
+    opts = dict(ring_capacity=1, inflight=2, max_batch=2, deadline_ms=60_000.0)
+    e = StreamEngine.create(EngineOptions(model=tiny4, device="cpu", **SIZE, parallel=opts))
+    monkeypatch.setattr(e.core.io, "to_uint8_later", HeldCopies(e.core.io))  # never released: waited for
+    a = e.open_session("prompt 1", StreamParams(seed=1, steps=steps))
+    b = e.open_session("prompt 2", StreamParams(seed=2, steps=steps))
+    a_out, b_out = push_interleaved([a, b], [frames[1], frames[2]])
+    st = e.stats()
+    assert st["batched_forwards"] > 0 and max(int(k) for k in st["batch"]["forwards"]) == 2
+    assert_same(a_out, want[(1, steps)])
+    assert_same(b_out, want[(2, steps)])
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at the top or inside a function (a lazy import counts)."""
+    tree = ast.parse(path.read_text())
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def test_no_import_circle_in_the_house():
+    modules = {}
+    for pkg in ("engine", "server", "interface", "bench"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            modules[name] = path
+    graph = {m: {i for i in _imports(p) if i in modules and i != m} for m, p in modules.items()}
+    # a package's __init__ is not an edge to everything under it
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(n):] + [n]))
+            if n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_the_streaming_algorithm_lives_in_one_module():
+    """The schedule's decisions (noise keys, row positions, RoPE wrap, timesteps) are made in
+    engine/schedule.py only; no executor computes them again."""
+    marks = ("KeyedNoise.STREAM", "KeyedNoise.PRIME", "rope_reset_frames", "stream_timesteps(", "prime_timesteps(")
+    found = {}
+    for path in (ROOT / "engine").rglob("*.py"):
+        text = path.read_text()
+        for mark in marks:
+            if mark in text:
+                found.setdefault(mark, set()).add(path.relative_to(ROOT).as_posix())
+    for mark in marks:
+        users = found.get(mark, set()) - {"engine/schedule.py", "engine/kv_policy.py", "engine/config.py",
+                                           "engine/build.py", "engine/noise.py"}
+        assert not users, f"{mark} is used outside the schedule: {sorted(users)}"
