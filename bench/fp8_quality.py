@@ -107,7 +107,8 @@ def _to_bf16(engine: StreamEngine) -> None:
     for module in (engine.dit, engine.vae, getattr(engine.text, "encoder", None), engine.encoder, engine.decoder):
         if isinstance(module, torch.nn.Module):
             module.to(torch.bfloat16)
-    engine.dtype = torch.bfloat16
+    # what the engine's core computes in: the schedule's noise and latents, the stage's caches, the re-noising
+    engine.core.dtype = engine.core.stage.dtype = engine.core.renoise_source.dtype = torch.bfloat16
 
 
 @torch.no_grad()

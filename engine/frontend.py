@@ -51,6 +51,9 @@ class EngineFrontend:
         """Return once pred() holds (checked under the lock); EngineFailure if the engine fails first."""
         raise NotImplementedError
 
+    def _pump(self) -> None:
+        """Let the core take in the commands sent so far and start their work, without waiting."""
+
     def _poll(self) -> None:
         """Let the core hand over what it finished, without waiting."""
 

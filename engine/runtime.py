@@ -126,14 +126,16 @@ class StreamEngine(EngineFrontend):
                 continue
             raise RuntimeError(f"the engine has nothing left to do while waiting for {what}")
 
-    def _poll(self) -> None:
+    def _pump(self) -> None:
         while self._step():
             pass
+
+    def _poll(self) -> None:
+        self._pump()
         deferred = self.core.deferred
         if deferred is not None and all(pending.ready() for _, pending, _ in deferred.frames):
             self._flush_outputs()  # the frames are on the host: hand them over (one loopback hop)
-            while self._step():
-                pass
+            self._pump()
 
     def _close_session(self, s: Any) -> None:
         super()._close_session(s)

@@ -120,7 +120,9 @@ class Session:
                 break
             self._wait(lambda: len(self._chunks) < depth, "a chunk slot", early)
             self._send_chunk(*got)
-        self.engine._poll()  # the core takes the chunks in now (frame 0's encode, the forwards queued)
+        self.engine._pump()  # the core takes the chunks in now (frame 0's encode, the forwards queued)
+        if early is not None and self._outputs:  # e.g. a fresh stream's frame 0, ahead of its chunk
+            early(self._take())
         self._wait(lambda: len(self._chunks) <= depth - 1, "chunks in flight", early)
         return self._take()
 

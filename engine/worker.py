@@ -25,7 +25,6 @@ from pydantic import BaseModel, ValidationError
 from engine.build import EngineOptions
 from engine.config import load_model_config
 from engine.parallel.devices import parse_devices
-from engine.parallel.engine import ParallelEngine
 from engine.parallel.errors import EngineFailure
 from engine.protocol import RingStats
 from engine.runtime import StreamEngine
@@ -87,7 +86,8 @@ class Worker:
         self._conn = conn
         self._chunk_delay_s = chunk_delay_s
         self._sessions: dict[str, _Session] = {}
-        self._pipeline = isinstance(engine, ParallelEngine)  # several ranks (or a ring of one)
+        # the core's report (forwards, batch sizes, per rank); one device is a ring of one
+        self._pipeline = callable(getattr(engine, "ring_stats", None))
         self._pipeline_sent: Optional[PipelineStats] = None
         self._pipeline_at = 0.0
 

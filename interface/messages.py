@@ -25,7 +25,7 @@ class _Message(BaseModel):
 
 class EngineInfo(BaseModel):
     """What the engine reports about itself: the model it runs and the facts the server sizes its
-    sessions by (the engine fills them in: engine.session.engine_info)."""
+    sessions by (the engine fills them in: engine.protocol.engine_info)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 

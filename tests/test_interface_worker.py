@@ -185,7 +185,7 @@ def test_a_fresh_stream_sends_frame_zero_ahead(engine_conn: Connection) -> None:
 
 def test_engine_options_pipeline_one_stream_over_several_ranks() -> None:
     one = worker.engine_options(WorkerOptions(model="tiny", device="cpu"))
-    assert one.step_lag == 1 and one.parallel.inflight == 1
+    assert one.step_lag == 1 and one.parallel.inflight is None  # one device: 2 chunks on CUDA, 1 on CPU
     two = worker.engine_options(WorkerOptions(model="tiny", device="cpu:2"))  # tiny runs 2 steps
     assert two.step_lag == 2 and two.parallel.inflight == 2
     assert worker.engine_options(WorkerOptions(model="tiny", device="cpu:3", step_lag=1)).step_lag == 1
@@ -295,9 +295,11 @@ def test_queued_chunks_leave_as_partial_replies_when_done(monkeypatch) -> None:
     from engine.runtime import EngineOptions, StreamEngine
     from tests.streams import HeldCopies
 
-    engine = StreamEngine.create(EngineOptions(model="tiny", device="cpu", height=SIZE, width=SIZE))
-    held = HeldCopies(engine)
-    monkeypatch.setattr(engine, "to_uint8_later", held)
+    # two chunks in flight, as on CUDA
+    engine = StreamEngine.create(EngineOptions(model="tiny", device="cpu", height=SIZE, width=SIZE,
+                                               parallel=dict(inflight=2)))
+    held = HeldCopies(engine.core.io)
+    monkeypatch.setattr(engine.core.io, "to_uint8_later", held)
     ours, theirs = multiprocessing.Pipe()
     loop = worker.Worker(_QueuingEngine(engine), theirs)
     thread = threading.Thread(target=loop.serve, daemon=True)
@@ -306,7 +308,10 @@ def test_queued_chunks_leave_as_partial_replies_when_done(monkeypatch) -> None:
     client.exchange(_inputs(1, 1))
     replies, out = client.exchange(_inputs(2, 4))
     assert [(r.partial, r.count) for r in replies] == [(True, 1), (False, 0)] and [p for _, p in out] == [0]
-    assert not ours.poll(0.3)  # nothing while the copy is in flight
+    reports: list = []
+    with pytest.raises(AssertionError, match="did not answer"):  # no frames while the copy is in flight
+        _recv(ours, 0.3, reports)
+    assert all(r.ranks[0].blocks == 2 for r in reports)  # the core's report, if one came: a ring of one
     held.released = True
     reply = _recv(ours, 10.0)
     assert isinstance(reply, FramesOut) and reply.partial and reply.pts == [3000, 6000, 9000, 12000]

@@ -318,8 +318,9 @@ class Rank0(RankBase):
             rec = self.timing[fid]
             if len(rec) == self.world:
                 del self.timing[fid]
-                for sid in self.fid_sids.pop(fid, ()):  # the DiT time of a session's latest timed forward
-                    self.dit_ms[sid] = sum(d for d, _ in rec.values())
+                sids = self.fid_sids.pop(fid, [])
+                for sid in sids:  # a session's share of its latest timed forward's DiT time (all ranks)
+                    self.dit_ms[sid] = sum(d for d, _ in rec.values()) / len(sids)
                 if fid >= self.balance_from_fid and fid not in self.skip_fids:
                     self.balancer.observe([rec[r] for r in range(self.world)])
                 self.skip_fids.discard(fid)
