@@ -21,7 +21,12 @@ from interface.controls import StreamParams
 from interface.messages import EngineInfo
 
 log = logging.getLogger(__name__)
-_PLAIN_STATS = TypeAdapter(P.RingStats)  # the core's report as plain dicts, for callers that read keys
+_PLAIN_STATS = TypeAdapter(P.RingStats)
+
+
+def plain_stats(stats: P.RingStats) -> dict:
+    """The core's report as plain dicts (nested dataclasses and models too), for callers that read keys."""
+    return _PLAIN_STATS.dump_python(stats)
 
 
 class EngineFrontend:
@@ -82,7 +87,7 @@ class EngineFrontend:
                     s._on_done(ev)
             elif isinstance(ev, P.Stats):
                 self._ring_stats = ev.stats
-                self._stats = _PLAIN_STATS.dump_python(ev.stats)  # nested dataclasses and models as dicts
+                self._stats = plain_stats(ev.stats)
             elif isinstance(ev, P.Ready):
                 self._ready = ev
             elif isinstance(ev, P.PingResult):

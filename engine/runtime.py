@@ -23,7 +23,8 @@ import torch
 
 from engine.build import EngineOptions, resolve_device, resolve_dtype
 from engine.config import ModelConfig, load_model_config
-from engine.frontend import EngineFrontend
+from engine import protocol as P
+from engine.frontend import EngineFrontend, plain_stats
 from engine.parallel.devices import parse_devices
 from engine.parallel.engine import ParallelEngine
 from engine.parallel.errors import EngineFailure
@@ -144,6 +145,17 @@ class StreamEngine(EngineFrontend):
 
     def close(self) -> None:
         self._closed = True
+
+    # -- the core's report, read as it is now (no process in between) ----------------------------------
+    def ring_stats(self) -> P.RingStats:
+        return self.core.stats()
+
+    def stats(self) -> dict:
+        return dict(plain_stats(self.core.stats()), failed=None if self._failure is None else str(self._failure))
+
+    def wait_stats(self, pred: Callable[[dict], bool], timeout: float = 30.0) -> dict:
+        self._wait(lambda: pred(self.stats()), "a stats condition")
+        return self.stats()
 
     # -- the parts, for tools and tests ----------------------------------------------------------------
     @property

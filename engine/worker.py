@@ -114,6 +114,7 @@ class Worker:
                     return
                 try:
                     self._handle_safely(message)
+                    self._maybe_send_pipeline()
                 except EngineFailure as exc:
                     # A rank of a parallel engine died: no session can go on. Say so and exit, so the
                     # server tells its sessions and starts a fresh engine.

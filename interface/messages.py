@@ -191,8 +191,8 @@ class BlockDecision(BaseModel):
 
 
 class PipelineStats(_Message):
-    """A pipeline-parallel engine's state, sent by the engine process about once a second while it
-    changes (for /metrics and /api/pipeline); a one-device engine sends none."""
+    """The engine core's state (one device: a ring of one), sent by the engine process about once a
+    second while it changes (for /metrics and /api/pipeline)."""
 
     kind: Literal["pipeline"] = "pipeline"
     ranks: list[RankStage]

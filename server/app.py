@@ -100,13 +100,14 @@ async def ice_servers(request: web.Request) -> web.Response:
 
 
 async def pipeline(request: web.Request) -> web.Response:
-    """The pipeline-parallel engine's ranks (blocks, stage times, CUDA graph use) and its block
-    scheduler's latest decisions, as the engine process last reported them."""
+    """The engine core's report: its ranks (blocks, stage times, CUDA graph use; one device is a ring of
+    one), forwards and how many carried several sessions, the block scheduler's latest decisions, as the
+    engine process last reported them (about once a second while they change)."""
     state = request.app[STATE]
     report = state.engine.pipeline
     if report is None:
         devices = state.engine.info.device if state.engine.info else "not started"
-        raise ApiError(404, f"no pipeline report: the engine runs on one device ({devices}) or has not reported yet")
+        raise ApiError(404, f"no pipeline report yet from the engine ({devices})")
     return web.json_response(report.model_dump(mode="json"))
 
 

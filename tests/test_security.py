@@ -125,9 +125,9 @@ def test_token_missing_wrong_right(sserver: ServerProcess, request_: Http, offer
     sid = json.loads(body)["session_id"]
     assert request_("GET", f"/api/sessions/{sid}", headers=AUTH)[0] == 200
     assert request_("GET", "/metrics", headers=AUTH)[0] == 200
-    # one device: no pipeline to report, and the answer says why
+    # the engine core's report (one device: a ring of one), once the engine process has sent one
     status, _, body = request_("GET", "/api/pipeline", headers=AUTH)
-    assert status == 404 and b"one device" in body, body
+    assert (status == 200 and len(json.loads(body)["ranks"]) == 1) or (status == 404 and b"yet" in body), body
     assert request_("DELETE", f"/api/sessions/{sid}", headers=AUTH)[0] == 204
     # Open: the pages, what the page needs first, health, CORS preflights.
     status, _, body = request_("GET", "/api/info")

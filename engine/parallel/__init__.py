@@ -1,16 +1,17 @@
-"""Pipeline-parallel engine (docs/PARALLEL.md): N ranks, one process per device, the DiT's
-blocks split into contiguous stages around a ring.
+"""The engine's core and its stages, and the ring executor (docs/ARCHITECTURE.md §5, §6, docs/PARALLEL.md):
+N ranks, one process per device, the DiT's blocks split into contiguous stages around a ring; the
+in-process engine (engine.runtime) is rank 0 of a ring of one.
 
 Modules, one job each:
-- devices: the `--devices` grammar (`cpu:N`, `cuda:0,1`, `cuda*N`, `torchrun`);
-- options: the knobs of the schedulers and of start-up (pydantic, no torch);
-- errors: EngineFailure (no torch, so the server can import it);
-- wire: one message per hop (pickled header + one packed tensor payload) and the ring's links;
-- stage: a rank's share of a DiT forward, several sessions' rows in one batch;
-- driver: rank 0's per-session streaming logic (what StreamSession does in one process);
-- balance: the block scheduler; slo: the SLO-aware batch scheduler; timing: stage clocks;
-- rank: a rank's process (build what it owns, serve the ring); engine: the caller's side (sessions);
-- protocol: the commands and events between the caller and the ranks (pipes).
+- rank0: the core: the sessions' schedules (engine.schedule), batching, the block scheduler;
+- rank: what every rank does (build its parts, apply ring messages, run its stage, the last stage's
+  flow step and decode); rank_process: a rank's process;
+- stage, stage_graph: a rank's share of a DiT forward, several sessions' rows at once, as CUDA graphs;
+- engine: the ring executor's caller side (spawns the ranks, reads their events);
+- ring_messages, wire: the typed messages between ranks and how they travel (pickled header + one
+  packed tensor payload per hop);
+- balance: the block scheduler; slo: the SLO-aware batch scheduler; profiling: each rank's profile;
+- devices: the `--devices` grammar; options: the knobs (pydantic, no torch); errors: EngineFailure.
 
 This package's __init__ imports nothing heavy: `engine.parallel.errors` and `.options` stay torch-free.
 """

@@ -27,12 +27,14 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from engine.config import ModelConfig
+from engine.config import ModelConfig, load_model_config
 from engine import protocol as P
 from engine.frontend import EngineFrontend
 from engine.parallel.balance import even_split
-from engine.parallel.devices import validate_local
+from engine.parallel.devices import parse_devices, validate_local
 from engine.parallel.errors import EngineFailure
+from engine.parallel.rank import RankSpec
+from engine.parallel.rank_process import rank_main
 from interface.devices import RankDevices
 from interface.messages import EngineInfo
 
@@ -74,9 +76,6 @@ class ParallelEngine(EngineFrontend):
 
     # -- start / stop ----------------------------------------------------------------------------------
     def _start(self, options: Any) -> None:
-        from engine.parallel.rank import RankSpec
-        from engine.parallel.rank_process import rank_main
-
         world = self.ranks.world
         opts = options.model_dump(mode="json")
         if self.ranks.external:
@@ -273,11 +272,6 @@ class ParallelEngine(EngineFrontend):
 
 def serve_torchrun_rank(options: Any) -> None:
     """Under torchrun, what every process but RANK 0 runs: serve the ring until rank 0 stops it."""
-    from engine.parallel.devices import parse_devices
-    from engine.parallel.rank import RankSpec
-    from engine.parallel.rank_process import rank_main
-    from engine.config import load_model_config
-
     ranks = parse_devices("torchrun")
     assert ranks is not None
     cfg = load_model_config(options.model)

@@ -24,6 +24,7 @@ from engine.parallel.slo import BatchScheduler
 from engine.timing import ForwardTimes
 from engine.parallel import ring_messages as M
 from engine.build import embed_prompt
+from interface.controls import StreamParams
 from interface.messages import EngineInfo
 from engine.parallel.rank import RankBase, RankSpec, layer_span
 
@@ -129,8 +130,6 @@ class Rank0(RankBase):
             cmd = self.commands.recv()
             log.debug("command %s", type(cmd).__name__)
             if isinstance(cmd, P.OpenCmd):
-                from interface.controls import StreamParams
-
                 d = SessionSchedule(self, cmd.sid, cmd.prompt, StreamParams.model_validate(cmd.params))
                 self.drivers[cmd.sid] = (d, d.run(cmd.seq))
                 self.waits[cmd.sid] = None  # start it
