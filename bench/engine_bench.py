@@ -266,7 +266,7 @@ def main() -> None:
         if getattr(args, file):
             override[file] = getattr(args, file)
     dtypes: list[Optional[str]] = args.dtype.split(",") if args.dtype else [None]
-    bad = [d for d in dtypes if d not in DTYPES]
+    bad = [d for d in dtypes if d is not None and d not in DTYPES]  # None: the engine's default
     if bad:
         ap.error(f"--dtype: unknown {', '.join(map(str, bad))}; choose from {', '.join(DTYPES)}")
     results = []
