@@ -61,3 +61,28 @@ def test_profile_stages_and_check_fast_paths_run_their_cpu_dry_runs() -> None:
     out = _run("bench.check_fast_paths", "--model", "tiny", "--device", "cpu", "--height", "32", "--width", "32",
                "--chunks", "2").stdout
     assert "DiT + VAE CUDA graphs vs eager: 13 frames, max |diff| 0.0" in out  # eager both ways off CUDA
+
+
+def test_ab_report_takes_the_median_of_each_sides_rounds_and_their_ratio(tmp_path: Path) -> None:
+    from bench.ab_report import table
+
+    def engine(fps: float, ttff: float) -> dict:
+        return dict(results=[dict(row="p2", dtype="bfloat16", model="wan-1.3b", size="512x512", steps=1, fps=fps,
+                                  ttff_s=ttff)])
+
+    def sessions(*agg: float) -> dict:
+        return dict(results=[dict(sessions=n + 1, row="p2", model="wan-1.3b", size="512x512", steps=1, aggregate_fps=a,
+                                  min_session_fps=a / (n + 1)) for n, a in enumerate(agg)])
+
+    files = {"engine-before-1": engine(40, 0.3), "engine-before-2": engine(50, 0.2), "engine-before-3": engine(90, 0.25),
+             "engine-after-1": engine(100, 0.1), "engine-after-2": engine(80, 0.3),
+             "sessions-before-1": sessions(50, 60), "sessions-after-1": sessions(50, 90)}
+    for name, data in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    (tmp_path / "engine-after-3.json").write_text('{"results": [')  # a run cut off while writing: skipped
+    lines = table(tmp_path).splitlines()
+    (p2,) = [x for x in lines if x.startswith("p2 ")]
+    # fps: median 50 before, 90 after (1.8); TTFF: 0.25 before, 0.2 after (0.8); 3 rounds before, 2 after
+    assert p2.split()[5:] == ["50.00", "90.00", "1.800", "0.250", "0.200", "0.800", "3/2"]
+    two = [x for x in lines if x.split()[:2] == ["2", "p2"]][0]
+    assert two.split()[5:] == ["60.00", "90.00", "1.500", "30.00", "45.00", "1.500", "1/1"]
