@@ -28,13 +28,19 @@ log = logging.getLogger("bench")
 
 def count_flops(engine: StreamEngine, session, video, pos: int) -> dict[str, float]:
     """FLOPs of each stage over one steady-state chunk, the DiT and the VAE run eagerly (a replayed CUDA
-    graph is invisible to the counter; the graph runs the same kernels)."""
+    graph is invisible to the counter; the graph runs the same kernels). "dit" is the engine core's
+    stage over the chunk's forward: patch + time embedding (`embed`), the blocks (`run`) and the head
+    with the flow step (`finish`)."""
+    stage = engine.core.stage
     clock = StageClock(engine.device)
     clock.wrap(engine.encoder, "stream_encode", "vae_encode")
-    clock.wrap(session.batch, "push", "dit")
+    calls: list[str] = []
+    for method in ("embed", "run", "finish"):
+        clock.wrap(stage, method, "dit")
+        inner = getattr(stage, method)
+        setattr(stage, method, lambda *a, _inner=inner, _m=method, **k: calls.append(_m) or _inner(*a, **k))
     clock.wrap(engine.decoder, "stream_decode", "vae_decode")
-    runner = session.batch.runner
-    graphs, runner.use_graphs = runner.use_graphs, False
+    graphs, stage.use_graphs = stage.use_graphs, False
     # the Wan VAE and LightVAE replay CUDA graphs; TAEHV has none
     graphed = {id(m): m for m in (engine.encoder, engine.decoder) if hasattr(m, "use_graphs")}
     vae_graphs = {k: m.use_graphs for k, m in graphed.items()}
@@ -43,44 +49,54 @@ def count_flops(engine: StreamEngine, session, video, pos: int) -> dict[str, flo
     clock.enabled = clock.count = True
     try:
         session.push(video[pos : pos + 4], list(range(pos, pos + 4)))
+        engine.synchronize()
+        session.take_finished()  # nothing of the chunk left in the core's queue
     finally:
-        runner.use_graphs = graphs
+        clock.enabled = clock.count = False
+        stage.use_graphs = graphs
         for k, m in graphed.items():
             m.use_graphs = vae_graphs[k]
-        del engine.encoder.stream_encode  # the wrappers were instance attributes over the class methods
-        del engine.decoder.stream_decode
-        del session.batch.push
+        # the wrappers were instance attributes over the class methods
+        del engine.encoder.stream_encode, engine.decoder.stream_decode
+        del stage.embed, stage.run, stage.finish
+    if calls != ["embed", "run", "finish"]:  # one forward of this session alone, else the count means something else
+        raise RuntimeError(f"the counted chunk made the stage calls {calls}, not one forward's embed, run, finish")
     return dict(clock.flops)
 
 
 def measure_ttff(engine: StreamEngine, video) -> tuple[float, float]:
-    """(TTFF s, first-chunk push ms) of one fresh session at 30 fps input. Frame i arrives at i/30 s;
-    frame 0 is pushed (and encoded) on arrival; the push of frames 1-4 starts when frame 4 is in, and
-    the first output frame leaves it through `early` (the in-process engine) or comes back between
-    pushes (the pipeline-parallel engine, polled here as the server's engine process polls it)."""
+    """(TTFF s, first-chunk ms) of one fresh session at 30 fps input. Frame i arrives at i/30 s; frame 0
+    is pushed (and encoded) on arrival; the push of frames 1-4 starts when frame 4 is in. The first
+    output frame is frame 0, sent ahead of the rest of its chunk: it reaches the caller through `early`
+    while the push waits, as the push's return value, or between pushes (take_finished(), polled here as
+    the server's engine process polls it), whichever comes first for this engine and device. First-chunk
+    ms: from the push of frames 1-4 until all 5 frames are on the host (flush() returned)."""
     s = engine.open_session(PROMPT)
     engine.synchronize()
     arrival = time.perf_counter()  # frame 0's
     assert s.chunk_frames == 1 and s.push(video[:1], [0]) == []
-    # frames 1-4 come in real time: whatever the engine still does with frame 0 (the pipeline's ranks
-    # prepare the first chunk after push() returned) overlaps their arrival, as with a live camera
+    # frames 1-4 come in real time: whatever the engine still does with frame 0 (preparing the first
+    # chunk's forward) overlaps their arrival, as with a live camera
     time.sleep(max(0.0, arrival + 4 / INPUT_FPS - time.perf_counter()))
     seen: list[float] = []
-    t0 = time.perf_counter()
-    first = s.push(video[1:5], list(range(1, 5)), early=lambda out: seen.append(time.perf_counter()))
-    if not seen:  # the pipeline: its frame 0 comes back between pushes
-        while not first:
-            time.sleep(0.0002)
-            first = s.take_finished()
+    got: list = []
+
+    def early(out: list) -> None:
         seen.append(time.perf_counter())
-        first += s.flush()
-        first_ms = 1000 * (time.perf_counter() - t0)
-        assert len(first) == 5, f"{len(first)} frames from the first chunk"
-    else:
-        engine.synchronize()
-        first_ms = 1000 * (time.perf_counter() - t0)
-        first += s.take_finished()
-        assert len(first) == 4 and len(seen) == 1, "frame 0 leaves ahead, frames 1-4 after it"
+        got.extend(out)
+
+    t0 = time.perf_counter()
+    got += s.push(video[1:5], list(range(1, 5)), early=early)
+    while not got:
+        if time.perf_counter() - t0 > 600:
+            raise TimeoutError("no first frame 600 s after the push of frames 1-4")
+        time.sleep(0.0002)
+        got += s.take_finished()
+    if not seen:
+        seen.append(time.perf_counter())
+    got += s.flush()  # the rest of the chunk (flush drains what is in flight, nothing more here)
+    first_ms = 1000 * (time.perf_counter() - t0)
+    assert [p for _, p in got] == [0, 1, 2, 3, 4], f"first chunk gave pts {[p for _, p in got]}"
     s.close()
     return seen[0] - arrival, first_ms
 
@@ -266,7 +282,7 @@ def main() -> None:
         if getattr(args, file):
             override[file] = getattr(args, file)
     dtypes: list[Optional[str]] = args.dtype.split(",") if args.dtype else [None]
-    bad = [d for d in dtypes if d not in DTYPES]
+    bad = [d for d in dtypes if d is not None and d not in DTYPES]  # None: the engine's default
     if bad:
         ap.error(f"--dtype: unknown {', '.join(map(str, bad))}; choose from {', '.join(DTYPES)}")
     results = []

@@ -1,10 +1,15 @@
 """Where a fresh session's first chunk spends its time (the part of TTFF after the 5th input frame).
 
-The first chunk (5 frames -> 2 latents) runs the session's own steps one by one here, each between two
-CUDA events, in a warmed-up engine, for a few fresh sessions:
+A warmed-up engine's fresh sessions, each pushed as a camera would: frame 0 alone, 4/30 s later frames
+1-4, then flushed. The engine's core (engine.runtime: rank 0 of a ring of one, run in this thread)
+does the work; a mark is taken after every call of its parts (frames to the device, VAE encode, the
+DiT stage's embedding, blocks and head per step, VAE decode, frames to the host), by CUDA events on a
+GPU, and the table lists the time from each mark to the next (device time, idle gaps while the host
+works included), then the push's wall times:
 
     python -m bench.first_chunk --rows p1 --sessions 3
     python -m bench.first_chunk --rows p1 --pipeline --gaps 1     # the pipeline-parallel engine's first chunk
+    python -m bench.first_chunk --rows p2 --model tiny --size 64 --device cpu   # a dry run of the script
 """
 
 from __future__ import annotations
@@ -12,64 +17,48 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-
 import torch
 
+from bench.core_calls import Marks, marking
 from bench.measure import synthetic_video
-from bench.rows import PROMPT, ROWS, steady_warmup
+from bench.rows import INPUT_FPS, PROMPT, ROWS, steady_warmup
 from engine.runtime import EngineOptions, StreamEngine
 
 log = logging.getLogger("bench.first_chunk")
 
 
 def first_chunk_steps(engine: StreamEngine, video) -> dict[str, float]:
-    """ms per step of one fresh session's first chunk, by device events, and its wall time."""
+    """ms between the marks of one fresh session's frame 0 and first chunk, and the pushes' wall times."""
     s = engine.open_session(PROMPT)
-    marks: list[tuple[str, torch.cuda.Event]] = []
-
-    def mark(name: str) -> None:
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
-        marks.append((name, ev))
-
+    marks = Marks(engine.device)
     engine.synchronize()
-    t0 = time.perf_counter()
-    mark("start")
-    x = engine.to_video_tensor(video[:5])
-    s.controller.step(x[0])
-    mark("upload")
-    s.vae_state, s.dec_state = engine.vae.new_stream_state(), engine.decoder.new_stream_state()
-    xd = x.to(engine.dtype)
-    h0 = engine.vae.encoder(engine.vae._prepare(xd[:, :, :1]), s.vae_state.enc)
-    mark("encode frame 0")
-    s.vae_state.enc_started = True
-    h1 = engine.vae.encoder(engine.vae._prepare(xd[:, :, 1:5]), s.vae_state.enc)
-    latent = engine.vae._mu(torch.cat([h0, h1], 2), False).contiguous().to(engine.dtype)
-    mark("encode frames 1-4")
-    x0 = s.batch.prime(latent, s.controller.s_max, 700, s._kv_now())
-    mark("DiT prime (all steps)")
-    f0 = engine.decoder.stream_decode(x0[:, :, :1], s.dec_state)
-    mark("decode latent 0")
-    f1 = engine.decoder.stream_decode(x0[:, :, 1:], s.dec_state)
-    mark("decode latent 1")
-    engine.to_uint8(torch.cat([f0, f1], 2))
-    mark("to host")
-    engine.synchronize()
-    wall = 1000 * (time.perf_counter() - t0)
-    out = {name: prev.elapsed_time(ev) for (_, prev), (name, ev) in zip(marks, marks[1:])}
-    out["sum of steps"] = sum(out.values())
-    out["wall"] = wall
-    # the session's own first push, for comparison (a second fresh session)
-    s2 = engine.open_session(PROMPT)
-    engine.synchronize()
-    t0 = time.perf_counter()
-    s2.push(video[:5], list(range(5)))
-    engine.synchronize()
-    out["session.push wall"] = 1000 * (time.perf_counter() - t0)
-    out.update({f"push {k}": v for k, v in s2.stats.items() if k.endswith("_ms")})
+    with marking(engine, marks):
+        marks.mark("start", anchor=True)
+        t0 = time.perf_counter()
+        assert s.push(video[:1], [0]) == []
+        engine.synchronize()
+        frame0_ms = 1000 * (time.perf_counter() - t0)
+        time.sleep(4 / INPUT_FPS)  # frames 1-4 on their way
+        marks.mark("frames 1-4 in", anchor=True)
+        first: list[float] = []
+        t0 = time.perf_counter()
+        out = s.push(video[1:5], list(range(1, 5)), early=lambda o: first.append(time.perf_counter()))
+        if out and not first:
+            first.append(time.perf_counter())
+        push_ms = 1000 * (time.perf_counter() - t0)
+        out += s.flush()
+        engine.synchronize()
+        marks.mark("flushed")
+        wall = 1000 * (time.perf_counter() - t0)
+    steps = marks.intervals()
+    res = dict(steps)
+    res["sum of steps"] = sum(steps.values())
+    res["wall: push of frame 0"] = frame0_ms
+    res["wall: push of frames 1-4"] = push_ms
+    res["wall: to the first frame"] = 1000 * (first[0] - t0) if first else float("nan")
+    res["wall: to all 5 frames (flush)"] = wall
     s.close()
-    s2.close()
-    return out
+    return res
 
 
 def first_push_gaps(engine: StreamEngine, video) -> list[str]:
@@ -148,23 +137,36 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=3)
     ap.add_argument("--gaps", type=int, default=0, help="fresh sessions whose first push is profiled for idle gaps")
     ap.add_argument("--pipeline", action="store_true", help="the pipeline-parallel engine (a ring of one)")
+    ap.add_argument("--device", default="cuda", help="one device (cpu with --model tiny: a dry run of the script)")
+    ap.add_argument("--model", default=None, help="replace the rows' model")
+    ap.add_argument("--size", type=int, default=None, help="square frames of this size instead of the row's")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.pipeline:
         pipeline_main(args)
         return
     for name in args.rows.split(","):
-        spec = ROWS[name]
-        engine, video = warmed_up(spec, "cuda")
+        spec = {k: v for k, v in ROWS[name].items() if k != "device"}  # P4/P5: their options, one device
+        if args.model:
+            spec["model"] = args.model
+        if args.size:
+            spec.update(height=args.size, width=args.size)
+        engine, video = warmed_up(spec, args.device)
+        if not isinstance(engine, StreamEngine):
+            raise SystemExit(f"--device {args.device}: one device only (--pipeline for a ring)")
         runs = [first_chunk_steps(engine, video) for _ in range(args.sessions)]
-        print(f"## {name} {spec}: first chunk, ms per step (fresh sessions {args.sessions}, last is warmest)")
-        for key in runs[0]:
-            print(f"  {key:28s} " + " ".join(f"{r[key]:8.1f}" for r in runs))
+        print(f"## {name} {spec}: first chunk, ms from the mark before to the end of each call "
+              f"(fresh sessions {args.sessions}, last is warmest)")
+        keys = list(dict.fromkeys(k for r in runs for k in r))
+        width = max(len(k) for k in keys)
+        for key in keys:
+            print(f"  {key:{width}s} " + " ".join(f"{r.get(key, float('nan')):8.1f}" for r in runs))
         for i in range(args.gaps):
             print(f"### fresh session {i + 1}: the push of frames 1-4, the GPU's idle gaps")
             print("\n".join(first_push_gaps(engine, video)))
         del engine
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
