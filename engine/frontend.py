@@ -107,7 +107,11 @@ class EngineFrontend:
             raise RuntimeError("the engine is closed")
 
     # -- public API ------------------------------------------------------------------------------------
-    def open_session(self, prompt: str, params: Optional[StreamParams] = None) -> Session:
+    def open_session(self, prompt: str, params: Optional[StreamParams] = None,
+                     output_ring: Optional[str] = None) -> Session:
+        """A new session. With `output_ring` (the name of an interface.frame_ring.FrameRing at the
+        engine's size) the last stage writes the frames into it and the session's outputs are (slot seq,
+        pts) pairs; without, they are (frame, pts)."""
         self._check()
         params = params or StreamParams()
         with self._cond:
@@ -115,7 +119,7 @@ class EngineFrontend:
             self._next_sid += 1
             s = Session(self, sid)
             self._sessions[sid] = s
-        seq = s._send(lambda q: P.OpenCmd(sid, q, prompt, params.model_dump()))
+        seq = s._send(lambda q: P.OpenCmd(sid, q, prompt, params.model_dump(), output_ring))
         self._wait(lambda: s._done >= seq or s._error is not None, "the session to open")
         if s._error:
             with self._cond:

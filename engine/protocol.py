@@ -34,6 +34,7 @@ class OpenCmd:
     seq: int
     prompt: str
     params: dict  # interface.controls.StreamParams.model_dump()
+    output_ring: Optional[str] = None  # the session's shared-memory output ring: the last stage writes it
 
 
 @dataclass
@@ -97,9 +98,11 @@ class Ready:
 @dataclass
 class Output:
     sid: int
-    frames: list  # uint8 [H, W, 3] each
+    frames: list  # uint8 [H, W, 3] each; empty when they were written into the session's output ring
     pts: list
     stats: dict = field(default_factory=dict)
+    first_seq: Optional[int] = None  # the output ring's slots [first_seq, first_seq + len(pts)) hold them
+    dropped: int = 0  # frames the output ring had no room for
 
 
 @dataclass

@@ -144,7 +144,9 @@ class StreamEngine(EngineFrontend):
             self._poll()  # the session's KV cache goes now, not with the next push
 
     def close(self) -> None:
-        self._closed = True
+        if not self._closed:
+            self._closed = True
+            self.core.close()
 
     # -- the core's report, read as it is now (no process in between) ----------------------------------
     def ring_stats(self) -> P.RingStats:

@@ -116,10 +116,12 @@ Steps = Generator[Wait, Any, None]
 
 
 class SessionSchedule:
-    def __init__(self, host: Any, sid: int, prompt: str, params: StreamParams) -> None:
+    def __init__(self, host: Any, sid: int, prompt: str, params: StreamParams,
+                 output_ring: Optional[str] = None) -> None:
         """`host` is the core that runs it (engine.parallel.rank0.Rank0): io, encoder, defaults, device, dtype, clock,
         embed_prompt(), discard (returns nobody waits for any more)."""
         self.host, self.sid, self.params = host, sid, params
+        self.output_ring = output_ring
         d = host.defaults
         self.steps_count = params.steps or d.steps
         self.transition_chunks = d.transition_chunks if params.transition_chunks is None else params.transition_chunks
@@ -175,7 +177,7 @@ class SessionSchedule:
         except Exception as exc:  # a prompt the encoder refuses: this session fails, the engine goes on
             yield Failure(open_seq, f"{type(exc).__name__}: {exc}")
             return
-        yield Emit(M.OpenSession(self.sid, open_seq, context))
+        yield Emit(M.OpenSession(self.sid, open_seq, context, self.output_ring))
         while True:
             cmd = yield NeedCommand()
             if isinstance(cmd, ChunkCmd):

@@ -71,6 +71,7 @@ class Session:
         self.id = uuid.uuid4().hex[:12]
         self.stats: dict[str, float] = {}
         self.chunks_in = 0
+        self.dropped = 0  # frames its output ring had no room for (sessions opened with one)
         self.closed = False
         self._started = False  # the VAE stream has had its frame 0
         self._frame0: Optional[tuple[np.ndarray, int]] = None  # a fresh stream's frame 0 and pts, sent alone, until more follow
@@ -84,7 +85,11 @@ class Session:
 
     # -- events from the core (under the engine's lock) --------------------------------------------------
     def _on_output(self, ev: P.Output) -> None:
-        self._outputs.extend(zip(ev.frames, ev.pts))
+        if ev.first_seq is None:
+            self._outputs.extend(zip(ev.frames, ev.pts))
+        else:  # in the output ring: (slot seq, pts)
+            self._outputs.extend((ev.first_seq + i, p) for i, p in enumerate(ev.pts))
+            self.dropped += ev.dropped
         self.stats = {k: float(v) for k, v in ev.stats.items()}
 
     def _on_done(self, ev: P.Done) -> None:

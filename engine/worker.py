@@ -28,7 +28,7 @@ from engine.parallel.devices import parse_devices
 from engine.parallel.errors import EngineFailure
 from engine.protocol import RingStats
 from engine.runtime import StreamEngine
-from interface.frame_ring import FrameRing, RingFull
+from interface.frame_ring import FrameRing
 from interface.catalogue import CODEC_NAMES, ConfigError
 from interface.messages import (
     CloseSession,
@@ -177,7 +177,8 @@ class Worker:
             input_ring.close()
             raise
         try:
-            stream = self._engine.open_session(message.prompt, message.params)
+            # the engine's last stage writes the frames into the output ring itself
+            stream = self._engine.open_session(message.prompt, message.params, output_ring=output_ring.name)
         except Exception:
             input_ring.close()
             output_ring.close()
@@ -206,16 +207,12 @@ class Worker:
                 self._send_frames(session_id, session, outputs, True, time.perf_counter())
 
     def _send_frames(self, session_id: str, session: _Session, outputs: list, partial: bool, started: float) -> None:
-        """Write frames to the session's output ring and announce them: the push's reply, or a partial one."""
-        first_seq = session.output_ring.write_seq
-        out_pts: list[int] = []
-        dropped = 0
-        for frame, frame_pts in outputs:
-            try:
-                session.output_ring.write(frame, frame_pts)
-                out_pts.append(int(frame_pts))
-            except RingFull:  # the server reads every reply at once, so this means it is stuck
-                dropped += 1
+        """Announce frames the engine wrote into the session's output ring ((slot seq, pts) each, in
+        order): the push's reply, or a partial one."""
+        first_seq = outputs[0][0] if outputs else session.output_ring.write_seq
+        assert [seq for seq, _ in outputs] == list(range(first_seq, first_seq + len(outputs))), "output slots out of order"
+        out_pts = [int(p) for _, p in outputs]
+        dropped, session.stream.dropped = session.stream.dropped, 0  # the output ring had no room for these
         self._send(
             FramesOut(
                 session_id=session_id,

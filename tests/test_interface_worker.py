@@ -230,27 +230,31 @@ def test_a_two_rank_engine_process_pipelines_one_session() -> None:
 
 
 class _BackgroundStream:
-    """A session whose frames get finished between pushes (as a pipeline-parallel engine's do)."""
+    """A session whose frames get finished between pushes (as a pipeline-parallel engine's do): written
+    into its output ring by the engine, announced as (slot seq, pts)."""
 
     chunk_frames = 4
     stats: dict = {}
+    dropped = 0
 
-    def __init__(self) -> None:
-        self.finished = [(np.full((SIZE, SIZE, 3), 7, np.uint8), 1234)]
+    def __init__(self, output_ring: str) -> None:
+        self.ring = FrameRing.attach(output_ring)
+        seq = self.ring.write(np.full((SIZE, SIZE, 3), 7, np.uint8), 1234)
+        self.finished = [(seq, 1234)]
 
     def take_finished(self) -> list:
         out, self.finished = self.finished, []
         return out
 
     def close(self) -> None:
-        pass
+        self.ring.close()
 
 
 class _BackgroundEngine:
     finishes_in_background = True
 
-    def open_session(self, prompt: str, params: Any) -> _BackgroundStream:
-        return _BackgroundStream()
+    def open_session(self, prompt: str, params: Any, output_ring: str) -> _BackgroundStream:
+        return _BackgroundStream(output_ring)
 
 
 def test_frames_finished_in_the_background_leave_without_a_push() -> None:

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from engine import protocol as P
 from engine.runtime import EngineOptions, StreamEngine
+from interface.frame_ring import FrameRing
 from interface.controls import StreamParams
 from tests.streams import HeldCopies, push_interleaved
 from tests.test_parallel import SIZE, assert_same, drive, tiny4, video  # noqa: F401
@@ -68,6 +70,39 @@ def test_sessions_batched_in_process_equal_each_alone(tiny4, alone, monkeypatch,
     assert st["batched_forwards"] > 0 and max(int(k) for k in st["batch"]["forwards"]) == 2
     assert_same(a_out, want[(1, steps)])
     assert_same(b_out, want[(2, steps)])
+
+
+@pytest.mark.parametrize("devices", ["cpu", "cpu:2"])
+def test_frames_go_straight_into_the_session_output_ring(tiny4, alone, devices):
+    """Given the session's shared-memory output ring, the last stage writes the frames there and only
+    their slots and pts travel back (in process, and from the last rank's process on a ring)."""
+    frames, want = alone
+    ring = FrameRing.create(64, SIZE["height"], SIZE["width"])
+    try:
+        with StreamEngine.create(EngineOptions(model=tiny4, device=devices, **SIZE,
+                                               parallel=dict(rebalance=False))) as e:
+            events = []
+            on_event = e._on_event
+            record = lambda ev: (events.append(ev), on_event(ev))  # noqa: E731
+            if devices == "cpu":
+                e.core.events.send = record  # the core in this thread hands its events over by a call
+            else:
+                e._on_event = record  # type: ignore[method-assign]  # the reader thread's
+            s = e.open_session("prompt 1", StreamParams(seed=1, steps=1), output_ring=ring.name)
+            out = []
+            for i in range(0, len(frames[1]), 4):
+                out += s.push(frames[1][i : i + 4], list(range(i, min(i + 4, len(frames[1])))))
+            out += s.flush()
+            s.close()
+        outputs = [ev for ev in events if isinstance(ev, P.Output)]
+        assert outputs and all(ev.frames == [] and ev.first_seq is not None for ev in outputs)
+        assert [seq for seq, _ in out] == list(range(len(out)))  # slots in order, every frame once
+        got = [ring.read(seq) for seq, _ in out]
+        assert [p for _, p in got] == [p for _, p in out]
+        assert_same([(f, p) for f, p in got], want[(1, 1)])
+    finally:
+        ring.close()
+        ring.unlink()
 
 
 def _imports(path: Path) -> set[str]:

@@ -53,6 +53,7 @@ from engine.protocol import DECODE_MS
 from engine.schedule import Group, first_latent_apart, renoise_rows
 from engine.transfer import FrameIO, PendingFrames
 from interface.devices import RankDevices
+from interface.frame_ring import FrameRing, RingFull
 
 log = logging.getLogger("engine.parallel.rank")
 
@@ -118,6 +119,7 @@ class RankBase:
         log.info("rank %d/%d on %s: blocks %s, trunk %s%s (%.1f s)", self.rank, self.world, self.device,
                  layer_span(layers), trunk, "".join(parts), time.perf_counter() - t0)
         self.stopped = False
+        self.output_rings: dict[int, FrameRing] = {}  # last rank: the sessions' output rings
         # The last rank sends a forward's frames once the next forward's work is queued (or the ring is
         # idle): waiting for their copy to the host right after the decode left its GPU idle while the
         # host pickled and sent them (about 5 ms a forward on 2×H200).
@@ -182,9 +184,11 @@ class RankBase:
             case M.Forward():
                 self.on_forward(msg)
                 return
-            case M.OpenSession(sid=sid, context=context):
+            case M.OpenSession(sid=sid, context=context, output_ring=ring):
                 assert context is not None
                 self.stage.open(sid, context)
+                if self.last and ring is not None:  # the frames' shortest way to the session's output
+                    self.output_rings[sid] = FrameRing.attach(ring)
             case M.ResetStream(sid=sid):
                 s = self.stage.sessions[sid]
                 s.prompt.reset_blend()
@@ -197,6 +201,9 @@ class RankBase:
                 self.stage.prepare_prime(sid, frames)
             case M.CloseSession(sid=sid):
                 self.stage.close(sid)
+                ring = self.output_rings.pop(sid, None)
+                if ring is not None:
+                    ring.close()
             case M.Profile():
                 self.profiler.arm(msg.directory, msg.first_fid, msg.count)
             case M.Rebalance():
@@ -280,7 +287,7 @@ class RankBase:
         for g, pending, pts in out.frames:
             keep = [(f, p) for f, p in zip(pending.result(), pts) if p is not None]
             stats = {**g.stats, DECODE_MS: out.decode.wait().ms() or 0.0}
-            outputs.append(M.SessionFrames(g.sid, [f for f, _ in keep], [p for _, p in keep], stats))
+            outputs.append(self.session_frames(g.sid, keep, stats))
         records = out.times + [(self.rank, *r) for r in self.clock.harvest()]
         done = [(g.sid, g.done) for g in out.groups if g.done is not None]
         self.out_link.send(M.ForwardOutput(out.fid, outputs, done, records))
@@ -289,7 +296,22 @@ class RankBase:
         """A fresh stream's frame 0 to rank 0 ahead of the rest of its chunk (waits for that frame's copy
         alone). Frames of earlier forwards go first, so that no stream's frames change order."""
         self.flush_outputs()
-        self.out_link.send(M.EarlyFrames([M.SessionFrames(g.sid, [frame0.result()[0]], [g.decode[0]], dict(g.stats))]))
+        self.out_link.send(M.EarlyFrames([self.session_frames(g.sid, [(frame0.result()[0], g.decode[0])], dict(g.stats))]))
+
+    def session_frames(self, sid: int, frames: list[tuple[Any, int]], stats: dict) -> M.SessionFrames:
+        """A session's decoded frames with their pts for rank 0: written into the session's output ring
+        when it has one (only where they are travels on), else the frames themselves."""
+        ring = self.output_rings.get(sid)
+        if ring is None:
+            return M.SessionFrames(sid, [f for f, _ in frames], [p for _, p in frames], stats)
+        first_seq, written, dropped = ring.write_seq, [], 0
+        for f, p in frames:
+            try:
+                ring.write(f, p)
+                written.append(p)
+            except RingFull:  # the server reads every announcement at once: it is stuck
+                dropped += 1
+        return M.SessionFrames(sid, [], written, stats, first_seq, dropped)
 
     def flush_outputs(self) -> None:
         if self.deferred is not None:
@@ -324,6 +346,9 @@ class RankBase:
     def close(self) -> None:
         """After `Stop` went around: every message was delivered, so a peer that already closed its
         end may make waiting on an old send fail; that is not an error any more."""
+        for ring in self.output_rings.values():
+            ring.close()
+        self.output_rings.clear()
         for link in self.links.values():
             if isinstance(link, DistLink) and link.src == self.rank:
                 try:

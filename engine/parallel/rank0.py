@@ -130,7 +130,7 @@ class Rank0(RankBase):
             cmd = self.commands.recv()
             log.debug("command %s", type(cmd).__name__)
             if isinstance(cmd, P.OpenCmd):
-                d = SessionSchedule(self, cmd.sid, cmd.prompt, StreamParams.model_validate(cmd.params))
+                d = SessionSchedule(self, cmd.sid, cmd.prompt, StreamParams.model_validate(cmd.params), cmd.output_ring)
                 self.drivers[cmd.sid] = (d, d.run(cmd.seq))
                 self.waits[cmd.sid] = None  # start it
             elif isinstance(cmd, (P.ChunkCmd, P.UpdateCmd, P.DrainCmd, P.CloseCmd)):
@@ -283,8 +283,8 @@ class Rank0(RankBase):
                 self._on_out(msg)
             case M.EarlyFrames(outputs=outputs):  # a fresh stream's frame 0, ahead of its chunk's output
                 for o in outputs:
-                    self._send_event(P.Output(o.sid, o.frames, o.pts, o.stats))
-                    self.early_frames += len(o.frames)
+                    self._send_event(P.Output(o.sid, o.frames, o.pts, o.stats, o.first_seq, o.dropped))
+                    self.early_frames += len(o.pts)
                 self._stats_dirty = True
             case M.Blocks():
                 self.stage.import_layers(msg.layers, msg.tensors)
@@ -335,7 +335,7 @@ class Rank0(RankBase):
                 stats[ENCODE_MS] = float(sum(encode))  # type: ignore[arg-type]
             if o.sid in self.dit_ms:
                 stats[DIT_MS] = self.dit_ms[o.sid]
-            self._send_event(P.Output(o.sid, o.frames, o.pts, stats))
+            self._send_event(P.Output(o.sid, o.frames, o.pts, stats, o.first_seq, o.dropped))
         for sid, seq in out.done:
             self._send_event(P.Done(sid, seq))
         if f is not None and f.frames == 1 and latency is not None:

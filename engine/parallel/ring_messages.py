@@ -49,9 +49,11 @@ class SessionFrames:
     """One session's decoded frames of a forward, on their way from the last rank to rank 0."""
 
     sid: int
-    frames: list  # host uint8 frames (numpy), small enough for the header
+    frames: list  # host uint8 frames (numpy), small enough for the header; empty when in the output ring
     pts: list
     stats: dict[str, float]
+    first_seq: Optional[int] = None  # where they are in the session's output ring, when it has one
+    dropped: int = 0  # frames the output ring had no room for
 
 
 # -- session state, sent by rank 0 in order with the forwards; the last rank's copy is rank 0's ack ----
@@ -59,12 +61,14 @@ class SessionFrames:
 
 @dataclass(frozen=True, slots=True)
 class OpenSession:
-    """A session opens on every rank with its prompt's text embedding."""
+    """A session opens on every rank with its prompt's text embedding; the last rank writes its frames
+    into `output_ring` (shared memory, by name) when it has one."""
 
     TENSORS: ClassVar[tuple[str, ...]] = ("context",)
     sid: int
     done: int  # the caller's command this completes
     context: Optional[torch.Tensor] = None
+    output_ring: Optional[str] = None
 
 
 @dataclass(frozen=True, slots=True)
