@@ -21,7 +21,7 @@ from engine.kv_policy import EvictionQueues, SessionPolicy  # noqa: E402
 from engine.noise_control import NoiseController  # noqa: E402
 from tests.latent_stream import LatentStream  # noqa: E402
 from tests.reference_dit import ReferenceStream, patched_randn_like  # noqa: E402
-from tests.test_dit_parity import CFG, FRAME_TOKENS, LAT_HW, Recorder, models, rel  # noqa: E402,F401
+from tests.test_dit_parity import FRAME_TOKENS, LAT_HW, Recorder, models, rel  # noqa: E402,F401
 
 pytestmark = pytest.mark.parity
 
