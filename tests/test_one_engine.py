@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from engine import protocol as P
+from engine.parallel.errors import EngineFailure
 from engine.runtime import EngineOptions, StreamEngine
 from interface.frame_ring import FrameRing
 from interface.controls import StreamParams
@@ -103,6 +104,26 @@ def test_frames_go_straight_into_the_session_output_ring(tiny4, alone, devices):
     finally:
         ring.close()
         ring.unlink()
+
+
+def test_an_error_inside_the_core_fails_the_in_process_engine(tiny4, monkeypatch):
+    """The core's state is shared by every session, so an exception in a forward fails the whole engine
+    (as a rank failing fails a ring): every call then says so, none hangs."""
+    e = StreamEngine.create(EngineOptions(model=tiny4, device="cpu", **SIZE))
+    clip = video(9, seed=3)
+    a, b = e.open_session("prompt 1"), e.open_session("prompt 2")
+    a.push(clip[:5], list(range(5)))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a kernel failed")
+
+    monkeypatch.setattr(e.core.stage, "run", broken)
+    with pytest.raises(EngineFailure, match="a kernel failed"):
+        a.push(clip[5:9], list(range(5, 9)))
+    with pytest.raises(EngineFailure, match="a kernel failed"):
+        b.push(clip[:5], list(range(5)))
+    with pytest.raises(EngineFailure):
+        e.open_session("prompt 3")
 
 
 def _imports(path: Path) -> set[str]:
