@@ -184,7 +184,8 @@ def run_row(name: str, chunks: int, warmup: int, weights: Optional[Path] = None,
         note="TTFF of 3 fresh sessions: " + ", ".join(f"{t:.3f}" for t in ttffs) + " s",
     )
     for st in STAGES:
-        ms = statistics.median(x[f"{st}_ms"] for x in stats)
+        seen = [x[f"{st}_ms"] for x in stats if f"{st}_ms" in x]  # a chunk's stat comes once its stage's time is in
+        ms = statistics.median(seen) if seen else None
         setattr(res, f"{st}_ms", ms)
         setattr(res, f"{st}_tflop", flops.get(st, 0.0) / 1e12)
         setattr(res, f"{st}_mfu", mfu(flops.get(st), ms, ceiling))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from typing import Any, Callable, Optional
 
 from pydantic import TypeAdapter
@@ -38,7 +39,8 @@ class EngineFrontend:
         self.options = options
         self._cond = threading.Condition(threading.RLock())
         self._failure: Optional[EngineFailure] = None
-        self._sessions: dict[int, Session] = {}
+        # weak: a session holds its engine, and a dropped session must not keep a dropped engine alive
+        self._sessions: "weakref.WeakValueDictionary[int, Session]" = weakref.WeakValueDictionary()
         self._stats: dict = {}  # the latest RingStats as plain values (stats(), wait_stats())
         self._ring_stats: Optional[P.RingStats] = None
         self._ready: Optional[P.Ready] = None

@@ -15,6 +15,7 @@ instead; both run the same schedule and have the same session API (docs/ARCHITEC
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import deque
 from typing import Any, Callable, Optional, Union
 
@@ -54,8 +55,17 @@ class _Commands:
 
 
 class _Events:
-    def __init__(self, on_event: Callable[[Any], None]) -> None:
-        self.send = on_event
+    """The core's events, handed to the engine by a call. A weak reference: the engine holds the core, so
+    a strong one back would make a cycle, and a dropped engine's GPU memory would wait for the garbage
+    collector instead of going at once."""
+
+    def __init__(self, engine: "StreamEngine") -> None:
+        self._engine = weakref.ref(engine)
+
+    def send(self, event: Any) -> None:
+        engine = self._engine()
+        if engine is not None:
+            engine._on_event(event)
 
 
 class StreamEngine(EngineFrontend):
@@ -68,7 +78,7 @@ class StreamEngine(EngineFrontend):
                         init_method="", split=[cfg.dit.num_layers])
         self._commands = _Commands()
         with torch.no_grad():
-            self.core = Rank0(spec, _Events(self._on_event), self._commands)
+            self.core = Rank0(spec, _Events(self), self._commands)
         self.info = self.core.info()
         self.finishes_in_background = device.type == "cuda"
         self.core._maybe_send_stats(force=True)
@@ -144,9 +154,26 @@ class StreamEngine(EngineFrontend):
             self._poll()  # the session's KV cache goes now, not with the next push
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.core.close()
+        """Stop serving and let go of every session's state now (sessions left open included: a
+        schedule and the core reference each other, which only the garbage collector would undo)."""
+        if self._closed:
+            return
+        self._closed = True
+        core = self.core
+        core.close()
+        core.drivers.clear()
+        core.waits.clear()
+        core.pending.clear()
+        core.returns.clear()
+        core.deferred = None
+        core.stage.drop_graphs()
+        core.stage.sessions.clear()
+
+    def __del__(self) -> None:  # a forgotten engine gives its GPU memory back at once
+        try:
+            self.close()
+        except Exception:
+            pass
 
     # -- the core's report, read as it is now (no process in between) ----------------------------------
     def ring_stats(self) -> P.RingStats:

@@ -59,6 +59,7 @@ class Rank0(RankBase):
         # per session, for its chunks' stats: its latest chunk's encode laps, its latest timed forward's
         # DiT ms (all ranks); the sessions of forwards whose times are not all in yet
         self.encode_laps: dict[int, list] = {}
+        self.encode_ms: dict[int, float] = {}
         self.dit_ms: dict[int, float] = {}
         self.fid_sids: dict[int, list[int]] = {}
         self.waits: dict[int, Any] = {}  # sid -> what its generator waits for
@@ -186,6 +187,7 @@ class Rank0(RankBase):
                 self.drivers.pop(sid, None)
                 self.waits.pop(sid, None)
                 self.encode_laps.pop(sid, None)
+                self.encode_ms.pop(sid, None)
                 self.dit_ms.pop(sid, None)
                 return
             self.waits[sid] = w
@@ -331,8 +333,10 @@ class Rank0(RankBase):
             if latency is not None:
                 stats["latency_ms"] = latency
             encode = [lap.ms() for lap in self.encode_laps.get(o.sid, [])]
-            if encode and None not in encode:
-                stats[ENCODE_MS] = float(sum(encode))  # type: ignore[arg-type]
+            if encode and None not in encode:  # else the last one measured (the latest may still run)
+                self.encode_ms[o.sid] = float(sum(encode))  # type: ignore[arg-type]
+            if o.sid in self.encode_ms:
+                stats[ENCODE_MS] = self.encode_ms[o.sid]
             if o.sid in self.dit_ms:
                 stats[DIT_MS] = self.dit_ms[o.sid]
             self._send_event(P.Output(o.sid, o.frames, o.pts, stats, o.first_seq, o.dropped))
