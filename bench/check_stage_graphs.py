@@ -28,7 +28,7 @@ import torch
 
 from engine.config import load_model_config
 from engine.parallel.stage import Group, Stage
-from engine.parallel.ring_messages import Blocks
+from engine.ring_messages import Blocks
 from engine.parallel.wire import decode, encode
 from engine.rope import Rope
 from engine.build import build_dit, embed_prompt, tune_backends

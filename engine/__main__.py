@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fetch":
         return _fetch(args)
     from engine.checkpoint import CheckpointError
-    from engine.parallel.errors import EngineFailure
+    from engine.errors import EngineFailure
     from engine.render import render
 
     if _serving_rank(args.devices):

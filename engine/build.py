@@ -21,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from engine.checkpoint import WeightsLayout, check_state_dict, load_into, read_tensor_file
 from engine.config import ModelConfig, StreamDefaults, lightvae_config
 from engine.dit import Block, WanDiT
-from engine.parallel.options import ParallelOptions
 from engine.noise import mix_seed
 from engine.taehv import LATENT_CHANNELS, TAEHV, load_taehv, random_taehv
 from engine.vae import WanVAE
@@ -35,6 +34,42 @@ log = logging.getLogger(__name__)
 TRUNK_PARTS = ("patch_embedding", "text_embedding", "time_embedding", "time_projection", "head")
 # Sub-seeds of the random-weight init, one per part (DiT blocks add their index).
 _SEED_TRUNK, _SEED_BLOCK, _SEED_VAE, _SEED_TEXT, _SEED_TAEHV, _SEED_LIGHTVAE = 1, 2, 3, 4, 5, 6
+
+
+class ParallelOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Blocks per rank at start, e.g. [16, 14]; None: an even split (rank 0 and the last rank, which
+    # also run the VAE, get the smaller shares when it does not divide evenly).
+    split: Optional[list[int]] = None
+    # Chunks of one session that push() may leave in flight before it waits for outputs. 1: push
+    # returns the outputs of its own chunks; 2 or more lets the device (or the ranks) work on the next
+    # chunk while the host hands over the last one (outputs then come back from later calls). None: 2 for
+    # one CUDA device, 1 otherwise.
+    inflight: Optional[int] = Field(None, ge=1, le=64)
+    # Forwards in the ring at once; None: the number of ranks (each rank busy with one), two for a ring of
+    # one (a forward's frames go back while the next is queued).
+    ring_capacity: Optional[int] = Field(None, ge=1, le=64)
+
+    # Block scheduler (engine.parallel.balance).
+    rebalance: bool = True
+    rebalance_every: int = Field(8, ge=1, description="forwards between two decisions")
+    rebalance_gain: float = Field(0.04, ge=0.0, description="least relative gain of the slowest stage")
+    rebalance_min_ms: float = Field(0.5, ge=0.0, description="least absolute gain in ms")
+    min_blocks: int = Field(1, ge=0, description="blocks a rank keeps at least")
+    rebalance_settle: int = Field(4, ge=0, description="forwards not measured after a move (old split, graph capture)")
+    rebalance_ban_windows: int = Field(16, ge=0, description="windows a rolled-back direction is not tried again")
+
+    # SLO-aware batch scheduler (engine.parallel.slo).
+    max_batch: int = Field(4, ge=1, le=64, description="sessions in one forward at most")
+    target_fps: float = Field(16.0, gt=0.0, description="output frames per second each session needs")
+    deadline_ms: float = Field(1000.0, gt=0.0, description="input-to-output latency budget of a frame")
+
+    # Start-up and failure detection.
+    start_timeout_s: float = Field(600.0, gt=0.0)
+    stall_timeout_s: float = Field(300.0, gt=0.0, description="a call waiting longer than this fails the engine")
+    # Test hook: extra ms per owned block per forward on each rank (emulates a slower device).
+    slow_block_ms: Optional[list[float]] = None
 
 
 class EngineOptions(BaseModel):

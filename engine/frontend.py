@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 from pydantic import TypeAdapter
 
 from engine import protocol as P
-from engine.parallel.errors import EngineFailure
+from engine.errors import EngineFailure
 from engine.session import Session
 from interface.controls import StreamParams
 from interface.messages import EngineInfo

@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from engine.parallel.balance import BalanceStats
-from interface.messages import EngineInfo
+from interface.messages import BlockDecision, EngineInfo
 
 FIRST_CHUNK = 5  # a stream's first DiT chunk: 5 pixel frames -> 2 latent frames
 CHUNK = 4  # then 4 -> 1
@@ -110,6 +109,31 @@ class Done:
     sid: int
     seq: int
     error: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class StageTimes:
+    """A rank's median stage times since the last move, ms."""
+
+    dit: float
+    other: float
+    total: float
+
+
+@dataclass(frozen=True)
+class Ban:
+    boundary: int
+    direction: str  # "downstream" or "upstream"
+
+
+@dataclass(frozen=True)
+class BalanceStats:
+    enabled: bool
+    split: list[int]
+    stage_ms: Optional[list[StageTimes]]  # None until a window of forwards was measured
+    decisions: list[BlockDecision] = field(default_factory=list)  # the latest, oldest first
+    samples: int = 0
+    banned: list[Ban] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

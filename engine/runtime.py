@@ -28,7 +28,7 @@ from engine import protocol as P
 from engine.frontend import EngineFrontend, plain_stats
 from engine.parallel.devices import parse_devices
 from engine.parallel.engine import ParallelEngine
-from engine.parallel.errors import EngineFailure
+from engine.errors import EngineFailure
 from engine.parallel.rank import RankSpec
 from engine.parallel.rank0 import Rank0
 from interface.devices import RankDevices

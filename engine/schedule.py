@@ -38,8 +38,8 @@ from engine import flow
 from engine.kv_policy import SessionPolicy
 from engine.noise_control import NoiseController
 from engine.noise import KeyedNoise
-from engine.parallel import ring_messages as M
-from engine.parallel.ring_messages import Group
+from engine import ring_messages as M
+from engine.ring_messages import Group
 from engine.protocol import CHUNK, ChunkCmd, CloseCmd, DrainCmd, UpdateCmd
 from interface.controls import StreamParams, StreamUpdate
 

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from engine.build import EngineOptions
 from engine.config import load_model_config
 from engine.parallel.devices import parse_devices
-from engine.parallel.errors import EngineFailure
+from engine.errors import EngineFailure
 from engine.protocol import RingStats
 from engine.runtime import StreamEngine
 from interface.frame_ring import FrameRing
@@ -69,6 +69,9 @@ class _Session:
     output_ring: FrameRing
     prompt: str
     updates_applied: int = 0
+    # the output ring's next slot to announce: the engine writes frames before the worker learns of
+    # them, so the ring's write_seq may already be ahead of what the server was told
+    announced: int = 0
 
     def close(self) -> None:
         try:
@@ -183,7 +186,8 @@ class Worker:
             input_ring.close()
             output_ring.close()
             raise
-        self._sessions[message.session_id] = _Session(stream, input_ring, output_ring, message.prompt)
+        self._sessions[message.session_id] = _Session(stream, input_ring, output_ring, message.prompt,
+                                                      announced=output_ring.write_seq)
         log.info("session %s opened (%d open)", message.session_id, len(self._sessions))
         self._send(SessionOpened(session_id=message.session_id, chunk_frames=stream.chunk_frames))
 
@@ -209,8 +213,9 @@ class Worker:
     def _send_frames(self, session_id: str, session: _Session, outputs: list, partial: bool, started: float) -> None:
         """Announce frames the engine wrote into the session's output ring ((slot seq, pts) each, in
         order): the push's reply, or a partial one."""
-        first_seq = outputs[0][0] if outputs else session.output_ring.write_seq
+        first_seq = outputs[0][0] if outputs else session.announced
         assert [seq for seq, _ in outputs] == list(range(first_seq, first_seq + len(outputs))), "output slots out of order"
+        session.announced = first_seq + len(outputs)
         out_pts = [int(p) for _, p in outputs]
         dropped, session.stream.dropped = session.stream.dropped, 0  # the output ring had no room for these
         self._send(

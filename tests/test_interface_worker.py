@@ -278,6 +278,54 @@ def test_frames_finished_in_the_background_leave_without_a_push() -> None:
     assert not thread.is_alive()
 
 
+class _AheadStream(_BackgroundStream):
+    """Its push returns before the frame it already wrote into the output ring is announced (as a ring's
+    last rank writes frames before rank 0's event about them reaches the engine process)."""
+
+    def __init__(self, output_ring: str) -> None:
+        self.ring = FrameRing.attach(output_ring)
+        self.held: list = []
+
+    def push(self, frames: Any, pts: Any, early: Any = None) -> list:
+        seq = self.ring.write(np.full((SIZE, SIZE, 3), 7, np.uint8), 1234)
+        self.held.append((seq, 1234))
+        return []
+
+    def take_finished(self) -> list:
+        out, self.held = self.held, []
+        return out
+
+
+class _AheadEngine(_BackgroundEngine):
+    def open_session(self, prompt: str, params: Any, output_ring: str) -> _BackgroundStream:
+        return _AheadStream(output_ring)
+
+
+def test_an_empty_reply_never_announces_slots_ahead_of_their_frames() -> None:
+    """A reply with no frames must not move the server past frames the engine wrote but has not
+    announced yet: the server releases the ring up to first_seq + count."""
+    import threading
+
+    ours, theirs = multiprocessing.Pipe()
+    loop = worker.Worker(_AheadEngine(), theirs)
+    thread = threading.Thread(target=loop.serve, daemon=True)
+    thread.start()
+    client = Client(ours, "A", "a quiet street")
+    client.chunk_frames = 1
+    client.send_chunk(_inputs(0, 1))
+    replies = [_recv(ours, 10.0), _recv(ours, 10.0)]  # the push's reply, and the frame's partial one
+    reply = next(r for r in replies if not r.partial)
+    assert reply.count == 0 and reply.first_seq == 0  # the ring's write_seq is 1 already
+    later = next(r for r in replies if r.partial)
+    assert (later.first_seq, later.count, later.pts) == (0, 1, [1234])
+    frame, pts = client.output.read(0)
+    assert pts == 1234 and int(frame[0, 0, 0]) == 7
+    client.close()
+    ours.send(encode(Shutdown()))
+    thread.join(10)
+    assert not thread.is_alive()
+
+
 class _QueuingEngine:
     """A real engine that answers as a CUDA one does: a push returns once its chunk is queued and the
     frames follow (here: held until the test releases them)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from engine import protocol as P
-from engine.parallel.errors import EngineFailure
+from engine.errors import EngineFailure
 from engine.runtime import EngineOptions, StreamEngine
 from interface.frame_ring import FrameRing
 from interface.controls import StreamParams

@@ -21,9 +21,10 @@ import pytest
 import torch
 
 from engine.config import load_model_config
-from engine.parallel.balance import Ban, BlockScheduler, Move, apply_move, even_split, moved_layers
+from engine.parallel.balance import BlockScheduler, Move, apply_move, even_split, moved_layers
+from engine.protocol import Ban
 from engine.parallel.devices import parse_devices
-from engine.parallel.errors import EngineFailure
+from engine.errors import EngineFailure
 from engine.parallel.slo import BatchScheduler
 from engine.build import EngineOptions, build_dit
 from engine.runtime import StreamEngine

@@ -1,4 +1,4 @@
-"""The typed ring messages (engine/parallel/ring_messages.py) through the wire: every kind comes out of
+"""The typed ring messages (engine/ring_messages.py) through the wire: every kind comes out of
 wire.encode/decode (the pickled header and the one packed payload a DistLink sends) equal to what went
 in, tensors included, and a LoopbackLink hands the message itself to its rank."""
 
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.parallel import ring_messages as M
+from engine import ring_messages as M
 from engine.parallel.stage import Group
 from engine.parallel.wire import LoopbackLink, decode, encode
 

@@ -287,7 +287,7 @@ def test_a_chunks_cost_is_its_gpu_time_when_the_push_returned_sooner() -> None:
 def test_a_pipeline_report_becomes_metrics_and_none_gives_no_samples() -> None:
     """What rank 0 reports (engine.parallel.rank0.Rank0.stats) reaches /metrics through the engine
     process's PipelineStats: blocks, stage times, CUDA graph use per rank, moves, batching, hop time."""
-    from engine.parallel.balance import BalanceStats, StageTimes
+    from engine.protocol import BalanceStats, StageTimes
     from interface.messages import BlockDecision
     from engine.protocol import RankForwards, RingStats
     from engine.worker import pipeline_stats

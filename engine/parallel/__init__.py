@@ -8,14 +8,12 @@ Modules, one job each:
   flow step and decode); rank_process: a rank's process;
 - stage, stage_graph: a rank's share of a DiT forward, several sessions' rows at once, as CUDA graphs;
 - engine: the ring executor's caller side (spawns the ranks, reads their events);
-- ring_messages, wire: the typed messages between ranks and how they travel (pickled header + one
-  packed tensor payload per hop);
+- wire: how the typed ring messages (engine/ring_messages.py) travel (pickled header + one packed tensor
+  payload per hop);
 - balance: the block scheduler; slo: the SLO-aware batch scheduler; profiling: each rank's profile;
-- devices: the `--devices` grammar; options: the knobs (pydantic, no torch); errors: EngineFailure.
+- devices: checks the `--devices` grammar's ranks against this machine.
 
-This package's __init__ imports nothing heavy: `engine.parallel.errors` and `.options` stay torch-free.
+The typed messages between ranks are engine/ring_messages.py, EngineFailure engine/errors.py, the knobs
+engine.build.ParallelOptions: the schedule and the caller's side use them too, so they sit below this
+package.
 """
-
-from engine.parallel.errors import EngineFailure
-
-__all__ = ["EngineFailure"]

@@ -28,9 +28,10 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from engine.protocol import Ban, BalanceStats, StageTimes
 from interface.messages import BlockDecision
 
 log = logging.getLogger("engine.parallel.balance")
@@ -79,31 +80,6 @@ def apply_move(split: Sequence[int], move: Move) -> list[int]:
     out[move.giver] -= abs(move.blocks)
     out[move.taker] += abs(move.blocks)
     return out
-
-
-@dataclass(frozen=True)
-class StageTimes:
-    """A rank's median stage times since the last move, ms."""
-
-    dit: float
-    other: float
-    total: float
-
-
-@dataclass(frozen=True)
-class Ban:
-    boundary: int
-    direction: str  # "downstream" or "upstream"
-
-
-@dataclass(frozen=True)
-class BalanceStats:
-    enabled: bool
-    split: list[int]
-    stage_ms: Optional[list[StageTimes]]  # None until a window of forwards was measured
-    decisions: list[BlockDecision] = field(default_factory=list)  # the latest, oldest first
-    samples: int = 0
-    banned: list[Ban] = field(default_factory=list)
 
 
 class BlockScheduler:

@@ -32,7 +32,7 @@ from engine import protocol as P
 from engine.frontend import EngineFrontend
 from engine.parallel.balance import even_split
 from engine.parallel.devices import parse_devices, validate_local
-from engine.parallel.errors import EngineFailure
+from engine.errors import EngineFailure
 from engine.parallel.rank import RankSpec
 from engine.parallel.rank_process import rank_main
 from interface.devices import RankDevices

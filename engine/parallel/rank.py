@@ -13,7 +13,7 @@ arrival order, so session state changes (open, prompt, reset, close, block moves
 same point of the sequence of forwards. A forward's tokens travel in one packed payload per hop; the
 last rank sends the re-noised rows back to rank 0 as soon as they exist (`ReturnedRows`), then decodes and
 sends frames, completions and its timings (`ForwardOutput`). Control messages come back to rank 0 as
-acknowledgements. The messages are the typed ones of engine/parallel/ring_messages.py.
+acknowledgements. The messages are the typed ones of engine/ring_messages.py.
 
 Block moves (balance.Move across boundary b|b+1): the giver exports the blocks' weights and every
 session's KV cache and cross-attention K/V for them; downstream moves ride the ring link before the
@@ -39,9 +39,9 @@ from engine.checkpoint import WeightsLayout
 from engine.config import ModelConfig, load_model_config
 from engine.dit import Embedded
 from engine.parallel.balance import Move, ranges
-from engine.parallel.options import ParallelOptions
+from engine.build import ParallelOptions
 from engine.parallel.profiling import RankProfiler
-from engine.parallel import ring_messages as M
+from engine import ring_messages as M
 from engine.parallel.stage import Stage
 from engine.timing import ForwardTimes, StageClock
 from engine.parallel.wire import DistLink, Link, LoopbackLink, split_tensors

@@ -22,7 +22,7 @@ from engine.parallel.balance import BlockScheduler, Move, apply_move, moved_laye
 from engine.schedule import AwaitRows, Emit, Failure, NeedCommand, SessionSchedule, Submit
 from engine.parallel.slo import BatchScheduler
 from engine.timing import ForwardTimes
-from engine.parallel import ring_messages as M
+from engine import ring_messages as M
 from engine.build import embed_prompt
 from interface.controls import StreamParams
 from interface.messages import EngineInfo

@@ -28,7 +28,7 @@ from engine.fp8 import convert_block
 from engine.kv_cache import StreamKVCache
 from engine.kv_policy import EvictionQueues, eviction_queues, graphs_allowed
 from engine.parallel.stage_graph import StageGraph, cross_kv_rows
-from engine.parallel.ring_messages import Group
+from engine.ring_messages import Group
 from engine.rope import Rope
 from engine.transfer import h2d
 

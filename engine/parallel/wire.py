@@ -1,6 +1,6 @@
 """One message per hop, and the links of the ring.
 
-A message is one of the typed messages of `engine.parallel.ring_messages`. On the wire it is a small
+A message is one of the typed messages of `engine.ring_messages`. On the wire it is a small
 pickled header (the message without its tensors: session/chunk ids, row positions, timesteps, ... and
 host data such as decoded frames) plus at most one packed payload: every device tensor of the message
 (the fields its class names in `TENSORS`) laid out in one byte buffer, so a hop is one transfer whatever the tensors (tokens, time embeddings, the
@@ -29,7 +29,7 @@ from typing import Any, Hashable, Optional
 import torch
 import torch.distributed as dist
 
-from engine.parallel.ring_messages import RingMessage, Stop
+from engine.ring_messages import RingMessage, Stop
 
 HEADER_BYTES = 4096  # fixed first transfer; larger headers send the rest in a second one
 _ALIGN = 64  # payload offsets: any dtype can be viewed at any entry
