@@ -159,15 +159,8 @@ class StreamEngine(EngineFrontend):
         if self._closed:
             return
         self._closed = True
-        core = self.core
-        core.close()
-        core.drivers.clear()
-        core.waits.clear()
-        core.pending.clear()
-        core.returns.clear()
-        core.deferred = None
-        core.stage.drop_graphs()
-        core.stage.sessions.clear()
+        self.core.close()
+        self.core.drop_sessions()
 
     def __del__(self) -> None:  # a forgotten engine gives its GPU memory back at once
         try:

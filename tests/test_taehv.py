@@ -258,11 +258,13 @@ def test_cli_renders_with_the_light_decoder(tmp_path, taehv_file):
 
 @pytest.mark.parametrize("args, message", [
     (["--decoder", "taehv", "--weights", "."], "--decoder taehv with real model weights needs --taehv-weights"),
-    (["--taehv-weights", "FILE"], "--taehv-weights is only used with --decoder taehv"),
+    (["--encoder", "taehv", "--weights", "."], "--encoder taehv with real model weights needs --taehv-weights"),
+    (["--taehv-weights", "FILE"], "--taehv-weights is only used with --decoder taehv or --encoder taehv"),
     (["--decoder", "taehv", "--taehv-weights", "/nonexistent.pth"], "no such file"),
     (["--decoder", "fast"], "invalid choice"),
+    (["--encoder", "fast"], "invalid choice"),
 ])
-def test_cli_decoder_errors_one_line_exit_2(tmp_path, taehv_file, args, message):
+def test_cli_codec_errors_one_line_exit_2(tmp_path, taehv_file, args, message):
     from tests.test_engine import write_mp4
 
     src = tmp_path / "in.mp4"

@@ -293,23 +293,6 @@ def test_cli_renders_with_the_light_encoder(tmp_path, taehv_file):
     assert frames.shape == (10, 64, 96, 3) and frames.dtype == np.uint8
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--encoder", "taehv", "--weights", "."], "--encoder taehv with real model weights needs --taehv-weights"),
-    (["--taehv-weights", "FILE"], "--taehv-weights is only used with --decoder taehv or --encoder taehv"),
-    (["--encoder", "fast"], "invalid choice"),
-])
-def test_cli_encoder_errors_one_line_exit_2(tmp_path, taehv_file, args, message):
-    from tests.test_engine import write_mp4
-
-    src = tmp_path / "in.mp4"
-    write_mp4(src, 5)
-    args = [str(taehv_file) if a == "FILE" else a for a in args]
-    r = cli("render", "--input", str(src), "--output", str(tmp_path / "o.npz"), "--prompt", "x", *args)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], r.stderr
-
-
 @pytest.mark.parametrize("decoder", ["wan", "taehv"])
 def test_parallel_ranks_encode_with_taehv_like_one_process(taehv_file, decoder):
     """Rank 0 encodes with the chosen encoder (and builds no Wan VAE when nothing on it needs one): two

@@ -88,6 +88,17 @@ class Rank0(RankBase):
         self._stats_dirty = True
         self._stats_sent = 0.0
 
+    def drop_sessions(self) -> None:
+        """Forget every session at once (the engine is closing): their schedules, the forwards waiting
+        for them, and the stage's caches and graphs."""
+        self.drivers.clear()
+        self.waits.clear()
+        self.pending.clear()
+        self.returns.clear()
+        self.deferred = None
+        self.stage.drop_graphs()
+        self.stage.sessions.clear()
+
     def embed_prompt(self, prompt: str) -> torch.Tensor:
         return embed_prompt(self.text, self.cfg, prompt, self.device, self.dtype)
 
