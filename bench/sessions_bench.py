@@ -50,6 +50,7 @@ def run_sessions(engine: Any, n: int, chunks: int, warmup: int) -> dict:
         for s in sessions:
             s.flush()  # nothing of the warm-up left in flight
         got = [0] * n
+        before = _forwards_by_batch(engine)
         t0 = time.perf_counter()
         for i in range(warmup, warmup + chunks):
             a = 5 + CHUNK * i
@@ -60,6 +61,7 @@ def run_sessions(engine: Any, n: int, chunks: int, warmup: int) -> dict:
         for k, s in enumerate(sessions):
             got[k] += len(s.flush())
         elapsed = time.perf_counter() - t0
+        after = _forwards_by_batch(engine)
     finally:
         for s in sessions:
             s.close()
@@ -67,8 +69,17 @@ def run_sessions(engine: Any, n: int, chunks: int, warmup: int) -> dict:
     if any(g != want for g in got):
         raise RuntimeError(f"{n} sessions: frames out per session {got}, {want} pushed each")
     per = [g / elapsed for g in got]
+    batches = {b: c - before.get(b, 0) for b, c in after.items() if c > before.get(b, 0)}
     return dict(sessions=n, chunks=chunks, warmup=warmup, frames=sum(got), elapsed_s=elapsed,
-                aggregate_fps=sum(got) / elapsed, per_session_fps=per, min_session_fps=min(per))
+                aggregate_fps=sum(got) / elapsed, per_session_fps=per, min_session_fps=min(per),
+                forwards_by_batch=batches)
+
+
+def _forwards_by_batch(engine: Any) -> dict[int, int]:
+    """The core's steady forwards so far by sessions carried ({} where the engine does not report them)."""
+    stats = engine.stats() if callable(getattr(engine, "stats", None)) else {}
+    forwards = (stats.get("batch") or {}).get("forwards") or {}
+    return {int(b): int(c) for b, c in forwards.items()}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -125,11 +136,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"\n{meta}")
     print(f"{row['row']} {row['model']} {row['size']} {row['steps']} step(s) {row['dtype']} on {args.device}, "
           f"{args.chunks} timed chunks per session after {warmup} warm-up")
-    print(f"{'N':>3} {'agg fps':>8} {'per session fps (min / mean)':>29} {'window s':>9}")
+    print(f"{'N':>3} {'agg fps':>8} {'per session fps (min / mean)':>29} {'window s':>9}  forwards by batch size")
     for r in results:
         per = r["per_session_fps"]
         print(f"{r['sessions']:>3} {r['aggregate_fps']:8.2f} {min(per):14.2f} / {sum(per) / len(per):12.2f} "
-              f"{r['elapsed_s']:9.2f}")
+              f"{r['elapsed_s']:9.2f}  {r['forwards_by_batch']}")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,9 @@ class ParallelOptions(BaseModel):
     max_batch: int = Field(4, ge=1, le=64, description="sessions in one forward at most")
     target_fps: float = Field(16.0, gt=0.0, description="output frames per second each session needs")
     deadline_ms: float = Field(1000.0, gt=0.0, description="input-to-output latency budget of a frame")
+    batch_wait_ms: Optional[float] = Field(
+        None, ge=0.0, description="longest a forward waits for other sessions' chunks due soon (None: what the "
+        "deadline leaves, engine.parallel.slo; 0: never waits)")
 
     # Start-up and failure detection.
     start_timeout_s: float = Field(600.0, gt=0.0)

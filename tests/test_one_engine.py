@@ -73,6 +73,49 @@ def test_sessions_batched_in_process_equal_each_alone(tiny4, alone, monkeypatch,
     assert_same(b_out, want[(2, steps)])
 
 
+@pytest.mark.parametrize("wait_ms", [None, 0.0])
+def test_a_forward_waits_for_a_session_due_soon_while_the_device_is_busy(tiny4, alone, monkeypatch, wait_ms):
+    """Room for many forwards in flight (nothing makes chunks queue), yet sessions share forwards: while the
+    device is busy a chunk waits, within the SLO's bound, for the other session whose chunk is due. With
+    `batch_wait_ms=0` it never waits and every forward carries one session. Frames as each alone."""
+    frames, want = alone
+    opts = dict(ring_capacity=8, inflight=2, max_batch=2, deadline_ms=60_000.0, batch_wait_ms=wait_ms)
+    e = StreamEngine.create(EngineOptions(model=tiny4, device="cpu", **SIZE, parallel=opts))
+    monkeypatch.setattr(e.core.io, "to_uint8_later", HeldCopies(e.core.io))  # the device stays busy
+    a = e.open_session("prompt 1", StreamParams(seed=1, steps=1))
+    b = e.open_session("prompt 2", StreamParams(seed=2, steps=1))
+    a_out, b_out = push_interleaved([a, b], [frames[1], frames[2]])
+    batch = e.stats()["batch"]
+    if wait_ms is None:
+        assert e.stats()["batched_forwards"] >= 3 and batch["waits"] >= 3 and batch["joined"] >= 3
+    else:
+        assert e.stats()["batched_forwards"] == 0 and batch["waits"] == 0
+    assert_same(a_out, want[(1, 1)])
+    assert_same(b_out, want[(2, 1)])
+
+
+def test_the_wait_for_other_sessions_is_bounded_by_the_slo():
+    """The bound is what the deadline leaves after the chunk fill, the lag and the bigger batch's predicted
+    latency (checked against the arithmetic); a session overdue by half its interval is not waited for."""
+    from engine.parallel.rank0 import _Arrivals
+    from engine.parallel.slo import BatchScheduler
+
+    s = BatchScheduler(max_batch=3, target_fps=16.0, deadline_ms=400.0)
+    assert s.wait_bound_ms(1, 0) == 0.0  # nothing measured: never waits
+    s.observe(1, 40.0)
+    s.observe(2, 60.0)
+    assert s.wait_bound_ms(1, 0) == pytest.approx(400.0 - 250.0 - 60.0)
+    assert s.wait_bound_ms(2, 0) == pytest.approx(400.0 - 250.0 - 80.0)  # L(3) on the line through 40, 60
+    assert s.wait_bound_ms(2, 1) == 0.0  # one more chunk of lag: nothing left
+    assert s.wait_bound_ms(3, 0) == 0.0  # the largest batch waits for no one
+    a = _Arrivals(10.0)
+    assert a.next_due(10.0) is None  # one chunk: no interval yet
+    a.add(10.1)
+    assert a.next_due(10.15) == pytest.approx(10.2)
+    assert a.next_due(10.24) == pytest.approx(10.2)  # a little late: still waited for
+    assert a.next_due(10.26) is None  # overdue by more than half an interval: paused
+
+
 @pytest.mark.parametrize("devices", ["cpu", "cpu:2"])
 def test_frames_go_straight_into_the_session_output_ring(tiny4, alone, devices):
     """Given the session's shared-memory output ring, the last stage writes the frames there and only

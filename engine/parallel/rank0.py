@@ -32,6 +32,27 @@ log = logging.getLogger("engine.parallel.rank")
 
 
 @dataclass
+class _Arrivals:
+    """When a session's chunks reach the core: the latest, and the usual interval between two."""
+
+    last: float
+    interval: Optional[float] = None
+
+    def add(self, now: float) -> None:
+        gap = now - self.last
+        self.interval = gap if self.interval is None else self.interval + 0.3 * (gap - self.interval)
+        self.last = now
+
+    def next_due(self, now: float) -> Optional[float]:
+        """When the next chunk is expected; None when unknown, or overdue by half an interval or more
+        (a session that has paused is not waited for)."""
+        if self.interval is None:
+            return None
+        due = self.last + self.interval
+        return None if now > due + 0.5 * self.interval else due
+
+
+@dataclass
 class _InFlight:
     fid: int
     issued: float
@@ -64,6 +85,8 @@ class Rank0(RankBase):
         self.fid_sids: dict[int, list[int]] = {}
         self.waits: dict[int, Any] = {}  # sid -> what its generator waits for
         self.pending: list[tuple[int, Submit]] = []  # submitted rows, oldest first
+        self.submitted_at: dict[int, float] = {}  # sid -> when its pending Submit came
+        self.arrivals: dict[int, _Arrivals] = {}  # sid -> when its new chunks come (steady forwards)
         self.issued: dict[int, int] = {}  # sid -> fid its Submit got (resume value)
         self.returns: dict[tuple[int, int], torch.Tensor] = {}
         self.discard: set[tuple[int, int]] = set()
@@ -71,6 +94,7 @@ class Rank0(RankBase):
         self.max_inflight = 0  # most forwards in the ring at once so far
         self.max_stream_overlap = 0  # most steady multi-step forwards of one stream in flight at once
         self.next_fid = 0
+        self._waiting_since: Optional[tuple[float, int]] = None  # (when, sessions then) while forwards wait
         self.timing: dict[int, dict[int, tuple[float, float]]] = {}
         self.balance_from_fid = 0  # forwards before the last move say nothing of the new split
         self.skip_fids: set[int] = set()  # forwards not representative (first chunks)
@@ -94,6 +118,9 @@ class Rank0(RankBase):
         self.drivers.clear()
         self.waits.clear()
         self.pending.clear()
+        self.submitted_at.clear()
+        self.arrivals.clear()
+        self._waiting_since = None
         self.returns.clear()
         self.deferred = None
         self.stage.drop_graphs()
@@ -198,6 +225,7 @@ class Rank0(RankBase):
                 self.drivers.pop(sid, None)
                 self.waits.pop(sid, None)
                 self.encode_laps.pop(sid, None)
+                self.arrivals.pop(sid, None)
                 self.encode_ms.pop(sid, None)
                 self.dit_ms.pop(sid, None)
                 return
@@ -210,7 +238,14 @@ class Rank0(RankBase):
                 self._send_event(P.Done(sid, w.seq, error=w.error))
                 continue
             if isinstance(w, Submit):
+                now = time.perf_counter()
                 self.pending.append((sid, w))
+                self.submitted_at[sid] = now
+                if w.group.frames == 1 and w.laps:  # a new chunk of a steady stream (not a drain's filler)
+                    if sid in self.arrivals:
+                        self.arrivals[sid].add(now)
+                    else:
+                        self.arrivals[sid] = _Arrivals(now)
             return
 
     # -- forwards --------------------------------------------------------------------------------------
@@ -222,8 +257,16 @@ class Rank0(RankBase):
         same = [p for p in self.pending if p[1].group.frames == frames]
         # forwards between a chunk entering and leaving (engine.stream_batch)
         lag = max((len(p[1].group.t) - 1) * self.opts.step_lag if p[1].group.frames == 1 else 0 for p in same)
+        if frames == 1 and self._wait_for_others(same, lag):
+            return False
         b = self.batcher.choose(len(same), lag)
         chosen = same[:b]
+        for sid, _ in chosen:
+            self.submitted_at.pop(sid, None)
+        if self._waiting_since is not None:
+            since, alone = self._waiting_since
+            self.batcher.waited(1000.0 * (time.perf_counter() - since), len(chosen) - alone)
+            self._waiting_since = None
         for p in chosen:
             self.pending.remove(p)
         # rows in session order: the same sessions always make the same forward, so one CUDA graph per
@@ -268,6 +311,39 @@ class Rank0(RankBase):
             self.batched_forwards += 1
         self._stats_dirty = True
         return True
+
+    def _wait_for_others(self, same: list[tuple[int, Submit]], lag: int) -> bool:
+        """Whether steady forwards that could go now wait for other sessions' chunks, to share one forward.
+        Only while the device is busy anyway (the rows would queue behind its work: waiting costs no device
+        time), only for sessions whose next chunk is expected before the bound, and never beyond the bound
+        the SLO leaves (engine.parallel.slo), or `batch_wait_ms`."""
+        if not self._device_busy():
+            return False
+        bound = self.batcher.wait_bound_ms(len(same), lag)
+        if self.popts.batch_wait_ms is not None:
+            bound = min(bound, self.popts.batch_wait_ms) if bound > 0 else 0.0
+        if bound <= 0:
+            return False
+        now = time.perf_counter()
+        limit = min(self.submitted_at.get(sid, now) for sid, _ in same) + bound / 1000.0
+        if now >= limit:
+            return False
+        here = {sid for sid, _ in same}
+        due = [a.next_due(now) for sid, a in self.arrivals.items() if sid not in here and sid in self.drivers]
+        if not any(d is not None and d <= limit for d in due):
+            return False
+        if self._waiting_since is None:
+            self._waiting_since = (now, len(same))
+        return True
+
+    def _device_busy(self) -> bool:
+        """Forwards still at work: on a ring of one, the newest forward's frames not on the host yet."""
+        if not self.inflight:
+            return False
+        if self.world > 1:
+            return True
+        d = self.deferred
+        return d is not None and not all(pending.ready() for _, pending, _ in d.frames)
 
     # -- what comes back from the last rank (and back links) -----------------------------------------
     def _read_ring(self) -> bool:

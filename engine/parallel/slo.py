@@ -11,6 +11,10 @@ and L(B). The rule: take the largest B whose predicted L(B) still fits what the 
 predicting L(B) from measurements: the running mean where B was measured, else a line through the
 measured sizes (least squares), else, from one measured size b0, L(b0) * B / b0 (no batching gain: a
 cautious guess that only lets B grow when even that fits). B never exceeds the sessions ready to run.
+
+Sessions seldom come due at the same instant: each sends a chunk when its camera has filled one. So a
+forward may wait for another session's chunk, but only within what the same budget leaves once the
+bigger batch's latency is paid, `wait_bound_ms` (docs/ARCHITECTURE.md §5 says when the core waits).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class BatchScheduler:
         self.latency: dict[int, float] = {}  # running mean of L(B) per batch size B
         self.count: dict[int, int] = {}
         self.last: dict = {}
+        self.waits, self.wait_ms, self.joined = 0, 0.0, 0  # forwards that waited for others; their waits
 
     def observe(self, batch: int, latency_ms: float) -> None:
         if batch in self.latency:
@@ -58,6 +63,20 @@ class BatchScheduler:
         slope = max(slope, 0.0)  # latency never falls with more rows
         return my + slope * (batch - mx)
 
+    def wait_bound_ms(self, batch: int, lag_chunks: int) -> float:
+        """How long a forward of `batch` sessions may wait for one more session's chunk: the budget left
+        after the predicted latency of `batch + 1`; 0 while nothing has been measured or at the limit."""
+        if batch >= self.max_batch:
+            return 0.0
+        p = self.predict(batch + 1)
+        return 0.0 if p is None else max(0.0, self.budget_ms(lag_chunks) - p)
+
+    def waited(self, ms: float, joined: int) -> None:
+        """A forward that waited `ms` for other sessions, which `joined` more sessions' chunks then joined."""
+        self.waits += 1
+        self.wait_ms += ms
+        self.joined += joined
+
     def choose(self, ready: int, lag_chunks: int) -> int:
         """Sessions to put in the next forward (1 <= B <= ready)."""
         limit = max(1, min(self.max_batch, ready))
@@ -77,4 +96,5 @@ class BatchScheduler:
             max_batch=self.max_batch, target_fps=self.target_fps, deadline_ms=self.deadline_ms,
             latency_ms={b: round(v, 3) for b, v in sorted(self.latency.items())},
             forwards={b: c for b, c in sorted(self.count.items())}, last=self.last,
+            waits=self.waits, wait_ms=round(self.wait_ms, 3), joined=self.joined,
         )
