@@ -277,6 +277,8 @@ def pipeline_stats(st: Optional[RingStats]) -> Optional[PipelineStats]:
     return PipelineStats(
         ranks=ranks, rebalance=st.balance.enabled, moves=st.moves_total, decisions=decisions,
         forwards=st.forwards, batched_forwards=st.batched_forwards, early_frames=st.early_frames, hop_ms=st.hop_ms,
+        forwards_by_batch={int(b): int(c) for b, c in (st.batch.get("forwards") or {}).items()},
+        batch_waits=int(st.batch.get("waits", 0)), batch_wait_ms=float(st.batch.get("wait_ms", 0.0)),
     )
 
 

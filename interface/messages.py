@@ -201,6 +201,9 @@ class PipelineStats(_Message):
     decisions: list[BlockDecision] = []  # the scheduler's latest, oldest first
     forwards: int = Field(0, ge=0)
     batched_forwards: int = Field(0, ge=0, description="forwards that carried several sessions")
+    forwards_by_batch: dict[int, int] = Field({}, description="steady forwards by the sessions they carried")
+    batch_waits: int = Field(0, ge=0, description="forwards that waited for other sessions' chunks")
+    batch_wait_ms: float = Field(0.0, ge=0.0, description="their waits in all")
     early_frames: int = Field(0, ge=0)
     hop_ms: Optional[float] = None
 

@@ -302,7 +302,8 @@ def test_a_pipeline_report_becomes_metrics_and_none_gives_no_samples() -> None:
         world=2, devices=["cpu", "cpu"], split=[2, 2], blocks=["0-1", "2-3"], forwards=10, batched_forwards=2,
         early_frames=1, inflight=0, capacity=2, max_inflight=2, max_stream_overlap=1, sessions=1, hop_ms=0.5,
         graphs=[RankForwards(rank=0, replayed=7, eager=3), RankForwards(rank=1, replayed=6, eager=4)],
-        moves=[], moves_total=2, balance=balance, batch={},
+        moves=[], moves_total=2, balance=balance,
+        batch={"forwards": {1: 8, 2: 2}, "waits": 3, "wait_ms": 12.5, "joined": 2},
     ))
     assert report is not None and [d.rollback for d in report.decisions] == [False, True]
     metrics = ServerMetrics(1.0)
@@ -312,7 +313,9 @@ def test_a_pipeline_report_becomes_metrics_and_none_gives_no_samples() -> None:
                  'streamgen_pipeline_rank_forwards{rank="1",blocks="graph"} 6',
                  'streamgen_pipeline_rank_forwards{rank="0",blocks="eager"} 3', "streamgen_pipeline_block_moves 2",
                  'streamgen_pipeline_forwards{sessions="several"} 2', 'streamgen_pipeline_forwards{sessions="one"} 8',
-                 "streamgen_pipeline_rebalance 1", "streamgen_pipeline_hop_seconds 0.0005"):
+                 "streamgen_pipeline_rebalance 1", "streamgen_pipeline_hop_seconds 0.0005",
+                 'streamgen_pipeline_batch_forwards{sessions="1"} 8', 'streamgen_pipeline_batch_forwards{sessions="2"} 2',
+                 "streamgen_pipeline_batch_waits 3", "streamgen_pipeline_batch_wait_seconds 0.0125"):
         assert line in text, line
     assert pipeline_stats(None) is None  # before rank 0's first report
     one_device = ServerMetrics(1.0)

@@ -123,6 +123,13 @@ class ServerMetrics:
                     labels=("sessions",),
                     read=read(lambda p: {("one",): float(p.forwards - p.batched_forwards),
                                          ("several",): float(p.batched_forwards)})))
+        r.add(Gauge("streamgen_pipeline_batch_forwards", "steady DiT forwards by the number of sessions they carried",
+                    labels=("sessions",),
+                    read=read(lambda p: {(str(b),): float(c) for b, c in sorted(p.forwards_by_batch.items())})))
+        r.add(Gauge("streamgen_pipeline_batch_waits", "forwards that waited for other sessions' chunks to share them",
+                    read=read(lambda p: {(): float(p.batch_waits)})))
+        r.add(Gauge("streamgen_pipeline_batch_wait_seconds", "the time those forwards waited, in all",
+                    read=read(lambda p: {(): p.batch_wait_ms / 1000})))
         r.add(Gauge("streamgen_pipeline_hop_seconds", "one hop of a forward's payload, as last measured",
                     read=read(lambda p: {} if p.hop_ms is None else {(): p.hop_ms / 1000})))
 
