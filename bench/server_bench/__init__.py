@@ -27,8 +27,10 @@ How it works:
 
 Where the numbers differ: the server's latency runs from a camera frame's arrival at the server to
 the generated frame being handed to its encoder. The client's adds both encodes, decodes and the
-transport, and aiortc's receive jitter buffer, which releases a frame only when the first packet of
-the next one arrives (on both legs: about one frame interval each, more after a chunk's last frame).
+transport and both receive jitter buffers. The server's camera receiver, and by default the client's,
+completes a frame on its RTP marker bit as a browser's does (server/media/jitter_buffer.py);
+--stock-receiver gives the client aiortc's own, which releases a frame only when the first packet of
+the next one arrives (a frame interval later, more after a chunk's last frame).
 
 Everything goes to --json; a short table is printed last. A hard timeout bounds the whole run and
 the server's process group is killed on every exit path.

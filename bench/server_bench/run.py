@@ -67,7 +67,8 @@ async def stream_sessions(http: Any, server: ServerProcess, url: str, args: argp
                           seeds: list[int]) -> list[tuple[Client, Optional[dict]]]:
     """Connect one client per seed at once, stream each camera for `seconds`, poll each session
     (where its poller is not None). Returns each client with its session's final snapshot."""
-    clients = [Client(url, CameraTrack(args.camera_width, args.camera_height, args.fps, seed=seed)) for seed in seeds]
+    clients = [Client(url, CameraTrack(args.camera_width, args.camera_height, args.fps, seed=seed),
+                      stock_receiver=args.stock_receiver) for seed in seeds]
     params = {"steps": args.steps, "seed": args.seed}
     if args.noise_strength is not None:
         params["noise_strength"] = args.noise_strength
@@ -202,6 +203,9 @@ def add_stream_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="write everything here")
     p.add_argument("--log", type=Path, default=None, help="server log (default: next to --json, .server.log)")
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for python -m server")
+    p.add_argument("--stock-receiver", action="store_true",
+                   help="receive the output with aiortc's own jitter buffer (a frame interval later) instead of the "
+                        "server's, which completes a frame on its RTP marker bit as a browser does")
 
 def finish_stream_args(p: argparse.ArgumentParser, args: argparse.Namespace, prefix: str) -> None:
     """Checks and derived values of add_stream_args' options (a one-line error via p.error)."""
