@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable, Optional
 import numpy as np
 
 from bench.server_bench import BenchError, __doc__ as DOC
+from bench.server_bench.breakdown import breakdown_table, frame_breakdown
 from bench.server_bench.camera import CameraTrack
 from bench.server_bench.client import Client, http_timeout
 from bench.server_bench.latency import SessionPoller, client_stats, series_stats
@@ -162,6 +163,8 @@ async def run(args: argparse.Namespace, server: ServerProcess, url: str, result:
         k: round(float(np.median([e[k] for e in engine_rows if k in e])), 2)
         for k in ("vae_encode_ms", "dit_ms", "vae_decode_ms", "chunk_ms") if any(k in e for e in engine_rows)
     }
+    result["breakdown"] = frame_breakdown(client, poller.frames, args.warmup, [p["engine"] for p in poller.polls])
+    result["breakdown"]["frames_missed_by_polls"] = poller.frames_missed
     result["session_final"] = final
     result["metrics"] = summarize_metrics(metrics_delta(after, before, GAUGES))
     result["metrics_text"] = metrics_text
@@ -334,5 +337,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "client" in result:
         print()
         print(table(result))
+        print()
+        print(breakdown_table(result.get("breakdown", {})))
     print(f"\nserver log: {args.log}" + (f"\njson: {args.json}" if args.json else ""))
     return status
