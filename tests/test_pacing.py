@@ -114,7 +114,8 @@ def test_a_slow_start_does_not_keep_its_delay() -> None:
     lat = run.latencies(chunk_frames(100, 150))
     assert np.all(lat <= least + FLOOR + 0.001), lat.max() - least
     gaps = np.diff([run.sent[n] for n in chunk_frames(3, 150) if n in run.sent])
-    assert run.pacer.dropped_late == 0 and gaps.min() >= 0.5 / FPS - 1e-9  # it came down smoothly
+    # It came down smoothly: a frame left at most 10 ms sooner than its pts spacing, none dropped.
+    assert run.pacer.dropped_late == 0 and gaps.min() >= 1 / FPS - 0.010 - 1e-9
 
 
 def test_a_fixed_schedule_is_still_there_when_asked_for() -> None:

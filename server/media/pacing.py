@@ -9,8 +9,8 @@ The playout delay adapts to measured jitter. Each burst's arrival is noted as it
 arrival time less its pts in seconds (a number the anchor does not change); over a recent window,
 the latest of these is the least delay at which no recent burst would have come late, and the
 margin on top is a high percentile of their spread above the median (at least a few ms). When the
-smallest recent lead exceeds the margin, the schedule moves earlier by the excess, at most half a
-frame interval per burst (no queued frame goes stale for it); a burst that comes late moves it
+smallest recent lead exceeds the margin, the schedule moves earlier by the excess, at most 10 ms
+and half a frame interval per burst (no queued frame goes stale for it); a burst that comes late moves it
 later, to that burst's arrival plus the margin. A burst far off the schedule (a pts jump, a stall)
 re-anchors it at once. The pacer is pure logic with the clock passed in, so it can be tested
 without WebRTC.
@@ -39,13 +39,15 @@ class PtsPacer(Generic[T]):
         window_s: float = 4.0,
         margin_floor_s: float = 0.004,
         margin_percentile: float = 95.0,
+        max_step_s: float = 0.01,
         adaptive: bool = True,
     ) -> None:
         """max_lead_s: a burst whose first frame would wait longer than this re-anchors (latency
         comes down, the older frames still queued are dropped); max_late_s: a burst arriving
         later than this re-anchors (its frames are shown, not dropped); max_queue: hard cap.
         window_s, margin_floor_s, margin_percentile: the adaptive delay's window of recent bursts,
-        and its margin's floor and percentile of spread. adaptive=False: the schedule moves only
+        its margin's floor and percentile of spread, and the most the delay comes down per burst (also at
+        most half a frame interval: no queued frame goes stale, and the output's jitter stays small). adaptive=False: the schedule moves only
         when a burst is past max_lead_s or max_late_s."""
         self._rate = float(clock_rate)
         self._max_lead = max_lead_s
@@ -54,6 +56,7 @@ class PtsPacer(Generic[T]):
         self._window_s = window_s
         self._margin_floor = margin_floor_s
         self._margin_percentile = margin_percentile
+        self._max_step = max_step_s
         self._adaptive = adaptive
         self._queue: deque[tuple[int, T]] = deque()
         self._anchor: Optional[tuple[float, int]] = None  # (wall seconds, pts)
@@ -131,7 +134,7 @@ class PtsPacer(Generic[T]):
             return
         excess = self._offset() - max(a for _, a in self._arrivals) - margin
         if excess > 0.001:
-            step = min(excess, 0.5 * self._frame_s)  # under a frame interval: no queued frame goes stale
+            step = min(excess, self._max_step, 0.5 * self._frame_s)
             self._shift(-step)
             self.delay_lowered_s += step
 
