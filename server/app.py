@@ -62,7 +62,7 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 
 async def get_session(request: web.Request) -> web.Response:
-    return json_response(request.app[STATE].session(request.match_info["session_id"]).info())
+    return json_response(request.app[STATE].session(request.match_info["session_id"]).info(with_frames=True))
 
 
 async def patch_session(request: web.Request) -> web.Response:

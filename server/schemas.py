@@ -42,6 +42,19 @@ class Percentiles(BaseModel):
     max: Optional[float] = None
 
 
+class FrameTimes(BaseModel):
+    """Where one sent frame's time went inside the server: monotonic clock seconds (time.monotonic, comparable
+    with another process's on the same host) at its camera frame's arrival, its chunk's push to the engine,
+    its generated frame's return from the engine, its hand-over to the paced track, and its send to the encoder."""
+
+    pts: int
+    arrived: float
+    pushed: float
+    returned: float
+    delivered: float
+    sent: float
+
+
 class SessionStats(BaseModel):
     """Pushed over the data channel once a second and returned by GET /api/sessions/{id}."""
 
@@ -64,6 +77,15 @@ class SessionStats(BaseModel):
     engine_updates: int = 0
     latency_seq: int = Field(0, description="latency samples so far; the page appends the new ones")
     recent_latency_ms: list[float] = Field(default_factory=list)
+    stages_ms: dict[str, Percentiles] = Field(
+        default_factory=dict,
+        description="per sent frame over the recent window: fill (arrival -> its chunk's push), engine (push -> "
+        "back at the server), output (-> handed to the paced track, scaling included), pacing (-> sent)",
+    )
+    frame_seq: int = Field(0, description="frames timed so far (recent_frames holds the newest)")
+    recent_frames: list[FrameTimes] = Field(
+        default_factory=list, description="the newest frames' stage times; GET /api/sessions/{id} only"
+    )
 
 
 class Size(BaseModel):

@@ -23,14 +23,20 @@ How it works:
   end-to-end latency per frame. The server carries each frame's pts through to its output, and
   RTP keeps pts differences, so the client tags its frames with pts n*step + 10*c_n (c_n a seeded
   random digit, < 1 ms) and finds the one offset that maps the received pts onto the sent ones;
-- at the end reads the final session stats and /metrics (Prometheus text).
+- at the end reads the final session stats and /metrics (Prometheus text);
+- breaks each frame's time down, camera to client decoder, by stage (bench/server_bench/breakdown.py:
+  the server's per-frame stage stamps, polled with the latencies, matched to the camera's frames by pts;
+  client and server share CLOCK_MONOTONIC on one host): upstream, chunk fill, engine, server output,
+  pacing wait, downstream. Per frame the stages add up to its client end-to-end latency.
 
 Where the numbers differ: the server's latency runs from a camera frame's arrival at the server to
 the generated frame being handed to its encoder. The client's adds both encodes, decodes and the
-transport, and aiortc's receive jitter buffer, which releases a frame only when the first packet of
-the next one arrives (on both legs: about one frame interval each, more after a chunk's last frame).
+transport and both receive jitter buffers. The server's camera receiver, and by default the client's,
+completes a frame on its RTP marker bit as a browser's does (server/media/jitter_buffer.py);
+--stock-receiver gives the client aiortc's own, which releases a frame only when the first packet of
+the next one arrives (a frame interval later, more after a chunk's last frame).
 
-Everything goes to --json; a short table is printed last. A hard timeout bounds the whole run and
+Everything goes to --json; a short table and the breakdown (stage, p50, p99, mean ms) are printed last. A hard timeout bounds the whole run and
 the server's process group is killed on every exit path.
 """
 

@@ -17,6 +17,11 @@ from bench.server_bench.camera import CameraTrack
 class Client:
     url: str
     camera: CameraTrack
+    # aiortc's own receive buffer holds each frame until the next one's first packet; by default the
+    # client gets the server's (server/media/jitter_buffer.py), which completes a frame on its marker
+    # bit as a browser's receiver does.
+    stock_receiver: bool = False
+    jitter_buffer: Any = None
     received_at: list[float] = field(default_factory=list)
     received_pts: list[int] = field(default_factory=list)
     sizes: set = field(default_factory=set)
@@ -44,6 +49,10 @@ class Client:
         def on_track(track: Any) -> None:
             if track.kind != "video":
                 return
+            if not self.stock_receiver:
+                from server.media.jitter_buffer import install_for_track
+
+                self.jitter_buffer = install_for_track(pc, track)
 
             async def receive() -> None:
                 while True:
@@ -64,8 +73,10 @@ class Client:
             answer = await r.json()
             if r.status != 200:
                 raise BenchError(f"offer refused: HTTP {r.status}: {answer}")
-        await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+        await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))  # fires "track"
         self.session_id = answer["session_id"]
+        if not self.stock_receiver and self.jitter_buffer is None:
+            raise BenchError("could not give the receiver the marker-bit jitter buffer (see the log); try --stock-receiver")
         return answer
 
     async def close(self) -> None:

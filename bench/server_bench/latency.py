@@ -39,6 +39,9 @@ class SessionPoller:
         self.missed = 0
         self.last_seq = 0
         self.polls: list[dict] = []  # compact time series
+        self.frames: list[dict] = []  # every sent frame's server stage times (FrameTimes), in order
+        self.frames_missed = 0
+        self.last_frame_seq = 0
         self.last: Optional[dict] = None
 
     def add(self, info: dict, now: float, t0: float) -> None:
@@ -55,6 +58,13 @@ class SessionPoller:
                 self.latency_ms.append(float(v))
                 self.sample_time.append(now)
             self.last_seq = seq
+        frame_seq, frames = int(stats.get("frame_seq", 0)), list(stats.get("recent_frames", []))
+        new = frame_seq - self.last_frame_seq
+        if new > 0:
+            take = frames[-new:] if new <= len(frames) else frames
+            self.frames_missed += new - len(take)
+            self.frames.extend(take)
+            self.last_frame_seq = frame_seq
         self.polls.append({
             "t": round(now - t0, 3), "state": info.get("state"), "frames_in": stats["frames_in"],
             "frames_out": stats["frames_out"], "chunks": stats["chunks"], "fps_in": stats["fps_in"],
@@ -102,6 +112,9 @@ def client_stats(client: Client, deadline_ms: float, warmup_s: float) -> dict:
         "frames_sent": len(cam.sent_at), "frames_received": len(client.received_at),
         "received_sizes": sorted(client.sizes),
     }
+    buffer = client.jitter_buffer
+    out["receiver"] = {"kind": "stock"} if buffer is None else {
+        "kind": "marker", "frames_on_marker": buffer.frames_on_marker, "frames_on_next": buffer.frames_on_next}
     if cam.sent_at and len(cam.sent_at) > 1:
         out["fps_in"] = round((len(cam.sent_at) - 1) / (cam.sent_at[-1] - cam.sent_at[0]), 2)
     if not client.received_at or not cam.sent_at:

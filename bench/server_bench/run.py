@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable, Optional
 import numpy as np
 
 from bench.server_bench import BenchError, __doc__ as DOC
+from bench.server_bench.breakdown import breakdown_table, frame_breakdown
 from bench.server_bench.camera import CameraTrack
 from bench.server_bench.client import Client, http_timeout
 from bench.server_bench.latency import SessionPoller, client_stats, series_stats
@@ -67,7 +68,8 @@ async def stream_sessions(http: Any, server: ServerProcess, url: str, args: argp
                           seeds: list[int]) -> list[tuple[Client, Optional[dict]]]:
     """Connect one client per seed at once, stream each camera for `seconds`, poll each session
     (where its poller is not None). Returns each client with its session's final snapshot."""
-    clients = [Client(url, CameraTrack(args.camera_width, args.camera_height, args.fps, seed=seed)) for seed in seeds]
+    clients = [Client(url, CameraTrack(args.camera_width, args.camera_height, args.fps, seed=seed),
+                      stock_receiver=args.stock_receiver) for seed in seeds]
     params = {"steps": args.steps, "seed": args.seed}
     if args.noise_strength is not None:
         params["noise_strength"] = args.noise_strength
@@ -161,6 +163,8 @@ async def run(args: argparse.Namespace, server: ServerProcess, url: str, result:
         k: round(float(np.median([e[k] for e in engine_rows if k in e])), 2)
         for k in ("vae_encode_ms", "dit_ms", "vae_decode_ms", "chunk_ms") if any(k in e for e in engine_rows)
     }
+    result["breakdown"] = frame_breakdown(client, poller.frames, args.warmup, [p["engine"] for p in poller.polls])
+    result["breakdown"]["frames_missed_by_polls"] = poller.frames_missed
     result["session_final"] = final
     result["metrics"] = summarize_metrics(metrics_delta(after, before, GAUGES))
     result["metrics_text"] = metrics_text
@@ -202,6 +206,9 @@ def add_stream_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="write everything here")
     p.add_argument("--log", type=Path, default=None, help="server log (default: next to --json, .server.log)")
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for python -m server")
+    p.add_argument("--stock-receiver", action="store_true",
+                   help="receive the output with aiortc's own jitter buffer (a frame interval later) instead of the "
+                        "server's, which completes a frame on its RTP marker bit as a browser does")
 
 def finish_stream_args(p: argparse.ArgumentParser, args: argparse.Namespace, prefix: str) -> None:
     """Checks and derived values of add_stream_args' options (a one-line error via p.error)."""
@@ -330,5 +337,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "client" in result:
         print()
         print(table(result))
+        print()
+        print(breakdown_table(result.get("breakdown", {})))
     print(f"\nserver log: {args.log}" + (f"\njson: {args.json}" if args.json else ""))
     return status

@@ -1,11 +1,19 @@
 """When each generated frame leaves: spaced by its input pts, never behind (docs/ARCHITECTURE.md §8).
 
 The engine returns frames in bursts (a chunk of 4 at once). The pacer releases them at the
-spacing of their input pts, from an anchor (wall time, pts) set when the stream starts. It never
-lets a backlog grow: a frame whose successor is already due is dropped as late, and when a new
-burst arrives far off the schedule (early: latency could shrink; late: the engine slowed) the
-schedule is re-anchored on that burst. The pacer is pure logic with the clock passed in, so it
-can be tested without WebRTC.
+spacing of their input pts, from an anchor (wall time, pts) set when the stream starts: a fresh
+stream's first frame leaves at once. It never lets a backlog grow: a frame whose successor is
+already due is dropped as late.
+
+The playout delay adapts to measured jitter. Each burst's arrival is noted as its first frame's
+arrival time less its pts in seconds (a number the anchor does not change); over a recent window,
+the latest of these is the least delay at which no recent burst would have come late, and the
+margin on top is a high percentile of their spread above the median (at least a few ms). When the
+smallest recent lead exceeds the margin, the schedule moves earlier by the excess, at most 10 ms
+and half a frame interval per burst (no queued frame goes stale for it); a burst that comes late moves it
+later, to that burst's arrival plus the margin. A burst far off the schedule (a pts jump, a stall)
+re-anchors it at once. The pacer is pure logic with the clock passed in, so it can be tested
+without WebRTC.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from typing import Generic, Optional, TypeVar
+
+import numpy as np
 
 T = TypeVar("T")
 
@@ -26,20 +36,38 @@ class PtsPacer(Generic[T]):
         max_lead_s: float = 0.5,
         max_late_s: float = 0.25,
         max_queue: int = 16,
+        window_s: float = 4.0,
+        margin_floor_s: float = 0.004,
+        margin_percentile: float = 95.0,
+        max_step_s: float = 0.01,
+        adaptive: bool = True,
     ) -> None:
         """max_lead_s: a burst whose first frame would wait longer than this re-anchors (latency
         comes down, the older frames still queued are dropped); max_late_s: a burst arriving
-        later than this re-anchors (its frames are shown, not dropped); max_queue: hard cap."""
+        later than this re-anchors (its frames are shown, not dropped); max_queue: hard cap.
+        window_s, margin_floor_s, margin_percentile: the adaptive delay's window of recent bursts,
+        its margin's floor and percentile of spread, and the most the delay comes down per burst (also at
+        most half a frame interval: no queued frame goes stale, and the output's jitter stays small). adaptive=False: the schedule moves only
+        when a burst is past max_lead_s or max_late_s."""
         self._rate = float(clock_rate)
         self._max_lead = max_lead_s
         self._max_late = max_late_s
         self._max_queue = max_queue
+        self._window_s = window_s
+        self._margin_floor = margin_floor_s
+        self._margin_percentile = margin_percentile
+        self._max_step = max_step_s
+        self._adaptive = adaptive
         self._queue: deque[tuple[int, T]] = deque()
         self._anchor: Optional[tuple[float, int]] = None  # (wall seconds, pts)
         self._last_pts: Optional[int] = None  # newest pts accepted
+        self._arrivals: deque[tuple[float, float]] = deque(maxlen=256)  # per burst: (now, now - pts s)
+        self._frame_s = 1 / 30  # the input's frame interval, from the latest burst of several frames
         self.dropped_late = 0
         self.dropped_out_of_order = 0
         self.resyncs = 0
+        self.delay_raised = 0  # bursts that came late and moved the schedule later
+        self.delay_lowered_s = 0.0  # how far the schedule moved earlier, in all
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -61,17 +89,65 @@ class PtsPacer(Generic[T]):
         if not fresh:
             return
         first = fresh[0][0]
+        if len(fresh) > 1:
+            self._frame_s = (fresh[1][0] - first) / self._rate
         if self._anchor is None:
-            self._anchor = (now, first)
+            self._anchor = (now, first)  # the first frame leaves at once
         else:
             lead = self.due(first) - now
             if lead > self._max_lead or lead < -self._max_late:
                 self._anchor = (now, first)
+                self._arrivals.clear()  # a new regime: what came before says nothing about it
                 self.resyncs += 1
+            elif self._adaptive:
+                self._adapt(now, first, lead)
         self._queue.extend(fresh)
         while len(self._queue) > self._max_queue:
             self._queue.popleft()
             self.dropped_late += 1
+
+    def margin(self) -> float:
+        """Seconds of headroom over the latest recent arrival: a high percentile of the recent
+        arrivals' spread above their median, at least the floor."""
+        if len(self._arrivals) < 2:
+            return self._margin_floor
+        offsets = np.fromiter((a for _, a in self._arrivals), dtype=np.float64, count=len(self._arrivals))
+        spread = float(np.percentile(offsets - np.median(offsets), self._margin_percentile))
+        return max(self._margin_floor, spread)
+
+    def smallest_lead(self) -> Optional[float]:
+        """How early the least early burst of the recent window came, on today's schedule (seconds)."""
+        if self._anchor is None or not self._arrivals:
+            return None
+        return self._offset() - max(a for _, a in self._arrivals)
+
+    def _adapt(self, now: float, first: int, lead: float) -> None:
+        self._arrivals.append((now, now - first / self._rate))
+        while self._arrivals[0][0] < now - self._window_s:
+            self._arrivals.popleft()
+        margin = self.margin()
+        if lead < 0:  # late: from this burst on, the delay is its arrival's plus the margin
+            self._shift(margin - lead)
+            self.delay_raised += 1
+            return
+        if len(self._arrivals) < 3:
+            return
+        excess = self._offset() - max(a for _, a in self._arrivals) - margin
+        if excess > 0.001:
+            step = min(excess, self._max_step, 0.5 * self._frame_s)
+            self._shift(-step)
+            self.delay_lowered_s += step
+
+    def _offset(self) -> float:
+        """The schedule as one number: a frame is due at this plus its pts in seconds."""
+        assert self._anchor is not None
+        wall, base = self._anchor
+        return wall - base / self._rate
+
+    def _shift(self, seconds: float) -> None:
+        assert self._anchor is not None
+        wall, base = self._anchor
+        self._anchor = (wall + seconds, base)
 
     def poll(self, now: float) -> tuple[Optional[tuple[int, T]], float]:
         """((pts, item), 0) to send now, or (None, seconds to wait); inf when nothing is queued."""

@@ -26,11 +26,12 @@ from server.media.engine_client import EngineClient, EngineUnavailable
 from server.errors import validation_details
 from server.http import parse_json
 from server.media.imaging import output_size, to_model_rgb, to_output_frame
+from server.media.jitter_buffer import install_for_track
 from server.ops.metrics import ServerMetrics, SessionMetrics
 from server.media.controls import ControlRejected, RateLimiter, merge_updates
 from server.media.pacing import CLOCK_RATE, PtsPacer
 from server.media.sampling import ChunkSampler
-from server.schemas import ChannelAck, ChannelError, SessionInfo, SessionKind, SessionState, Size
+from server.schemas import ChannelAck, ChannelError, FrameTimes, SessionInfo, SessionKind, SessionState, Size
 from server.media.tasks import BackgroundTasks
 from server.media.tracks import GeneratedVideoTrack, drain
 
@@ -74,6 +75,16 @@ class _InputMeta:
     arrived_at: float
     width: int
     height: int
+    # When the frame passed each later stage (monotonic seconds), for the latency breakdown:
+    pushed_at: Optional[float] = None  # its chunk went to the engine
+    returned_at: Optional[float] = None  # its generated frame came back
+    delivered_at: Optional[float] = None  # handed to the paced track
+
+    def times(self, pts: int, sent_at: float) -> Optional[FrameTimes]:
+        if self.pushed_at is None or self.returned_at is None or self.delivered_at is None:
+            return None
+        return FrameTimes(pts=pts, arrived=self.arrived_at, pushed=self.pushed_at, returned=self.returned_at,
+                          delivered=self.delivered_at, sent=sent_at)
 
 
 def _convert_inputs(frames: list[VideoFrame], width: int, height: int) -> list[np.ndarray]:
@@ -218,6 +229,8 @@ class Session:
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "video" and not self._has_video:
             self._has_video = True
+            if install_for_track(self.pc, track) is not None:  # frames reach us a frame interval sooner
+                log.info("session %s: the camera's receiver completes frames on the RTP marker bit", self.id)
             if self.kind == "browser":
                 self.pc.addTrack(self.egress.sender_track())  # answers on the camera's transceiver (sendrecv)
             self._spawn(drain(track, self._on_camera_frame))
@@ -285,6 +298,9 @@ class Session:
             self._flush_update()
             self._pushed_at = self._clock()
             self._pushed_frames = len(chosen)
+            for arrival in chosen:
+                if (meta := self._inputs.get(arrival.pts)) is not None:
+                    meta.pushed_at = self._pushed_at
             self._ctx.engine.send(PushFrames(session_id=self.id, first_seq=first_seq, count=len(chosen)))
         except EngineUnavailable as exc:
             await self.close(f"engine unavailable: {exc}", failed=True)
@@ -310,9 +326,7 @@ class Session:
             return
         if message.partial:  # frames ahead of the push's reply (a fresh stream's first frame)
             self.metrics.drop("engine", message.dropped)
-            outputs = self._read_outputs(message)
-            if outputs:
-                self._outputs.put_nowait(outputs)
+            self._queue_outputs(self._read_outputs(message))
             return
         roundtrip = self._clock() - self._pushed_at
         self._busy = False
@@ -322,10 +336,17 @@ class Session:
         self._chunk_frames = message.chunk_frames
         self.metrics.engine_chunk(message.stats, roundtrip, message.prompt, message.updates_applied)
         self.metrics.drop("engine", message.dropped)
-        outputs = self._read_outputs(message)
-        if outputs:
-            self._outputs.put_nowait(outputs)
+        self._queue_outputs(self._read_outputs(message))
         self._maybe_submit()  # frames that came in meanwhile may already fill the next chunk
+
+    def _queue_outputs(self, outputs: list[tuple[np.ndarray, int]]) -> None:
+        if not outputs:
+            return
+        now = self._clock()
+        for _, pts in outputs:
+            if (meta := self._inputs.get(pts)) is not None:
+                meta.returned_at = now
+        self._outputs.put_nowait(outputs)
 
     def _read_outputs(self, message: FramesOut) -> list[tuple[np.ndarray, int]]:
         ring = self._output_ring
@@ -365,6 +386,10 @@ class Session:
                 continue
             frames = await loop.run_in_executor(None, _convert_outputs, items)
             self._output_size = items[-1][2]
+            now = self._clock()
+            for pts, _, _ in items:
+                if (meta := self._inputs.get(pts)) is not None:
+                    meta.delivered_at = now
             self.output_track.deliver(frames)
 
     def _on_sent(self, pts: int, now: float) -> None:
@@ -376,7 +401,7 @@ class Session:
                 break
             del self._inputs[oldest]
         if meta is not None:
-            self.metrics.output_sent(meta.arrived_at, now)
+            self.metrics.output_sent(meta.arrived_at, now, meta.times(pts, now))
 
     # -- controls ---------------------------------------------------------------------------------------
     def apply_update(self, update: StreamUpdate) -> dict[str, Any]:
@@ -469,7 +494,8 @@ class Session:
         a fresh stream's frame-0 push is not a chunk, and its 1/fps must not tighten admission)."""
         return max(self._chunk_frames, self._engine_info.chunk_frames) / self._ctx.config.target_fps
 
-    def info(self) -> SessionInfo:
+    def info(self, with_frames: bool = False) -> SessionInfo:
+        """with_frames: the stats carry the newest frames' stage times (GET /api/sessions/{id})."""
         return SessionInfo(
             session_id=self.id,
             kind=self.kind,
@@ -480,7 +506,7 @@ class Session:
             camera=Size(width=self._camera_size[0], height=self._camera_size[1]) if self._camera_size else None,
             output=Size(width=self._output_size[0], height=self._output_size[1]) if self._output_size else None,
             error=self.error,
-            stats=self.metrics.snapshot(),
+            stats=self.metrics.snapshot(with_frames),
             viewers=len(self.egress.viewers),
             viewers_connecting=len(self.egress.pending_viewers()),
             outputs=[o.info() for o in self.egress.outputs.values()],

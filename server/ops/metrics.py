@@ -17,11 +17,14 @@ import numpy as np
 
 from interface.messages import PipelineStats, RankStage
 from server.ops.prometheus import Counter, Gauge, Histogram, Registry
-from server.schemas import Percentiles, SessionStats
+from server.schemas import FrameTimes, Percentiles, SessionStats
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 JITTER_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 STAGE_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+STAGE_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.033, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
+# A sent frame's time in the server, stage by stage (each ends where the next begins; they add up to its latency).
+FRAME_STAGES = ("fill", "engine", "output", "pacing")
 DROP_REASONS = ("input", "late", "engine")
 RECENT_SAMPLES = 600  # window for percentiles
 PLOT_SAMPLES = 120  # latencies sent with each stats message
@@ -66,6 +69,15 @@ class ServerMetrics:
         )
         self.chunk_roundtrip = r.add(
             Histogram("streamgen_engine_chunk_seconds", "chunk push to reply, seen by the server", STAGE_BUCKETS)
+        )
+        self.frame_stage = r.add(
+            Histogram(
+                "streamgen_frame_stage_seconds",
+                "a sent frame's time in the server by stage: fill (camera frame in -> its chunk pushed), engine "
+                "(-> generated frame back), output (-> handed to the paced track), pacing (-> sent to the encoder)",
+                STAGE_SECONDS_BUCKETS,
+                labels=("stage",),
+            )
         )
         self.session_errors = r.add(Counter("streamgen_session_errors_total", "sessions ended by an error"))
 
@@ -195,6 +207,9 @@ class SessionMetrics:
         self._jitters: deque[float] = deque(maxlen=RECENT_SAMPLES)
         self._last_latency: Optional[float] = None
         self.latency_seq = 0
+        self._stages: dict[str, deque[float]] = {stage: deque(maxlen=RECENT_SAMPLES) for stage in FRAME_STAGES}
+        self._frames: deque[FrameTimes] = deque(maxlen=PLOT_SAMPLES)
+        self.frame_seq = 0
         self.engine: dict[str, float] = {}
         self.engine_prompt = ""
         self.engine_updates = 0
@@ -211,7 +226,10 @@ class SessionMetrics:
             self.dropped[reason] += n
             self._server.dropped.inc(n, reason=reason)
 
-    def output_sent(self, arrived_at: float, now: float) -> None:
+    def output_sent(self, arrived_at: float, now: float, times: Optional[FrameTimes] = None) -> None:
+        """A generated frame left; `times`: where its time went in the server, when every stage was stamped."""
+        if times is not None:
+            self._frame_timed(times)
         if self.ttff_s is None and self.first_input_at is not None:
             self.ttff_s = now - self.first_input_at
             self._server.ttff.observe(self.ttff_s)
@@ -231,6 +249,15 @@ class SessionMetrics:
             self._server.jitter.observe(jitter)
         self._last_latency = latency
 
+    def _frame_timed(self, t: FrameTimes) -> None:
+        bounds = (t.arrived, t.pushed, t.returned, t.delivered, t.sent)
+        for stage, start, end in zip(FRAME_STAGES, bounds, bounds[1:]):
+            seconds = end - start
+            self._stages[stage].append(seconds)
+            self._server.frame_stage.observe(seconds, stage=stage)
+        self._frames.append(t)
+        self.frame_seq += 1
+
     def engine_chunk(self, stats: dict[str, float], roundtrip_s: float, prompt: str, updates: int) -> None:
         self.chunks += 1
         self.engine = dict(stats)
@@ -247,7 +274,8 @@ class SessionMetrics:
         now = self._clock() if now is None else now
         return (self._fps_in if direction == "in" else self._fps_out).rate(now)
 
-    def snapshot(self) -> SessionStats:
+    def snapshot(self, with_frames: bool = False) -> SessionStats:
+        """with_frames: include the newest frames' stage times (for GET /api/sessions/{id}, not the data channel)."""
         now = self._clock()
         return SessionStats(
             session_id=self.session_id,
@@ -268,4 +296,7 @@ class SessionMetrics:
             engine_updates=self.engine_updates,
             latency_seq=self.latency_seq,
             recent_latency_ms=[round(v * 1000.0, 1) for v in list(self._latencies)[-PLOT_SAMPLES:]],
+            stages_ms={stage: _percentiles_ms(values) for stage, values in self._stages.items() if values},
+            frame_seq=self.frame_seq,
+            recent_frames=list(self._frames) if with_frames else [],
         )
