@@ -51,6 +51,7 @@ class AppState:
             engine_up=lambda: 1.0 if self.engine.state == "ready" else 0.0,
         )
         self.metrics.add_pipeline_gauges(lambda: self.engine.pipeline)
+        self.metrics.add_session_gauges(lambda: [s.metrics for s in self.sessions.values() if not s.closed])
         self.metrics.registry.add(
             Gauge("streamgen_viewers", "WHEP viewers, all sessions",
                   read=lambda: {(): float(sum(len(s.egress.viewers) for s in self.sessions.values()))})

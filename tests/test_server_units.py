@@ -321,3 +321,29 @@ def test_a_pipeline_report_becomes_metrics_and_none_gives_no_samples() -> None:
     one_device = ServerMetrics(1.0)
     one_device.add_pipeline_gauges(lambda: None)
     assert "streamgen_pipeline_blocks{" not in one_device.render()
+
+
+def test_metrics_show_each_live_sessions_latency_by_number_not_by_id() -> None:
+    """/metrics gives every live session's latency p50/p99 over its recent frames (checked against
+    numpy's percentiles of the same latencies) and output rate, labelled 1, 2, ... in the order they
+    opened: the session id, which lets a caller control the session, never appears there."""
+    now = [100.0]
+    clock = lambda: now[0]  # noqa: E731
+    server = ServerMetrics(1.0)
+    a = SessionMetrics("secret-id-a", server, 1.0, clock)
+    b = SessionMetrics("secret-id-b", server, 1.0, clock)
+    server.add_session_gauges(lambda: [a, b])
+    lat_a = [0.150 + 0.001 * i for i in range(30)]
+    for i, lat in enumerate(lat_a):
+        now[0] = 100.0 + i / 30
+        a.output_sent(now[0] - lat, now[0])
+    text = server.render()
+    p50, p99 = np.percentile(lat_a, [50, 99])
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("streamgen_session_")}
+    assert values['streamgen_session_latency_seconds{session="1",quantile="0.5"}'] == pytest.approx(p50)
+    assert values['streamgen_session_latency_seconds{session="1",quantile="0.99"}'] == pytest.approx(p99)
+    assert not any('session="2",quantile' in k for k in values)  # no frame out yet: no latency sample
+    assert values['streamgen_session_output_fps{session="1"}'] > 0
+    assert values['streamgen_session_output_fps{session="2"}'] == 0
+    assert "secret-id" not in text

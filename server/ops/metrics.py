@@ -80,6 +80,7 @@ class ServerMetrics:
             )
         )
         self.session_errors = r.add(Counter("streamgen_session_errors_total", "sessions ended by an error"))
+        self._sessions_numbered = 0
 
     def add_gauges(
         self,
@@ -102,6 +103,30 @@ class ServerMetrics:
                 read=engine,
             )
         )
+
+    def session_number(self) -> int:
+        """The next session's number in this server's life: its label in /metrics (its id, which lets a
+        caller control it, stays off the open endpoint)."""
+        self._sessions_numbered += 1
+        return self._sessions_numbered
+
+    def add_session_gauges(self, sessions: Callable[[], Iterable["SessionMetrics"]]) -> None:
+        """Each live session's latency (recent window) and output rate, labelled by its number."""
+        r = self.registry
+
+        def latency() -> dict[tuple[str, ...], float]:
+            out: dict[tuple[str, ...], float] = {}
+            for m in sessions():
+                p = m.latency_percentiles_s()
+                if p is not None:
+                    out[(str(m.number), "0.5")], out[(str(m.number), "0.99")] = p
+            return out
+
+        r.add(Gauge("streamgen_session_latency_seconds",
+                    "each live session's frame latency over its recent frames (camera frame in to generated frame out)",
+                    labels=("session", "quantile"), read=latency))
+        r.add(Gauge("streamgen_session_output_fps", "each live session's generated frames per second",
+                    labels=("session",), read=lambda: {(str(m.number),): m.fps("out") for m in sessions()}))
 
     def add_pipeline_gauges(self, pipeline: Callable[[], Optional[PipelineStats]]) -> None:
         """A pipeline-parallel engine's ranks and block scheduler (no samples on one device)."""
@@ -189,6 +214,7 @@ class SessionMetrics:
     ) -> None:
         """`stage_stats`: the engine's chunk stats that time a stage, in ms (EngineInfo.stage_stats)."""
         self.session_id = session_id
+        self.number = server.session_number()
         self._server = server
         self._stage_stats = tuple(stage_stats)
         self._deadline = deadline_s
@@ -269,6 +295,13 @@ class SessionMetrics:
         for key in self._stage_stats:  # e.g. dit_ms -> stage "dit"
             if key in stats:
                 self._server.stage.observe(stats[key] / 1000.0, stage=key.removesuffix("_ms"))
+
+    def latency_percentiles_s(self) -> Optional[tuple[float, float]]:
+        """(p50, p99) of the recent frames' latencies in seconds; None before the first frame."""
+        if not self._latencies:
+            return None
+        p50, p99 = np.percentile(np.fromiter(self._latencies, dtype=np.float64), [50, 99])
+        return float(p50), float(p99)
 
     def fps(self, direction: str, now: Optional[float] = None) -> float:
         now = self._clock() if now is None else now
