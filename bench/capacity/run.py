@@ -168,6 +168,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     write_json(args, result)
     print()
     print(table(steps, slo, result["row"]))
+    for d in result["details"]:
+        m = d.get("metrics") or {}
+        if m.get("forwards_by_batch"):
+            print(f"N={d['n']}: forwards by sessions carried {dict(sorted(m['forwards_by_batch'].items()))}, "
+                  f"{m.get('batch_waits', 0)} waited to share")
     if result.get("error"):
         print(f"the run ended early: {result['error'].splitlines()[0][:200]}")
     print(f"\nserver log: {args.log}" + (f"\njson: {args.json}" if args.json else ""))

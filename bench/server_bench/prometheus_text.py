@@ -76,6 +76,11 @@ def summarize_metrics(samples: dict) -> dict:
         "engine_chunk_roundtrip": histogram_summary(samples, "streamgen_engine_chunk_seconds"),
         "session_errors": int(_get(samples, "streamgen_session_errors_total") or 0),
         "engine_info": info[0] if info else None,
+        # the engine core's steady forwards by sessions carried, and those that waited to share
+        "forwards_by_batch": {int(dict(lab)["sessions"]): int(v) for (n, lab), v in samples.items()
+                              if n == "streamgen_pipeline_batch_forwards" and v},
+        "batch_waits": int(_get(samples, "streamgen_pipeline_batch_waits") or 0),
+        "batch_wait_s": _get(samples, "streamgen_pipeline_batch_wait_seconds"),
     }
 
 GAUGES = {"streamgen_sessions", "streamgen_input_fps", "streamgen_output_fps", "streamgen_engine_up",
