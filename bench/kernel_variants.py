@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import time
 from collections import Counter
 from typing import Callable
 
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bench.measure import mean_ms
 from engine.config import VAEConfig
 from engine.vae import WanVAE
 
@@ -36,20 +36,7 @@ DEVICE = os.environ.get("KV_DEVICE", "cuda")
 
 
 def _time(fn: Callable[[], torch.Tensor], reps: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    if DEVICE == "cpu":  # a smoke run of this script off the GPU
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) * 1e3 / reps
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(reps):
-        fn()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) / reps
+    return mean_ms(fn, reps, cuda=DEVICE != "cpu")  # off the GPU: a smoke run of this script
 
 
 def record_convs(h: int, w: int) -> Counter:

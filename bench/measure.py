@@ -33,6 +33,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def mean_ms(fn: Callable[[], object], repeats: int, warmup: int = 3, cuda: bool = True) -> float:
+    """Mean ms of one call of `fn` after `warmup` calls: CUDA events around the repeats on a GPU (the
+    device's time, the queue kept full), the host clock otherwise."""
+    for _ in range(warmup):
+        fn()
+    if not cuda:
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / repeats
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(repeats):
+        fn()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) / repeats
+
+
 def matmul_ceiling_tflops(device: torch.device, n: int = 8192, repeats: int = 30, fp8: bool = False) -> float:
     """Best sustained bf16 GEMM rate of this card (n×n×n), in TFLOP/s (0 off the GPU: no MFU there). With
     `fp8`: the e4m3 GEMM the fp8 engine runs (torch._scaled_mm, row-wise float32 scales, bf16 out)."""

@@ -14,22 +14,10 @@ import logging
 
 import torch
 
+from bench.measure import mean_ms
 from engine.config import VAEConfig
 from engine.taehv import random_taehv
 from engine.vae import WanVAE
-
-
-def _time(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(repeats):
-        fn()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) / repeats
 
 
 def measure(codec, name: str, b: int, h: int, w: int, repeats: int, encode: bool, decode: bool) -> dict:
@@ -41,11 +29,11 @@ def measure(codec, name: str, b: int, h: int, w: int, repeats: int, encode: bool
     if encode:
         codec.stream_encode(v, st)
         chunk = v[:, :, 1:5].contiguous()
-        out["encode_ms"] = _time(lambda: codec.stream_encode(chunk, st), repeats)
+        out["encode_ms"] = mean_ms(lambda: codec.stream_encode(chunk, st), repeats)
     if decode:
         codec.stream_decode(z, st)
         lat = z[:, :, 1:2].contiguous()
-        out["decode_ms"] = _time(lambda: codec.stream_decode(lat, st), repeats)
+        out["decode_ms"] = mean_ms(lambda: codec.stream_decode(lat, st), repeats)
     for k in ("encode_ms", "decode_ms"):
         if k in out:
             out[k.replace("_ms", "_ms_per_session")] = out[k] / b
