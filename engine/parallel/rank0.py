@@ -337,11 +337,11 @@ class Rank0(RankBase):
         return True
 
     def _device_busy(self) -> bool:
-        """Forwards still at work: on a ring of one, the newest forward's frames not on the host yet."""
-        if not self.inflight:
+        """On a ring of one, whether the device still works on forwards (the newest one's frames are not on
+        the host yet). A ring of several never waits: rank 0 would idle while its next blocks could run,
+        and its forwards meet anyway once the ring is full."""
+        if not self.inflight or self.world > 1:
             return False
-        if self.world > 1:
-            return True
         d = self.deferred
         return d is not None and not all(pending.ready() for _, pending, _ in d.frames)
 
