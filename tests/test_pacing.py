@@ -15,7 +15,7 @@ from server.media.pacing import PtsPacer
 FPS = 30
 FRAME = 90_000 // FPS
 CHUNK = 4
-FLOOR = 0.004  # the pacer's default margin floor
+FLOOR = 0.004  # the pacer's default floor over the latest recent arrival
 
 
 @dataclass
@@ -78,7 +78,8 @@ def test_jittery_arrivals_keep_a_margin_and_late_frames_rare() -> None:
     least = 3 / FPS + 0.05
     lat = run.latencies(chunk_frames(30, 400))
     late = run.pacer.dropped_late / (CHUNK * 400)
-    assert late < 0.01 and run.pacer.delay_raised < 0.03 * 400, (late, run.pacer.delay_raised)
+    # a burst later than every recent one raises the delay (about one in a window's count of bursts)
+    assert late < 0.01 and run.pacer.delay_raised < 0.05 * 400, (late, run.pacer.delay_raised)
     # Near the least delay plus the measured spread: not the 0.5 s a fixed tolerance allows.
     spread = np.percentile(extra, 99)
     assert least < np.median(lat) < least + 2 * spread, (np.median(lat) - least, spread)

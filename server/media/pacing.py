@@ -6,13 +6,13 @@ stream's first frame leaves at once. It never lets a backlog grow: a frame whose
 already due is dropped as late.
 
 The playout delay adapts to measured jitter. Each burst's arrival is noted as its first frame's
-arrival time less its pts in seconds (a number the anchor does not change); over a recent window,
-the latest of these is the least delay at which no recent burst would have come late, and the
-margin on top is a high percentile of their spread above the median (at least a few ms). When the
-smallest recent lead exceeds the margin, the schedule moves earlier by the excess, at most 10 ms
-and half a frame interval per burst (no queued frame goes stale for it); a burst that comes late moves it
-later, to that burst's arrival plus the margin. A burst far off the schedule (a pts jump, a stall)
-re-anchors it at once. The pacer is pure logic with the clock passed in, so it can be tested
+arrival time less its pts in seconds (a number the anchor does not change). Over a recent window, a
+high percentile of these (`jitter_percentile`; 100: the latest of them) plus a small floor is the
+delay at which that share of recent bursts would have come in time: the schedule moves there, later
+at once, earlier by at most 10 ms and half a frame interval per burst (no queued frame goes stale for
+it, and the output's jitter stays small). A burst later than that is shown as it comes (its frames
+whose successor is due already are dropped as late). A burst far off the schedule (a pts jump, a
+stall) re-anchors it at once. The pacer is pure logic with the clock passed in, so it can be tested
 without WebRTC.
 """
 
@@ -38,24 +38,24 @@ class PtsPacer(Generic[T]):
         max_queue: int = 16,
         window_s: float = 4.0,
         margin_floor_s: float = 0.004,
-        margin_percentile: float = 95.0,
+        jitter_percentile: float = 100.0,
         max_step_s: float = 0.01,
         adaptive: bool = True,
     ) -> None:
         """max_lead_s: a burst whose first frame would wait longer than this re-anchors (latency
         comes down, the older frames still queued are dropped); max_late_s: a burst arriving
         later than this re-anchors (its frames are shown, not dropped); max_queue: hard cap.
-        window_s, margin_floor_s, margin_percentile: the adaptive delay's window of recent bursts,
-        its margin's floor and percentile of spread, and the most the delay comes down per burst (also at
-        most half a frame interval: no queued frame goes stale, and the output's jitter stays small). adaptive=False: the schedule moves only
-        when a burst is past max_lead_s or max_late_s."""
+        window_s, margin_floor_s, jitter_percentile: the adaptive delay's window of recent bursts, the
+        floor added, and the share of recent bursts (percentile) the delay lets come in time; max_step_s:
+        the most the delay comes down per burst (also at most half a frame interval). adaptive=False:
+        the schedule moves only when a burst is past max_lead_s or max_late_s."""
         self._rate = float(clock_rate)
         self._max_lead = max_lead_s
         self._max_late = max_late_s
         self._max_queue = max_queue
         self._window_s = window_s
         self._margin_floor = margin_floor_s
-        self._margin_percentile = margin_percentile
+        self._jitter_percentile = jitter_percentile
         self._max_step = max_step_s
         self._adaptive = adaptive
         self._queue: deque[tuple[int, T]] = deque()
@@ -106,35 +106,26 @@ class PtsPacer(Generic[T]):
             self._queue.popleft()
             self.dropped_late += 1
 
-    def margin(self) -> float:
-        """Seconds of headroom over the latest recent arrival: a high percentile of the recent
-        arrivals' spread above their median, at least the floor."""
-        if len(self._arrivals) < 2:
-            return self._margin_floor
-        offsets = np.fromiter((a for _, a in self._arrivals), dtype=np.float64, count=len(self._arrivals))
-        spread = float(np.percentile(offsets - np.median(offsets), self._margin_percentile))
-        return max(self._margin_floor, spread)
-
-    def smallest_lead(self) -> Optional[float]:
-        """How early the least early burst of the recent window came, on today's schedule (seconds)."""
-        if self._anchor is None or not self._arrivals:
+    def target_offset(self) -> Optional[float]:
+        """The schedule (as `_offset`) at which the chosen share of recent bursts came in time, plus the
+        floor; None before any burst was noted."""
+        if not self._arrivals:
             return None
-        return self._offset() - max(a for _, a in self._arrivals)
+        offsets = np.fromiter((a for _, a in self._arrivals), dtype=np.float64, count=len(self._arrivals))
+        return float(np.percentile(offsets, self._jitter_percentile)) + self._margin_floor
 
     def _adapt(self, now: float, first: int, lead: float) -> None:
         self._arrivals.append((now, now - first / self._rate))
         while self._arrivals[0][0] < now - self._window_s:
             self._arrivals.popleft()
-        margin = self.margin()
-        if lead < 0:  # late: from this burst on, the delay is its arrival's plus the margin
-            self._shift(margin - lead)
+        target = self.target_offset()
+        assert target is not None
+        change = target - self._offset()
+        if change > 0.0005:  # bursts come later than the schedule allows for: later from now on
+            self._shift(change)
             self.delay_raised += 1
-            return
-        if len(self._arrivals) < 3:
-            return
-        excess = self._offset() - max(a for _, a in self._arrivals) - margin
-        if excess > 0.001:
-            step = min(excess, self._max_step, 0.5 * self._frame_s)
+        elif change < -0.001 and len(self._arrivals) >= 3:
+            step = min(-change, self._max_step, 0.5 * self._frame_s)
             self._shift(-step)
             self.delay_lowered_s += step
 

@@ -384,13 +384,13 @@ class Session:
                 items.append((pts, rgb, size))
             if not items:
                 continue
-            frames = await loop.run_in_executor(None, _convert_outputs, items)
-            self._output_size = items[-1][2]
-            now = self._clock()
-            for pts, _, _ in items:
-                if (meta := self._inputs.get(pts)) is not None:
-                    meta.delivered_at = now
-            self.output_track.deliver(frames)
+            # one at a time: a burst's first frame is due first, and need not wait for the others' scaling
+            for item in items:
+                frames = await loop.run_in_executor(None, _convert_outputs, [item])
+                self._output_size = item[2]
+                if (meta := self._inputs.get(item[0])) is not None:
+                    meta.delivered_at = self._clock()
+                self.output_track.deliver(frames)
 
     def _on_sent(self, pts: int, now: float) -> None:
         meta = self._inputs.get(pts)
