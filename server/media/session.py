@@ -68,6 +68,8 @@ class _Arrival:
     frame: VideoFrame
     pts: int
     arrived_at: float
+    # the frame at the model's size, converted on arrival: a chunk then waits only for its last frame's
+    rgb: Optional["asyncio.Future[list[np.ndarray]]"] = None
 
 
 @dataclass
@@ -262,6 +264,7 @@ class Session:
         if self.state == "connecting":
             self.state = "streaming"
         arrival = _Arrival(frame, self._next_pts(frame), now)
+        self._model_rgb(arrival, asyncio.get_running_loop())  # scaled now, while the chunk fills
         self.metrics.drop("input", self._sampler.add(arrival))
         self._maybe_submit()
 
@@ -285,9 +288,7 @@ class Session:
     async def _submit(self, chosen: list[_Arrival]) -> None:
         loop = asyncio.get_running_loop()
         try:
-            frames = await loop.run_in_executor(
-                None, _convert_inputs, [a.frame for a in chosen], self._model_w, self._model_h
-            )
+            frames = [rgb for a in chosen for rgb in await self._model_rgb(a, loop)]
             ring = self._input_ring
             if self._closed or ring is None:
                 return
@@ -304,6 +305,11 @@ class Session:
             self._ctx.engine.send(PushFrames(session_id=self.id, first_seq=first_seq, count=len(chosen)))
         except EngineUnavailable as exc:
             await self.close(f"engine unavailable: {exc}", failed=True)
+
+    def _model_rgb(self, arrival: _Arrival, loop: asyncio.AbstractEventLoop) -> "asyncio.Future[list[np.ndarray]]":
+        if arrival.rgb is None:
+            arrival.rgb = loop.run_in_executor(None, _convert_inputs, [arrival.frame], self._model_w, self._model_h)
+        return arrival.rgb
 
     def _remember(self, arrival: _Arrival) -> None:
         self._inputs[arrival.pts] = _InputMeta(arrival.arrived_at, arrival.frame.width, arrival.frame.height)
