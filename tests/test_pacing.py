@@ -122,3 +122,21 @@ def test_a_slow_start_does_not_keep_its_delay() -> None:
 def test_a_fixed_schedule_is_still_there_when_asked_for() -> None:
     run = simulate(lambda k: 0.4 if k < 3 else 0.05, chunks=60, pacer=PtsPacer(adaptive=False))
     assert run.latencies(chunk_frames(40, 60)).min() > 0.4  # the start's delay, kept
+
+
+def test_a_lower_jitter_percentile_trades_late_frames_for_latency() -> None:
+    """The delay covers the chosen share of recent bursts: at the median, many bursts come after their
+    schedule (their first frame leaves as it arrives, or is dropped) and the latency is lower than when
+    every recent burst is covered (the default)."""
+    rng = np.random.default_rng(11)
+    extra = rng.uniform(0.0, 0.04, size=300)
+    every = simulate(lambda k: 0.05 + extra[k], chunks=300)
+    median = simulate(lambda k: 0.05 + extra[k], chunks=300, pacer=PtsPacer(jitter_percentile=50.0))
+    frames = chunk_frames(50, 300)
+    assert np.median(median.latencies(frames)) < np.median(every.latencies(frames)) - 0.01
+
+    def behind(run: Run) -> int:  # chunks whose first frame did not wait for its schedule
+        firsts = [CHUNK * k + 1 for k in range(50, 300)]
+        return sum(1 for n in firsts if n not in run.sent or run.sent[n] <= run.arrived[n] + 1e-9)
+
+    assert behind(every) < 0.05 * 250 < 0.2 * 250 < behind(median), (behind(every), behind(median))
