@@ -49,37 +49,39 @@ def _cells(sides: dict[str, list[float]], fmt: str) -> str:
     return f"{show(b)} {show(a)} {ratio}"
 
 
+def _section(title: str, head: str, first: dict, second: dict, fmts: tuple[str, str],
+             label: Callable[[tuple], str]) -> list[str]:
+    """A table: per key its label, two measures' before / after / ratio, and the rounds per side."""
+    lines = [title, head]
+    for k in sorted(first):
+        n = "/".join(str(len(first[k][s])) for s in SIDES)
+        lines.append(f"{label(k)}   {_cells(first[k], fmts[0])}   {_cells(second[k], fmts[1])}   {n}")
+    return lines
+
+
 def table(out: Path) -> str:
-    lines = []
+    sections = []
     engine_key = lambda r: (r["row"], r.get("dtype") or "default", r["model"], r["size"], r["steps"])  # noqa: E731
     fps = collect(out, "engine", engine_key, "fps")
-    ttff = collect(out, "engine", engine_key, "ttff_s")
     if fps:
-        lines.append("engine_bench (median over rounds; ratio = after / before)")
-        lines.append(f"{'row':5} {'dtype':9} {'model':9} {'size':8} {'st':>2}   {'fps before':>10} {'after':>8} {'ratio':>6}"
-                     f"   {'TTFF s before':>13} {'after':>8} {'ratio':>6}   rounds b/a")
-        for k in sorted(fps):
-            row, dtype, model, size, steps = k
-            n = "/".join(str(len(fps[k][s])) for s in SIDES)
-            lines.append(f"{row:5} {dtype:9} {model:9} {size:8} {steps:>2}   {_cells(fps[k], '10.2f')}   "
-                         f"{_cells(ttff[k], '13.3f')}   {n}")
+        sections.append(_section(
+            "engine_bench (median over rounds; ratio = after / before)",
+            f"{'row':5} {'dtype':9} {'model':9} {'size':8} {'st':>2}   {'fps before':>10} {'after':>8} {'ratio':>6}"
+            f"   {'TTFF s before':>13} {'after':>8} {'ratio':>6}   rounds b/a",
+            fps, collect(out, "engine", engine_key, "ttff_s"), ("10.2f", "13.3f"),
+            lambda k: f"{k[0]:5} {k[1]:9} {k[2]:9} {k[3]:8} {k[4]:>2}"))
     sessions_key = lambda r: (r["sessions"], r["row"], r["model"], r["size"], r["steps"])  # noqa: E731
     agg = collect(out, "sessions", sessions_key, "aggregate_fps")
-    low = collect(out, "sessions", sessions_key, "min_session_fps")
     if agg:
-        if lines:
-            lines.append("")
-        lines.append("sessions_bench: N sessions round-robin on one engine (median over rounds; ratio = after / before)")
-        lines.append(f"{'N':>3} {'row':5} {'model':9} {'size':8} {'st':>2}   {'agg fps before':>14} {'after':>8} {'ratio':>6}"
-                     f"   {'min session fps b':>17} {'after':>8} {'ratio':>6}   rounds b/a")
-        for k in sorted(agg):
-            n_sessions, row, model, size, steps = k
-            n = "/".join(str(len(agg[k][s])) for s in SIDES)
-            lines.append(f"{n_sessions:>3} {row:5} {model:9} {size:8} {steps:>2}   {_cells(agg[k], '14.2f')}   "
-                         f"{_cells(low[k], '17.2f')}   {n}")
-    if not lines:
+        sections.append(_section(
+            "sessions_bench: N sessions round-robin on one engine (median over rounds; ratio = after / before)",
+            f"{'N':>3} {'row':5} {'model':9} {'size':8} {'st':>2}   {'agg fps before':>14} {'after':>8} {'ratio':>6}"
+            f"   {'min session fps b':>17} {'after':>8} {'ratio':>6}   rounds b/a",
+            agg, collect(out, "sessions", sessions_key, "min_session_fps"), ("14.2f", "17.2f"),
+            lambda k: f"{k[0]:>3} {k[1]:5} {k[2]:9} {k[3]:8} {k[4]:>2}"))
+    if not sections:
         return f"no results in {out}"
-    return "\n".join(lines)
+    return "\n\n".join("\n".join(lines) for lines in sections)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

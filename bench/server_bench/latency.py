@@ -29,6 +29,16 @@ def series_stats(latency_ms: list[float], contiguous: list[bool], deadline_ms: f
         "misses": int((lat > deadline_ms).sum()),
     }
 
+def _new_samples(recent: list, seq: int, seen: int) -> tuple[list, int]:
+    """Of a snapshot's newest samples `recent` (`seq` so far), those after the first `seen`, and how many
+    of those the window no longer holds (missed between two polls)."""
+    new = seq - seen
+    if new <= 0:
+        return [], 0
+    take = list(recent[-new:]) if new <= len(recent) else list(recent)
+    return take, new - len(take)
+
+
 class SessionPoller:
     """Rebuilds the server's full per-frame latency series from successive session snapshots."""
 
@@ -47,24 +57,17 @@ class SessionPoller:
     def add(self, info: dict, now: float, t0: float) -> None:
         stats = info["stats"]
         self.last = info
-        seq, recent = int(stats.get("latency_seq", 0)), list(stats.get("recent_latency_ms", []))
-        new = seq - self.last_seq
-        if new > 0:
-            take = recent[-new:] if new <= len(recent) else recent
-            gap = new - len(take)
-            self.missed += gap
-            for i, v in enumerate(take):
-                self.contiguous.append(bool(self.latency_ms) and not (gap and i == 0))
-                self.latency_ms.append(float(v))
-                self.sample_time.append(now)
-            self.last_seq = seq
-        frame_seq, frames = int(stats.get("frame_seq", 0)), list(stats.get("recent_frames", []))
-        new = frame_seq - self.last_frame_seq
-        if new > 0:
-            take = frames[-new:] if new <= len(frames) else frames
-            self.frames_missed += new - len(take)
-            self.frames.extend(take)
-            self.last_frame_seq = frame_seq
+        take, gap = _new_samples(stats.get("recent_latency_ms", []), int(stats.get("latency_seq", 0)), self.last_seq)
+        self.missed += gap
+        for i, v in enumerate(take):
+            self.contiguous.append(bool(self.latency_ms) and not (gap and i == 0))
+            self.latency_ms.append(float(v))
+            self.sample_time.append(now)
+        self.last_seq = max(self.last_seq, int(stats.get("latency_seq", 0)))
+        frames, missed = _new_samples(stats.get("recent_frames", []), int(stats.get("frame_seq", 0)), self.last_frame_seq)
+        self.frames_missed += missed
+        self.frames.extend(frames)
+        self.last_frame_seq = max(self.last_frame_seq, int(stats.get("frame_seq", 0)))
         self.polls.append({
             "t": round(now - t0, 3), "state": info.get("state"), "frames_in": stats["frames_in"],
             "frames_out": stats["frames_out"], "chunks": stats["chunks"], "fps_in": stats["fps_in"],

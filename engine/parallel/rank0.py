@@ -85,7 +85,6 @@ class Rank0(RankBase):
         self.fid_sids: dict[int, list[int]] = {}
         self.waits: dict[int, Any] = {}  # sid -> what its generator waits for
         self.pending: list[tuple[int, Submit]] = []  # submitted rows, oldest first
-        self.submitted_at: dict[int, float] = {}  # sid -> when its pending Submit came
         self.arrivals: dict[int, _Arrivals] = {}  # sid -> when its new chunks come (steady forwards)
         self.issued: dict[int, int] = {}  # sid -> fid its Submit got (resume value)
         self.returns: dict[tuple[int, int], torch.Tensor] = {}
@@ -118,7 +117,6 @@ class Rank0(RankBase):
         self.drivers.clear()
         self.waits.clear()
         self.pending.clear()
-        self.submitted_at.clear()
         self.arrivals.clear()
         self._waiting_since = None
         self.returns.clear()
@@ -238,10 +236,9 @@ class Rank0(RankBase):
                 self._send_event(P.Done(sid, w.seq, error=w.error))
                 continue
             if isinstance(w, Submit):
-                now = time.perf_counter()
                 self.pending.append((sid, w))
-                self.submitted_at[sid] = now
                 if w.group.frames == 1 and w.laps:  # a new chunk of a steady stream (not a drain's filler)
+                    now = time.perf_counter()
                     if sid in self.arrivals:
                         self.arrivals[sid].add(now)
                     else:
@@ -261,8 +258,6 @@ class Rank0(RankBase):
             return False
         b = self.batcher.choose(len(same), lag)
         chosen = same[:b]
-        for sid, _ in chosen:
-            self.submitted_at.pop(sid, None)
         if self._waiting_since is not None:
             since, alone = self._waiting_since
             self.batcher.waited(1000.0 * (time.perf_counter() - since), len(chosen) - alone)
@@ -321,11 +316,10 @@ class Rank0(RankBase):
             return False
         bound = self.batcher.wait_bound_ms(len(same), lag)
         if self.popts.batch_wait_ms is not None:
-            bound = min(bound, self.popts.batch_wait_ms) if bound > 0 else 0.0
-        if bound <= 0:
-            return False
+            bound = min(bound, self.popts.batch_wait_ms)
         now = time.perf_counter()
-        limit = min(self.submitted_at.get(sid, now) for sid, _ in same) + bound / 1000.0
+        since = now if self._waiting_since is None else self._waiting_since[0]
+        limit = since + bound / 1000.0
         if now >= limit:
             return False
         here = {sid for sid, _ in same}

@@ -68,8 +68,8 @@ class _Arrival:
     frame: VideoFrame
     pts: int
     arrived_at: float
-    # the frame at the model's size, converted on arrival: a chunk then waits only for its last frame's
-    rgb: Optional["asyncio.Future[list[np.ndarray]]"] = None
+    # the frame at the model's size, scaled on arrival: a chunk then waits only for its last frame's scaling
+    rgb: "asyncio.Future[np.ndarray]"
 
 
 @dataclass
@@ -87,14 +87,6 @@ class _InputMeta:
             return None
         return FrameTimes(pts=pts, arrived=self.arrived_at, pushed=self.pushed_at, returned=self.returned_at,
                           delivered=self.delivered_at, sent=sent_at)
-
-
-def _convert_inputs(frames: list[VideoFrame], width: int, height: int) -> list[np.ndarray]:
-    return [to_model_rgb(f, width, height) for f in frames]
-
-
-def _convert_outputs(items: list[tuple[int, np.ndarray, tuple[int, int]]]) -> list[tuple[int, VideoFrame]]:
-    return [(pts, to_output_frame(rgb, w, h)) for pts, rgb, (w, h) in items]
 
 
 class Session:
@@ -263,8 +255,8 @@ class Session:
         self._camera_size = (frame.width, frame.height)
         if self.state == "connecting":
             self.state = "streaming"
-        arrival = _Arrival(frame, self._next_pts(frame), now)
-        self._model_rgb(arrival, asyncio.get_running_loop())  # scaled now, while the chunk fills
+        rgb = asyncio.get_running_loop().run_in_executor(None, to_model_rgb, frame, self._model_w, self._model_h)
+        arrival = _Arrival(frame, self._next_pts(frame), now, rgb)
         self.metrics.drop("input", self._sampler.add(arrival))
         self._maybe_submit()
 
@@ -286,9 +278,8 @@ class Session:
         self._spawn(self._submit(chosen))
 
     async def _submit(self, chosen: list[_Arrival]) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            frames = [rgb for a in chosen for rgb in await self._model_rgb(a, loop)]
+            frames = [await a.rgb for a in chosen]
             ring = self._input_ring
             if self._closed or ring is None:
                 return
@@ -305,11 +296,6 @@ class Session:
             self._ctx.engine.send(PushFrames(session_id=self.id, first_seq=first_seq, count=len(chosen)))
         except EngineUnavailable as exc:
             await self.close(f"engine unavailable: {exc}", failed=True)
-
-    def _model_rgb(self, arrival: _Arrival, loop: asyncio.AbstractEventLoop) -> "asyncio.Future[list[np.ndarray]]":
-        if arrival.rgb is None:
-            arrival.rgb = loop.run_in_executor(None, _convert_inputs, [arrival.frame], self._model_w, self._model_h)
-        return arrival.rgb
 
     def _remember(self, arrival: _Arrival) -> None:
         self._inputs[arrival.pts] = _InputMeta(arrival.arrived_at, arrival.frame.width, arrival.frame.height)
@@ -379,24 +365,17 @@ class Session:
         loop = asyncio.get_running_loop()
         mode = self._ctx.config.output_size
         while True:
-            batch = await self._outputs.get()
-            items = []
-            for rgb, pts in batch:
+            # one at a time: a burst's first frame is due first, and need not wait for the others' scaling
+            for rgb, pts in await self._outputs.get():
                 meta = self._inputs.get(pts)
                 if meta is None:  # not a frame this session sent (or long forgotten): never show it
                     self.metrics.drop("engine")
                     continue
-                size = output_size(mode, meta.width, meta.height, self._model_w, self._model_h)
-                items.append((pts, rgb, size))
-            if not items:
-                continue
-            # one at a time: a burst's first frame is due first, and need not wait for the others' scaling
-            for item in items:
-                frames = await loop.run_in_executor(None, _convert_outputs, [item])
-                self._output_size = item[2]
-                if (meta := self._inputs.get(item[0])) is not None:
-                    meta.delivered_at = self._clock()
-                self.output_track.deliver(frames)
+                w, h = output_size(mode, meta.width, meta.height, self._model_w, self._model_h)
+                frame = await loop.run_in_executor(None, to_output_frame, rgb, w, h)
+                self._output_size = (w, h)
+                meta.delivered_at = self._clock()
+                self.output_track.deliver([(pts, frame)])
 
     def _on_sent(self, pts: int, now: float) -> None:
         meta = self._inputs.get(pts)
