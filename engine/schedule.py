@@ -200,19 +200,22 @@ class SessionSchedule:
     # -- one chunk -------------------------------------------------------------------------------------
     def _chunk(self, cmd: ChunkCmd) -> Steps:
         host = self.host
-        video = host.io.to_video_tensor(cmd.frames)
         if self.vae_state is None:
             self.vae_state = host.encoder.new_stream_state()
             self.new_vae = True
             if len(cmd.frames) == 1:
-                yield from self._frame0(cmd, video)
+                with host.io.upload_stream():
+                    video = host.io.to_video_tensor(cmd.frames)
+                yield from self._frame0(cmd, host.io.hand_over(video))
                 return
         lap = host.clock.lap()
         pts = list(cmd.pts)
         f0, self.frame0 = self.frame0, None
-        full = video if f0 is None else torch.cat([f0.video, video], 2)  # the motion measure sees frame 0 too
-        strength_later = self.controller.queue_step(full[0])  # read after the encode is queued
-        latent = host.encoder.stream_encode(video.to(host.dtype), self.vae_state).to(host.dtype)
+        with host.io.upload_stream():  # neither waits for the forwards queued before this chunk
+            video = host.io.to_video_tensor(cmd.frames)
+            full = video if f0 is None else torch.cat([f0.video, video], 2)  # the motion measure sees frame 0 too
+            strength_later = self.controller.queue_step(full[0])  # read after the encode is queued
+        latent = host.encoder.stream_encode(host.io.hand_over(video).to(host.dtype), self.vae_state).to(host.dtype)
         if f0 is not None:
             latent, pts = torch.cat([f0.latent, latent], 2), [f0.pts, *pts]
         new_vae, self.new_vae = self.new_vae, False

@@ -8,7 +8,8 @@ reuse the pinned block before the copy has run.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -82,6 +83,29 @@ class FrameIO:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        # A chunk's upload and its motion measure on a stream of their own (docs/ARCHITECTURE.md §8): in
+        # the compute stream's order they ran only after every forward queued before them, and the host's
+        # read of the measure waited for those too, so a second session's chunk was taken in only once
+        # the first session's work was done (no chunk ever met another's in a forward).
+        self._uploads = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @contextmanager
+    def upload_stream(self) -> Iterator[None]:
+        """Work queued inside runs on the upload stream (on CUDA; elsewhere where it would anyway)."""
+        if self._uploads is None:
+            yield
+            return
+        with torch.cuda.stream(self._uploads):
+            yield
+
+    def hand_over(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor made on the upload stream, for the current stream: that stream waits for the uploads
+        queued so far, and the allocator keeps the memory until its work on it is done."""
+        if self._uploads is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self._uploads)
+            t.record_stream(current)
+        return t
 
     def to_video_tensor(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 [T, H, W, 3] -> [1, 3, T, H, W] in [-1, 1] on the device (pinned, async copy on CUDA)."""
