@@ -116,20 +116,29 @@ class Session:
         not returned again."""
         self._check_open()
         self._input.add(frames, pts)
-        depth = self.engine.inflight
-        while True:
-            if self._updates:
-                self._send_updates()
-            got = self._input.take(self.chunk_frames)
-            if got is None:
-                break
-            self._wait(lambda: len(self._chunks) < depth, "a chunk slot", early)
-            self._send_chunk(*got)
-        self.engine._pump()  # the core takes the chunks in now (frame 0's encode, the forwards queued)
+        self._send_buffered(lambda: self._wait(self._room, "a chunk slot", early))
         if early is not None and self._outputs:  # e.g. a fresh stream's frame 0, ahead of its chunk
             early(self._take())
-        self._wait(lambda: len(self._chunks) <= depth - 1, "chunks in flight", early)
+        self._wait(self._room, "chunks in flight", early)
         return self._take()
+
+    def offer(self, frames: np.ndarray, pts: Sequence[int]) -> list[OutputFrame]:
+        """push() that never waits, for a caller serving many sessions from one thread (the engine
+        process's request loop, where a push waiting for one session's chunk left the other sessions'
+        chunks unread meanwhile). The chunks go to the core at once; the frames that are ready come back,
+        later ones from take_finished(). The caller keeps to has_room(): it offers the next chunk only
+        once there is room (the core would queue it anyway)."""
+        self._check_open()
+        self._input.add(frames, pts)
+        self._send_buffered(None)
+        return self._take()
+
+    def has_room(self) -> bool:
+        """Whether fewer than `engine.inflight` of this session's chunks are in flight: a push would
+        return now. Raises RuntimeError once the session has failed."""
+        if self._error:
+            raise RuntimeError(f"session {self.id} failed: {self._error}")
+        return self._room()
 
     def update(self, update: StreamUpdate) -> None:
         """Queue a live change; it is applied at the next chunk boundary."""
@@ -186,6 +195,24 @@ class Session:
         self._started = True
         if self._frame0 is None:  # frame 0 alone is not a chunk yet
             self.chunks_in += 1
+
+    def _room(self) -> bool:
+        return len(self._chunks) < self.engine.inflight
+
+    def _send_buffered(self, before_chunk: Optional[Callable[[], None]]) -> None:
+        """Updates and the whole chunks buffered so far to the core (`before_chunk` runs before each
+        chunk: push() waits there for a slot), then let the core take them in (frame 0's encode, the
+        forwards queued)."""
+        while True:
+            if self._updates:
+                self._send_updates()
+            got = self._input.take(self.chunk_frames)
+            if got is None:
+                break
+            if before_chunk is not None:
+                before_chunk()
+            self._send_chunk(*got)
+        self.engine._pump()
 
     def _send_updates(self) -> None:
         updates, self._updates = self._updates, []

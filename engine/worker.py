@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
@@ -72,6 +72,9 @@ class _Session:
     # the output ring's next slot to announce: the engine writes frames before the worker learns of
     # them, so the ring's write_seq may already be ahead of what the server was told
     announced: int = 0
+    # a push not answered yet, and when it came: its reply goes once the engine has room for the next
+    # chunk (the server sends a session's next chunk only after it), so the loop never waits on one session
+    reply_due: Optional[float] = None
 
     def close(self) -> None:
         try:
@@ -100,7 +103,7 @@ class Worker:
         try:
             while True:
                 try:
-                    while background and not self._conn.poll(OUTPUT_POLL_S):
+                    while (background or self._replies_due()) and not self._conn.poll(OUTPUT_POLL_S):
                         self._send_finished()
                         self._maybe_send_pipeline()
                     data = self._conn.recv()
@@ -129,23 +132,27 @@ class Worker:
                 self._drop(session_id)
 
     def _handle_safely(self, message: ToEngine) -> None:
-        session_id = getattr(message, "session_id", "")
+        self._guarded(getattr(message, "session_id", ""), message.kind, lambda: self._handle(message),
+                      fatal=isinstance(message, OpenSession))
+
+    def _guarded(self, session_id: str, kind: str, call: Callable[[], None], fatal: bool = False) -> None:
+        """Run one session's part of the loop; its failure answers SessionError and the loop goes on."""
         try:
-            self._handle(message)
+            call()
         except EngineFailure:
             raise
         except Exception as exc:  # one session's failure must not stop the others
-            log.exception("session %s: %s request failed", session_id, message.kind)
+            log.exception("session %s: %s request failed", session_id, kind)
             # A failed push may leave that session's stream half-updated: drop it.
-            dropped = isinstance(message, PushFrames) and session_id in self._sessions
+            dropped = kind == "push" and session_id in self._sessions
             if dropped:
                 self._drop(session_id)
             self._send(
                 SessionError(
                     session_id=session_id,
-                    request=message.kind,
+                    request=kind,
                     message=f"{type(exc).__name__}: {exc}",
-                    fatal=dropped or isinstance(message, OpenSession),
+                    fatal=dropped or fatal,
                 )
             )
 
@@ -198,17 +205,29 @@ class Worker:
         session.input_ring.release(message.first_seq + message.count)
         if self._chunk_delay_s:
             time.sleep(self._chunk_delay_s)  # test-only: an engine slower than its input
-        # frames ready early (a fresh stream's first frame) go out at once, in a reply of their own
-        outputs = session.stream.push(
-            frames, pts, early=lambda early: self._send_frames(message.session_id, session, early, True, started))
-        self._send_frames(message.session_id, session, outputs, False, started)
+        early = session.stream.offer(frames, pts)
+        if early:  # a fresh stream's frame 0, ahead of the rest of its chunk
+            self._send_frames(message.session_id, session, early, True, started)
+        session.reply_due = started
+        self._answer(message.session_id, session)
+
+    def _replies_due(self) -> bool:
+        return any(s.reply_due is not None for s in self._sessions.values())
 
     def _send_finished(self) -> None:
-        """Frames that sessions finished since their last push, as partial replies."""
+        """Frames that sessions finished since they were last answered, and the replies now due."""
         for session_id, session in list(self._sessions.items()):
-            outputs = session.stream.take_finished()
-            if outputs:
-                self._send_frames(session_id, session, outputs, True, time.perf_counter())
+            self._guarded(session_id, "push", lambda: self._answer(session_id, session))
+
+    def _answer(self, session_id: str, session: _Session) -> None:
+        """The push's reply with the frames finished so far, once the engine has room for the session's
+        next chunk; until then, finished frames as partial replies."""
+        outputs = session.stream.take_finished()
+        if session.reply_due is not None and session.stream.has_room():
+            started, session.reply_due = session.reply_due, None
+            self._send_frames(session_id, session, outputs, False, started)
+        elif outputs:
+            self._send_frames(session_id, session, outputs, True, time.perf_counter())
 
     def _send_frames(self, session_id: str, session: _Session, outputs: list, partial: bool, started: float) -> None:
         """Announce frames the engine wrote into the session's output ring ((slot seq, pts) each, in

@@ -242,6 +242,12 @@ class _BackgroundStream:
         seq = self.ring.write(np.full((SIZE, SIZE, 3), 7, np.uint8), 1234)
         self.finished = [(seq, 1234)]
 
+    def offer(self, frames: Any, pts: Any) -> list:
+        return []
+
+    def has_room(self) -> bool:
+        return True
+
     def take_finished(self) -> list:
         out, self.finished = self.finished, []
         return out
@@ -279,19 +285,24 @@ def test_frames_finished_in_the_background_leave_without_a_push() -> None:
 
 
 class _AheadStream(_BackgroundStream):
-    """Its push returns before the frame it already wrote into the output ring is announced (as a ring's
-    last rank writes frames before rank 0's event about them reaches the engine process)."""
+    """The frame of its chunk is in the output ring before the session learns of it (as a ring's last rank
+    writes frames before rank 0's event about them reaches the engine process): the push is answered
+    first, the frame is finished at the next look."""
 
     def __init__(self, output_ring: str) -> None:
         self.ring = FrameRing.attach(output_ring)
         self.held: list = []
+        self.looks = 0
 
-    def push(self, frames: Any, pts: Any, early: Any = None) -> list:
+    def offer(self, frames: Any, pts: Any) -> list:
         seq = self.ring.write(np.full((SIZE, SIZE, 3), 7, np.uint8), 1234)
         self.held.append((seq, 1234))
         return []
 
     def take_finished(self) -> list:
+        self.looks += 1
+        if self.looks == 1:
+            return []
         out, self.held = self.held, []
         return out
 
@@ -321,6 +332,75 @@ def test_an_empty_reply_never_announces_slots_ahead_of_their_frames() -> None:
     frame, pts = client.output.read(0)
     assert pts == 1234 and int(frame[0, 0, 0]) == 7
     client.close()
+    ours.send(encode(Shutdown()))
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+class _GatedStream:
+    """A session whose engine has room for its next chunk only once its gate opens (its chunks still on
+    the device until then). `push` is what a blocking push does meanwhile."""
+
+    chunk_frames = 4
+    stats: dict = {}
+    dropped = 0
+
+    def __init__(self, output_ring: str, gate: Any) -> None:
+        self.ring = FrameRing.attach(output_ring)
+        self.gate = gate
+
+    def push(self, frames: Any, pts: Any, early: Any = None) -> list:
+        self.gate.wait()
+        return []
+
+    def offer(self, frames: Any, pts: Any) -> list:
+        return []
+
+    def has_room(self) -> bool:
+        return self.gate.is_set()
+
+    def take_finished(self) -> list:
+        return []
+
+    def close(self) -> None:
+        self.ring.close()
+
+
+class _GatedEngine:
+    finishes_in_background = True
+
+    def __init__(self) -> None:
+        import threading
+
+        self.gates: dict[str, Any] = {p: threading.Event() for p in ("a", "b")}
+
+    def open_session(self, prompt: str, params: Any, output_ring: str) -> _GatedStream:
+        return _GatedStream(output_ring, self.gates[prompt])
+
+
+def test_one_session_in_flight_never_holds_up_another_sessions_push() -> None:
+    """The loop serves every session: while session A's chunk keeps the engine from taking A's next one,
+    session B's push is taken and answered (a loop that waited inside A's push left B's chunk unread, so
+    two sessions' chunks never met in one forward). A's reply follows once its engine has room."""
+    import threading
+
+    ours, theirs = multiprocessing.Pipe()
+    engine = _GatedEngine()
+    loop = worker.Worker(engine, theirs)
+    thread = threading.Thread(target=loop.serve, daemon=True)
+    thread.start()
+    a, b = Client(ours, "A", "a"), Client(ours, "B", "b")
+    engine.gates["b"].set()
+    a.send_chunk(_inputs(0, 4))
+    b.send_chunk(_inputs(1, 4))
+    reply = _recv(ours, 10.0)
+    assert isinstance(reply, FramesOut) and reply.session_id == "B" and not reply.partial
+    assert not ours.poll(0.3)  # A's reply waits for room
+    engine.gates["a"].set()
+    reply = _recv(ours, 10.0)
+    assert isinstance(reply, FramesOut) and reply.session_id == "A" and not reply.partial
+    b.close()
+    a.close()
     ours.send(encode(Shutdown()))
     thread.join(10)
     assert not thread.is_alive()
