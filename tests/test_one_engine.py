@@ -7,6 +7,7 @@ Float32 on CPU throughout: equality is exact (np.array_equal on the uint8 frames
 from __future__ import annotations
 
 import ast
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,43 @@ def test_sessions_batched_in_process_equal_each_alone(tiny4, alone, monkeypatch,
     assert st["batched_forwards"] > 0 and max(int(k) for k in st["batch"]["forwards"]) == 2
     assert_same(a_out, want[(1, steps)])
     assert_same(b_out, want[(2, steps)])
+
+
+def test_a_batched_forward_charges_each_session_its_own_decode(tiny4, monkeypatch):
+    """Admission control adds up the sessions' stage times, so in a forward of two sessions each is charged
+    its own decode (they run one after another), not the pair's. Each decode is made to take 50 ms."""
+    frames = {k: video(21, seed=k) for k in (1, 2)}
+    opts = dict(ring_capacity=1, inflight=2, max_batch=2, deadline_ms=60_000.0)
+    e = StreamEngine.create(EngineOptions(model=tiny4, device="cpu", **SIZE, parallel=opts))
+    monkeypatch.setattr(e.core.io, "to_uint8_later", HeldCopies(e.core.io))
+    decode = e.core.decoder.stream_decode
+
+    def slow_decode(z, state):
+        time.sleep(0.05)
+        return decode(z, state)
+
+    monkeypatch.setattr(e.core.decoder, "stream_decode", slow_decode)
+    charged: list[tuple[int, float]] = []  # (sessions in the forward, a session's decode ms)
+    send_outputs, session_frames = e.core.send_outputs, e.core.session_frames
+    batch = [0]
+
+    def send(out):
+        batch[0] = len(out.groups)
+        send_outputs(out)
+
+    def frames_of(sid, got, stats):
+        if P.DECODE_MS in stats:  # not a fresh stream's frame 0, sent ahead
+            charged.append((batch[0], stats[P.DECODE_MS]))
+        return session_frames(sid, got, stats)
+
+    monkeypatch.setattr(e.core, "send_outputs", send)
+    monkeypatch.setattr(e.core, "session_frames", frames_of)
+    a = e.open_session("prompt 1", StreamParams(seed=1, steps=1))
+    b = e.open_session("prompt 2", StreamParams(seed=2, steps=1))
+    push_interleaved([a, b], [frames[1], frames[2]])
+    paired = [ms for n, ms in charged if n == 2]
+    assert len(paired) >= 4
+    assert all(45.0 <= ms < 80.0 for ms in paired), paired
 
 
 @pytest.mark.parametrize("wait_ms", [None, 0.0])

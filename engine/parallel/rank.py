@@ -253,7 +253,7 @@ class RankBase:
             self.out_link.send(M.ReturnedRows(fwd.fid, back))
         times.other.append(lap.stop())
         lap = self.clock.lap()
-        frames, start = [], 0
+        frames, start, decodes = [], 0, {}
         for g in groups:
             s = self.stage.sessions[g.sid]
             if g.new_vae:
@@ -261,9 +261,12 @@ class RankBase:
             if g.decode is not None:
                 latents = first_latent_apart(x0[start + g.rows - 1 : start + g.rows])
                 pts = [g.decode[:1], g.decode[1:]] if len(latents) > 1 else [g.decode]
-                # every decode is queued before any wait
+                # every decode is queued before any wait; each session's timed on its own (its stats,
+                # admission control: a batched forward's decodes run one after another)
+                own = self.clock.lap()
                 parts = [(g, self.io.to_uint8_later(self.decoder.stream_decode(z, s.decode_state)), p)  # type: ignore[union-attr]
                          for z, p in zip(latents, pts)]
+                decodes[g.sid] = own.stop()
                 if len(parts) > 1 and g.decode[0] is not None:
                     # a fresh stream's first chunk: frame 0 leaves now, while the GPU decodes the rest
                     self.send_early(g, parts.pop(0)[1])
@@ -272,7 +275,7 @@ class RankBase:
         decode = lap.stop()
         times.other.append(decode)
         self.clock.add(times)
-        out = _Outputs(fwd.fid, groups, frames, decode, fwd.times)
+        out = _Outputs(fwd.fid, groups, frames, decodes, fwd.times)
         previous, self.deferred = self.deferred, None
         if previous is not None:
             self.send_outputs(previous)  # its frames were copied before this forward's work began
@@ -286,7 +289,7 @@ class RankBase:
         outputs = []
         for g, pending, pts in out.frames:
             keep = [(f, p) for f, p in zip(pending.result(), pts) if p is not None]
-            stats = {**g.stats, DECODE_MS: out.decode.wait().ms() or 0.0}
+            stats = {**g.stats, DECODE_MS: out.decodes[g.sid].wait().ms() or 0.0}
             outputs.append(self.session_frames(g.sid, keep, stats))
         records = out.times + [(self.rank, *r) for r in self.clock.harvest()]
         done = [(g.sid, g.done) for g in out.groups if g.done is not None]
@@ -373,5 +376,5 @@ class _Outputs:
     fid: int
     groups: list[Group]
     frames: list[tuple[Group, PendingFrames, list]]  # (group, its frames on their way, their pts)
-    decode: Any  # timing.Lap of the decodes
+    decodes: dict[int, Any]  # per session: the timing.Lap of its decode
     times: list[M.StageRecord]  # upstream ranks' stage times carried by the forward
