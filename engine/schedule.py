@@ -200,19 +200,18 @@ class SessionSchedule:
     # -- one chunk -------------------------------------------------------------------------------------
     def _chunk(self, cmd: ChunkCmd) -> Steps:
         host = self.host
+        with host.io.upload_stream():  # neither the upload nor the motion measure waits for queued forwards
+            video = host.io.to_video_tensor(cmd.frames)
         if self.vae_state is None:
             self.vae_state = host.encoder.new_stream_state()
             self.new_vae = True
             if len(cmd.frames) == 1:
-                with host.io.upload_stream():
-                    video = host.io.to_video_tensor(cmd.frames)
                 yield from self._frame0(cmd, host.io.hand_over(video))
                 return
         lap = host.clock.lap()
         pts = list(cmd.pts)
         f0, self.frame0 = self.frame0, None
-        with host.io.upload_stream():  # neither waits for the forwards queued before this chunk
-            video = host.io.to_video_tensor(cmd.frames)
+        with host.io.upload_stream():
             full = video if f0 is None else torch.cat([f0.video, video], 2)  # the motion measure sees frame 0 too
             strength_later = self.controller.queue_step(full[0])  # read after the encode is queued
         latent = host.encoder.stream_encode(host.io.hand_over(video).to(host.dtype), self.vae_state).to(host.dtype)
