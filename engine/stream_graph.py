@@ -17,7 +17,8 @@ opening and closing sessions).
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+import time
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -34,6 +35,26 @@ def capture_error_mode() -> str:
     import torch.distributed as dist
 
     return "thread_local" if dist.is_available() and dist.is_initialized() else "global"
+
+
+def capture_graph(fn: Callable[[], Any], device: torch.device) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Capture fn's kernels as a CUDA graph (not run). Unlike `with torch.cuda.graph(...)` this neither
+    synchronises the device nor empties the allocator's cache. A capture happens while other sessions'
+    work is queued (a session joins, a new set of sessions shares a forward, a block moves): a
+    device-wide wait would stall them all, and an emptied cache would send their next allocations back
+    to cudaMalloc."""
+    graph = torch.cuda.CUDAGraph()
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        graph.capture_begin(capture_error_mode=capture_error_mode())
+        try:
+            out = fn()
+        finally:
+            graph.capture_end()
+    current.wait_stream(side)
+    return graph, out
 
 
 StepFn = Callable[[torch.Tensor, Cache], torch.Tensor]
@@ -82,14 +103,18 @@ class StepGraph:
         self._x = x.clone()
         self._history = list(cache)
         work = list(cache)
-        graph = torch.cuda.CUDAGraph()
         before = torch.cuda.memory_reserved(x.device)
+        started = time.perf_counter()
+
+        def step() -> torch.Tensor:
+            y = fn(self._x, work)  # type: ignore[arg-type]
+            for static, new in zip(self._history, work):
+                if new is not static:
+                    static.copy_(new)  # type: ignore[union-attr]
+            return y
+
         try:
-            with torch.cuda.graph(graph, capture_error_mode=capture_error_mode()):
-                self._y = fn(self._x, work)
-                for static, new in zip(self._history, work):
-                    if new is not static:
-                        static.copy_(new)  # type: ignore[union-attr]
+            graph, self._y = capture_graph(step, x.device)
         except Exception as exc:  # an op that cannot be captured: this stream stays eager, loudly
             log.warning("CUDA graph capture of %s failed, it stays eager: %s", self.name, exc)
             self.failed, self._graph, self._history = True, None, []
@@ -97,7 +122,8 @@ class StepGraph:
         # capturing recorded the kernels without running them: run this call now
         self._graph = graph
         cache[:] = self._history
-        log.info("captured %s as a CUDA graph (its memory pool took %.2f GiB more from the device)", self.name,
+        log.info("captured %s as a CUDA graph in %.0f ms (its memory pool took %.2f GiB more from the device)",
+                 self.name, 1000 * (time.perf_counter() - started),
                  (torch.cuda.memory_reserved(x.device) - before) / 2**30)
         self._graph.replay()
         self.replays += 1

@@ -17,36 +17,18 @@ block move or a new shape makes a new one (after one eager forward that warms th
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from engine.dit import AttnInputs, Embedded, WanDiT
-from engine.stream_graph import capture_error_mode
+from engine.stream_graph import capture_graph
 from engine.kv_cache import StreamKVCache
 from engine.rope import Rope
 
 log = logging.getLogger(__name__)
 
 KV = tuple[torch.Tensor, torch.Tensor]
-
-
-def capture_graph(fn: Callable[[], Any], device: torch.device) -> tuple[torch.cuda.CUDAGraph, Any]:
-    """Capture fn's kernels as a CUDA graph (not run). Unlike `with torch.cuda.graph(...)` this neither
-    synchronises the device nor empties the allocator's cache: a capture ahead of time (a fresh
-    stream's first chunk) must not stall the GPU's other work or make later allocations cudaMalloc again."""
-    graph = torch.cuda.CUDAGraph()
-    current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        graph.capture_begin(capture_error_mode=capture_error_mode())
-        try:
-            out = fn()
-        finally:
-            graph.capture_end()
-    current.wait_stream(side)
-    return graph, out
 
 
 class StageGraph:
