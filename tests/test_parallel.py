@@ -613,3 +613,85 @@ def test_cli_renders_equal_on_one_two_and_three_ranks(tmp_path, tiny4):
         outs[devices] = np.load(out)["frames"]
     assert outs["cpu"].shape == (17, 32, 32, 3)
     assert np.array_equal(outs["cpu"], outs["cpu:2"]) and np.array_equal(outs["cpu"], outs["cpu:3"])
+
+
+@torch.no_grad()
+def test_a_set_of_sessions_that_forms_now_and_then_never_costs_the_steady_set_its_graph(tiny4, monkeypatch):
+    """Four sessions share most forwards; in between, one session running late for a couple of chunks
+    leaves a subset, a different one each time. The full set is captured once and replayed from then on; a subset gets a graph
+    only once it has come back BATCH_CAPTURE_AFTER times (a capture costs the host more than an eager
+    forward). Captures are counted through a stand-in for the CUDA capture that runs the forward
+    eagerly, so this runs on a CPU; the outputs still equal a stage that never captures."""
+    from engine.parallel import stage_graph
+    from engine.parallel.stage import Group, Stage
+    from engine.rope import Rope
+
+    captured: list[tuple[int, ...]] = []
+
+    class EagerGraph:  # like a capture, runs nothing until replayed; a replay runs the captured function
+        def __init__(self, fn):
+            self.fn, self.value = fn, None
+
+        def replay(self) -> None:
+            self.value = self.fn()
+
+        def clone(self) -> torch.Tensor:  # stands for the graph's static output
+            return self.value.clone()
+
+    def fake_capture(fn, device):
+        g = EagerGraph(fn)
+        return g, g
+
+    monkeypatch.setattr(stage_graph, "capture_graph", fake_capture)
+    cfg = load_model_config(tiny4)
+    d = cfg.stream.model_copy(update=SIZE)
+    dit = build_dit(cfg, None, torch.device("cpu"), torch.float32, seed=0)
+    rope = Rope(cfg.dit.head_dim)
+    g = torch.Generator().manual_seed(0)
+    sids = (0, 1, 2, 3)
+    ctx = {sid: torch.randn(1, 512, cfg.dit.text_dim, generator=g) for sid in sids}
+    graphed, eager = (Stage(dit, rope, d, torch.device("cpu"), torch.float32, range(4)) for _ in range(2))
+    graphed.use_graphs = True
+    orig_capture = stage_graph.StageGraph.capture
+
+    def counting_capture(self, *a, **k):
+        captured.append(tuple(c_sid for c_sid, s in graphed.sessions.items() if s.cache in self.caches))
+        return orig_capture(self, *a, **k)
+
+    monkeypatch.setattr(stage_graph.StageGraph, "capture", counting_capture)
+    for st in (graphed, eager):
+        for sid in sids:
+            st.open(sid, ctx[sid])
+    hw = (SIZE["height"] // 8, SIZE["width"] // 8)
+    pos = {sid: 0 for sid in sids}
+
+    def forward(members: tuple[int, ...], first: bool = False) -> None:
+        groups, xs = [], []
+        for sid in members:
+            frames = 2 if first else 1
+            groups.append(Group(sid=sid, rows=1, frames=frames, positions=[pos[sid]], t=[500], new_batch=first))
+            xs.append(torch.randn(1, 16, frames, *hw, generator=g))
+            pos[sid] += frames
+        outs = [st.finish(groups, e, st.run(groups, e), torch.cat(xs)) for st in (graphed, eager)
+                for e in [st.embed(groups, xs)]]
+        assert torch.equal(outs[0], outs[1])
+
+    for sid in sids:
+        forward((sid,), first=True)
+    for _ in range(d.num_kv_cache + graphed.BATCH_CAPTURE_AFTER + 1):  # caches fill up, then the set recurs
+        forward(sids)
+    assert captured == [sids]
+    subsets = [(0, 1, 2), (1, 2, 3), (0, 2, 3), (0, 1, 3), (0, 1), (2, 3), (1, 2), (0, 3)]
+    for sub in subsets:
+        for _ in range(graphed.BATCH_CAPTURE_AFTER - 1):  # the same session late a few chunks in a row
+            forward(sids)
+            forward(sub)
+            for late in sorted(set(sids) - set(sub)):
+                forward((late,))  # the late session's own chunk
+    assert captured.count(sids) == 1, captured
+    assert all(len(c) == 1 or c == sids for c in captured), captured  # no subset came back often enough
+    # one subset that keeps forming (a session that always runs late) does get its graph
+    for _ in range(graphed.BATCH_CAPTURE_AFTER + 2):
+        forward((0, 1, 2))
+        forward((3,))
+    assert (0, 1, 2) in captured and captured.count(sids) == 1

@@ -15,6 +15,7 @@ layers' entries with them (`export_layers` / `import_layers`).
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -139,7 +140,10 @@ class BatchedCache:
 class Stage:
     """The DiT work of one rank: its layers (a contiguous range), the sessions' state for them."""
 
-    MAX_BATCH_GRAPHS = 4
+    MAX_BATCH_GRAPHS = 8
+    # eager forwards a set of several sessions runs before it gets a graph: a capture costs the host
+    # more than an eager forward, and sets that only form when a session runs late seldom come back
+    BATCH_CAPTURE_AFTER = 3
 
     def __init__(self, dit: WanDiT, rope: Rope, defaults: StreamDefaults, device: torch.device, dtype: torch.dtype,
                  layers: Sequence[int], fp8: bool = False) -> None:
@@ -154,6 +158,7 @@ class Stage:
         # steady-state forwards replay from CUDA graphs (False: always eager)
         self.use_graphs = device.type == "cuda" and graphs_allowed(defaults.kv_policy)
         self.batch_graphs: "OrderedDict[tuple[int, ...], StageGraph]" = OrderedDict()  # several sessions' forwards
+        self.batch_eager: "OrderedDict[tuple, int]" = OrderedDict()  # (sessions, shapes) -> eager forwards so far
         self.captures = self.replays = self.prime_replays = 0
         self.last_graphed = False  # whether the last run() replayed a graph
         self.warm_primes: set[tuple] = set()  # priming-forward shapes that ran eagerly here
@@ -289,7 +294,10 @@ class Stage:
         sids = tuple(g.sid for g in groups)
         graph = self._graph_of(sids)
         if graph is None or not graph.fits(caches, key):
+            if len(sids) > 1 and not self._batch_recurs(sids, key):
+                return None
             graph = StageGraph(caches, key)
+            graph.warm = len(sids) > 1  # a recurring set's forward has warmed its kernels eagerly
             self._keep_graph(sids, graph)
         kv = self._session_kv(groups)
         if graph.graph is None:
@@ -297,6 +305,7 @@ class Stage:
                 graph.warm = True
                 return None
             attend: Any = caches[0] if len(caches) == 1 else BatchedCache(caches, self.layers)
+            started = time.perf_counter()
             try:
                 graph.capture(self.dit, self.rope, emb, kv, [g.rows for g in groups], self.layers, attend)
             except Exception as exc:  # an op that cannot be captured: stay eager, loudly
@@ -305,8 +314,8 @@ class Stage:
                 self.drop_graphs()
                 return None
             self.captures += 1
-            log.info("captured layers %d-%d of session(s) %s as a CUDA graph", self.layers[0], self.layers[-1],
-                     ",".join(map(str, sids)))
+            log.info("captured layers %d-%d of session(s) %s as a CUDA graph in %.0f ms", self.layers[0],
+                     self.layers[-1], ",".join(map(str, sids)), 1000 * (time.perf_counter() - started))
         self.replays += 1
         return graph.replay(emb, kv)
 
@@ -318,6 +327,19 @@ class Stage:
         if graph is not None:
             self.batch_graphs[sids] = graph  # most recently used last
         return graph
+
+    def _batch_recurs(self, sids: tuple[int, ...], key: tuple) -> bool:
+        """Whether this set of sessions (at these shapes) has run BATCH_CAPTURE_AFTER eager forwards, this
+        one counted. Only captured graphs enter the LRU, so sets that form now and then never push
+        out the graph of the set that runs every chunk."""
+        seen = (sids, key)
+        n = self.batch_eager.pop(seen, 0) + 1
+        if n > self.BATCH_CAPTURE_AFTER:
+            return True
+        self.batch_eager[seen] = n
+        while len(self.batch_eager) > 8 * self.MAX_BATCH_GRAPHS:
+            self.batch_eager.popitem(last=False)
+        return False
 
     def _keep_graph(self, sids: tuple[int, ...], graph: StageGraph) -> None:
         if len(sids) == 1:
@@ -333,6 +355,8 @@ class Stage:
         cache goes with its graph (it is empty: a new one, for the layers held then, is the same)."""
         for key in [k for k in self.batch_graphs if sid is None or sid in k]:
             del self.batch_graphs[key]
+        for seen in [k for k in self.batch_eager if sid is None or sid in k[0]]:
+            del self.batch_eager[seen]
         for s_id, s in self.sessions.items():
             if sid is None or s_id == sid:
                 s.graph = None
