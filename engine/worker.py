@@ -312,7 +312,8 @@ def engine_options(options: WorkerOptions) -> EngineOptions:
     world = ranks.world if ranks is not None else 1
     steps = load_model_config(options.model).stream.steps
     step_lag = options.step_lag or (world if world > 1 and steps > 1 else 1)
-    parallel = {"inflight": world} if world > 1 else {}
+    parallel: dict = {"inflight": world} if world > 1 else {}
+    parallel |= {"target_fps": options.target_fps, "deadline_ms": options.deadline_ms, "max_batch": options.max_batch}
     return EngineOptions(
         model=options.model,
         weights=Path(options.weights) if options.weights else None,

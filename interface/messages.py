@@ -64,6 +64,11 @@ class WorkerOptions(_Message):
     kv_policy: Optional[KVPolicy] = None
     # Number format (EngineOptions.dtype); None: bf16 on CUDA, float32 on CPU; fp8 needs FP8 tensor cores
     dtype: Optional[DType] = None
+    # The server's SLO, for the engine's batch scheduler (engine.parallel.slo): how many sessions share
+    # a forward and how long a forward may wait for another session's chunk
+    target_fps: float = Field(16.0, gt=0.0, le=120.0)
+    deadline_ms: float = Field(1000.0, gt=0.0)
+    max_batch: int = Field(4, ge=1, le=64)
     log_level: str = "INFO"
     warmup: bool = Field(True, description="run a throwaway session once before reporting ready")
     # Test-only: seconds the worker sleeps per pushed chunk, to simulate an engine slower than

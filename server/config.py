@@ -117,6 +117,9 @@ class ServerConfig(BaseModel):
     )
     # -- admission and limits --
     target_fps: float = Field(12.0, gt=0.0, le=120.0, description="frame rate each session must keep (its chunk budget)")
+    admission: Literal["measured", "off"] = Field(
+        "measured", description="measured: refuse a session that the running sessions' measured engine time "
+        "leaves no room for; off: admit up to max_sessions whatever the load (capacity benchmarks)")
     capacity_headroom: float = Field(
         0.9, gt=0.0, le=1.0, description="share of the chunk budget that running sessions' engine time may fill"
     )
@@ -191,6 +194,9 @@ def worker_options(config: ServerConfig) -> WorkerOptions:
         step_lag=config.step_lag,
         kv_policy=config.kv_policy,
         dtype=config.dtype,
+        target_fps=config.target_fps,
+        deadline_ms=1000.0 * config.deadline_s,
+        max_batch=config.max_sessions,
         log_level=config.log_level,
     )
 

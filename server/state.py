@@ -105,7 +105,7 @@ class AppState:
             raise ApiError(503, "the server is shutting down", headers={"Retry-After": "30"})
         if len(self.sessions) + self.opening >= self.config.max_sessions:
             raise ApiError(503, f"the server is full ({self.config.max_sessions} sessions)", headers={"Retry-After": "10"})
-        load = self.engine_load()
+        load = self.engine_load() if self.config.admission == "measured" else None
         if load is not None and load[0] > self.config.capacity_headroom * load[1]:
             running = len([s for s in self.sessions.values() if not s.closed]) + self.opening
             raise ApiError(

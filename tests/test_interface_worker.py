@@ -452,3 +452,12 @@ def test_queued_chunks_leave_as_partial_replies_when_done(monkeypatch) -> None:
     ours.send(encode(Shutdown()))
     thread.join(10)
     assert not thread.is_alive()
+
+
+def test_the_servers_slo_reaches_the_engines_batch_scheduler() -> None:
+    """The engine batches sessions and bounds a forward's wait by the server's SLO (target fps, deadline,
+    sessions at once), not by the engine's own defaults."""
+    from server.config import parse_args, worker_options
+
+    opts = worker.engine_options(worker_options(parse_args(["--target-fps", "30", "--max-sessions", "6"])))
+    assert (opts.parallel.target_fps, opts.parallel.deadline_ms, opts.parallel.max_batch) == (30.0, 1000.0, 6)
