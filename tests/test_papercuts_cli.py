@@ -142,6 +142,32 @@ def test_polls_are_not_logged_at_info_but_changes_and_errors_are(server: ServerP
 # -- admission -------------------------------------------------------------------------------------------
 
 
+def test_admission_refuses_by_measured_load_unless_turned_off(tmp_path: Path) -> None:
+    """Two running sessions that each need 100 ms of a 133 ms chunk budget leave no room for a third:
+    503. With `admission: off` (the capacity benchmark) only max_sessions limits."""
+    from types import SimpleNamespace
+
+    from server.config import ServerConfig, worker_options
+    from server.errors import ApiError
+    from server.state import AppState
+
+    def state(**config) -> AppState:
+        cfg = ServerConfig(target_fps=30, max_sessions=3, **config)
+        st = AppState(cfg, worker_options(cfg), tmp_path)
+        for i in range(2):
+            st.sessions[f"s{i}"] = SimpleNamespace(closed=False, engine_chunk_s=0.1, chunk_budget_s=4 / 30)
+        return st
+
+    with pytest.raises(ApiError) as refused:
+        state().check_capacity()
+    assert refused.value.status == 503 and "capacity" in str(refused.value)
+    state(admission="off").check_capacity()  # admitted
+    full = state(admission="off")
+    full.sessions["s2"] = SimpleNamespace(closed=False, engine_chunk_s=0.1, chunk_budget_s=4 / 30)
+    with pytest.raises(ApiError, match="full"):
+        full.check_capacity()
+
+
 def test_capacity_message_is_honest_about_sessions_already_over_budget() -> None:
     from server.state import capacity_message
 
