@@ -30,6 +30,7 @@ from engine.protocol import RingStats
 from engine.runtime import StreamEngine
 from interface.frame_ring import FrameRing
 from interface.catalogue import CODEC_NAMES, ConfigError
+from interface.pauses import GcPauses, freeze_startup_objects
 from interface.messages import (
     CloseSession,
     EngineFailed,
@@ -392,8 +393,12 @@ def main(conn: Connection, options: dict) -> None:
         CODEC_NAMES[info.decoder],
         " (RANDOM WEIGHTS)" if info.random_weights else "",
     )
+    # the model, the warm-up's leftovers and the modules are never garbage: out of the collector's way
+    log.debug("%d objects of start-up frozen out of garbage collection", freeze_startup_objects())
+    pauses = GcPauses().install()
     conn.send(encode(EngineReady(info=info)))
     try:
         Worker(engine, conn, chunk_delay_s=delay or 0.0).serve()
     finally:
+        pauses.uninstall()
         conn.close()

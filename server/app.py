@@ -213,7 +213,11 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
     engine, within `drain_timeout_s`."""
     state = app[STATE]
     state.engine_task = asyncio.ensure_future(_supervise_engine(state))
+    state.gc_pauses.install()
+    state.loop_lag.start()
     yield  # on_shutdown (_stop_accepting) has set draining already
+    state.loop_lag.stop()
+    state.gc_pauses.uninstall()
     state.engine_task.cancel()
     timeout = state.config.drain_timeout_s
     try:

@@ -11,6 +11,7 @@ from typing import Optional
 from aiohttp import web
 
 from interface.shm_owner import remove_orphans
+from interface.pauses import freeze_startup_objects
 from server.ops.access_log import QuietReadsAccessLogger
 from server.app import EXIT_CONFIGURATION, create_app
 from server.ops.auth import check_exposure, is_loopback
@@ -68,6 +69,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     options = worker_options(config)  # decides the model once (and logs a fallback to tiny)
     log.info("model %s, weights %s, devices %s", options.model, options.weights or "none (random weights)", options.device)
     app = create_app(config, options)
+    log.debug("%d objects of start-up frozen out of garbage collection", freeze_startup_objects())
     code = asyncio.run(serve(app, config))
     if code:
         print(f"error: {app[STATE].exit_reason}", file=sys.stderr)  # the one line a user of `make run` reads

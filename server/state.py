@@ -10,6 +10,7 @@ from typing import Any, Coroutine, Optional
 from aiohttp import web
 
 from interface.messages import WorkerOptions
+from interface.pauses import GcPauses, LoopLag
 from server.config import ServerConfig
 from server.media.engine_client import EngineClient
 from server.errors import ApiError
@@ -51,6 +52,16 @@ class AppState:
             engine_up=lambda: 1.0 if self.engine.state == "ready" else 0.0,
         )
         self.metrics.add_pipeline_gauges(lambda: self.engine.pipeline)
+        # pauses that hold up every session at once (interface/pauses.py)
+        self.gc_pauses, self.loop_lag = GcPauses(), LoopLag()
+        self.metrics.registry.add(
+            Gauge("streamgen_server_gc_long_pauses", "garbage collections of the server process of 20 ms or more",
+                  read=lambda: {(): float(self.gc_pauses.long)})
+        )
+        self.metrics.registry.add(
+            Gauge("streamgen_server_loop_late", "times the server's event loop ran 50 ms or more late",
+                  read=lambda: {(): float(self.loop_lag.long)})
+        )
         self.metrics.add_session_gauges(lambda: [s.metrics for s in self.sessions.values() if not s.closed])
         self.metrics.registry.add(
             Gauge("streamgen_viewers", "WHEP viewers, all sessions",

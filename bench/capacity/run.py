@@ -65,10 +65,11 @@ async def measure_n(http: Any, server: ServerProcess, url: str, args: argparse.N
                 pass
     await wait_sessions_gone(http, url, 30)
     sessions, clients = [], []
-    for client, final in pairs:
+    for (client, final), poller in zip(pairs, pollers):
         result, stats = session_result(client, final, 1000.0 * args.deadline, args.warmup)
         sessions.append(result)
-        clients.append({"session_id": client.session_id, "client": stats, "final": final})
+        # every frame's server-side times (arrived, pushed, returned, delivered, sent): when a tail happened
+        clients.append({"session_id": client.session_id, "client": stats, "final": final, "frames": poller.frames})
     detail |= {"sessions": clients, "metrics": summarize_metrics(metrics_delta(after, before, GAUGES))}
     return StepResult(n=n, sessions=sessions), detail
 
