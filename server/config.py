@@ -66,6 +66,10 @@ class ServerConfig(BaseModel):
         "camera",
         description="camera: the input's size; crop: the camera region the model saw; model: as generated",
     )
+    pacing_percentile: float = Field(
+        100.0, ge=50.0, le=100.0,
+        description="share (percentile) of recent output bursts the playout delay lets come in time; below 100 the "
+                    "rest are shown late as they come, for less delay (server/media/pacing.py)")
     stats_interval_s: float = Field(1.0, gt=0.0)
     default_prompt: str = "a watercolor painting, soft colors"
     engine_start_timeout_s: float = Field(900.0, gt=0.0)
@@ -274,6 +278,8 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
                         help="origin allowed to call the API/WHIP/WHEP from its pages, repeatable ('*': any)")
     parser.add_argument("--max-sessions", dest="max_sessions", type=int, help="sessions at once (default 4)")
     parser.add_argument("--target-fps", dest="target_fps", type=float, help="frame rate a session must keep (default 12)")
+    parser.add_argument("--pacing-percentile", dest="pacing_percentile", type=float,
+                        help="share of recent output bursts the playout delay waits for (50-100, default 100: all)")
     parser.add_argument("--idle-timeout", dest="idle_timeout_s", type=float, help="seconds without input before a session closes "
                              f"(default {ServerConfig.model_fields['idle_timeout_s'].default:g})")
     parser.add_argument("--max-session-seconds", dest="max_session_s", type=float, help="longest session (default unlimited)")
