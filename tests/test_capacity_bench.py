@@ -111,6 +111,11 @@ def test_capacity_run_through_the_real_server(tmp_path: Path) -> None:
     assert all(x["frames_sent"] > 0 for s in result["steps"] for x in s["sessions"])
     assert sum(x["frames_received"] for s in result["steps"] for x in s["sessions"]) > 0
     assert [d["n"] for d in result["details"]] == [1, 2] and all("metrics" in d for d in result["details"])
+    # CPU of the server, its engine and the clients' process, each with its main thread (Linux /proc)
+    for d in result["details"]:
+        cores = d["cpu_cores"]
+        assert {"server", "server_main", "engine", "engine_main", "clients", "clients_main"} <= set(cores), cores
+        assert cores["engine"] > 0 and cores["engine_main"] <= cores["engine"] + 0.05
     rows = [line.split()[:2] for line in proc.stdout.splitlines() if line[:3].strip() in ("1", "2")]
     assert [r[0] for r in rows] == ["1", "2"] and rows[1][1].endswith("/2")
     assert result["server_config"]["max_sessions"] == 2

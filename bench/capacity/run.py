@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -13,6 +14,7 @@ from bench.capacity import __doc__ as DOC
 from bench.capacity.verdict import SessionResult, Slo, StepResult, capacity, parse_n_range, should_stop, table
 from bench.server_bench import BenchError
 from bench.server_bench.client import Client, http_timeout
+from bench.server_bench.cpu import children, cores_used, cpu_seconds
 from bench.server_bench.latency import SessionPoller, client_stats
 from bench.server_bench.process import ServerProcess, free_port
 from bench.server_bench.prometheus_text import GAUGES, metrics_delta, parse_prometheus, summarize_metrics
@@ -42,10 +44,23 @@ async def _metrics(http: Any, url: str) -> dict:
         return parse_prometheus(await r.text())
 
 
+def process_pids(server: ServerProcess) -> dict[str, int]:
+    """The server, its engine process (its child) and this process (the N clients)."""
+    pids = {"clients": os.getpid()}
+    if server.proc is not None:
+        pids["server"] = server.proc.pid
+        busiest = max(children(server.proc.pid), key=lambda pid: cpu_seconds({"p": pid})["p"] or 0.0, default=None)
+        if busiest is not None:  # the engine (beside it, multiprocessing's resource tracker idles)
+            pids["engine"] = busiest
+    return pids
+
+
 async def measure_n(http: Any, server: ServerProcess, url: str, args: argparse.Namespace, n: int) -> tuple[StepResult, dict]:
     """N clients at once for --duration seconds. A refused or lost session fails this N; a server
     that exits ends the run."""
     before = await _metrics(http, url)
+    pids = process_pids(server)
+    cpu_before, wall_before = cpu_seconds(pids), time.monotonic()
     pollers = [SessionPoller() for _ in range(n)]
     seeds = [args.seed + 1234 + 101 * i for i in range(n)]  # distinct pts codes per camera
     detail: dict[str, Any] = {"n": n}
@@ -59,6 +74,7 @@ async def measure_n(http: Any, server: ServerProcess, url: str, args: argparse.N
         await wait_sessions_gone(http, url, 30)
         return StepResult(n=n, error=str(exc)), detail | {"error": str(exc)}
     after = await _metrics(http, url)
+    detail["cpu_cores"] = cores_used(cpu_before, cpu_seconds(pids), time.monotonic() - wall_before)
     for client, _ in pairs:
         with contextlib.suppress(Exception):
             async with http.delete(f"{url}/api/sessions/{client.session_id}", timeout=http_timeout(10)):
@@ -172,6 +188,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if m.get("forwards_by_batch"):
             print(f"N={d['n']}: forwards by sessions carried {dict(sorted(m['forwards_by_batch'].items()))}, "
                   f"{m.get('batch_waits', 0)} waited to share")
+        if d.get("cpu_cores"):
+            print(f"N={d['n']}: CPU cores used (process / its main thread): " + ", ".join(
+                f"{k} {v:.2f}/{d['cpu_cores'].get(k + '_main', float('nan')):.2f}"
+                for k, v in d["cpu_cores"].items() if not k.endswith("_main")))
     if result.get("error"):
         print(f"the run ended early: {result['error'].splitlines()[0][:200]}")
     print(f"\nserver log: {args.log}" + (f"\njson: {args.json}" if args.json else ""))
