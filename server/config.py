@@ -70,6 +70,10 @@ class ServerConfig(BaseModel):
         100.0, ge=50.0, le=100.0,
         description="share (percentile) of recent output bursts the playout delay lets come in time; below 100 the "
                     "rest are shown late as they come, for less delay (server/media/pacing.py)")
+    pacing_window_s: float = Field(
+        2.0, ge=0.25, le=30.0,
+        description="seconds of recent output bursts the playout delay is sized from: a stall raises the delay at "
+                    "once and is forgotten this long after (server/media/pacing.py)")
     stats_interval_s: float = Field(1.0, gt=0.0)
     default_prompt: str = "a watercolor painting, soft colors"
     engine_start_timeout_s: float = Field(900.0, gt=0.0)
@@ -280,6 +284,8 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
     parser.add_argument("--target-fps", dest="target_fps", type=float, help="frame rate a session must keep (default 12)")
     parser.add_argument("--pacing-percentile", dest="pacing_percentile", type=float,
                         help="share of recent output bursts the playout delay waits for (50-100, default 100: all)")
+    parser.add_argument("--pacing-window", dest="pacing_window_s", type=float,
+                        help="seconds of recent output bursts the playout delay is sized from (default 2)")
     parser.add_argument("--idle-timeout", dest="idle_timeout_s", type=float, help="seconds without input before a session closes "
                              f"(default {ServerConfig.model_fields['idle_timeout_s'].default:g})")
     parser.add_argument("--max-session-seconds", dest="max_session_s", type=float, help="longest session (default unlimited)")

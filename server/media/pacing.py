@@ -36,7 +36,7 @@ class PtsPacer(Generic[T]):
         max_lead_s: float = 0.5,
         max_late_s: float = 0.25,
         max_queue: int = 16,
-        window_s: float = 4.0,
+        window_s: float = 2.0,
         margin_floor_s: float = 0.004,
         jitter_percentile: float = 100.0,
         max_step_s: float = 0.01,

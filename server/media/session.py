@@ -117,7 +117,8 @@ class Session:
         self._model_w, self._model_h = info.width, info.height
         self.metrics = SessionMetrics(session_id, ctx.metrics, ctx.config.deadline_s, clock, info.stage_stats)
         self.output_track = GeneratedVideoTrack(
-            PtsPacer(CLOCK_RATE, jitter_percentile=ctx.config.pacing_percentile), self._on_sent, lambda n: self.metrics.drop("late", n), clock
+            PtsPacer(CLOCK_RATE, window_s=ctx.config.pacing_window_s, jitter_percentile=ctx.config.pacing_percentile),
+            self._on_sent, lambda n: self.metrics.drop("late", n), clock
         )
         self.egress = SessionEgress(session_id, self.output_track)
         self._sampler: ChunkSampler[_Arrival] = ChunkSampler(PENDING_CHUNKS * info.max_chunk_frames)
