@@ -141,8 +141,9 @@ class Stage:
     """The DiT work of one rank: its layers (a contiguous range), the sessions' state for them."""
 
     MAX_BATCH_GRAPHS = 8
-    # eager forwards a set of several sessions runs before it gets a graph: a capture costs the host
-    # more than an eager forward, and sets that only form when a session runs late seldom come back
+    # forwards a set of several sessions shares (each session through its own graph) before the set gets
+    # a graph of its own (one eager forward to warm its shapes, then the capture): sets that only form
+    # while sessions join or one runs late seldom come back
     BATCH_CAPTURE_AFTER = 3
 
     def __init__(self, dit: WanDiT, rope: Rope, defaults: StreamDefaults, device: torch.device, dtype: torch.dtype,
@@ -158,9 +159,10 @@ class Stage:
         # steady-state forwards replay from CUDA graphs (False: always eager)
         self.use_graphs = device.type == "cuda" and graphs_allowed(defaults.kv_policy)
         self.batch_graphs: "OrderedDict[tuple[int, ...], StageGraph]" = OrderedDict()  # several sessions' forwards
-        self.batch_eager: "OrderedDict[tuple, int]" = OrderedDict()  # (sessions, shapes) -> eager forwards so far
+        self.batch_seen: "OrderedDict[tuple, int]" = OrderedDict()  # (sessions, shapes) -> forwards shared so far
         self.captures = self.replays = self.prime_replays = 0
         self.last_graphed = False  # whether the last run() replayed a graph
+        self.eager_batched = 0  # forwards of several sessions run eagerly (a set's warm-up before its capture)
         self.warm_primes: set[tuple] = set()  # priming-forward shapes that ran eagerly here
 
     # -- sessions ------------------------------------------------------------------------------------
@@ -221,21 +223,40 @@ class Stage:
             tokens = self._graphed(groups, emb, caches)
         self.last_graphed = tokens is not None
         if tokens is None:
-            f, h, w = emb.grid
-            positions = [p for g in groups for p in g.positions]
-            ang = self.rope.angles(h2d(positions, self.device), f, h, w)
-            cache: Any = caches[0] if len(caches) == 1 else BatchedCache(caches, self.layers)
-            a = AttnInputs(cos=ang.cos(), sin=ang.sin(), cache=cache)
-            kv = cross_kv_rows(self._session_kv(groups), [g.rows for g in groups])
-            tokens = self.dit.run_blocks(emb.tokens, emb, a, kv, self.layers)
-            if len(groups) == 1 and _is_prime(groups[0]):
-                self.warm_primes.add(self._prime_key(emb))
+            tokens = self._eager(groups, emb, caches)
         for g in groups:
             if g.expand:
                 s = self.sessions[g.sid]
                 s.cache.expand_rows(g.expand)  # type: ignore[union-attr]
                 s.prime_live = False  # new cache tensors; the graph is kept until the next prepare
         return tokens
+
+    def _eager(self, groups: Sequence[Group], emb: Embedded, caches: list[StreamKVCache]) -> torch.Tensor:
+        f, h, w = emb.grid
+        positions = [p for g in groups for p in g.positions]
+        ang = self.rope.angles(h2d(positions, self.device), f, h, w)
+        cache: Any = caches[0] if len(caches) == 1 else BatchedCache(caches, self.layers)
+        a = AttnInputs(cos=ang.cos(), sin=ang.sin(), cache=cache)
+        kv = cross_kv_rows(self._session_kv(groups), [g.rows for g in groups])
+        if len(groups) > 1:
+            self.eager_batched += 1
+        elif _is_prime(groups[0]):
+            self.warm_primes.add(self._prime_key(emb))
+        return self.dit.run_blocks(emb.tokens, emb, a, kv, self.layers)
+
+    def _one_by_one(self, groups: Sequence[Group], emb: Embedded, caches: list[StreamKVCache]) -> torch.Tensor:
+        """A steady forward of sessions that have no graph together: each session's rows through its own
+        graph (eager where it has none yet), one after the other. Exactly what the batch gives (a row
+        attends only to its own session's cache), without an eager batched forward, whose host time
+        (hundreds of kernel launches) held every session up while sets of sessions formed and broke up
+        as they joined."""
+        outs, r = [], 0
+        for g, cache in zip(groups, caches):
+            part = Embedded(emb.tokens[r:r + g.rows], emb.e[r:r + g.rows], emb.e6[r:r + g.rows], emb.grid)
+            r += g.rows
+            out = self._graphed([g], part, [cache])
+            outs.append(out if out is not None else self._eager([g], part, [cache]))
+        return torch.cat(outs)
 
     # -- a fresh stream's first chunk, captured ahead ------------------------------------------------------
     def _prime_key(self, emb: Embedded) -> tuple:
@@ -295,9 +316,8 @@ class Stage:
         graph = self._graph_of(sids)
         if graph is None or not graph.fits(caches, key):
             if len(sids) > 1 and not self._batch_recurs(sids, key):
-                return None
+                return self._one_by_one(groups, emb, caches)
             graph = StageGraph(caches, key)
-            graph.warm = len(sids) > 1  # a recurring set's forward has warmed its kernels eagerly
             self._keep_graph(sids, graph)
         kv = self._session_kv(groups)
         if graph.graph is None:
@@ -329,16 +349,16 @@ class Stage:
         return graph
 
     def _batch_recurs(self, sids: tuple[int, ...], key: tuple) -> bool:
-        """Whether this set of sessions (at these shapes) has run BATCH_CAPTURE_AFTER eager forwards, this
-        one counted. Only captured graphs enter the LRU, so sets that form now and then never push
+        """Whether this set of sessions (at these shapes) has shared BATCH_CAPTURE_AFTER forwards, this one
+        counted. Only captured graphs enter the LRU, so sets that form now and then never push
         out the graph of the set that runs every chunk."""
         seen = (sids, key)
-        n = self.batch_eager.pop(seen, 0) + 1
+        n = self.batch_seen.pop(seen, 0) + 1
         if n > self.BATCH_CAPTURE_AFTER:
             return True
-        self.batch_eager[seen] = n
-        while len(self.batch_eager) > 8 * self.MAX_BATCH_GRAPHS:
-            self.batch_eager.popitem(last=False)
+        self.batch_seen[seen] = n
+        while len(self.batch_seen) > 8 * self.MAX_BATCH_GRAPHS:
+            self.batch_seen.popitem(last=False)
         return False
 
     def _keep_graph(self, sids: tuple[int, ...], graph: StageGraph) -> None:
@@ -355,8 +375,8 @@ class Stage:
         cache goes with its graph (it is empty: a new one, for the layers held then, is the same)."""
         for key in [k for k in self.batch_graphs if sid is None or sid in k]:
             del self.batch_graphs[key]
-        for seen in [k for k in self.batch_eager if sid is None or sid in k[0]]:
-            del self.batch_eager[seen]
+        for seen in [k for k in self.batch_seen if sid is None or sid in k[0]]:
+            del self.batch_seen[seen]
         for s_id, s in self.sessions.items():
             if sid is None or s_id == sid:
                 s.graph = None
