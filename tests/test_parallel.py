@@ -697,6 +697,8 @@ def test_a_set_of_sessions_that_forms_now_and_then_never_costs_the_steady_set_it
     # no subset came back often enough for a graph (nor ran eagerly: its sessions' own graphs served)
     assert [c for c in captured if len(c) > 1] == [sids], captured
     assert graphed.eager_batched == filling + 1
+    forward((0, 1, 3))
+    assert graphed.last_graphed  # a subset's forward, session by session, replayed graphs only
     # one subset that keeps forming (a session that always runs late) does get its graph
     for _ in range(graphed.BATCH_CAPTURE_AFTER + 2):
         forward((0, 1, 2))

@@ -161,7 +161,8 @@ class Stage:
         self.batch_graphs: "OrderedDict[tuple[int, ...], StageGraph]" = OrderedDict()  # several sessions' forwards
         self.batch_seen: "OrderedDict[tuple, int]" = OrderedDict()  # (sessions, shapes) -> forwards shared so far
         self.captures = self.replays = self.prime_replays = 0
-        self.last_graphed = False  # whether the last run() replayed a graph
+        self.last_graphed = False  # whether the last run() replayed graphs only
+        self._eager_runs = 0  # blocks run eagerly in the current run() (several where it goes session by session)
         self.eager_batched = 0  # forwards of several sessions run eagerly (a set's warm-up before its capture)
         self.warm_primes: set[tuple] = set()  # priming-forward shapes that ran eagerly here
 
@@ -218,12 +219,13 @@ class Stage:
                 s.prompt.tick()
             s.cache.begin(g.positions, g.frames)
             caches.append(s.cache)
+        self._eager_runs = 0
         tokens = self._primed(groups, emb) if len(groups) == 1 else None
         if tokens is None:
             tokens = self._graphed(groups, emb, caches)
-        self.last_graphed = tokens is not None
         if tokens is None:
             tokens = self._eager(groups, emb, caches)
+        self.last_graphed = self._eager_runs == 0
         for g in groups:
             if g.expand:
                 s = self.sessions[g.sid]
@@ -238,6 +240,7 @@ class Stage:
         cache: Any = caches[0] if len(caches) == 1 else BatchedCache(caches, self.layers)
         a = AttnInputs(cos=ang.cos(), sin=ang.sin(), cache=cache)
         kv = cross_kv_rows(self._session_kv(groups), [g.rows for g in groups])
+        self._eager_runs += 1
         if len(groups) > 1:
             self.eager_batched += 1
         elif _is_prime(groups[0]):
@@ -350,8 +353,8 @@ class Stage:
 
     def _batch_recurs(self, sids: tuple[int, ...], key: tuple) -> bool:
         """Whether this set of sessions (at these shapes) has shared BATCH_CAPTURE_AFTER forwards, this one
-        counted. Only captured graphs enter the LRU, so sets that form now and then never push
-        out the graph of the set that runs every chunk."""
+        counted. Only sets that recur enter the LRU, so sets that form now and then never push out
+        the graph of the set that runs every chunk."""
         seen = (sids, key)
         n = self.batch_seen.pop(seen, 0) + 1
         if n > self.BATCH_CAPTURE_AFTER:
