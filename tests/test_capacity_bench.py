@@ -121,3 +121,19 @@ def test_capacity_run_through_the_real_server(tmp_path: Path) -> None:
     assert result["server_config"]["max_sessions"] == 2
     figure = [line for line in proc.stdout.splitlines() if line.startswith("capacity (largest N")]
     assert figure == [f"capacity (largest N with every session within the SLO): {result['capacity']}"]
+
+
+def test_clients_join_staggered_and_the_first_streams_through_the_others_join(tmp_path: Path) -> None:
+    """--stagger 3: the second client joins about 3 s after the first; the first keeps streaming until the
+    second has had its --duration, so its session ran about 3 s longer (its window holds the join)."""
+    out = tmp_path / "cap.json"
+    cmd = [sys.executable, "-m", "bench.capacity", "--model", "tiny", "--devices", "cpu", "--n", "2", "--stagger", "3",
+           "--duration", "6", "--warmup", "2", "--prewarm", "0", "--fps", "10", "--camera", "160x128",
+           "--slo-fps", "0.5", "--slo-p99-ms", "60000", "--timeout", "120", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=150,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    first, second = (s["final"]["stats"]["uptime_s"] for s in result["details"][0]["sessions"])
+    assert 2.0 < first - second < 5.0, (first, second)
+    assert "joining 3 s apart" in result["row"]

@@ -66,7 +66,7 @@ async def measure_n(http: Any, server: ServerProcess, url: str, args: argparse.N
     detail: dict[str, Any] = {"n": n}
     try:
         pairs = await stream_sessions(http, server, url, args, args.duration, time.monotonic(),
-                                      pollers, seeds)
+                                      pollers, seeds, args.stagger)
     except BenchError as exc:
         if server.exited() is not None:
             raise
@@ -123,6 +123,9 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, Sl
     p.add_argument("--slo-fps-tolerance", type=float, default=0.03, help="share of --slo-fps a session may fall short by")
     p.add_argument("--slo-p99-ms", type=float, default=300.0, help="client latency p99 bound (ms)")
     p.add_argument("--keep-going", action="store_true", help="try every N even after one fails")
+    p.add_argument("--stagger", type=float, default=0.0,
+                   help="seconds between two clients joining (default 0: all at once); each session's window "
+                        "then holds the later ones' joins")
     args = p.parse_args(argv)
     finish_stream_args(p, args, "capacity")
     try:
@@ -131,6 +134,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, Sl
         p.error(f"--n {args.n!r}: {exc}")
     if args.ns[-1] > 64:
         p.error("--n: at most 64 sessions (the server's max_sessions limit)")
+    if args.stagger < 0:
+        p.error("--stagger must be 0 or more seconds")
     if args.duration <= args.warmup + 1:
         p.error(f"--duration {args.duration:g} must exceed --warmup {args.warmup:g} by more than 1 s")
     try:
@@ -140,7 +145,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, Sl
     if args.fps < slo.min_fps:
         p.error(f"--fps {args.fps} is below the SLO's {slo.min_fps:.1f} fps: no session could pass")
     if args.timeout is None:
-        per_n = args.duration + args.connect_timeout + 40  # + teardown and /metrics
+        per_n = args.duration + args.connect_timeout + 40 + args.stagger * (args.ns[-1] - 1)  # + teardown and /metrics
         args.timeout = args.startup_timeout + args.prewarm + args.connect_timeout + len(args.ns) * per_n
     return args, slo
 
@@ -151,7 +156,7 @@ def row_name(args: argparse.Namespace, result: dict) -> str:
     return (f"{args.model} {size} (WxH), {args.steps} step(s), encoder {engine.get('encoder', args.encoder)}, "
             f"decoder {engine.get('decoder', args.decoder)}, on {engine.get('device', args.devices)}; camera "
             f"{args.camera_width}x{args.camera_height} at {args.fps} fps, {args.duration:g} s per N "
-            f"({args.warmup:g} s warm-up)")
+            f"({args.warmup:g} s warm-up)" + (f", joining {args.stagger:g} s apart" if args.stagger else ""))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

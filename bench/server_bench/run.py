@@ -65,9 +65,10 @@ async def wait_ready(http: Any, server: ServerProcess, url: str, timeout: float)
 
 async def stream_sessions(http: Any, server: ServerProcess, url: str, args: argparse.Namespace, seconds: float,
                           t0: float, pollers: list[Optional[SessionPoller]],
-                          seeds: list[int]) -> list[tuple[Client, Optional[dict]]]:
-    """Connect one client per seed at once, stream each camera for `seconds`, poll each session
-    (where its poller is not None). Returns each client with its session's final snapshot."""
+                          seeds: list[int], stagger_s: float = 0.0) -> list[tuple[Client, Optional[dict]]]:
+    """Connect one client per seed, at once or one every `stagger_s` seconds, stream each camera for
+    `seconds` (the earlier ones go on until the last is done), poll each session (where its poller is
+    not None). Returns each client with its session's final snapshot."""
     clients = [Client(url, CameraTrack(args.camera_width, args.camera_height, args.fps, seed=seed),
                       stock_receiver=args.stock_receiver) for seed in seeds]
     params = {"steps": args.steps, "seed": args.seed}
@@ -75,7 +76,13 @@ async def stream_sessions(http: Any, server: ServerProcess, url: str, args: argp
         params["noise_strength"] = args.noise_strength
     finals: list[Optional[dict]] = [None] * len(clients)
     try:
-        await asyncio.gather(*(c.connect(http, args.prompt, params, timeout=120) for c in clients))
+        if stagger_s > 0:
+            for i, c in enumerate(clients):
+                if i:
+                    await asyncio.sleep(stagger_s)
+                await c.connect(http, args.prompt, params, timeout=120)
+        else:
+            await asyncio.gather(*(c.connect(http, args.prompt, params, timeout=120) for c in clients))
         log.info("%d session(s) %s: streaming %dx%d at %d fps for %.0f s", len(clients),
                  ", ".join(c.session_id for c in clients), args.camera_width, args.camera_height, args.fps, seconds)
         begin = time.monotonic()
