@@ -297,6 +297,7 @@ class _AheadStream(_BackgroundStream):
     def offer(self, frames: Any, pts: Any) -> list:
         seq = self.ring.write(np.full((SIZE, SIZE, 3), 7, np.uint8), 1234)
         self.held.append((seq, 1234))
+        self.looks = 0  # counted from the offer: the loop also looks while it waits for the push
         return []
 
     def take_finished(self) -> list:
@@ -322,6 +323,7 @@ def test_an_empty_reply_never_announces_slots_ahead_of_their_frames() -> None:
     thread = threading.Thread(target=loop.serve, daemon=True)
     thread.start()
     client = Client(ours, "A", "a quiet street")
+    time.sleep(0.3)  # the loop looks for finished frames while it waits for the push, as it does in service
     client.chunk_frames = 1
     client.send_chunk(_inputs(0, 1))
     replies = [_recv(ours, 10.0), _recv(ours, 10.0)]  # the push's reply, and the frame's partial one
