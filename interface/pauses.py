@@ -25,7 +25,6 @@ class GcPauses:
         self._started: Optional[float] = None
         self.collections = [0, 0, 0]  # per generation
         self.long = 0  # collections of at least log_ms
-        self.total_ms = 0.0
         self.max_ms = 0.0
 
     def install(self) -> "GcPauses":
@@ -46,16 +45,11 @@ class GcPauses:
         self._started = None
         generation = int(info.get("generation", 0))
         self.collections[generation] += 1
-        self.total_ms += ms
         self.max_ms = max(self.max_ms, ms)
         if ms >= self.log_ms:
             self.long += 1
             log.warning("garbage collection of generation %d held the process for %.0f ms (%d objects collected)",
                         generation, ms, int(info.get("collected", 0)))
-
-    def stats(self) -> dict:
-        return {"collections": list(self.collections), "long": self.long, "total_ms": round(self.total_ms, 1),
-                "max_ms": round(self.max_ms, 1)}
 
 
 def freeze_startup_objects() -> int:
@@ -94,6 +88,3 @@ class LoopLag:
         if lag_ms >= self.log_ms:
             self.long += 1
             log.warning("the event loop ran %.0f ms late (every session waited)", lag_ms)
-
-    def stats(self) -> dict:
-        return {"long": self.long, "max_ms": round(self.max_ms, 1)}

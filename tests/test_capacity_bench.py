@@ -91,18 +91,24 @@ def test_cli_rejects_bad_options_in_one_line(capsys: pytest.CaptureFixture[str])
     assert args.ns == [1, 2] and slo.p99_ms == 300.0 and args.decoder == "taehv"
 
 
+def run_capacity(tmp_path: Path, args: list[str], timeout: int) -> tuple[subprocess.CompletedProcess, dict]:
+    """`python -m bench.capacity` on the tiny model on CPU with a slow camera and an SLO any session meets;
+    the finished process and its JSON."""
+    out = tmp_path / "cap.json"
+    cmd = [sys.executable, "-m", "bench.capacity", "--model", "tiny", "--devices", "cpu", "--warmup", "2", "--fps", "10",
+           "--camera", "160x128", "--slo-fps", "0.5", "--slo-p99-ms", "60000", "--timeout", str(timeout),
+           "--json", str(out), *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout + 30,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
 @pytest.mark.slow
 def test_capacity_run_through_the_real_server(tmp_path: Path) -> None:
     """Two clients at once against `python -m server` (tiny, CPU): the run ends, the JSON holds both
     N with their sessions, and the table is printed last."""
-    out = tmp_path / "cap.json"
-    cmd = [sys.executable, "-m", "bench.capacity", "--model", "tiny", "--devices", "cpu", "--n", "1-2", "--keep-going",
-           "--duration", "8", "--warmup", "2", "--prewarm", "3", "--fps", "10", "--camera", "160x128",
-           "--slo-fps", "0.5", "--slo-p99-ms", "60000", "--timeout", "170", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=200,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    proc, result = run_capacity(tmp_path, ["--n", "1-2", "--keep-going", "--duration", "8", "--prewarm", "3"], 170)
     assert [s["n"] for s in result["steps"]] == [1, 2]
     assert [len(s["sessions"]) for s in result["steps"]] == [1, 2]
     ids = {x["session_id"] for s in result["steps"] for x in s["sessions"]}
@@ -123,17 +129,11 @@ def test_capacity_run_through_the_real_server(tmp_path: Path) -> None:
     assert figure == [f"capacity (largest N with every session within the SLO): {result['capacity']}"]
 
 
+@pytest.mark.slow
 def test_clients_join_staggered_and_the_first_streams_through_the_others_join(tmp_path: Path) -> None:
     """--stagger 3: the second client joins about 3 s after the first; the first keeps streaming until the
     second has had its --duration, so its session ran about 3 s longer (its window holds the join)."""
-    out = tmp_path / "cap.json"
-    cmd = [sys.executable, "-m", "bench.capacity", "--model", "tiny", "--devices", "cpu", "--n", "2", "--stagger", "3",
-           "--duration", "6", "--warmup", "2", "--prewarm", "0", "--fps", "10", "--camera", "160x128",
-           "--slo-fps", "0.5", "--slo-p99-ms", "60000", "--timeout", "120", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=150,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    _, result = run_capacity(tmp_path, ["--n", "2", "--stagger", "3", "--duration", "6", "--prewarm", "0"], 120)
     first, second = (s["final"]["stats"]["uptime_s"] for s in result["details"][0]["sessions"])
     assert 2.0 < first - second < 5.0, (first, second)
     assert "joining 3 s apart" in result["row"]

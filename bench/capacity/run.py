@@ -14,7 +14,7 @@ from bench.capacity import __doc__ as DOC
 from bench.capacity.verdict import SessionResult, Slo, StepResult, capacity, parse_n_range, should_stop, table
 from bench.server_bench import BenchError
 from bench.server_bench.client import Client, http_timeout
-from bench.server_bench.cpu import children, cores_used, cpu_seconds
+from bench.server_bench.cpu import busiest_child, cores_used, cpu_seconds
 from bench.server_bench.latency import SessionPoller, client_stats
 from bench.server_bench.process import ServerProcess, free_port
 from bench.server_bench.prometheus_text import GAUGES, metrics_delta, parse_prometheus, summarize_metrics
@@ -49,9 +49,9 @@ def process_pids(server: ServerProcess) -> dict[str, int]:
     pids = {"clients": os.getpid()}
     if server.proc is not None:
         pids["server"] = server.proc.pid
-        busiest = max(children(server.proc.pid), key=lambda pid: cpu_seconds({"p": pid})["p"] or 0.0, default=None)
-        if busiest is not None:  # the engine (beside it, multiprocessing's resource tracker idles)
-            pids["engine"] = busiest
+        engine = busiest_child(server.proc.pid)
+        if engine is not None:
+            pids["engine"] = engine
     return pids
 
 

@@ -27,6 +27,12 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def busiest_child(pid: int) -> Optional[int]:
+    """The child of `pid` that has used the most CPU (the server's engine, beside multiprocessing's idle
+    resource tracker); None without children."""
+    return max(children(pid), key=lambda c: _ticks(Path(f"/proc/{c}/stat")) or 0.0, default=None)
+
+
 def cpu_seconds(pids: dict[str, int]) -> dict[str, Optional[float]]:
     """{name: process CPU seconds, name + "_main": its main thread's} for each named pid."""
     out: dict[str, Optional[float]] = {}
