@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import av
@@ -165,6 +168,47 @@ def test_output_sizes_and_frames() -> None:
     assert output_size("camera", 641, 481, 128, 128) == (640, 480)  # yuv420p needs even sizes
     frame = to_output_frame(np.full((128, 128, 3), 90, np.uint8), 320, 240)
     assert (frame.width, frame.height, frame.format.name) == (320, 240, "yuv420p")
+
+
+_COUNT_SCALER_THREADS = """
+import os, threading
+import av, numpy as np
+from server.media.imaging import scale, to_model_rgb, to_output_frame
+camera = av.VideoFrame.from_ndarray(np.zeros((1080, 1920, 3), np.uint8), format="rgb24").reformat(
+    format="yuv420p", threads=1)
+generated = np.zeros((512, 512, 3), np.uint8)
+def convert():
+    to_model_rgb(camera, 512, 512)
+    to_output_frame(generated, 1280, 720)
+    scale(camera, 1280, 720, "rgb24")  # the outputs' (recordings, restreams, virtual camera)
+convert()  # imports and first-call setup out of the way
+def count():
+    return len(os.listdir("/proc/self/task"))
+seen, done = set(), threading.Event()
+def watch():
+    while not done.is_set():
+        seen.add(count())
+watcher = threading.Thread(target=watch)
+watcher.start()
+before = count()  # this process's threads, the watcher included
+for _ in range(20):
+    convert()
+done.set()
+watcher.join()
+print(before, max(seen))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or len(os.sched_getaffinity(0)) < 2,
+                    reason="counts threads in /proc; needs 2 CPUs, where libswscale's automatic count starts threads")
+def test_frame_conversions_start_no_threads() -> None:
+    """A conversion runs on the thread that asks for it: libswscale's automatic thread count started a
+    thread per CPU for every frame, inside the chunk's critical path."""
+    out = subprocess.run([sys.executable, "-c", _COUNT_SCALER_THREADS], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    before, peak = map(int, out.stdout.split())
+    assert peak == before, f"threads rose from {before} to {peak} while frames were converted"
 
 
 # -- metrics ----------------------------------------------------------------------------------------

@@ -65,7 +65,10 @@ class CameraTrack:
                 if camera.started_at is None:
                     camera.started_at = time.monotonic()
                 await asyncio.sleep(max(0.0, camera.started_at + n / camera.fps - time.monotonic()))
-                frame = VideoFrame.from_ndarray(camera.image(n), format="rgb24")
+                # A camera hands over YUV 4:2:0; an RGB frame would be converted inside the encoder, on
+                # the timed path, by a scaler with a thread per CPU (server/media/imaging.py).
+                frame = VideoFrame.from_ndarray(camera.image(n), format="rgb24").reformat(
+                    format="yuv420p", threads=1)
                 pts = n * camera.step + camera.code(n)
                 frame.pts, frame.time_base = pts, fractions.Fraction(1, CLOCK_RATE)
                 camera.pts.append(pts)

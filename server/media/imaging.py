@@ -1,6 +1,7 @@
 """Camera frame <-> model frame geometry: center-crop to the model's aspect, then resize.
 
-Both directions go through libswscale (PyAV `reformat`); numpy only slices the crop.
+Both directions go through libswscale (PyAV `reformat`, here always through `scale`); numpy only slices
+the crop.
 """
 
 from __future__ import annotations
@@ -11,6 +12,17 @@ import av
 import numpy as np
 
 OutputMode = Literal["camera", "crop", "model"]
+
+# PyAV builds a new scaler for every reformat call, and libswscale's automatic thread count gives it a
+# thread per CPU: on a many-core host each frame paid for starting and stopping them all, on the critical
+# path of every chunk (docs/BENCHMARKS.md, twelfth round). Frames and sessions are already converted
+# side by side on executor threads, so one conversion runs on one thread.
+SCALER_THREADS = 1
+
+
+def scale(frame: av.VideoFrame, width: int, height: int, format: str) -> av.VideoFrame:
+    """The frame at width x height in `format` (the frame itself when nothing changes)."""
+    return frame.reformat(width=width, height=height, format=format, threads=SCALER_THREADS)
 
 
 def crop_box(src_w: int, src_h: int, dst_w: int, dst_h: int) -> tuple[int, int, int, int]:
@@ -27,10 +39,10 @@ def to_model_rgb(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
     _, _, crop_w, crop_h = crop_box(frame.width, frame.height, width, height)
     # Scale the whole frame so that the crop region becomes exactly width x height, then slice:
     # one swscale pass, no intermediate full-resolution RGB copy.
-    scale = max(width / crop_w, height / crop_h)
-    scaled_w = max(width, round(frame.width * scale))
-    scaled_h = max(height, round(frame.height * scale))
-    rgb = frame.reformat(width=scaled_w, height=scaled_h, format="rgb24").to_ndarray()
+    factor = max(width / crop_w, height / crop_h)
+    scaled_w = max(width, round(frame.width * factor))
+    scaled_h = max(height, round(frame.height * factor))
+    rgb = scale(frame, scaled_w, scaled_h, "rgb24").to_ndarray()
     x, y = (scaled_w - width) // 2, (scaled_h - height) // 2
     return np.ascontiguousarray(rgb[y : y + height, x : x + width])
 
@@ -51,4 +63,4 @@ def output_size(mode: OutputMode, cam_w: int, cam_h: int, model_w: int, model_h:
 def to_output_frame(rgb: np.ndarray, width: int, height: int) -> av.VideoFrame:
     """A generated uint8 [H, W, 3] frame as a yuv420p VideoFrame of the given size (for the encoder)."""
     frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-    return frame.reformat(width=width, height=height, format="yuv420p")
+    return scale(frame, width, height, "yuv420p")

@@ -22,6 +22,7 @@ import av
 from av import VideoFrame
 
 from server.errors import ApiError
+from server.media.imaging import scale
 from server.media.pacing import CLOCK_RATE
 from server.outputs.sinks import FrameSink
 
@@ -164,7 +165,7 @@ class EncoderSink(FrameSink):
         """The frame at this output's size, as a new frame: the shared one is being encoded for
         WebRTC viewers at the same time, and its pts must not change under them."""
         width, height = self.size or (frame.width, frame.height)
-        scaled = frame.reformat(width=width, height=height, format="yuv420p")
+        scaled = scale(frame, width, height, "yuv420p")
         if scaled is frame:
             scaled = VideoFrame.from_ndarray(frame.to_ndarray(), format="yuv420p")  # to_ndarray copies
         return scaled

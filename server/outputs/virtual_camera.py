@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 import numpy as np
 from av import VideoFrame
 
+from server.media.imaging import scale
 from server.outputs.sinks import FrameSink
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ class VirtualCameraSink(FrameSink):
     def _write(self, frame: VideoFrame) -> None:
         assert self._camera is not None and self.size is not None
         width, height = self.size  # a device keeps its size: later frames are scaled to it
-        rgb = frame.reformat(width=width, height=height, format="rgb24").to_ndarray()  # a new frame
+        rgb = scale(frame, width, height, "rgb24").to_ndarray()  # a new frame
         self._camera.send(rgb)
 
     def _close(self) -> None:
