@@ -109,11 +109,15 @@ class FrameIO:
 
     def to_video_tensor(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 [T, H, W, 3] -> [1, 3, T, H, W] in [-1, 1] on the device (pinned, async copy on CUDA)."""
-        src = torch.from_numpy(np.ascontiguousarray(frames))
         if self.device.type == "cuda":
-            pinned = torch.empty(src.shape, dtype=torch.uint8, pin_memory=True)
-            pinned.copy_(src)
+            pinned = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+            # numpy's copy, on this thread: torch's copy_ hands a chunk's megabytes to its CPU thread pool,
+            # and waking that pool now and then held the chunk's upload up by several ms
+            # (docs/BENCHMARKS.md, twelfth round)
+            np.copyto(pinned.numpy(), frames)
             src = pinned.to(self.device, non_blocking=True)
+        else:
+            src = torch.from_numpy(np.ascontiguousarray(frames))
         video = src.permute(3, 0, 1, 2)[None].float().div_(127.5).sub_(1.0)
         return video
 

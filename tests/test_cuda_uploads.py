@@ -58,3 +58,17 @@ def test_a_chunk_is_taken_in_while_the_device_works_on_earlier_ones() -> None:
     assert [p for _, p in got] == [p for _, p in want] == list(range(13))
     worst = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for (a, _), (b, _) in zip(got, want))
     assert worst <= 2, f"frames differ by up to {worst}"
+
+
+def test_an_uploaded_chunk_equals_the_host_frames_even_from_a_strided_view() -> None:
+    """The upload copies the host frames into pinned memory with numpy (engine/transfer.py): a strided
+    view (frames cut from a larger array, as a crop is) arrives on the device exactly as given."""
+    from engine.transfer import FrameIO
+
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 256, (6, 40, 50, 3), dtype=np.uint8)
+    frames = big[1:5, 3:35, 5:45]  # [4, 32, 40, 3], not contiguous
+    assert not frames.flags.c_contiguous
+    video = FrameIO(torch.device("cuda")).to_video_tensor(frames)
+    expected = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+    torch.testing.assert_close(video.cpu(), expected, rtol=0, atol=1e-6)
