@@ -13,8 +13,8 @@ import numpy as np
 
 OutputMode = Literal["camera", "crop", "model"]
 
-# PyAV builds a new scaler for every reformat call, and libswscale's automatic thread count gives it a
-# thread per CPU: on a many-core host each frame paid for starting and stopping them all, on the critical
+# PyAV keeps a scaler per frame object (so each new frame builds one), and libswscale's automatic thread
+# count gives it a thread per CPU: on a many-core host each frame paid for starting them all, on the critical
 # path of every chunk (docs/BENCHMARKS.md, twelfth round). Frames and sessions are already converted
 # side by side on executor threads, so one conversion runs on one thread.
 SCALER_THREADS = 1
