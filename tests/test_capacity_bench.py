@@ -127,6 +127,15 @@ def test_capacity_run_through_the_real_server(tmp_path: Path) -> None:
     assert result["server_config"]["max_sessions"] == 2
     figure = [line for line in proc.stdout.splitlines() if line.startswith("capacity (largest N")]
     assert figure == [f"capacity (largest N with every session within the SLO): {result['capacity']}"]
+    # Each session's frames broken down camera -> screen: per frame the stages add up to its latency,
+    # so their means add up to the end-to-end mean; the slowest session's table is printed per N.
+    timed = [x["breakdown"] for d in result["details"] for x in d["sessions"] if x["breakdown"].get("frames")]
+    assert timed, [x["breakdown"] for d in result["details"] for x in d["sessions"]]
+    for bd in timed:
+        assert set(bd["stages_ms"]) == {"upstream", "fill", "engine", "output", "pacing", "downstream"}
+        assert abs(bd["sum_of_means_ms"] - bd["e2e_ms"]["mean"]) < 1.0, bd
+    assert proc.stdout.count("where a frame’s time goes") == len(
+        {d["n"] for d in result["details"] for x in d["sessions"] if x["breakdown"].get("frames")})
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from typing import Any, Optional
 from bench.capacity import __doc__ as DOC
 from bench.capacity.verdict import SessionResult, Slo, StepResult, capacity, parse_n_range, should_stop, table
 from bench.server_bench import BenchError
+from bench.server_bench.breakdown import breakdown_table, frame_breakdown
 from bench.server_bench.client import Client, http_timeout
 from bench.server_bench.cpu import busiest_child, cores_used, cpu_seconds
 from bench.server_bench.latency import SessionPoller, client_stats
@@ -85,7 +86,10 @@ async def measure_n(http: Any, server: ServerProcess, url: str, args: argparse.N
         result, stats = session_result(client, final, 1000.0 * args.deadline, args.warmup)
         sessions.append(result)
         # every frame's server-side times (arrived, pushed, returned, delivered, sent): when a tail happened
-        clients.append({"session_id": client.session_id, "client": stats, "final": final, "frames": poller.frames})
+        # where each frame's time went, camera to screen, the client's legs included (as bench.server_bench)
+        breakdown = frame_breakdown(client, poller.frames, args.warmup, [p.get("engine") for p in poller.polls])
+        clients.append({"session_id": client.session_id, "client": stats, "final": final, "frames": poller.frames,
+                        "breakdown": breakdown})
     detail |= {"sessions": clients, "metrics": summarize_metrics(metrics_delta(after, before, GAUGES))}
     return StepResult(n=n, sessions=sessions), detail
 
@@ -159,6 +163,12 @@ def row_name(args: argparse.Namespace, result: dict) -> str:
             f"({args.warmup:g} s warm-up)" + (f", joining {args.stagger:g} s apart" if args.stagger else ""))
 
 
+def slowest_session(sessions: list[dict]) -> Optional[dict]:
+    """The session whose client p99 was highest, among those with a breakdown (None if none has one)."""
+    timed = [s for s in sessions if (s.get("breakdown") or {}).get("frames")]
+    return max(timed, key=lambda s: s["breakdown"]["e2e_ms"]["p99"], default=None)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args, slo = parse_args(argv)
     setup_logging()
@@ -193,6 +203,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if m.get("forwards_by_batch"):
             print(f"N={d['n']}: forwards by sessions carried {dict(sorted(m['forwards_by_batch'].items()))}, "
                   f"{m.get('batch_waits', 0)} waited to share")
+        slowest = slowest_session(d.get("sessions") or [])
+        if slowest is not None:
+            print(f"N={d['n']}, the session with the highest client p99 ({slowest['session_id'][:8]}):")
+            print(breakdown_table(slowest["breakdown"]))
         if d.get("cpu_cores"):
             print(f"N={d['n']}: CPU cores used (process / its main thread): " + ", ".join(
                 f"{k} {v:.2f}/{d['cpu_cores'].get(k + '_main', float('nan')):.2f}"
