@@ -18,6 +18,8 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.code_tree import code_tree
+
 STAGES = ("vae_encode", "dit", "vae_decode")
 
 
@@ -148,6 +150,7 @@ def run_meta() -> dict:
         gpu=torch.cuda.get_device_name() if gpu else "cpu", gpus=torch.cuda.device_count() if gpu else 0,
         driver=_driver() if gpu else None, torch=torch.__version__, cuda=torch.version.cuda,
         cudnn=torch.backends.cudnn.version() if gpu else None, python=platform.python_version(),
+        **code_tree(),
     )
 
 

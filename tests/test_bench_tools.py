@@ -86,3 +86,29 @@ def test_ab_report_takes_the_median_of_each_sides_rounds_and_their_ratio(tmp_pat
     assert p2.split()[5:] == ["50.00", "90.00", "1.800", "0.250", "0.200", "0.800", "3/2"]
     two = [x for x in lines if x.split()[:2] == ["2", "p2"]][0]
     assert two.split()[5:] == ["60.00", "90.00", "1.500", "30.00", "45.00", "1.500", "1/1"]
+
+
+def test_results_name_the_tree_that_ran_not_the_one_on_pythonpath(tmp_path: Path) -> None:
+    """A benchmark started from a copy of the code with PYTHONPATH naming this checkout runs the copy
+    (`python -m` and `-c` put the current folder first): the recorded tree says so, and a commit is
+    given only for a checkout's top level (not for a copy unpacked inside a checkout)."""
+    import shutil
+
+    from bench.code_tree import code_tree
+
+    copy = tmp_path / "before"
+    (copy / "bench").mkdir(parents=True)
+    for name in ("__init__.py", "code_tree.py"):
+        shutil.copy(REPO / "bench" / name, copy / "bench" / name)
+    r = subprocess.run([sys.executable, "-c", "from bench.code_tree import code_tree; print(code_tree())"],
+                       cwd=copy, capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == repr({"tree": str(copy), "commit": None})
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(copy)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert code_tree(copy) == {"tree": str(copy), "commit": head}
+    assert code_tree(copy / "bench")["commit"] is None  # inside a checkout, not its top level

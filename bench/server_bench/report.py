@@ -13,6 +13,8 @@ import shutil
 import subprocess
 from typing import Any
 
+from bench.code_tree import code_tree
+
 PAPER = {  # StreamDiffusionV2 paper, 1 H100, 1.3B, 512², 1 step
     "latency_mean_ms": 357.0,
     "latency_p99_ms": 585.0,
@@ -26,6 +28,7 @@ def environment() -> dict:
     env: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+        **code_tree(),  # the tree this benchmark and the server it starts run from
     }
     for pkg in ("torch", "aiortc", "aioice", "av", "aiohttp", "numpy"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
