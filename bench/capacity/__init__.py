@@ -11,9 +11,9 @@ p99 <= 300 ms); the row's figure is the largest N up to which every N passed.
 One server serves the whole row (one model, size, step count, encoder and decoder): it is started
 with --max-sessions set to the largest N, the SLO's frame rate as its target (the engine batches
 sessions by it) and admission control off (the benchmark measures what the server can hold;
-admission is the server's guess of it). After an optional pre-warm session, each N streams N clients at once for --duration seconds,
-their first --warmup seconds of output excluded, then ends them and waits until the server lists no
-session. The N-loop stops at the first N that fails (--keep-going runs the rest). Everything goes to
+admission is the server's guess of it). After an optional pre-warm session, each N streams N clients
+at once for --duration seconds, their first --warmup seconds of output excluded, then ends them and
+waits until the server lists no session. The N-loop stops at the first N that fails (--keep-going runs the rest). Everything goes to
 --json; the table and the row's figure are printed last. The client-side measurements are the ones
 of bench.server_bench (bench/server_bench/__init__.py says how pts matching works).
 """

@@ -26,7 +26,6 @@ from bench.server_bench.run import (add_stream_args, finish_stream_args, get_jso
 log = logging.getLogger("capacity")
 
 
-
 def session_result(client: Client, final: Optional[dict], deadline_ms: float, warmup_s: float) -> tuple[SessionResult, dict]:
     """The SLO's numbers for one session, and the full client statistics they come from."""
     stats = client_stats(client, deadline_ms, warmup_s)
@@ -85,8 +84,8 @@ async def measure_n(http: Any, server: ServerProcess, url: str, args: argparse.N
     for (client, final), poller in zip(pairs, pollers):
         result, stats = session_result(client, final, 1000.0 * args.deadline, args.warmup)
         sessions.append(result)
-        # every frame's server-side times (arrived, pushed, returned, delivered, sent): when a tail happened
-        # where each frame's time went, camera to screen, the client's legs included (as bench.server_bench)
+        # every frame's server-side times (arrived, pushed, returned, delivered, sent: when a tail happened),
+        # and where each frame's time went, camera to screen, the client's legs included (as bench.server_bench)
         breakdown = frame_breakdown(client, poller.frames, args.warmup, [p.get("engine") for p in poller.polls])
         clients.append({"session_id": client.session_id, "client": stats, "final": final, "frames": poller.frames,
                         "breakdown": breakdown})

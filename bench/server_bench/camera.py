@@ -53,6 +53,8 @@ class CameraTrack:
         from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
         from av import VideoFrame
 
+        from server.media.imaging import scale
+
         camera = self
 
         class _Track(MediaStreamTrack):
@@ -67,8 +69,8 @@ class CameraTrack:
                 await asyncio.sleep(max(0.0, camera.started_at + n / camera.fps - time.monotonic()))
                 # A camera hands over YUV 4:2:0; an RGB frame would be converted inside the encoder, on
                 # the timed path, by a scaler with a thread per CPU (server/media/imaging.py).
-                frame = VideoFrame.from_ndarray(camera.image(n), format="rgb24").reformat(
-                    format="yuv420p", threads=1)
+                rgb = VideoFrame.from_ndarray(camera.image(n), format="rgb24")
+                frame = scale(rgb, camera.width, camera.height, "yuv420p")
                 pts = n * camera.step + camera.code(n)
                 frame.pts, frame.time_base = pts, fractions.Fraction(1, CLOCK_RATE)
                 camera.pts.append(pts)
