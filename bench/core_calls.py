@@ -7,6 +7,7 @@ and take it off again; the wrapped parts run exactly as before.
 
 from __future__ import annotations
 
+import inspect
 import time
 from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator, Optional
@@ -58,6 +59,15 @@ class Marks:
         """A wrapper that marks after each call, labelled by `label(*args, **kwargs)`."""
 
         def wrap(inner: Callable) -> Callable:
+            if inspect.isgeneratorfunction(inner):  # a call in parts (a decode): a mark after each
+                def parts(*args: Any, **kwargs: Any) -> Iterator[Any]:
+                    for out in inner(*args, **kwargs):
+                        n = out.shape[2]
+                        self.mark(f"{label(*args, **kwargs)} ({n} frame{'s' if n > 1 else ''})")
+                        yield out
+
+                return parts
+
             def call(*args: Any, **kwargs: Any) -> Any:
                 out = inner(*args, **kwargs)
                 self.mark(label(*args, **kwargs))
@@ -99,7 +109,7 @@ def marking(engine: Any, marks: Marks) -> Iterator[None]:
         (stage, "run", lambda groups, emb: f"DiT blocks ({forward(groups)}; "
                                            f"{'graph' if stage.last_graphed else 'eager'})"),
         (stage, "finish", lambda groups, *a: f"DiT head + x0 ({forward(groups)})"),
-        (core.decoder, "stream_decode", lambda z, st: f"VAE decode {z.shape[2]} latent{'s' if z.shape[2] > 1 else ''}"),
+        (core.decoder, "stream_decode_parts", lambda z, st: f"VAE decode {z.shape[2]} latent{'s' if z.shape[2] > 1 else ''}"),
         (core.io, "to_uint8_later", lambda v: f"frames to the host, queued ({v.shape[2]})"),
     ]
     with ExitStack() as stack:

@@ -39,7 +39,7 @@ def count_flops(engine: StreamEngine, session, video, pos: int) -> dict[str, flo
         clock.wrap(stage, method, "dit")
         inner = getattr(stage, method)
         setattr(stage, method, lambda *a, _inner=inner, _m=method, **k: calls.append(_m) or _inner(*a, **k))
-    clock.wrap(engine.decoder, "stream_decode", "vae_decode")
+    clock.wrap(engine.decoder, "stream_decode_parts", "vae_decode")
     graphs, stage.use_graphs = stage.use_graphs, False
     # the Wan VAE and LightVAE replay CUDA graphs; TAEHV has none
     graphed = {id(m): m for m in (engine.encoder, engine.decoder) if hasattr(m, "use_graphs")}
@@ -57,7 +57,7 @@ def count_flops(engine: StreamEngine, session, video, pos: int) -> dict[str, flo
         for k, m in graphed.items():
             m.use_graphs = vae_graphs[k]
         # the wrappers were instance attributes over the class methods
-        del engine.encoder.stream_encode, engine.decoder.stream_decode
+        del engine.encoder.stream_encode, engine.decoder.stream_decode_parts
         del stage.embed, stage.run, stage.finish
     if calls != ["embed", "run", "finish"]:  # one forward of this session alone, else the count means something else
         raise RuntimeError(f"the counted chunk made the stage calls {calls}, not one forward's embed, run, finish")

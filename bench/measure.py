@@ -8,6 +8,8 @@ measured on the same card in the same process.
 
 from __future__ import annotations
 
+import inspect
+
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -109,7 +111,18 @@ class StageClock:
         self.count = False
 
     def wrap(self, obj: Any, method: str, stage: str) -> None:
+        """A generator method (a decode in parts) is timed and counted over all its parts."""
         inner: Callable = getattr(obj, method)
+        if inspect.isgeneratorfunction(inner):
+            def timed_parts(*args: Any, **kwargs: Any) -> Iterator[Any]:
+                if not self.enabled:
+                    yield from inner(*args, **kwargs)
+                    return
+                with self.stage(stage):
+                    yield from inner(*args, **kwargs)
+
+            setattr(obj, method, timed_parts)
+            return
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             if not self.enabled:

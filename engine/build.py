@@ -143,6 +143,10 @@ class StreamDecoder(Protocol):
 
     def stream_decode(self, latent: torch.Tensor, state: Any) -> torch.Tensor: ...
 
+    def stream_decode_parts(self, latent: torch.Tensor, state: Any) -> Iterator[torch.Tensor]:
+        """The same frames in parts along time, each decoded when the caller asks for it."""
+        ...
+
 
 def tune_backends(device: torch.device) -> None:
     """Process-wide backend settings for an engine process on `device`. A stream's shapes never change,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
@@ -37,18 +37,18 @@ def capture_error_mode() -> str:
     return "thread_local" if dist.is_available() and dist.is_initialized() else "global"
 
 
-def capture_graph(fn: Callable[[], Any], device: torch.device) -> tuple[torch.cuda.CUDAGraph, Any]:
+def capture_graph(fn: Callable[[], Any], device: torch.device, pool: Optional[tuple] = None) -> tuple[torch.cuda.CUDAGraph, Any]:
     """Capture fn's kernels as a CUDA graph (not run). Unlike `with torch.cuda.graph(...)` this neither
     synchronises the device nor empties the allocator's cache. A capture happens while other sessions'
     work is queued (a session joins, a new set of sessions shares a forward, a block moves): a
     device-wide wait would stall them all, and an emptied cache would send their next allocations back
-    to cudaMalloc."""
+    to cudaMalloc. `pool`: another graph's memory pool (`graph.pool()`) to capture into."""
     graph = torch.cuda.CUDAGraph()
     current = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
     side.wait_stream(current)
     with torch.cuda.stream(side):
-        graph.capture_begin(capture_error_mode=capture_error_mode())
+        graph.capture_begin(pool=pool, capture_error_mode=capture_error_mode())
         try:
             out = fn()
         finally:
@@ -57,74 +57,115 @@ def capture_graph(fn: Callable[[], Any], device: torch.device) -> tuple[torch.cu
     return graph, out
 
 
-StepFn = Callable[[torch.Tensor, Cache], torch.Tensor]
+Out = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+StepFn = Callable[[torch.Tensor, Cache], Out]
+PartsFn = Callable[[torch.Tensor, Cache], Iterator[torch.Tensor]]
+
+
+def _fresh(y: Out) -> Out:
+    """The step's outputs as new tensors: the static ones are overwritten by the next replay."""
+    return y.clone() if isinstance(y, torch.Tensor) else tuple(t.clone() for t in y)
 
 
 def _signature(x: torch.Tensor, cache: Cache) -> Optional[tuple]:
+    """What a captured step depends on. The history's strides are not part of it: a capture reads and
+    writes the history tensors it finds, whatever their layout."""
     if any(c is None for c in cache):
         return None
-    return (x.shape, x.stride(), x.dtype, tuple((c.shape, c.stride(), c.dtype) for c in cache))  # type: ignore[union-attr]
+    return (x.shape, x.stride(), x.dtype, tuple((c.shape, c.dtype) for c in cache))  # type: ignore[union-attr]
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
 class StepGraph:
     """Runs one stream's step eagerly until two calls in a row have the same shapes, then captures it
-    and replays it for as long as the shapes (and the history tensors themselves) stay the same."""
+    and replays it for as long as the shapes (and the history tensors themselves) stay the same.
+
+    A step may come in parts (`parts`: a generator that yields each part's output): each part is a graph
+    of its own, all in one memory pool, replayed one after another as the caller takes the parts, so
+    the caller can queue work of its own between them (a frame's copy to the host). What the parts hand
+    each other stays in the pool."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._graph: Optional[torch.cuda.CUDAGraph] = None
+        self._graphs: list[torch.cuda.CUDAGraph] = []
         self._sig: Optional[tuple] = None
         self._x: Optional[torch.Tensor] = None
-        self._y: Optional[torch.Tensor] = None
+        self._ys: list[Out] = []
         self._history: Cache = []
         self.failed = False  # capture failed once: this stream stays eager
         self.replays = 0
 
-    def __call__(self, fn: StepFn, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+    def __call__(self, fn: StepFn, x: torch.Tensor, cache: Cache) -> Out:
+        def one(x: torch.Tensor, cache: Cache) -> Iterator[Out]:
+            yield fn(x, cache)
+
+        return list(self.parts(one, x, cache, count=1))[0]  # type: ignore[arg-type]
+
+    def parts(self, fn: PartsFn, x: torch.Tensor, cache: Cache, count: int) -> Iterator[Out]:
+        """fn's `count` parts, from graphs once captured. Take them all: the stream's history is
+        whole only after the last."""
         sig = _signature(x, cache)
-        if self._graph is not None and sig == self._sig and self._owns(cache):
+        if self._graphs and sig == self._sig and self._owns(cache):
             self._x.copy_(x)  # type: ignore[union-attr]
-            self._graph.replay()
+            for graph, y in zip(self._graphs, self._ys):
+                graph.replay()
+                yield _fresh(y)
             self.replays += 1
-            return self._y.clone()  # type: ignore[union-attr]
+            return
         if self.failed or sig is None or sig != self._sig:
             # warm-up (or the shapes moved): eager; capture once a call leaves the shapes as it found them
-            self._graph = None
-            y = fn(x, cache)
+            self._graphs = []
+            yield from fn(x, cache)  # type: ignore[misc]
             self._sig = sig if sig is not None and sig == _signature(x, cache) else None
-            return y
-        return self._capture(fn, x, cache)
+            return
+        yield from self._capture(fn, x, cache, count)
 
     def _owns(self, cache: Cache) -> bool:
         return len(cache) == len(self._history) and all(a is b for a, b in zip(cache, self._history))
 
-    def _capture(self, fn: StepFn, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+    def _capture(self, fn: PartsFn, x: torch.Tensor, cache: Cache, count: int) -> Iterator[Out]:
         # the static tensors live outside the graph's pool: the history stays the caller's tensors
         self._x = x.clone()
         self._history = list(cache)
         work = list(cache)
         before = torch.cuda.memory_reserved(x.device)
         started = time.perf_counter()
+        steps = fn(self._x, work)  # type: ignore[arg-type]
 
-        def step() -> torch.Tensor:
-            y = fn(self._x, work)  # type: ignore[arg-type]
-            for static, new in zip(self._history, work):
-                if new is not static:
-                    static.copy_(new)  # type: ignore[union-attr]
+        def part(last: bool) -> Out:
+            y = next(steps)
+            if last:
+                if next(steps, None) is not None:
+                    raise RuntimeError(f"{self.name} gave more than {count} parts")
+                for static, new in zip(self._history, work):
+                    if not _same_memory(new, static):  # type: ignore[arg-type]
+                        static.copy_(new)  # type: ignore[union-attr]
             return y
 
+        graphs: list[torch.cuda.CUDAGraph] = []
+        ys: list[Out] = []
         try:
-            graph, self._y = capture_graph(step, x.device)
+            for i in range(count):
+                pool = graphs[0].pool() if graphs else None
+                graph, y = capture_graph(lambda: part(i == count - 1), x.device, pool)
+                graphs.append(graph)
+                ys.append(y)
         except Exception as exc:  # an op that cannot be captured: this stream stays eager, loudly
             log.warning("CUDA graph capture of %s failed, it stays eager: %s", self.name, exc)
-            self.failed, self._graph, self._history = True, None, []
-            return fn(x, cache)  # the capture worked on a copy of the list: `cache` is as it was
-        # capturing recorded the kernels without running them: run this call now
-        self._graph = graph
+            self.failed, self._graphs, self._history = True, [], []
+            # the capture worked on a copy of the list: `cache` is as it was
+            yield from fn(x, cache)  # type: ignore[misc]
+            return
+        self._graphs, self._ys = graphs, ys
         cache[:] = self._history
-        log.info("captured %s as a CUDA graph in %.0f ms (its memory pool took %.2f GiB more from the device)",
-                 self.name, 1000 * (time.perf_counter() - started),
+        log.info("captured %s as %d CUDA graph(s) in %.0f ms (their memory pool took %.2f GiB more from the device)",
+                 self.name, count, 1000 * (time.perf_counter() - started),
                  (torch.cuda.memory_reserved(x.device) - before) / 2**30)
-        self._graph.replay()
+        # capturing recorded the kernels without running them: run this call now
+        for graph, y in zip(graphs, ys):
+            graph.replay()
+            yield _fresh(y)
         self.replays += 1
-        return self._y.clone()

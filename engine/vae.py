@@ -19,7 +19,7 @@ posterior mean unless `normalize=True`; decode always expects normalised latents
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -58,7 +58,8 @@ class VAEStreamState:
     dec_started: bool = False
     _enc_slots: int = field(default=0, repr=False)
     _dec_slots: int = field(default=0, repr=False)
-    # the steady-state calls of this stream as CUDA graphs (WanVAE.use_graphs)
+    # the steady-state calls of this stream as CUDA graphs (WanVAE.use_graphs); a decode's are two parts:
+    # its first frame, then the other three
     enc_graph: Optional[StepGraph] = field(default=None, repr=False)
     dec_graph: Optional[StepGraph] = field(default=None, repr=False)
 
@@ -148,6 +149,14 @@ def _run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, cache: Optional[Ca
 PADDED_IN_CHANNELS = 16  # RGB inputs of a conv are zero-padded to this on CUDA (see CausalConv3d._conv_padded)
 
 
+def _frame_offset(view: torch.Tensor, base: torch.Tensor) -> Optional[int]:
+    """Where along time a stretch of `base`'s frames starts (None if `view` is not such a stretch)."""
+    if view.stride() != base.stride() and view.shape[2] > 1:
+        return None
+    offset, frame = view.data_ptr() - base.data_ptr(), base.stride(2) * base.element_size()
+    return offset // frame if offset >= 0 and offset % frame == 0 else None
+
+
 class CausalConv3d(nn.Conv3d):
     """3D conv that pads time on the past side only, with the past taken from a cache when streaming.
 
@@ -157,6 +166,9 @@ class CausalConv3d(nn.Conv3d):
     """
 
     slot: int = -1  # index into the stream cache, assigned by WanVAE
+    # The frames a stream's call brings through this conv when they may come in several runs (the
+    # decoder's per-frame blocks: a chunk's frame 0, then frames 1-3): its window buffer holds them all.
+    run_frames: int = 0
 
     def __init__(self, cin: int, cout: int, kernel: int | tuple[int, int, int],
                  padding: int | tuple[int, int, int] = 0) -> None:
@@ -198,28 +210,32 @@ class CausalConv3d(nn.Conv3d):
         return F.conv3d(xp, self._padded_weight, self.bias if bias else None, self.stride, self.padding)
 
     def window(self, like: torch.Tensor, cache: Optional[Cache]) -> Optional[torch.Tensor]:
-        """Streaming, channels-last (CUDA): a fresh input window [1, C, t_pad+T, H, W] for an input shaped
-        like `like`, its first t_pad frames already holding this conv's history. The caller writes the
-        T new frames into window[:, :, t_pad:] (the norm before this conv does, directly), then calls
-        forward(None, cache, window=window): the chunk is never copied by a torch.cat. None where this
-        does not apply (not streaming, not channels-last, batch > 1, chunks shorter than the history)."""
-        if (cache is None or self.t_pad != CACHE_T or like.shape[0] != 1
-                or like.shape[2] < CACHE_T or not _is_channels_last(like)):
+        """Streaming, channels-last (CUDA): a window [1, C, t_pad+T, H, W] for an input shaped like `like`,
+        its first t_pad frames already holding this conv's history. The caller writes the T new frames
+        into window[:, :, t_pad:] (the norm before this conv does, directly), then calls
+        forward(None, cache, window=window): the chunk is never copied by a torch.cat. The window is a
+        stretch of a buffer with room for the history and `run_frames` (or T) frames: a call whose frames
+        come in several runs convolves each run where the one before left the history. None where this
+        does not apply (not streaming, not channels-last, batch > 1, runs shorter than the history)."""
+        b, c, t, h, w = like.shape
+        room = max(t, self.run_frames)
+        if cache is None or self.t_pad != CACHE_T or b != 1 or room < CACHE_T or not _is_channels_last(like):
             return None
         prev = cache[self.slot]
-        b, c, t, h, w = like.shape
         base = None if prev is None else prev._base
-        if (base is not None and base.shape == (1, c, CACHE_T + t, h, w) and base.dtype == like.dtype
-                and prev.shape[2] == CACHE_T and prev.data_ptr() == base.data_ptr()):
-            return base  # the last call's window: its head already holds the history (see forward)
-        buf = torch.empty((1, c, CACHE_T + t, h, w), dtype=like.dtype, device=like.device,
+        if (base is not None and base.shape == (1, c, CACHE_T + room, h, w) and base.dtype == like.dtype
+                and prev.shape[2] == CACHE_T):
+            start = _frame_offset(prev, base)
+            if start is not None and start + CACHE_T + t <= base.shape[2]:
+                return base[:, :, start : start + CACHE_T + t]  # the last run's buffer: the history is in place
+        buf = torch.empty((1, c, CACHE_T + room, h, w), dtype=like.dtype, device=like.device,
                           memory_format=torch.channels_last_3d)
         have = 0 if prev is None else min(prev.shape[2], CACHE_T)
         if have < CACHE_T:
             buf[:, :, : CACHE_T - have].zero_()
         if have:
             buf[:, :, CACHE_T - have : CACHE_T].copy_(prev[:, :, prev.shape[2] - have :])
-        return buf
+        return buf[:, :, : CACHE_T + t]
 
     def forward(self, x: Optional[torch.Tensor], cache: Optional[Cache] = None, bias: bool = True,
                 window: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -228,14 +244,19 @@ class CausalConv3d(nn.Conv3d):
         if window is not None:
             assert cache is not None
             y = self._conv(window, bias)
-            # The window is kept for the next call, its last frames moved to its head as that call's
-            # history (one copy; the regions do not overlap, T >= CACHE_T): no per-call window to fill
-            # with a copy of the history, and under a CUDA graph no copy back into static history
-            # tensors, since the history entry stays the same view object of the same memory.
-            window[:, :, :CACHE_T].copy_(window[:, :, -CACHE_T:])
+            base = window if window._base is None else window._base
+            end = (_frame_offset(window, base) or 0) + window.shape[2]
+            if end == base.shape[2]:
+                # The buffer is full: its last frames move to its head as the next call's history (one
+                # copy; the regions do not overlap). The buffer is kept, so no call allocates a window or
+                # copies the history into one, and under a CUDA graph the history stays the same memory.
+                base[:, :, :CACHE_T].copy_(base[:, :, end - CACHE_T : end])
+                head = 0
+            else:  # more runs of this call follow: the history stays where it is, behind them
+                head = end - CACHE_T
             prev = cache[self.slot]
-            reused = prev is not None and prev._base is window and prev.data_ptr() == window.data_ptr()
-            cache[self.slot] = prev if reused else window[:, :, :CACHE_T]
+            same = prev is not None and prev._base is base and _frame_offset(prev, base) == head
+            cache[self.slot] = prev if same else base[:, :, head : head + CACHE_T]
             return y
         assert x is not None
         if cache is None:
@@ -466,9 +487,28 @@ class Decoder3d(nn.Module):
                 blocks.append(Upsample(cout, temporal_upsample[i]))
         self.upsamples = nn.Sequential(*blocks)
         self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
+        # Past the last temporal upsample every block is causal in time and one frame wide in its
+        # output, so each output frame can be finished on its own, in order (the history the frames
+        # before it left is all it reads): `features` runs the blocks up to there, `frames` the rest.
+        temporal = [i for i, b in enumerate(blocks) if isinstance(b, Upsample) and b.temporal]
+        self.frames_from = temporal[-1] + 1 if temporal else 0
+        for m in (*self.upsamples[self.frames_from :], self.head):
+            for conv in m.modules():
+                if isinstance(conv, CausalConv3d):
+                    conv.run_frames = 2 ** len(temporal)  # a later latent's frames
 
     def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
-        x = _run_blocks((*self.middle, *self.upsamples), self.conv1(x, cache, bias=False), cache, self.conv1.bias)
+        return self.frames(self.features(x, cache), cache)
+
+    def features(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        """conv1, the middle and the upsamples that multiply frames: one feature frame per output frame."""
+        blocks = (*self.middle, *self.upsamples[: self.frames_from])
+        return _run_blocks(blocks, self.conv1(x, cache, bias=False), cache, self.conv1.bias)
+
+    def frames(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        """Output frames from their feature frames; streaming, any run of them in order (one at a time
+        gives what all at once does)."""
+        x = _run_blocks(self.upsamples[self.frames_from :], x, cache, None)
         return _norm_conv(self.head[0], self.head[2], x, cache, conv_bias=True)
 
 
@@ -658,16 +698,31 @@ class WanVAE(LatentStats):
         The first call gives 1+4(t-1) frames for t latents (the first latent yields one frame),
         later calls 4t. Latents are decoded one at a time, as the reference does.
         """
+        parts = list(self.stream_decode_parts(latent, state))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+
+    @torch.no_grad()
+    def stream_decode_parts(self, latent: torch.Tensor, state: VAEStreamState) -> Iterator[torch.Tensor]:
+        """`stream_decode`'s frames in parts, each decoded only when the caller asks for it: a later call's
+        single latent gives its first frame alone, then the other three, so that the caller can queue the
+        first frame's copy to the host ahead of the others' decode. Take every part: the stream's history
+        is whole only after the last."""
         self._check_latent(latent)
-        if state.dec_started and latent.shape[2] == 1 and self._graphs_for(latent):
-            state.dec_graph = state.dec_graph or self._step_graph("decode")
-            return state.dec_graph(self._decode_step, latent, state.dec)
+        if state.dec_started and latent.shape[2] == 1:
+            if self._graphs_for(latent):
+                state.dec_graph = state.dec_graph or self._step_graph("decode")
+                yield from state.dec_graph.parts(self._decode_parts, latent, state.dec, count=2)  # type: ignore[misc]
+            else:
+                yield from self._decode_parts(latent, state.dec)
+            return
         x = self._prepare(self._unnormalize(latent))
         outs = [self.decoder(x[:, :, i:i + 1], state.dec) for i in range(x.shape[2])]
         state.dec_started = True
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
-        return out.clamp_(-1, 1).contiguous()
+        yield out.clamp_(-1, 1).contiguous()
 
-    def _decode_step(self, latent: torch.Tensor, cache: Cache) -> torch.Tensor:
-        """One later latent -> 4 frames, the whole step from the normalised latent (graph-captured)."""
-        return self.decoder(self._prepare(self._unnormalize(latent)), cache).clamp_(-1, 1).contiguous()
+    def _decode_parts(self, latent: torch.Tensor, cache: Cache) -> Iterator[torch.Tensor]:
+        """A later latent's frame 0, then its frames 1-3 (graph-captured, a graph per part)."""
+        x = self.decoder.features(self._prepare(self._unnormalize(latent)), cache)
+        yield self.decoder.frames(x[:, :, :1], cache).clamp_(-1, 1).contiguous()
+        yield self.decoder.frames(x[:, :, 1:], cache).clamp_(-1, 1).contiguous()

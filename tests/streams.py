@@ -22,20 +22,30 @@ def push_interleaved(sessions: Sequence[Any], clips: Sequence[np.ndarray], chunk
 
 class HeldCopies:
     """Device-to-host copies that stay in flight until released: what a push sees on CUDA while the GPU
-    still works on its chunk (on the CPU every copy is done at once)."""
+    still works on its chunk (on the CPU every copy is done at once). `released` lets every copy land,
+    `release(n)` the first n made so far, as a GPU finishes them in the order they were queued."""
 
     def __init__(self, engine: Any) -> None:
         self.real = engine.to_uint8_later
         self.released = False
+        self.made: list[Any] = []
+
+    def release(self, n: int) -> None:
+        for copy in self.made[:n]:
+            copy.landed = True
 
     def __call__(self, video):
         pending, held = self.real(video), self
 
         class Held:
+            landed = False
+
             def ready(self) -> bool:
-                return held.released
+                return held.released or self.landed
 
             def result(self):
                 return pending.result()
 
-        return Held()
+        copy = Held()
+        self.made.append(copy)
+        return copy

@@ -51,7 +51,7 @@ def test_sessions_bench_gets_every_pushed_frame_back_from_every_session(tmp_path
 def test_first_chunk_marks_every_part_of_a_fresh_sessions_first_chunk() -> None:
     out = _run("bench.first_chunk", "--rows", "p1", *TINY, "--sessions", "1").stdout
     for label in ("VAE encode 1 frame", "VAE encode 4 frames", "DiT blocks (first chunk, 1 session, 1 row; eager) #2",
-                  "VAE decode 1 latent #2", "wall: to all 5 frames"):
+                  "VAE decode 1 latent (1 frame) #2", "VAE decode 1 latent (3 frames)", "wall: to all 5 frames"):
         assert label in out, out
 
 

@@ -219,8 +219,11 @@ def test_a_push_returns_before_its_frames_and_they_follow_in_order(tiny, monkeyp
     assert e.core.drivers[s.sid][0].frame0 is not None  # encoded on arrival, before frames 1-4 come
     early: list = []
     got = s.push(frames[1:5], [1, 2, 3, 4], early=early.extend)
-    assert [p for _, p in early + got] == [0]  # frame 0 is waited for alone: it leaves ahead of 1-4
-    got = early + got
+    assert early + got == []  # the push waits for no frame: none is on the host yet
+    assert s.take_finished() == []
+    held.release(1)  # the first copy queued, frame 0's alone, lands: it leaves ahead of frames 1-4
+    got = s.take_finished()
+    assert [p for _, p in got] == [0]
     assert s.take_finished() == []  # the copies of frames 1-4 are not done
     for a in range(5, 17, 4):
         got += s.push(frames[a : a + 4], list(range(a, a + 4)))

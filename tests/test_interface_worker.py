@@ -166,19 +166,24 @@ def test_a_failing_request_does_not_stop_other_sessions(engine_conn: Connection)
 
 def test_a_fresh_stream_sends_frame_zero_ahead(engine_conn: Connection) -> None:
     """A fresh session asks for frame 0 alone (encoded on arrival), then chunks of 4. The push that
-    completes the first chunk sends frame 0 in a partial reply before its own reply with frames 1-4."""
+    completes the first chunk sends the frames decoded first (frame 0 from its own latent, then frame 1)
+    in a partial reply before its own reply with frames 2-4; every later chunk sends its frame 0 ahead
+    of frames 1-3 (docs/ARCHITECTURE.md §8)."""
     client = Client(engine_conn, "F", "a harbour")
     assert client.chunk_frames == 1
     replies, out = client.exchange(_inputs(1, 1))
     assert [(r.partial, r.count) for r in replies] == [(False, 0)] and client.chunk_frames == 4
     replies, out = client.exchange(_inputs(2, 4))
-    assert [(r.partial, r.count) for r in replies] == [(True, 1), (False, 4)]
+    assert [(r.partial, r.count) for r in replies] == [(True, 2), (False, 3)]
     assert [p for _, p in out] == [0, 3000, 6000, 9000, 12000]
-    later = []
-    for round_ in range(3):  # later chunks: one reply each
+    later, split = [], 0
+    for round_ in range(3):  # a chunk that lets none out (the stream batch fills up) gets an empty reply
         replies, out = client.exchange(_inputs(3 + round_, 4))
-        assert [r.partial for r in replies] == [False]
+        counts = [(r.partial, r.count) for r in replies]
+        assert counts in ([(False, 0)], [(True, 1), (False, 3)]), counts
+        split += counts[0] == (True, 1)
         later += [p for _, p in out]
+    assert split >= 2
     assert later == list(range(15000, 15000 + 3000 * len(later), 3000)) and len(later) >= 4
     client.close()
 
@@ -422,8 +427,9 @@ class _QueuingEngine:
 
 
 def test_queued_chunks_leave_as_partial_replies_when_done(monkeypatch) -> None:
-    """In-process sessions on CUDA: frame 0 still leaves ahead; frames 1-4 are not in the push's reply
-    while their copy is in flight, and leave in a partial reply as soon as it is done, with no push."""
+    """In-process sessions on CUDA: the push's reply waits for no frame; frame 0 leaves in a partial
+    reply as soon as its own copy is done, ahead of frames 1-4, which leave in another as soon as theirs
+    are, with no push."""
     import threading
 
     from engine.runtime import EngineOptions, StreamEngine
@@ -441,9 +447,15 @@ def test_queued_chunks_leave_as_partial_replies_when_done(monkeypatch) -> None:
     client = Client(ours, "Q", "a harbour")
     client.exchange(_inputs(1, 1))
     replies, out = client.exchange(_inputs(2, 4))
-    assert [(r.partial, r.count) for r in replies] == [(True, 1), (False, 0)] and [p for _, p in out] == [0]
+    assert [(r.partial, r.count) for r in replies] == [(False, 0)]
     reports: list = []
-    with pytest.raises(AssertionError, match="did not answer"):  # no frames while the copy is in flight
+    with pytest.raises(AssertionError, match="did not answer"):  # no frames while the copies are in flight
+        _recv(ours, 0.3, reports)
+    held.release(1)  # frame 0's copy, queued first and alone
+    reply = _recv(ours, 10.0, reports)
+    assert isinstance(reply, FramesOut) and reply.partial and reply.pts == [0]
+    assert len(client.take(reply)) == 1
+    with pytest.raises(AssertionError, match="did not answer"):
         _recv(ours, 0.3, reports)
     assert all(r.ranks[0].blocks == 2 for r in reports)  # the core's report, if one came: a ring of one
     held.released = True

@@ -81,13 +81,13 @@ def test_a_batched_forward_charges_each_session_its_own_decode(tiny4, monkeypatc
     opts = dict(ring_capacity=1, inflight=2, max_batch=2, deadline_ms=60_000.0)
     e = StreamEngine.create(EngineOptions(model=tiny4, device="cpu", **SIZE, parallel=opts))
     monkeypatch.setattr(e.core.io, "to_uint8_later", HeldCopies(e.core.io))
-    decode = e.core.decoder.stream_decode
+    decode = e.core.decoder.stream_decode_parts
 
     def slow_decode(z, state):
         time.sleep(0.05)
-        return decode(z, state)
+        yield from decode(z, state)
 
-    monkeypatch.setattr(e.core.decoder, "stream_decode", slow_decode)
+    monkeypatch.setattr(e.core.decoder, "stream_decode_parts", slow_decode)
     charged: list[tuple[int, float]] = []  # (sessions in the forward, a session's decode ms)
     send_outputs, session_frames = e.core.send_outputs, e.core.session_frames
     batch = [0]

@@ -335,23 +335,33 @@ def test_a_first_chunk_prepared_at_frame_0_survives_a_block_move_and_equals_one_
 
 # -- the engine API over several ranks ------------------------------------------------------------------
 
+def early_frames_of(engine, frames, **kwargs) -> int:
+    """How many frames one drive's chunks sent ahead of their chunks' outputs (an in-process engine)."""
+    before = engine.stats()["early_frames"]
+    drive(engine, frames, **kwargs)
+    return engine.stats()["early_frames"] - before
+
+
 @pytest.mark.parametrize("devices", ["cpu:1", "cpu:3"])
-def test_ranks_give_the_frames_of_one_process(tiny4, reference, devices):
+def test_ranks_give_the_frames_of_one_process(tiny4, single, reference, devices):
     """Whole streams, with live updates (prompt transition, seed, steps changes, reset), and blocks
-    moving between ranks in mid-stream both ways, equal the in-process engine exactly."""
+    moving between ranks in mid-stream both ways, equal the in-process engine exactly, and send the
+    same frames ahead of their chunks (each chunk's first, a fresh stream's first two)."""
     frames, ref = reference
+    early = early_frames_of(single, frames, updates=UPDATES)
+    assert early > 2  # at the start, after the reset, and every steady chunk's frame 0
     with StreamEngine.create(EngineOptions(model=tiny4, device=devices, **SIZE,
                                            parallel=dict(rebalance=False))) as e:
         assert e.info.device == ",".join(["cpu"] * int(devices[-1]))
         if devices == "cpu:1":  # a ring of one: the same code, every hop a loopback
             assert_same(drive(e, frames, updates=UPDATES), ref["updates"])
-            # a fresh stream's frame 0 left the last rank ahead of its chunk: at the start and after the reset
-            assert e.wait_stats(lambda st: st.get("early_frames") == 2)["early_frames"] == 2
+            assert e.wait_stats(lambda st: st.get("early_frames") == early)["early_frames"] == early
             return
         assert_same(drive(e, frames, steps=2), ref["steps2"])
         moves = {1: (0, 1), 3: (1, 2), 6: (0, -1), 8: (1, -2)}  # a rank may hold no block for a while
         assert_same(drive(e, frames, updates=UPDATES, moves=moves), ref["updates"])
-        st = e.wait_stats(lambda st: st.get("early_frames") == 3)
+        early += early_frames_of(single, frames, steps=2)
+        st = e.wait_stats(lambda st: st.get("early_frames") == early)
         assert [m["split_after"] for m in st["moves"]] == [[0, 3, 1], [0, 1, 3], [1, 0, 3], [1, 2, 1]]
         assert st["split"] == [1, 2, 1]
 

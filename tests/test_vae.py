@@ -119,6 +119,28 @@ def test_stream_decode_equals_whole_clip(ours: WanVAE, latent: torch.Tensor):
     assert _rel(torch.cat(chunks, 2), whole) <= 1e-4
 
 
+def test_a_later_latent_decodes_its_first_frame_before_the_others(ours: WanVAE, latent: torch.Tensor):
+    """A steady chunk's decode comes in two parts, frame 0 and then frames 1-3, each decoded only when
+    the caller takes it (so frame 0's copy to the host can be queued ahead of the others' decode); the
+    parts are the whole clip's frames, decoded in one pass."""
+    whole = ours.decode(latent)
+    state = ours.new_stream_state()
+    first_chunk = list(ours.stream_decode_parts(latent[:, :, :2], state))
+    assert [p.shape[2] for p in first_chunk] == [5]
+    head_frames: list[int] = []
+    hook = ours.decoder.head[2].register_forward_hook(lambda m, a, y: head_frames.append(y.shape[2]))
+    try:
+        parts = ours.stream_decode_parts(latent[:, :, 2:3], state)
+        first = next(parts)
+        assert first.shape[2] == 1 and head_frames == [1]  # the other three are not decoded yet
+        rest = next(parts)
+        assert rest.shape[2] == 3 and head_frames == [1, 3]
+        assert next(parts, None) is None
+    finally:
+        hook.remove()
+    assert _rel(torch.cat([*first_chunk, first, rest], 2), whole[:, :, :9]) <= 1e-4
+
+
 def test_stream_encode_equals_whole_clip(ours: WanVAE, video: torch.Tensor):
     raw = ours.encode(video)
     state = ours.new_stream_state()
@@ -212,11 +234,33 @@ def test_streamed_input_window_equals_whole_clip(chunks):
         part = x[:, :, lo:hi]
         win = conv.window(part, list(cache))
         windows += win is not None
-        reused += win is not None and cache[0] is not None and win is cache[0]._base
+        reused += win is not None and cache[0] is not None and win._base is cache[0]._base
         parts.append(_norm_conv(norm, conv, part, cache, bias, conv_bias=True))
     assert windows == sum(hi - lo >= 2 for lo, hi in chunks) > 0
     same_as_last = sum(1 for (a, b), (c, d) in zip(chunks, chunks[1:]) if d - c == b - a >= 2)
     assert reused == same_as_last
+    assert _rel(torch.cat(parts, 2), whole) <= 1e-6
+
+
+@torch.no_grad()
+def test_a_call_in_runs_convolves_each_run_in_one_buffer():
+    """A conv whose call's 4 frames come in runs (the decoder's frame 0, then frames 1-3) keeps one
+    window buffer: each run is written behind the history the run before left there, and only a full
+    buffer moves its last frames to its head. The whole clip's result, and no new buffer after the
+    stream's first chunk (frame 0 alone, then frames 1-4 as 1 + 3)."""
+    g = torch.Generator().manual_seed(4)
+    conv, norm = CausalConv3d(8, 6, 3, padding=1), RMSNorm(8)
+    conv.slot, conv.run_frames = 0, 4
+    x = torch.randn(1, 8, 14, 6, 5, generator=g).contiguous(memory_format=torch.channels_last_3d)
+    whole = _norm_conv(norm, conv, x, None, None, conv_bias=True)
+    cache: list = [None]
+    parts, buffers = [], []
+    for lo, hi in ((0, 1), (1, 2), (2, 5), (5, 6), (6, 9), (9, 10), (10, 13), (13, 14)):
+        win = conv.window(x[:, :, lo:hi], list(cache))  # what _norm_conv gets (a fresh buffer: another one)
+        assert win is not None and win.shape[2] == 2 + hi - lo
+        parts.append(_norm_conv(norm, conv, x[:, :, lo:hi], cache, None, conv_bias=True))
+        buffers.append(cache[0]._base)  # the history: a stretch of the run's buffer
+    assert all(b is buffers[2] for b in buffers[2:])
     assert _rel(torch.cat(parts, 2), whole) <= 1e-6
 
 

@@ -253,29 +253,30 @@ class RankBase:
             self.out_link.send(M.ReturnedRows(fwd.fid, back))
         times.other.append(lap.stop())
         lap = self.clock.lap()
-        frames, start, decodes = [], 0, {}
+        early, frames, start, decodes = [], [], 0, {}
         for g in groups:
             s = self.stage.sessions[g.sid]
             if g.new_vae:
                 s.decode_state = self.decoder.new_stream_state()  # type: ignore[union-attr]
             if g.decode is not None:
-                latents = first_latent_apart(x0[start + g.rows - 1 : start + g.rows])
-                pts = [g.decode[:1], g.decode[1:]] if len(latents) > 1 else [g.decode]
                 # every decode is queued before any wait; each session's timed on its own (its stats,
                 # admission control: a batched forward's decodes run one after another)
                 own = self.clock.lap()
-                parts = [(g, self.io.to_uint8_later(self.decoder.stream_decode(z, s.decode_state)), p)  # type: ignore[union-attr]
-                         for z, p in zip(latents, pts)]
+                parts, pts = [], list(g.decode)
+                for z in first_latent_apart(x0[start + g.rows - 1 : start + g.rows]):
+                    # each part's copy to the host is queued before the next part's decode: a chunk's
+                    # first frame may leave while the GPU decodes the others (docs/ARCHITECTURE.md §8)
+                    for y in self.decoder.stream_decode_parts(z, s.decode_state):  # type: ignore[union-attr]
+                        parts.append((g, self.io.to_uint8_later(y), pts[: y.shape[2]]))
+                        pts = pts[y.shape[2] :]
                 decodes[g.sid] = own.stop()
-                if len(parts) > 1 and g.decode[0] is not None:
-                    # a fresh stream's first chunk: frame 0 leaves now, while the GPU decodes the rest
-                    self.send_early(g, parts.pop(0)[1])
-                frames += parts
+                early += parts[:-1]
+                frames.append(parts[-1])
             start += g.rows
         decode = lap.stop()
         times.other.append(decode)
         self.clock.add(times)
-        out = _Outputs(fwd.fid, groups, frames, decodes, fwd.times)
+        out = _Outputs(fwd.fid, groups, frames, decodes, fwd.times, early)
         previous, self.deferred = self.deferred, None
         if previous is not None:
             self.send_outputs(previous)  # its frames were copied before this forward's work began
@@ -286,6 +287,7 @@ class RankBase:
     def send_outputs(self, out: "_Outputs") -> None:
         """The forward's frames to rank 0 (waits for their device-to-host copy), with its completions and
         the stage times measured so far."""
+        self.send_early(out, wait=True)
         outputs = []
         for g, pending, pts in out.frames:
             keep = [(f, p) for f, p in zip(pending.result(), pts) if p is not None]
@@ -295,11 +297,20 @@ class RankBase:
         done = [(g.sid, g.done) for g in out.groups if g.done is not None]
         self.out_link.send(M.ForwardOutput(out.fid, outputs, done, records))
 
-    def send_early(self, g: Group, frame0: PendingFrames) -> None:
-        """A fresh stream's frame 0 to rank 0 ahead of the rest of its chunk (waits for that frame's copy
-        alone). Frames of earlier forwards go first, so that no stream's frames change order."""
-        self.flush_outputs()
-        self.out_link.send(M.EarlyFrames([self.session_frames(g.sid, [(frame0.result()[0], g.decode[0])], dict(g.stats))]))
+    def send_early(self, out: Optional["_Outputs"] = None, wait: bool = False) -> bool:
+        """The frames of a forward (the deferred one by default) that go ahead of its output: each
+        session's parts but its last (a chunk's first frame; a fresh stream's first two), in order, those
+        already on the host (every one, waiting, with `wait`). Earlier forwards' frames have gone already,
+        so no stream's frames change order. Whether any went."""
+        out = self.deferred if out is None else out
+        if out is None or not out.early or not (wait or out.early[0][1].ready()):
+            return False
+        while out.early and (wait or out.early[0][1].ready()):
+            g, pending, pts = out.early.pop(0)
+            keep = [(f, p) for f, p in zip(pending.result(), pts) if p is not None]
+            if keep:
+                self.out_link.send(M.EarlyFrames([self.session_frames(g.sid, keep, dict(g.stats))]))
+        return True
 
     def session_frames(self, sid: int, frames: list[tuple[Any, int]], stats: dict) -> M.SessionFrames:
         """A session's decoded frames with their pts for rank 0: written into the session's output ring
@@ -341,6 +352,7 @@ class RankBase:
     # -- the loop of ranks 1..N-1 ----------------------------------------------------------------------
     def serve(self) -> None:
         while not self.stopped:
+            self.send_early()
             if self.deferred is not None and not self.in_link.ready():
                 self.flush_outputs()  # nothing to start first: send the last forward's frames now
             self.handle(self.in_link.recv())
@@ -375,6 +387,7 @@ class _Outputs:
 
     fid: int
     groups: list[Group]
-    frames: list[tuple[Group, PendingFrames, list]]  # (group, its frames on their way, their pts)
+    frames: list[tuple[Group, PendingFrames, list]]  # per session, its last frames on their way (with their pts)
     decodes: dict[int, Any]  # per session: the timing.Lap of its decode
     times: list[M.StageRecord]  # upstream ranks' stage times carried by the forward
+    early: list[tuple[Group, PendingFrames, list]] = field(default_factory=list)  # the others, sent as they land

@@ -144,6 +144,7 @@ class Rank0(RankBase):
         busy = self._read_ring() or busy
         busy = self._step_drivers() or busy
         busy = self._issue() or busy
+        busy = self.send_early() or busy  # a ring of one's frames that land ahead of their forward's output
         busy = self._maybe_rebalance() or busy
         self._maybe_send_stats()
         return busy
@@ -364,7 +365,7 @@ class Rank0(RankBase):
                         self.returns[(fid, sid)] = r
             case M.ForwardOutput():
                 self._on_out(msg)
-            case M.EarlyFrames(outputs=outputs):  # a fresh stream's frame 0, ahead of its chunk's output
+            case M.EarlyFrames(outputs=outputs):  # a chunk's first frame(s), ahead of the chunk's output
                 for o in outputs:
                     self._send_event(P.Output(o.sid, o.frames, o.pts, o.stats, o.first_seq, o.dropped))
                     self.early_frames += len(o.pts)
