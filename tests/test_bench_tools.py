@@ -91,7 +91,8 @@ def test_ab_report_takes_the_median_of_each_sides_rounds_and_their_ratio(tmp_pat
 def test_results_name_the_tree_that_ran_not_the_one_on_pythonpath(tmp_path: Path) -> None:
     """A benchmark started from a copy of the code with PYTHONPATH naming this checkout runs the copy
     (`python -m` and `-c` put the current folder first): the recorded tree says so, and a commit is
-    given only for a checkout's top level (not for a copy unpacked inside a checkout)."""
+    given only for a checkout's top level (not for a copy unpacked inside a checkout), with whether the
+    tree that ran differs from it."""
     import shutil
 
     from bench.code_tree import code_tree
@@ -103,12 +104,14 @@ def test_results_name_the_tree_that_ran_not_the_one_on_pythonpath(tmp_path: Path
     r = subprocess.run([sys.executable, "-c", "from bench.code_tree import code_tree; print(code_tree())"],
                        cwd=copy, capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == repr({"tree": str(copy), "commit": None})
+    assert r.stdout.strip() == repr({"tree": str(copy), "commit": None, "modified": None})
 
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(copy)]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "-qm", "x"], check=True)
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    assert code_tree(copy) == {"tree": str(copy), "commit": head}
+    assert code_tree(copy) == {"tree": str(copy), "commit": head, "modified": False}
     assert code_tree(copy / "bench")["commit"] is None  # inside a checkout, not its top level
+    (copy / "bench" / "__init__.py").write_text("# changed\n")
+    assert code_tree(copy) == {"tree": str(copy), "commit": head, "modified": True}
