@@ -117,9 +117,13 @@ class StreamEngine(EngineFrontend):
             self._fail(EngineFailure(f"engine core: {type(exc).__name__}: {exc}", 0))
             raise EngineFailure(str(self._failure), 0) from exc
 
-    def _flush_outputs(self) -> None:
+    def _flush_outputs(self, wait_next: bool = False) -> None:
+        """The deferred forward's frames to the sessions; `wait_next`: only its next ones (waits for them)."""
         try:
-            self.core.flush_outputs()
+            if wait_next:
+                self.core.wait_outputs()
+            else:
+                self.core.flush_outputs()
         except Exception as exc:
             self._fail(EngineFailure(f"engine core: {type(exc).__name__}: {exc}", 0))
             raise EngineFailure(str(self._failure), 0) from exc
@@ -133,7 +137,7 @@ class StreamEngine(EngineFrontend):
             if self._step():
                 continue
             if self.core.deferred is not None:  # the last forward's frames: nothing else to queue first
-                self._flush_outputs()
+                self._flush_outputs(wait_next=True)
                 continue
             raise RuntimeError(f"the engine has nothing left to do while waiting for {what}")
 

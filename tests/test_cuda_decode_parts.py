@@ -13,6 +13,7 @@ import torch
 from engine.config import VAEConfig
 from engine.runtime import EngineOptions, StreamEngine
 from engine.vae import WanVAE
+from interface.controls import StreamParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: CUDA graphs and stream order")
 
@@ -39,11 +40,8 @@ def test_the_two_decode_graphs_give_the_eager_frames() -> None:
     assert state.dec_graph.replays >= 3  # type: ignore[attr-defined]
 
 
-def test_a_chunks_first_frame_leaves_while_the_others_are_decoded(monkeypatch) -> None:
-    """Frames 1-3's decode is made slower on the GPU (a spin kernel before it, timed by events around
-    it): frame 0 of each steady chunk, whose copy to the host is queued between the two parts, leaves
-    the engine about that much ahead of frames 1-3."""
-    engine = StreamEngine.create(EngineOptions(model="tiny", device="cuda"))
+def slowed_decode(monkeypatch, engine: StreamEngine) -> list[tuple[torch.cuda.Event, torch.cuda.Event]]:
+    """Frames 1-3's decode made slower on the GPU: a spin kernel before it, timed by the events returned."""
     vae = engine.decoder
     vae.use_graphs = False  # the spin is a plain call here, not a replayed graph
     spins: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -59,6 +57,37 @@ def test_a_chunks_first_frame_leaves_while_the_others_are_decoded(monkeypatch) -
         yield next(parts)
 
     monkeypatch.setattr(vae, "_decode_parts", slow_parts)
+    return spins
+
+
+def spin_seconds(spins: list[tuple[torch.cuda.Event, torch.cuda.Event]]) -> float:
+    torch.cuda.synchronize()
+    return min(a.elapsed_time(b) for a, b in spins) / 1000.0
+
+
+def test_a_push_that_waits_hands_over_frame_0_first(monkeypatch) -> None:
+    """The Python API: a push that waits for its chunk's frames (one chunk in flight) hands frame 0 to
+    its `early` callback as soon as it is on the host, before frames 1-3 are decoded."""
+    engine = StreamEngine.create(EngineOptions(model="tiny", device="cuda", parallel=dict(inflight=1)))
+    spins = slowed_decode(monkeypatch, engine)
+    s = engine.open_session("a lighthouse", StreamParams(steps=1))  # each chunk leaves in its own forward
+    frames = np.random.default_rng(1).integers(0, 256, (13, 128, 128, 3), dtype=np.uint8)
+    s.push(frames[:5], list(range(5)))
+    handed: list[tuple[int, float]] = []
+    out = s.push(frames[5:9], list(range(5, 9)), early=lambda got: handed.extend((p, time.perf_counter()) for _, p in got))
+    returned = time.perf_counter()
+    s.close()
+    engine.close()
+    assert [p for p, _ in handed] == [5] and [p for _, p in out] == [6, 7, 8]
+    assert returned - handed[0][1] > 0.7 * spin_seconds(spins)
+
+
+def test_a_chunks_first_frame_leaves_while_the_others_are_decoded(monkeypatch) -> None:
+    """Frames 1-3's decode is made slower on the GPU (a spin kernel before it, timed by events around
+    it): frame 0 of each steady chunk, whose copy to the host is queued between the two parts, leaves
+    the engine about that much ahead of frames 1-3."""
+    engine = StreamEngine.create(EngineOptions(model="tiny", device="cuda"))
+    spins = slowed_decode(monkeypatch, engine)
     s = engine.open_session("a lighthouse")
     frames = np.random.default_rng(0).integers(0, 256, (21, 128, 128, 3), dtype=np.uint8)
     seen: dict[int, float] = {}
@@ -74,8 +103,7 @@ def test_a_chunks_first_frame_leaves_while_the_others_are_decoded(monkeypatch) -
             time.sleep(0.001)
     s.close()
     engine.close()
-    torch.cuda.synchronize()
-    spin_s = min(a.elapsed_time(b) for a, b in spins) / 1000.0
+    spin_s = spin_seconds(spins)
     assert spin_s > 0.1
     steady = [first for first in (5, 9, 13) if first in seen and first + 1 in seen]
     assert len(steady) >= 2, sorted(seen)

@@ -332,6 +332,14 @@ class RankBase:
             out, self.deferred = self.deferred, None
             self.send_outputs(out)
 
+    def wait_outputs(self) -> None:
+        """With nothing else to do: wait for the deferred forward's next frames and send them, its early
+        ones first (a chunk's first frame), the rest with its completions on the next call."""
+        if self.deferred is not None and self.deferred.early:
+            self.send_early(wait=True)
+        else:
+            self.flush_outputs()
+
     # -- block moves ---------------------------------------------------------------------------------
     def on_rebalance(self, msg: M.Rebalance) -> None:
         move = Move(msg.boundary, msg.blocks)
@@ -354,7 +362,8 @@ class RankBase:
         while not self.stopped:
             self.send_early()
             if self.deferred is not None and not self.in_link.ready():
-                self.flush_outputs()  # nothing to start first: send the last forward's frames now
+                self.wait_outputs()  # nothing to start first: send the last forward's frames now
+                continue
             self.handle(self.in_link.recv())
         self.flush_outputs()
 

@@ -154,7 +154,7 @@ class Rank0(RankBase):
             busy = self.step()
             if not busy and not self.stopped:
                 if self.deferred is not None:  # a ring of one's last frames: nothing else to queue first
-                    self.flush_outputs()
+                    self.wait_outputs()
                     continue
                 self.commands.poll(0.0005)  # wakes at once on a command; ring messages are polled
 
