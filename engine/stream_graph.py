@@ -3,11 +3,13 @@
 A streaming VAE call reads its history from a list of tensors and replaces the list's entries with
 the new history. In the steady state the input and every entry keep their shapes, so the call can be
 captured: the graph reads the history from static tensors and, as its last kernels, copies the new
-history back into them. A call then costs one graph launch plus the input copy, instead of the
-host's time to queue a few hundred convolutions, norms and adds, which is what kept the GPU waiting
-(docs/BENCHMARKS.md, second speed round).
+history back into those whose memory it does not already write in place. A call then costs one graph
+launch plus the input copy, instead of the host's time to queue a few hundred convolutions, norms and
+adds, which is what kept the GPU waiting (docs/BENCHMARKS.md, second speed round). A step in parts (the
+decode: a chunk's frame 0, then frames 1-3) is a graph per part, replayed as the caller takes them.
 
-Each graph has its own memory pool (the step's intermediates: about what one eager call peaks at).
+Each stream's step has its own memory pool (the step's intermediates: about what one eager call peaks
+at; the parts of a step share one).
 Sharing one pool between the streams of a device would be sound in principle (a replay writes every
 intermediate it reads and keeps nothing there past its return), but torch 2.11 asserted in its caching
 allocator once graphs on a shared pool had been freed and new ones captured into it (2×H200, ranks
