@@ -111,6 +111,42 @@ def test_a_batched_forward_charges_each_session_its_own_decode(tiny4, monkeypatc
     assert all(45.0 <= ms < 80.0 for ms in paired), paired
 
 
+def test_a_batched_forward_decodes_every_sessions_first_frame_first(tiny4, alone, monkeypatch):
+    """In a forward of two sessions the decode parts are queued a session's in turn: both chunks' frame 0
+    before either chunk's frames 1-3, so the second session's frame 0 does not wait for the first
+    session's whole decode. The frames are those of each session alone."""
+    frames, want = alone
+    opts = dict(ring_capacity=1, inflight=2, max_batch=2, deadline_ms=60_000.0)
+    e = StreamEngine.create(EngineOptions(model=tiny4, device="cpu", **SIZE, parallel=opts))
+    order: list[tuple[int, int]] = []  # (the decode state's id, frames in the part), as the parts are made
+    parts = e.core.decoder.stream_decode_parts
+
+    def spy(z, state):
+        for y in parts(z, state):
+            order.append((id(state), y.shape[2]))
+            yield y
+
+    monkeypatch.setattr(e.core.decoder, "stream_decode_parts", spy)
+    forwards: list[tuple[int, list]] = []
+    finish = e.core.finish_forward
+
+    def finish_spy(fwd, *args):
+        order.clear()
+        finish(fwd, *args)
+        forwards.append((len(fwd.groups), list(order)))
+
+    monkeypatch.setattr(e.core, "finish_forward", finish_spy)
+    a = e.open_session("prompt 1", StreamParams(seed=1, steps=1))
+    b = e.open_session("prompt 2", StreamParams(seed=2, steps=1))
+    a_out, b_out = push_interleaved([a, b], [frames[1], frames[2]])
+    assert_same(a_out, want[(1, 1)])
+    assert_same(b_out, want[(2, 1)])
+    steady = [o for n, o in forwards if n == 2 and len(o) == 4]  # two sessions' steady chunks, 2 parts each
+    assert steady
+    for o in steady:
+        assert [n for _, n in o] == [1, 1, 3, 3] and o[0][0] != o[1][0] and (o[0][0], o[1][0]) == (o[2][0], o[3][0])
+
+
 @pytest.mark.parametrize("wait_ms", [None, 0.0])
 def test_a_forward_waits_for_a_session_due_soon_while_the_device_is_busy(tiny4, alone, monkeypatch, wait_ms):
     """Room for many forwards in flight (nothing makes chunks queue), yet sessions share forwards: while the

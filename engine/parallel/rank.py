@@ -30,7 +30,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -43,7 +43,7 @@ from engine.build import ParallelOptions
 from engine.parallel.profiling import RankProfiler
 from engine import ring_messages as M
 from engine.parallel.stage import Stage
-from engine.timing import ForwardTimes, StageClock
+from engine.timing import ForwardTimes, Lap, StageClock
 from engine.parallel.wire import DistLink, Link, LoopbackLink, split_tensors
 from engine.rope import Rope
 from engine.build import (EngineOptions, build_codecs, build_dit, build_text, build_vae, needs_wan_vae, resolve_dtype,
@@ -253,26 +253,36 @@ class RankBase:
             self.out_link.send(M.ReturnedRows(fwd.fid, back))
         times.other.append(lap.stop())
         lap = self.clock.lap()
-        early, frames, start, decodes = [], [], 0, {}
+        decoding: list[_Decoding] = []
+        start = 0
         for g in groups:
             s = self.stage.sessions[g.sid]
             if g.new_vae:
                 s.decode_state = self.decoder.new_stream_state()  # type: ignore[union-attr]
             if g.decode is not None:
-                # every decode is queued before any wait; each session's timed on its own (its stats,
-                # admission control: a batched forward's decodes run one after another)
-                own = self.clock.lap()
-                parts, pts = [], list(g.decode)
-                for z in first_latent_apart(x0[start + g.rows - 1 : start + g.rows]):
-                    # each part's copy to the host is queued before the next part's decode: a chunk's
-                    # first frame may leave while the GPU decodes the others (docs/ARCHITECTURE.md §8)
-                    for y in self.decoder.stream_decode_parts(z, s.decode_state):  # type: ignore[union-attr]
-                        parts.append((g, self.io.to_uint8_later(y), pts[: y.shape[2]]))
-                        pts = pts[y.shape[2] :]
-                decodes[g.sid] = own.stop()
-                early += parts[:-1]
-                frames.append(parts[-1])
+                latent = x0[start + g.rows - 1 : start + g.rows]
+                decoding.append(_Decoding(g, self.session_parts(latent, s.decode_state), list(g.decode)))
             start += g.rows
+        # Every decode is queued before any wait, a part of each session's in turn: each part's copy to
+        # the host before the next part's decode, and every session's first frame before any session's
+        # others, so a chunk's first frame can leave while the GPU decodes the rest (docs/ARCHITECTURE.md
+        # §8). Each session's parts are timed on their own (its stats; admission control).
+        made: list[tuple[Group, PendingFrames, list]] = []
+        decodes: dict[int, list[Lap]] = {d.group.sid: [] for d in decoding}
+        while decoding:
+            for d in list(decoding):
+                own = self.clock.lap()
+                y = next(d.parts, None)
+                if y is None:
+                    decoding.remove(d)
+                    continue
+                n = y.shape[2]
+                made.append((d.group, self.io.to_uint8_later(y), d.pts[:n]))
+                decodes[d.group.sid].append(own.stop())
+                d.pts = d.pts[n:]
+        last = {g.sid: i for i, (g, _, _) in enumerate(made)}
+        early = [p for i, p in enumerate(made) if i != last[p[0].sid]]
+        frames = [made[i] for i in sorted(last.values())]
         decode = lap.stop()
         times.other.append(decode)
         self.clock.add(times)
@@ -284,6 +294,12 @@ class RankBase:
         # host sent the frames and queued the next chunk (39 against 46.6 fps in process on one H200).
         self.deferred = out
 
+    def session_parts(self, latent: torch.Tensor, state: Any) -> Iterator[torch.Tensor]:
+        """A session's frames of one forward in parts, in order, each decoded when asked for (a fresh
+        stream's first chunk: latent 0's frame alone first)."""
+        for z in first_latent_apart(latent):
+            yield from self.decoder.stream_decode_parts(z, state)  # type: ignore[union-attr]
+
     def send_outputs(self, out: "_Outputs") -> None:
         """The forward's frames to rank 0 (waits for their device-to-host copy), with its completions and
         the stage times measured so far."""
@@ -291,7 +307,7 @@ class RankBase:
         outputs = []
         for g, pending, pts in out.frames:
             keep = [(f, p) for f, p in zip(pending.result(), pts) if p is not None]
-            stats = {**g.stats, DECODE_MS: out.decodes[g.sid].wait().ms() or 0.0}
+            stats = {**g.stats, DECODE_MS: sum(lap.wait().ms() or 0.0 for lap in out.decodes[g.sid])}
             outputs.append(self.session_frames(g.sid, keep, stats))
         records = out.times + [(self.rank, *r) for r in self.clock.harvest()]
         done = [(g.sid, g.done) for g in out.groups if g.done is not None]
@@ -391,12 +407,21 @@ def layer_span(layers: list[int]) -> str:
 
 
 @dataclass
+class _Decoding:
+    """A session's decode in one forward, while its parts are queued."""
+
+    group: Group
+    parts: Iterator[torch.Tensor]
+    pts: list  # of the frames still to come
+
+
+@dataclass
 class _Outputs:
     """A forward's decoded frames on their way to the host, and what goes back to rank 0 with them."""
 
     fid: int
     groups: list[Group]
     frames: list[tuple[Group, PendingFrames, list]]  # per session, its last frames on their way (with their pts)
-    decodes: dict[int, Any]  # per session: the timing.Lap of its decode
+    decodes: dict[int, list[Lap]]  # per session: the timing laps of its decode's parts
     times: list[M.StageRecord]  # upstream ranks' stage times carried by the forward
     early: list[tuple[Group, PendingFrames, list]] = field(default_factory=list)  # the others, sent as they land
