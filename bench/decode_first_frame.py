@@ -2,7 +2,7 @@
 (CUDA graphs, each part's uint8 conversion and copy to pinned memory queued right after it), timed on
 the GPU from the decode's start to the copy of frame 0 and to the copy of the last frame.
 
-    python -m bench.decode_first_frame [--height 512 --width 512] [--chunks 40]
+    python -m bench.decode_first_frame [--sizes 512x512,480x832] [--chunks 40]
 
 A tree whose VAE has no `stream_decode_parts` (before the decode came in parts) is timed the same way
 with its one part (run it from that tree's folder with this file copied in, as bench/ab.sh does).
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from typing import Iterable
 
 import torch
 
@@ -22,7 +23,7 @@ from engine.transfer import FrameIO
 from engine.vae import WanVAE
 
 
-def parts_of(vae: WanVAE, z: torch.Tensor, state: object) -> list[torch.Tensor]:
+def parts_of(vae: WanVAE, z: torch.Tensor, state: object) -> Iterable[torch.Tensor]:
     decode = getattr(vae, "stream_decode_parts", None)
     return decode(z, state) if decode is not None else [vae.stream_decode(z, state)]
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -59,14 +59,8 @@ def capture_graph(fn: Callable[[], Any], device: torch.device, pool: Optional[tu
     return graph, out
 
 
-Out = Union[torch.Tensor, tuple[torch.Tensor, ...]]
-StepFn = Callable[[torch.Tensor, Cache], Out]
+StepFn = Callable[[torch.Tensor, Cache], torch.Tensor]
 PartsFn = Callable[[torch.Tensor, Cache], Iterator[torch.Tensor]]
-
-
-def _fresh(y: Out) -> Out:
-    """The step's outputs as new tensors: the static ones are overwritten by the next replay."""
-    return y.clone() if isinstance(y, torch.Tensor) else tuple(t.clone() for t in y)
 
 
 def _signature(x: torch.Tensor, cache: Cache) -> Optional[tuple]:
@@ -95,27 +89,24 @@ class StepGraph:
         self._graphs: list[torch.cuda.CUDAGraph] = []
         self._sig: Optional[tuple] = None
         self._x: Optional[torch.Tensor] = None
-        self._ys: list[Out] = []
+        self._ys: list[torch.Tensor] = []
         self._history: Cache = []
         self.failed = False  # capture failed once: this stream stays eager
         self.replays = 0
 
-    def __call__(self, fn: StepFn, x: torch.Tensor, cache: Cache) -> Out:
-        def one(x: torch.Tensor, cache: Cache) -> Iterator[Out]:
+    def __call__(self, fn: StepFn, x: torch.Tensor, cache: Cache) -> torch.Tensor:
+        def one(x: torch.Tensor, cache: Cache) -> Iterator[torch.Tensor]:
             yield fn(x, cache)
 
-        return list(self.parts(one, x, cache, count=1))[0]  # type: ignore[arg-type]
+        return list(self.parts(one, x, cache, count=1))[0]
 
-    def parts(self, fn: PartsFn, x: torch.Tensor, cache: Cache, count: int) -> Iterator[Out]:
+    def parts(self, fn: PartsFn, x: torch.Tensor, cache: Cache, count: int) -> Iterator[torch.Tensor]:
         """fn's `count` parts, from graphs once captured. Take them all: the stream's history is
         whole only after the last."""
         sig = _signature(x, cache)
         if self._graphs and sig == self._sig and self._owns(cache):
             self._x.copy_(x)  # type: ignore[union-attr]
-            for graph, y in zip(self._graphs, self._ys):
-                graph.replay()
-                yield _fresh(y)
-            self.replays += 1
+            yield from self._replay()
             return
         if self.failed or sig is None or sig != self._sig:
             # warm-up (or the shapes moved): eager; capture once a call leaves the shapes as it found them
@@ -125,10 +116,17 @@ class StepGraph:
             return
         yield from self._capture(fn, x, cache, count)
 
+    def _replay(self) -> Iterator[torch.Tensor]:
+        """Each part's graph in turn, its output as a new tensor (the static one is overwritten next time)."""
+        for graph, y in zip(self._graphs, self._ys):
+            graph.replay()
+            yield y.clone()
+        self.replays += 1
+
     def _owns(self, cache: Cache) -> bool:
         return len(cache) == len(self._history) and all(a is b for a, b in zip(cache, self._history))
 
-    def _capture(self, fn: PartsFn, x: torch.Tensor, cache: Cache, count: int) -> Iterator[Out]:
+    def _capture(self, fn: PartsFn, x: torch.Tensor, cache: Cache, count: int) -> Iterator[torch.Tensor]:
         # the static tensors live outside the graph's pool: the history stays the caller's tensors
         self._x = x.clone()
         self._history = list(cache)
@@ -137,7 +135,7 @@ class StepGraph:
         started = time.perf_counter()
         steps = fn(self._x, work)  # type: ignore[arg-type]
 
-        def part(last: bool) -> Out:
+        def part(last: bool) -> torch.Tensor:
             y = next(steps)
             if last:
                 if next(steps, None) is not None:
@@ -148,7 +146,7 @@ class StepGraph:
             return y
 
         graphs: list[torch.cuda.CUDAGraph] = []
-        ys: list[Out] = []
+        ys: list[torch.Tensor] = []
         try:
             for i in range(count):
                 pool = graphs[0].pool() if graphs else None
@@ -166,8 +164,4 @@ class StepGraph:
         log.info("captured %s as %d CUDA graph(s) in %.0f ms (their memory pool took %.2f GiB more from the device)",
                  self.name, count, 1000 * (time.perf_counter() - started),
                  (torch.cuda.memory_reserved(x.device) - before) / 2**30)
-        # capturing recorded the kernels without running them: run this call now
-        for graph, y in zip(graphs, ys):
-            graph.replay()
-            yield _fresh(y)
-        self.replays += 1
+        yield from self._replay()  # capturing recorded the kernels without running them: run this call now

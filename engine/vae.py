@@ -151,7 +151,7 @@ PADDED_IN_CHANNELS = 16  # RGB inputs of a conv are zero-padded to this on CUDA 
 
 def _frame_offset(view: torch.Tensor, base: torch.Tensor) -> Optional[int]:
     """Where along time a stretch of `base`'s frames starts (None if `view` is not such a stretch)."""
-    if view.stride() != base.stride() and view.shape[2] > 1:
+    if view.stride() != base.stride():
         return None
     offset, frame = view.data_ptr() - base.data_ptr(), base.stride(2) * base.element_size()
     return offset // frame if offset >= 0 and offset % frame == 0 else None
@@ -245,7 +245,9 @@ class CausalConv3d(nn.Conv3d):
             assert cache is not None
             y = self._conv(window, bias)
             base = window if window._base is None else window._base
-            end = (_frame_offset(window, base) or 0) + window.shape[2]
+            start = _frame_offset(window, base)
+            assert start is not None, "a window is a stretch of its buffer's frames (window())"
+            end = start + window.shape[2]
             if end == base.shape[2]:
                 # The buffer is full: its last frames move to its head as the next call's history (one
                 # copy; the regions do not overlap). The buffer is kept, so no call allocates a window or

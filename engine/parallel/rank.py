@@ -319,14 +319,14 @@ class RankBase:
         already on the host (every one, waiting, with `wait`). Earlier forwards' frames have gone already,
         so no stream's frames change order. Whether any went."""
         out = self.deferred if out is None else out
-        if out is None or not out.early or not (wait or out.early[0][1].ready()):
-            return False
-        while out.early and (wait or out.early[0][1].ready()):
+        sent = False
+        while out is not None and out.early and (wait or out.early[0][1].ready()):
             g, pending, pts = out.early.pop(0)
             keep = [(f, p) for f, p in zip(pending.result(), pts) if p is not None]
             if keep:
                 self.out_link.send(M.EarlyFrames([self.session_frames(g.sid, keep, dict(g.stats))]))
-        return True
+            sent = True
+        return sent
 
     def session_frames(self, sid: int, frames: list[tuple[Any, int]], stats: dict) -> M.SessionFrames:
         """A session's decoded frames with their pts for rank 0: written into the session's output ring
