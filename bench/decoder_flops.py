@@ -3,6 +3,9 @@ with torch's FlopCounterMode on the meta device: no weights, no data, no GPU, se
 A FLOP count is not a speed: time them on the target card before quoting speed-ups.
 
     python -m bench.decoder_flops [--height 480 --width 832]
+
+It also splits a Wan VAE (and LightVAE) encode of a chunk whose first three frames went ahead
+(docs/ARCHITECTURE.md §8): the work done ahead and the work left after the chunk's last frame.
 """
 
 from __future__ import annotations
@@ -44,6 +47,21 @@ def encode_flops(model: torch.nn.Module, h: int, w: int) -> int:
     return _steady_flops(lambda: model.stream_encode(frame0, state), lambda: model.stream_encode(chunk, state))  # type: ignore[operator]
 
 
+def encode_ahead_flops(model: WanVAE, h: int, w: int) -> tuple[int, int]:
+    """A steady chunk's encode with its first three frames given ahead (`stream_encode_ahead`): the FLOPs
+    done ahead, and those left for the call with its last frame."""
+    state = model.new_stream_state()
+    frame = torch.empty(1, 3, 1, h, w, device="meta")
+    model.stream_encode(frame, state)
+    with FlopCounterMode(display=False) as counter:
+        for _ in range(3):
+            model.stream_encode_ahead(frame, state)
+    ahead = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        model.stream_encode(frame, state)
+    return ahead, counter.get_total_flops()
+
+
 def _params(model: torch.nn.Module, prefixes: tuple[str, ...]) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes))
 
@@ -66,6 +84,10 @@ def main() -> None:
         for k, m in models.items():
             log.info("%-8s %s: %6.1f M params, %7.2f TFLOP per 4-frame chunk at %dx%d (wan/%s: %.1fx)", k, side,
                      _params(m, prefixes) / 1e6, flops[k] / 1e12, h, w, k, flops["wan"] / flops[k])
+    for k in ("wan", "lightvae"):
+        ahead, left = encode_ahead_flops(models[k], h, w)  # type: ignore[arg-type]
+        log.info("%-8s encoder, 3 frames ahead: %.2f TFLOP ahead, %.2f TFLOP after the last frame (%.1f%%)",
+                 k, ahead / 1e12, left / 1e12, 100.0 * left / (ahead + left))
 
 
 if __name__ == "__main__":

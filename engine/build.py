@@ -115,11 +115,14 @@ class EngineOptions(BaseModel):
 class StreamEncoder(Protocol):
     """What a session needs from an encoder (WanVAE, LightVAE and TAEHV all are one): frames [B,3,T,H,W] in
     [-1,1] -> raw (not normalised) latents [B,16,t,H/8,W/8]; 1+4k frames on a stream's first call
-    (k+1 latents), 4k later (k latents)."""
+    (k+1 latents), 4k later (k latents), less the frames given ahead: `stream_encode_ahead` takes up to 3
+    frames of the next chunk before it is whole (after the stream's frame 0)."""
 
     def new_stream_state(self) -> Any: ...
 
     def stream_encode(self, video: torch.Tensor, state: Any) -> torch.Tensor: ...
+
+    def stream_encode_ahead(self, video: torch.Tensor, state: Any) -> None: ...
 
 
 def stream_defaults(cfg: ModelConfig, options: EngineOptions) -> StreamDefaults:

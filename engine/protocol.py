@@ -45,6 +45,18 @@ class ChunkCmd:
 
 
 @dataclass
+class AheadCmd:
+    """Frames of a stream's next chunk before it is whole (at most CHUNK - 1 of them, after the stream's
+    frame 0): the core encodes what it can of them at once; the ChunkCmd with the chunk's last frames
+    completes it. Nothing waits for this command, so no Done answers it."""
+
+    sid: int
+    seq: int
+    frames: Any  # np.ndarray uint8 [T, H, W, 3]
+    pts: list
+
+
+@dataclass
 class UpdateCmd:
     sid: int
     seq: int

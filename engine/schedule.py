@@ -40,7 +40,7 @@ from engine.noise_control import NoiseController
 from engine.noise import KeyedNoise
 from engine import ring_messages as M
 from engine.ring_messages import Group
-from engine.protocol import CHUNK, ChunkCmd, CloseCmd, DrainCmd, UpdateCmd
+from engine.protocol import CHUNK, AheadCmd, ChunkCmd, CloseCmd, DrainCmd, UpdateCmd
 from interface.controls import StreamParams, StreamUpdate
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,16 @@ class FrameZero:
     pts: int
     video: torch.Tensor  # [1, 3, 1, H, W] in [-1, 1], for the noise controller
     latent: torch.Tensor  # [1, 16, 1, h, w]
+
+
+@dataclass
+class AheadFrames:
+    """Frames of a stream's next chunk that came before it was whole (docs/ARCHITECTURE.md §8): uploaded
+    and through the encoder's per-frame blocks on arrival; the chunk's last frames finish the encode."""
+
+    pts: list
+    video: torch.Tensor  # [1, 3, T, H, W] in [-1, 1], for the noise controller
+    lap: Any  # their encode's time, counted in the chunk's
 
 
 def renoise_rows(x0: torch.Tensor, groups: list[Group], noise: KeyedNoise) -> dict[int, torch.Tensor]:
@@ -147,6 +157,7 @@ class SessionSchedule:
     def _reset_stream(self) -> None:
         self.vae_state = None
         self.frame0: Optional[FrameZero] = None  # a fresh stream's frame 0, waiting for frames 1-4
+        self.ahead: list[AheadFrames] = []  # the next chunk's frames so far
         self.new_vae = False  # the next forward starts the last rank's decode stream
         self._new_batch()
         self.controller = NoiseController(**self.controller_args)
@@ -182,6 +193,8 @@ class SessionSchedule:
             cmd = yield NeedCommand()
             if isinstance(cmd, ChunkCmd):
                 yield from self._chunk(cmd)
+            elif isinstance(cmd, AheadCmd):
+                self._ahead(cmd)
             elif isinstance(cmd, UpdateCmd):
                 ok = yield from self._update(StreamUpdate.model_validate(cmd.update), cmd.seq)
                 if not ok:
@@ -209,10 +222,13 @@ class SessionSchedule:
                 yield from self._frame0(cmd, host.io.hand_over(video))
                 return
         lap = host.clock.lap()
-        pts = list(cmd.pts)
+        ahead, self.ahead = self.ahead, []
+        pts = [p for a in ahead for p in a.pts] + list(cmd.pts)
         f0, self.frame0 = self.frame0, None
         with host.io.upload_stream():
-            full = video if f0 is None else torch.cat([f0.video, video], 2)  # the motion measure sees frame 0 too
+            # the motion measure sees the whole chunk, frame 0 too
+            parts = ([] if f0 is None else [f0.video]) + [a.video for a in ahead] + [video]
+            full = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
             strength_later = self.controller.queue_step(full[0])  # read after the encode is queued
         latent = host.encoder.stream_encode(host.io.hand_over(video).to(host.dtype), self.vae_state).to(host.dtype)
         if f0 is not None:
@@ -221,13 +237,25 @@ class SessionSchedule:
         strength = strength_later()
         t0 = NoiseController.timestep(strength)
         self.last_t0 = t0
-        lap.stop()
+        laps = [a.lap for a in ahead] + [lap.stop()]
         self.in_flight.append(pts)
         stats = {"noise_strength": strength, "timestep": float(t0)}
         if not self.primed:
-            yield from self.prime(latent, strength, t0, new_vae, cmd.seq, lap, stats)
+            yield from self.prime(latent, strength, t0, new_vae, cmd.seq, laps, stats)
         else:
-            yield from self.push(latent, strength, t0, cmd.seq, lap, stats)
+            yield from self.push(latent, strength, t0, cmd.seq, laps, stats)
+
+    def _ahead(self, cmd: AheadCmd) -> None:
+        """Frames of the next chunk before it is whole: uploaded, and through the encoder's per-frame
+        blocks now, most of a chunk's encode (docs/ARCHITECTURE.md §8); `_chunk` finishes it."""
+        host = self.host
+        if self.vae_state is None:
+            raise RuntimeError("frames ahead of a chunk come only after the stream's frame 0")
+        with host.io.upload_stream():
+            video = host.io.to_video_tensor(cmd.frames)
+        lap = host.clock.lap()
+        host.encoder.stream_encode_ahead(host.io.hand_over(video).to(host.dtype), self.vae_state)
+        self.ahead.append(AheadFrames(pts=list(cmd.pts), video=video, lap=lap.stop()))
 
     def _frame0(self, cmd: ChunkCmd, video: torch.Tensor) -> Steps:
         """A fresh stream's frame 0, alone: encoded on arrival, held for
@@ -239,7 +267,7 @@ class SessionSchedule:
         self.frame0 = FrameZero(frame=cmd.frames[0], pts=cmd.pts[0], video=video, latent=latent)
         yield Emit(M.PrepareFirstChunk(self.sid, 1 + CHUNK // 4, cmd.seq))
 
-    def prime(self, latent: torch.Tensor, strength: float, t0: int, new_vae: bool, seq: int, lap: Any,
+    def prime(self, latent: torch.Tensor, strength: float, t0: int, new_vae: bool, seq: int, laps: list,
                stats: dict) -> Steps:
         """The first chunk goes through every step in one row, one forward each."""
         frames, n = latent.shape[2], len(self.steps)
@@ -257,7 +285,7 @@ class SessionSchedule:
                 renoise=[] if last else [(0, ts[i + 1], (KeyedNoise.PRIME, 0, i + 1))],
                 decode=decode, done=seq if last else None, stats=stats if last else {},
             )
-            fid = yield Submit(g, x, [lap] if i == 0 else [])
+            fid = yield Submit(g, x, laps if i == 0 else [])
             if not last:
                 x = yield AwaitRows(fid)
         self.fresh = False
@@ -273,7 +301,7 @@ class SessionSchedule:
     def step_lag(self) -> int:
         return self.host.opts.step_lag
 
-    def push(self, latent: Optional[torch.Tensor], strength: float, t0: int, seq: Optional[int], lap: Any,
+    def push(self, latent: Optional[torch.Tensor], strength: float, t0: int, seq: Optional[int], laps: list,
               stats: dict) -> Steps:
         """One stream forward: a new chunk (None: pure noise, while draining) enters at the noisiest row, the
         cleanest leaves."""
@@ -303,7 +331,7 @@ class SessionSchedule:
             renoise=[(i, self.steps[i + 1], (KeyedNoise.STREAM, j, i + 1)) for i in range(n - 1)],
             decode=decode, done=seq, stats=stats,
         )
-        fid = yield Submit(g, x, [lap] if lap is not None else [])
+        fid = yield Submit(g, x, laps)
         if n > 1:
             self.sources.append(fid)
 
@@ -313,7 +341,7 @@ class SessionSchedule:
             return
         while any(p is not None for p in self.in_flight):
             self.in_flight.append(None)
-            yield from self.push(None, 1.0, self.last_t0, None, None, {})
+            yield from self.push(None, 1.0, self.last_t0, None, [], {})
 
     # -- live updates, at a chunk boundary -------------------------------------------------------------
     def _update(self, u: StreamUpdate, seq: int) -> Generator[Wait, Any, bool]:

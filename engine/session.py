@@ -33,34 +33,47 @@ def check_frames(frames: np.ndarray, pts: Sequence[int], height: int, width: int
 
 
 class ChunkBuffer:
-    """push() input not yet cut into chunks, with its pts."""
+    """push() input not yet cut into chunks, with its pts. The first `ahead` frames went to the core
+    before their chunk was whole (their encode starts on arrival); they stay here until it is."""
 
     def __init__(self, height: int, width: int) -> None:
         self.height, self.width = height, width
         self.frames: list[np.ndarray] = []
         self.pts: list[int] = []
+        self.ahead = 0
 
     def add(self, frames: np.ndarray, pts: Sequence[int]) -> None:
         self.frames.extend(check_frames(frames, pts, self.height, self.width))
         self.pts.extend(int(p) for p in pts)
 
     def take(self, n: int) -> Optional[tuple[np.ndarray, list]]:
-        """The next n frames and their pts, or None while fewer are buffered."""
-        if len(self.frames) < n:
+        """The n frames after those sent ahead, and their pts (the chunk's frames leave the buffer); None
+        while fewer are buffered."""
+        end = self.ahead + n
+        if len(self.frames) < end:
             return None
-        chunk, pts = np.stack(self.frames[:n]), self.pts[:n]
-        del self.frames[:n], self.pts[:n]
+        chunk, pts = np.stack(self.frames[self.ahead : end]), self.pts[self.ahead : end]
+        del self.frames[:end], self.pts[:end]
+        self.ahead = 0
+        return chunk, pts
+
+    def take_ahead(self) -> Optional[tuple[np.ndarray, list]]:
+        """The frames not sent ahead yet (fewer than a chunk: take() comes first), now marked sent."""
+        if len(self.frames) == self.ahead:
+            return None
+        chunk, pts = np.stack(self.frames[self.ahead :]), self.pts[self.ahead :]
+        self.ahead = len(self.frames)
         return chunk, pts
 
     def take_rest(self, n: int) -> Optional[tuple[np.ndarray, list]]:
-        """What is left (fewer than n frames) padded to n with the last frame, whose pts are None (the
-        padding is computed, never output); None when nothing is left."""
+        """What is left of a chunk that needs n more frames than were sent ahead, padded with the last
+        frame; the padding's pts are None (it is computed, never output). None when nothing is left."""
         if not self.frames:
             return None
-        short = n - len(self.frames)
-        chunk = np.stack(self.frames + [self.frames[-1]] * short)
-        pts: list = self.pts + [None] * short
-        self.frames, self.pts = [], []
+        short = n - (len(self.frames) - self.ahead)
+        chunk = np.stack(self.frames[self.ahead :] + [self.frames[-1]] * short)
+        pts: list = self.pts[self.ahead :] + [None] * short
+        self.frames, self.pts, self.ahead = [], [], 0
         return chunk, pts
 
 
@@ -101,10 +114,12 @@ class Session:
     # -- public API --------------------------------------------------------------------------------------
     @property
     def chunk_frames(self) -> int:
-        """How many frames the next push should bring: a fresh stream's frame 0 alone (the core encodes
-        it on arrival and prepares the first chunk's forward while frames 1-4 are on their way), then
-        chunks of 4 (the first of them completes the DiT's 5-frame first chunk)."""
-        return CHUNK if self._started else 1
+        """How many frames complete the next chunk: a fresh stream's frame 0 alone (the core encodes it
+        on arrival and prepares the first chunk's forward while frames 1-4 are on their way), then chunks
+        of 4 (the first of them completes the DiT's 5-frame first chunk), less the frames of it already
+        pushed. Fewer frames may come: they go to the core at once, ahead of their chunk (its encode
+        starts on them; docs/ARCHITECTURE.md §8)."""
+        return CHUNK - self._input.ahead if self._started else 1
 
     def push(self, frames: np.ndarray, pts: Sequence[int], early: Optional[EarlyFrames] = None) -> list[OutputFrame]:
         """frames uint8 [T, H, W, 3] at the engine's size, with one pts each; any T (buffered).
@@ -156,11 +171,13 @@ class Session:
         """Drain the chunks in flight (the stream can go on afterwards). Leftover frames short of a
         chunk are padded with the last frame so that every input frame yields one output frame."""
         self._check_open()
-        if self._updates:
+        if self._updates and not self._input.ahead:  # updates come at a chunk boundary
             self._send_updates()
         rest = self._input.take_rest(self.chunk_frames)
         if rest is not None:
             self._send_chunk(*rest)
+        if self._updates:
+            self._send_updates()
         if self._frame0 is not None:  # frame 0 alone: pad its first chunk with copies of it
             self._send_chunk(np.stack([self._frame0[0]] * CHUNK), [None] * CHUNK)
         seq = self._send(lambda s: P.DrainCmd(self.sid, s))
@@ -200,11 +217,11 @@ class Session:
         return len(self._chunks) < self.engine.inflight
 
     def _send_buffered(self, before_chunk: Optional[Callable[[], None]]) -> None:
-        """Updates and the whole chunks buffered so far to the core (`before_chunk` runs before each
-        chunk: push() waits there for a slot), then let the core take them in (frame 0's encode, the
-        forwards queued)."""
+        """Updates (at chunk boundaries), the whole chunks buffered so far and then the frames of the next
+        chunk ahead of it to the core (`before_chunk` runs before each chunk: push() waits there for a
+        slot), then let the core take them in (encodes, the forwards queued)."""
         while True:
-            if self._updates:
+            if self._updates and not self._input.ahead:
                 self._send_updates()
             got = self._input.take(self.chunk_frames)
             if got is None:
@@ -212,6 +229,8 @@ class Session:
             if before_chunk is not None:
                 before_chunk()
             self._send_chunk(*got)
+        if self._started and (ahead := self._input.take_ahead()) is not None:
+            self._send(lambda s: P.AheadCmd(self.sid, s, *ahead))
         self.engine._pump()
 
     def _send_updates(self) -> None:

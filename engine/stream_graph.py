@@ -84,8 +84,11 @@ class StepGraph:
     the caller can queue work of its own between them (a frame's copy to the host). What the parts hand
     each other stays in the pool."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, history: slice = slice(None)) -> None:
+        """`history`: the entries of the stream's cache this step reads and writes (all by default); a
+        step that keeps its history in some of them leaves the others to calls outside the graph."""
         self.name = name
+        self.history = history
         self._graphs: list[torch.cuda.CUDAGraph] = []
         self._sig: Optional[tuple] = None
         self._x: Optional[torch.Tensor] = None
@@ -103,7 +106,7 @@ class StepGraph:
     def parts(self, fn: PartsFn, x: torch.Tensor, cache: Cache, count: int) -> Iterator[torch.Tensor]:
         """fn's `count` parts, from graphs once captured. Take them all: the stream's history is
         whole only after the last."""
-        sig = _signature(x, cache)
+        sig = _signature(x, cache[self.history])
         if self._graphs and sig == self._sig and self._owns(cache):
             self._x.copy_(x)  # type: ignore[union-attr]
             yield from self._replay()
@@ -112,7 +115,7 @@ class StepGraph:
             # warm-up (or the shapes moved): eager; capture once a call leaves the shapes as it found them
             self._graphs = []
             yield from fn(x, cache)  # type: ignore[misc]
-            self._sig = sig if sig is not None and sig == _signature(x, cache) else None
+            self._sig = sig if sig is not None and sig == _signature(x, cache[self.history]) else None
             return
         yield from self._capture(fn, x, cache, count)
 
@@ -124,7 +127,8 @@ class StepGraph:
         self.replays += 1
 
     def _owns(self, cache: Cache) -> bool:
-        return len(cache) == len(self._history) and all(a is b for a, b in zip(cache, self._history))
+        mine = cache[self.history]
+        return len(cache) == len(self._history) and all(a is b for a, b in zip(mine, self._history[self.history]))
 
     def _capture(self, fn: PartsFn, x: torch.Tensor, cache: Cache, count: int) -> Iterator[torch.Tensor]:
         # the static tensors live outside the graph's pool: the history stays the caller's tensors

@@ -168,6 +168,7 @@ class TAEHVStreamState:
     started: bool = False
     enc_memory: list[Optional[torch.Tensor]] = field(default_factory=list)
     enc_started: bool = False
+    enc_ahead: list[torch.Tensor] = field(default_factory=list)  # frames of the next chunk, given ahead
     _slots: int = field(default=0, repr=False)
     _enc_slots: int = field(default=0, repr=False)
 
@@ -176,6 +177,7 @@ class TAEHVStreamState:
         self.started = False
         self.enc_memory = [None] * self._enc_slots
         self.enc_started = False
+        self.enc_ahead = []
 
 
 def _mem_slots(layers: Optional[nn.Sequential]) -> int:
@@ -267,6 +269,8 @@ class TAEHV(LatentStats):
         if not self.has_encoder:
             raise ValueError("this TAEHV was built without its encoder")
         self._check_video(video)
+        if state.enc_ahead:
+            video, state.enc_ahead = torch.cat([*state.enc_ahead, video], 2), []
         b, _, t, h, w = video.shape
         x = video.to(self.dtype)
         first = not state.enc_started
@@ -285,6 +289,18 @@ class TAEHV(LatentStats):
         if not normalize:
             z = (z.float() * self.latent_std.to(z.device) + self.latent_mean.to(z.device)).to(self.dtype)
         return z.contiguous()
+
+    @torch.no_grad()
+    def stream_encode_ahead(self, video: torch.Tensor, state: TAEHVStreamState) -> None:
+        """Frames of the stream's next chunk before it is whole (`WanVAE.stream_encode_ahead`'s contract):
+        kept until `stream_encode` brings the rest. This encoder is too small for its work to be worth
+        splitting (BENCHMARKS, "Encoder and decoder work per chunk")."""
+        self._check_video(video)
+        if not state.enc_started:
+            raise ValueError("a stream's frame 0 is encoded alone, by stream_encode")
+        if sum(v.shape[2] for v in state.enc_ahead) + video.shape[2] >= TIME_SCALE:
+            raise ValueError(f"at most {TIME_SCALE - 1} frames of a chunk go ahead")
+        state.enc_ahead.append(video)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, normalize: bool = False) -> torch.Tensor:

@@ -62,11 +62,21 @@ class VAEStreamState:
     # its first frame, then the other three
     enc_graph: Optional[StepGraph] = field(default=None, repr=False)
     dec_graph: Optional[StepGraph] = field(default=None, repr=False)
+    # frames of the next chunk encoded ahead (WanVAE.stream_encode_ahead): their feature frames, and
+    # whether this stream ever did so (its chunks then all go front, then back)
+    enc_ahead: list[torch.Tensor] = field(default_factory=list, repr=False)
+    enc_split: bool = False
+
+    @property
+    def ahead_frames(self) -> int:
+        return sum(f.shape[2] for f in self.enc_ahead)
 
     def reset_encode(self) -> None:
         self.enc = [None] * self._enc_slots
         self.enc_started = False
         self.enc_graph = None
+        self.enc_ahead = []
+        self.enc_split = False
 
     def reset_decode(self) -> None:
         self.dec = [None] * self._dec_slots
@@ -464,10 +474,32 @@ class Encoder3d(nn.Module):
         c = dims[-1]
         self.middle = nn.Sequential(ResidualBlock(c, c), AttentionBlock(c), ResidualBlock(c, c))
         self.head = nn.Sequential(RMSNorm(c), nn.SiLU(), CausalConv3d(c, z_out, 3, padding=1))
+        # Before the first temporal downsample every block is causal in time and one frame wide in its
+        # output, so a chunk's frames can go through them one at a time, as they arrive (`front`); the
+        # rest (`back`) needs the whole chunk. The front's convs keep room for a chunk's frames.
+        temporal = [i for i, b in enumerate(blocks) if isinstance(b, Downsample) and b.temporal]
+        self.front_until = temporal[0] if temporal else len(blocks)
+        for m in (self.conv1, *self.downsamples[: self.front_until]):
+            for conv in m.modules():
+                if isinstance(conv, CausalConv3d):
+                    conv.run_frames = 2 ** len(temporal)  # a later latent's frames
 
     def forward(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
-        x = _run_blocks((*self.downsamples, *self.middle), self.conv1(x, cache, bias=False), cache, self.conv1.bias)
+        return self.back(self.front(x, cache), cache)
+
+    def front(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        """conv1 and the blocks before the first temporal downsample: one feature frame per input frame;
+        streaming, any run of frames in order (one at a time gives what all at once does)."""
+        blocks = self.downsamples[: self.front_until]
+        return _run_blocks(blocks, self.conv1(x, cache, bias=False), cache, self.conv1.bias)
+
+    def back(self, x: torch.Tensor, cache: Optional[Cache] = None) -> torch.Tensor:
+        """The rest, over a whole chunk's (or a stream's frame 0's) feature frames."""
+        x = _run_blocks((*self.downsamples[self.front_until :], *self.middle), x, cache, None)
         return _norm_conv(self.head[0], self.head[2], x, cache, conv_bias=True)
+
+    def back_modules(self) -> tuple[nn.Module, ...]:
+        return (*self.downsamples[self.front_until :], *self.middle, *self.head)
 
 
 class Decoder3d(nn.Module):
@@ -566,6 +598,9 @@ class WanVAE(LatentStats):
                                  tuple(reversed(cfg.temporal_downsample)))
         self._enc_slots = _assign_slots(self.encoder)
         self._dec_slots = _assign_slots(self.decoder)
+        # the encoder's back keeps its history in the last slots (modules are numbered in order)
+        back = [m.slot for b in self.encoder.back_modules() for m in b.modules() if getattr(m, "slot", -1) >= 0]
+        self._enc_back = slice(min(back), self._enc_slots)
         self.add_latent_stats()
 
     @property
@@ -576,8 +611,8 @@ class WanVAE(LatentStats):
         return VAEStreamState(enc=[None] * self._enc_slots, dec=[None] * self._dec_slots,
                               _enc_slots=self._enc_slots, _dec_slots=self._dec_slots)
 
-    def _step_graph(self, name: str) -> StepGraph:
-        return StepGraph(f"the VAE {name}")
+    def _step_graph(self, name: str, history: slice = slice(None)) -> StepGraph:
+        return StepGraph(f"the VAE {name}", history)
 
     def _graphs_for(self, x: torch.Tensor) -> bool:
         return self.use_graphs and x.is_cuda
@@ -661,8 +696,8 @@ class WanVAE(LatentStats):
     @torch.no_grad()
     def stream_encode(self, video: torch.Tensor, state: VAEStreamState,
                       normalize: bool = False) -> torch.Tensor:
-        """Encode the next chunk of a stream: 1+4k frames on the first call, then 4k; k latents
-        per 4 frames (plus 1 for frame 0).
+        """Encode the next chunk of a stream: 1+4k frames on the first call, then 4k (less the frames
+        given to `stream_encode_ahead` since the last call); k latents per 4 frames (plus 1 for frame 0).
 
         Quirk kept for parity with the reference (StreamDiffusionV2 calls its stream encode with
         scale=None): the result is the raw posterior mean mu, NOT (mu - mean) / std, although
@@ -678,20 +713,48 @@ class WanVAE(LatentStats):
                 raise ValueError(f"first stream_encode call needs 1+4k frames, got {t}")
             outs.append(self.encoder(x[:, :, :1], state.enc))
             state.enc_started = True
-            start = 1
-        else:
-            if t % 4 or t == 0:
-                raise ValueError(f"stream_encode needs 4k frames after the first call, got {t}")
-            start = 0
-        for i in range(start, t, 4):
-            group = x[:, :, i:i + 4]
-            if start == 0 and self._graphs_for(group):
-                state.enc_graph = state.enc_graph or self._step_graph("encode")
-                outs.append(state.enc_graph(self.encoder, group, state.enc))
-            else:
-                outs.append(self.encoder(group, state.enc))
+            x = x[:, :, 1:]
+        elif t == 0 or (state.ahead_frames + t) % 4:
+            raise ValueError(f"stream_encode needs 4k frames after the first call (with the {state.ahead_frames} "
+                             f"encoded ahead), got {t}")
+        while x.shape[2]:
+            take = 4 - state.ahead_frames
+            outs.append(self._encode_chunk(x[:, :, :take], state))
+            x = x[:, :, take:]
         h = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
         return self._mu(h, normalize).contiguous()
+
+    @torch.no_grad()
+    def stream_encode_ahead(self, video: torch.Tensor, state: VAEStreamState) -> None:
+        """Frames of a stream's next chunk, before the chunk is whole: they go through the encoder's
+        per-frame blocks now (`Encoder3d.front`, most of its work), and the `stream_encode` call that
+        brings the chunk's last frames finishes it. Only after the stream's frame 0, and fewer than 4."""
+        self._check_video(video)
+        if not state.enc_started:
+            raise ValueError("a stream's frame 0 is encoded alone, by stream_encode")
+        if state.ahead_frames + video.shape[2] >= 4:
+            raise ValueError(f"at most 3 frames of a chunk go ahead, got {video.shape[2]} after {state.ahead_frames}")
+        if not state.enc_split:  # this stream's chunks go front, then back, from now on
+            state.enc_split, state.enc_graph = True, None
+        state.enc_ahead.append(self.encoder.front(self._prepare(video), state.enc))
+
+    def _encode_chunk(self, x: torch.Tensor, state: VAEStreamState) -> torch.Tensor:
+        """A later chunk's features from its last frames `x` (all 4 unless some went ahead): the whole
+        encoder as one CUDA graph; or, in a stream that encodes ahead, the front for these frames (eager:
+        they come at any count) and the back over the chunk's features as one CUDA graph."""
+        graphs = self._graphs_for(x)
+        if not state.enc_split:
+            if graphs:
+                state.enc_graph = state.enc_graph or self._step_graph("encode")
+                return state.enc_graph(self.encoder, x, state.enc)
+            return self.encoder(x, state.enc)
+        feats = [*state.enc_ahead, self.encoder.front(x, state.enc)]
+        state.enc_ahead = []
+        h = feats[0] if len(feats) == 1 else torch.cat(feats, 2)
+        if graphs:
+            state.enc_graph = state.enc_graph or self._step_graph("encode's back", self._enc_back)
+            return state.enc_graph(self.encoder.back, h, state.enc)
+        return self.encoder.back(h, state.enc)
 
     @torch.no_grad()
     def stream_decode(self, latent: torch.Tensor, state: VAEStreamState) -> torch.Tensor:

@@ -148,7 +148,8 @@ class FramesOut(_Message):
     pts: list[int]
     dropped: int = Field(0, ge=0, description="outputs lost because the output ring was full")
     partial: bool = Field(False, description="frames sent outside a push's own reply (see above)")
-    chunk_frames: int = Field(ge=1, description="frames the next push should carry")
+    chunk_frames: int = Field(ge=1, description="frames that complete the engine's next chunk: a push carries as many, "
+                                                "or fewer, which the engine starts encoding ahead of the chunk")
     engine_ms: float = Field(ge=0.0, description="wall time of this push inside the engine process")
     stats: dict[str, float] = {}
     prompt: str = Field("", description="the prompt the engine session was last given")

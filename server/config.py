@@ -74,6 +74,11 @@ class ServerConfig(BaseModel):
         2.0, ge=0.25, le=30.0,
         description="seconds of recent output bursts the playout delay is sized from: a stall raises the delay at "
                     "once and is forgotten this long after (server/media/pacing.py)")
+    encode_ahead: bool = Field(
+        False,
+        description="push each camera frame to the engine as it comes, so that its encode starts before its chunk is "
+                    "whole (docs/ARCHITECTURE.md §8); off: a chunk's frames go together. Not timed on a GPU yet "
+                    "(docs/BENCHMARKS.md)")
     stats_interval_s: float = Field(1.0, gt=0.0)
     default_prompt: str = "a watercolor painting, soft colors"
     engine_start_timeout_s: float = Field(900.0, gt=0.0)
@@ -286,6 +291,8 @@ def parse_args(argv: Optional[list[str]] = None) -> ServerConfig:
                         help="share of recent output bursts the playout delay waits for (50-100, default 100: all)")
     parser.add_argument("--pacing-window", dest="pacing_window_s", type=float,
                         help="seconds of recent output bursts the playout delay is sized from (default 2)")
+    parser.add_argument("--encode-ahead", dest="encode_ahead", action="store_true", default=None,
+                        help="push each camera frame as it comes: its encode starts before its chunk is whole")
     parser.add_argument("--idle-timeout", dest="idle_timeout_s", type=float, help="seconds without input before a session closes "
                              f"(default {ServerConfig.model_fields['idle_timeout_s'].default:g})")
     parser.add_argument("--max-session-seconds", dest="max_session_s", type=float, help="longest session (default unlimited)")

@@ -71,6 +71,8 @@ class SessionStats(BaseModel):
     frames_in: int
     frames_out: int
     chunks: int
+    pushes: int = Field(0, description="requests that brought camera frames to the engine: one per chunk, or one "
+                                       "per frame or so with encode ahead")
     dropped: dict[str, int]
     engine: dict[str, float] = Field(description="last chunk: vae_encode_ms, dit_ms, vae_decode_ms, ...")
     engine_prompt: str = ""

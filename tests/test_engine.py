@@ -193,6 +193,59 @@ def test_frame_zero_is_encoded_on_arrival_and_leaves_first(tiny):
     assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(got, whole))
 
 
+def test_frames_pushed_one_at_a_time_are_encoded_before_their_chunk_is_whole(tiny, monkeypatch):
+    """A push of fewer frames than complete a chunk (the server pushes each camera frame as it comes)
+    hands them to the core at once: their encode through the VAE's per-frame blocks runs then, and the
+    push that completes the chunk runs only the rest. The frames are those of chunks pushed whole (to
+    float rounding: a conv over one frame or four may round differently), with every pts, in order; the
+    chunk's encode time counts the work done ahead."""
+    frames = video(17, seed=4)
+    _, whole = run(tiny, frames, "a cat", 3, step=4)
+    core = tiny.core
+    ahead_calls: list[int] = []
+    real = core.encoder.stream_encode_ahead
+    monkeypatch.setattr(core.encoder, "stream_encode_ahead",
+                        lambda v, st: (ahead_calls.append(v.shape[2]), real(v, st))[1])
+    s = tiny.open_session("a cat", StreamParams(seed=3))
+    schedule = core.drivers[s.sid][0]
+    got = s.push(frames[:1], [0])
+    needs = []
+    for i in range(1, 17):
+        needs.append(s.chunk_frames)
+        got += s.push(frames[i : i + 1], [i])
+        if i % 4:  # ahead of its chunk: encoded through the front now, nothing more
+            assert ahead_calls[-1] == 1 and len(schedule.ahead) == i % 4
+            assert schedule.vae_state.ahead_frames == i % 4
+        else:
+            assert schedule.ahead == [] and schedule.vae_state.ahead_frames == 0
+    got += s.flush()
+    assert needs == [4, 3, 2, 1] * 4  # what the engine tells the server a push may bring
+    assert len(ahead_calls) == 12
+    assert [p for _, p in got] == list(range(17))
+    diff = [np.abs(a.astype(int) - b.astype(int)) for (a, _), (b, _) in zip(got, whole)]
+    assert max(d.max() for d in diff) <= 2 and np.mean([d.mean() for d in diff]) < 0.01
+    assert s.stats["vae_encode_ms"] >= sum(lap.ms() for lap in core.encode_laps[s.sid][:-1]) > 0
+    assert len(core.encode_laps[s.sid]) == 4  # three frames ahead and the last one's
+
+
+def test_an_update_waits_for_the_chunk_its_frames_started(tiny):
+    """Live updates apply at chunk boundaries: one queued after frames went ahead of their chunk waits
+    until that chunk is whole; a flush completes a chunk begun ahead, padding it."""
+    frames = video(11, seed=5)
+    s = tiny.open_session("a cat", StreamParams(seed=2, steps=1))  # no chunk in flight for the reset to drop
+    out = s.push(frames[:7], list(range(7)))  # frame 0, a chunk, two frames ahead
+    schedule = tiny.core.drivers[s.sid][0]
+    assert schedule.vae_state.ahead_frames == 2 and s.chunk_frames == 2
+    s.update(StreamUpdate(reset=True))
+    out += s.push(frames[7:8], [7])
+    assert schedule.vae_state.ahead_frames == 3  # the reset waits behind the chunk's frames
+    out += s.push(frames[8:11], [8, 9, 10])  # completes the chunk; then the reset
+    # a fresh stream: frame 9 is its frame 0, and frame 10 went ahead of its first chunk
+    assert s.chunk_frames == 3 and schedule.vae_state.ahead_frames == 1
+    out += s.flush()
+    assert [p for _, p in out] == list(range(11))
+
+
 def test_a_lone_frame_zero_still_comes_out(tiny):
     """A stream of one frame (flush), and a reset while frame 0 waits for its chunk, lose nothing."""
     s = tiny.open_session("a cat", StreamParams(seed=1))

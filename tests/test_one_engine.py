@@ -56,6 +56,30 @@ def test_in_process_and_rings_of_1_2_3_ranks_give_identical_frames(tiny4, alone,
     assert st["batched_forwards"] > 0 and max(int(k) for k in st["batch"]["forwards"]) == 2
 
 
+def test_frames_pushed_one_at_a_time_give_the_same_frames_on_a_ring(tiny4, in_process):
+    """Frames pushed as a camera brings them go to the core ahead of their chunk (engine.protocol.AheadCmd,
+    over a pipe to a ring's rank 0): a ring of 2 ranks gives the in-process engine's frames, alone and
+    with two sessions interleaved frame by frame (batched where their chunks meet)."""
+    frames = {1: video(17, seed=1), 2: video(17, seed=2)}
+
+    def run(e) -> list:
+        outs = [drive(e, frames[1], "prompt 1", seed=1, steps=1, step=1)]
+        a = e.open_session("prompt 1", StreamParams(seed=1, steps=3))
+        b = e.open_session("prompt 2", StreamParams(seed=2, steps=3))
+        outs += push_interleaved([a, b], [frames[1], frames[2]], chunk=1)
+        a.close()
+        b.close()
+        return outs
+
+    want = run(in_process)
+    assert [p for _, p in want[0]] == list(range(17))
+    opts = dict(ring_capacity=1, inflight=2, max_batch=2, rebalance=False, deadline_ms=60_000.0)
+    with StreamEngine.create(EngineOptions(model=tiny4, device="cpu:2", **SIZE, parallel=opts)) as e:
+        got = run(e)
+    for g, w in zip(got, want):
+        assert_same(g, w)
+
+
 @pytest.mark.parametrize("steps", [1, 3])
 def test_sessions_batched_in_process_equal_each_alone(tiny4, alone, monkeypatch, steps):
     """One device batches sessions as a ring does. Frames whose copy to the host is slow (held here, as

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from tests.conftest import MODEL_SIZE, RtcClient, ServerProcess
+from tests.conftest import MODEL_SIZE, RtcClient, ServerProcess, run_server
 
 
 async def _streaming(client: RtcClient, frames: int, timeout: float = 90.0) -> None:
@@ -40,11 +40,33 @@ async def test_stream_round_trip(server: ServerProcess, rtc_clients) -> None:
     assert info["state"] == "streaming" and info["camera"] == {"width": 320, "height": 240}
     assert info["output"] == {"width": 320, "height": 240}
     assert stats["chunks"] >= 2 and stats["frames_out"] >= 12 and stats["frames_in"] > stats["frames_out"]
+    assert stats["pushes"] in (stats["chunks"], stats["chunks"] + 1)  # a chunk's frames go together
     assert stats["engine"]["dit_ms"] > 0 and stats["engine_prompt"] == "a watercolor city"
     metrics = await _metrics(server)
     assert metrics["streamgen_ttff_seconds_count"] >= 1
     assert metrics["streamgen_output_frames_total"] >= 12
     assert metrics["streamgen_sessions"] >= 1
+
+
+async def test_encode_ahead_pushes_frames_as_they_come_and_loses_none(tmp_path: Path, rtc_clients) -> None:
+    """--encode-ahead: the server pushes camera frames to the engine as they come, so a chunk's encode
+    starts before its last frame is in. Every frame still comes back once, in order; a chunk's frames
+    count as pushed when its last one is (the latency breakdown's fill runs to there, as without)."""
+    with run_server(tmp_path, "--encode-ahead") as server:
+        client: RtcClient = rtc_clients(server.url)
+        sid = await client.connect(width=160, height=120, fps=12, prompt="a watercolor city")
+        await _streaming(client, 16)
+        stats = _session(server, sid)["stats"]
+        frames = stats["recent_frames"]
+    pts = [f.pts for f in client.frames]
+    assert all(b > a for a, b in zip(pts, pts[1:])), pts
+    # every push brings what waits, up to the chunk's end: far more pushes than chunks (without: as many)
+    assert stats["chunks"] >= 3 and stats["pushes"] >= 2 * stats["chunks"], stats
+    pushed: dict[float, int] = {}
+    for f in frames:
+        assert f["arrived"] <= f["pushed"] <= f["returned"] <= f["sent"]
+        pushed[f["pushed"]] = pushed.get(f["pushed"], 0) + 1
+    assert max(pushed.values()) >= 2, frames  # a chunk's frames share its push
 
 
 async def test_two_sessions_get_only_their_own_frames(server: ServerProcess, rtc_clients) -> None:

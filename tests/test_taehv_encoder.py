@@ -100,6 +100,24 @@ def test_whole_clip_encode_equals_streaming_group_by_group(ours):
     torch.testing.assert_close(one_by_one, whole, rtol=1e-5, atol=1e-5)
 
 
+def test_frames_given_ahead_are_encoded_with_the_rest_of_their_chunk(ours):
+    """The light encoder keeps frames given ahead (the Wan VAE's contract) and encodes them with the
+    chunk's last frames: the same latents as the chunk given whole."""
+    v = clip(9, hw=(32, 32), seed=5)
+    whole = ours.encode(v)
+    s = ours.new_stream_state()
+    with pytest.raises(ValueError, match="frame 0 is encoded alone"):
+        ours.stream_encode_ahead(v[:, :, 1:2], s)
+    outs = [ours.stream_encode(v[:, :, :1], s)]
+    ours.stream_encode_ahead(v[:, :, 1:2], s)
+    ours.stream_encode_ahead(v[:, :, 2:4], s)
+    with pytest.raises(ValueError, match="at most 3 frames"):
+        ours.stream_encode_ahead(v[:, :, 4:5], s)
+    outs.append(ours.stream_encode(v[:, :, 4:5], s))
+    outs.append(ours.stream_encode(v[:, :, 5:9], s))
+    torch.testing.assert_close(torch.cat(outs, 2), whole, rtol=1e-5, atol=1e-5)
+
+
 def test_interleaved_streams_equal_each_alone(ours):
     """Each stream's MemBlock history lives in its own state."""
     va, vb = clip(9, seed=4), clip(9, seed=6)

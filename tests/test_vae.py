@@ -157,6 +157,50 @@ def test_stream_encode_equals_whole_clip(ours: WanVAE, video: torch.Tensor):
     assert _rel(normed, (raw - mean) / std) <= 1e-4
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_frames_encoded_ahead_give_the_whole_clips_latents(ours: WanVAE, video: torch.Tensor, layout: str):
+    """A chunk's frames may reach the encoder before the chunk is whole: they go through the encoder's
+    per-frame blocks at once (`stream_encode_ahead`), and the call with the chunk's last frames runs the
+    rest. Any split of a chunk gives the whole clip's latents, and the work done ahead is the front's
+    (the back runs only on the call that completes a chunk)."""
+    raw = ours.encode(video)
+    back_calls: list[int] = []
+    hook = ours.encoder.middle[1].register_forward_hook(lambda m, a, y: back_calls.append(y.shape[2]))
+    # per chunk: the runs of frames that go ahead, then the frames that complete it
+    chunks = (([(1, 2), (2, 3)], (3, 5)), ([(5, 7)], (7, 9)), ([(9, 10)], (10, 13)))
+    try:
+        ours.channels_last = layout == "channels_last"
+        s = ours.new_stream_state()
+        outs = [ours.stream_encode(video[:, :, :1], s)]
+        for runs, (lo, hi) in chunks:
+            for a, b in runs:
+                ours.stream_encode_ahead(video[:, :, a:b], s)
+            assert len(back_calls) == len(outs)  # nothing ran past the front yet
+            outs.append(ours.stream_encode(video[:, :, lo:hi], s))
+            assert s.enc_ahead == []
+        assert back_calls == [1, 1, 1, 1]  # one back per chunk (frame 0's included)
+    finally:
+        hook.remove()
+        ours.channels_last = None
+    assert [o.shape[2] for o in outs] == [1, 1, 1, 1]
+    assert _rel(torch.cat(outs, 2), raw) <= 1e-4
+
+
+def test_encoding_ahead_checks_its_frames(ours: WanVAE, video: torch.Tensor):
+    s = ours.new_stream_state()
+    with pytest.raises(ValueError, match="frame 0 is encoded alone"):
+        ours.stream_encode_ahead(video[:, :, :1], s)
+    ours.stream_encode(video[:, :, :1], s)
+    ours.stream_encode_ahead(video[:, :, 1:3], s)
+    with pytest.raises(ValueError, match="at most 3 frames"):
+        ours.stream_encode_ahead(video[:, :, 3:5], s)
+    with pytest.raises(ValueError, match="with the 2 encoded ahead"):
+        ours.stream_encode(video[:, :, 3:7], s)
+    assert ours.stream_encode(video[:, :, 3:9], s).shape[2] == 2  # this chunk's last 2 frames, then a whole one
+    s.reset_encode()
+    assert s.enc_ahead == [] and not s.enc_split
+
+
 def test_interleaved_states_are_isolated(ours: WanVAE, video: torch.Tensor, latent: torch.Tensor):
     other_video = video.flip(2).neg()
     other_latent = latent.flip(2) * 0.5

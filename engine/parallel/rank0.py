@@ -171,7 +171,7 @@ class Rank0(RankBase):
                 d = SessionSchedule(self, cmd.sid, cmd.prompt, StreamParams.model_validate(cmd.params), cmd.output_ring)
                 self.drivers[cmd.sid] = (d, d.run(cmd.seq))
                 self.waits[cmd.sid] = None  # start it
-            elif isinstance(cmd, (P.ChunkCmd, P.UpdateCmd, P.DrainCmd, P.CloseCmd)):
+            elif isinstance(cmd, (P.ChunkCmd, P.AheadCmd, P.UpdateCmd, P.DrainCmd, P.CloseCmd)):
                 if cmd.sid in self.drivers:
                     self.drivers[cmd.sid][0].commands.append(cmd)
                 else:

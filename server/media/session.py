@@ -125,9 +125,12 @@ class Session:
         self._inputs: OrderedDict[int, _InputMeta] = OrderedDict()
         self._last_pts = -1
         self._chunk_frames = info.max_chunk_frames
-        self._busy = False  # a chunk is with the engine: frames wait in the sampler
+        self._busy = False  # a push is with the engine: frames wait in the sampler
         self._pushed_at = 0.0
-        self._pushed_frames = 0
+        self._pushed_completes = False  # the push with the engine completes a chunk (or is a fresh frame 0)
+        self._pushed_chunk = False  # ... a chunk of 4, not frame 0 alone
+        # the frames of the next chunk pushed ahead of it (--encode-ahead): its push marks them pushed
+        self._ahead: list[int] = []
         self._pending_update: Optional[StreamUpdate] = None
         self._input_ring: Optional[FrameRing] = None
         self._output_ring: Optional[FrameRing] = None
@@ -270,15 +273,19 @@ class Session:
         return pts
 
     def _maybe_submit(self) -> None:
-        """At a chunk boundary (engine free, enough frames), send evenly spaced frames."""
-        if self._closed or not self._engine_open or self._busy or len(self._sampler) < self._chunk_frames:
+        """At a chunk boundary (engine free, enough frames), send evenly spaced frames. With encode ahead,
+        send the frames that wait as soon as the engine is free, up to what completes its next chunk."""
+        need = self._chunk_frames  # what completes the engine's next chunk
+        have = len(self._sampler)
+        ahead = self._ctx.config.encode_ahead
+        if self._closed or not self._engine_open or self._busy or have < (1 if ahead else need):
             return
-        chosen, skipped = self._sampler.take(self._chunk_frames)
+        chosen, skipped = self._sampler.take(min(have, need))
         self.metrics.drop("input", skipped)
         self._busy = True
-        self._spawn(self._submit(chosen))
+        self._spawn(self._submit(chosen, completes=len(chosen) == need))
 
-    async def _submit(self, chosen: list[_Arrival]) -> None:
+    async def _submit(self, chosen: list[_Arrival], completes: bool) -> None:
         try:
             frames = [await a.rgb for a in chosen]
             ring = self._input_ring
@@ -290,11 +297,17 @@ class Session:
                 self._remember(arrival)
             self._flush_update()
             self._pushed_at = self._clock()
-            self._pushed_frames = len(chosen)
-            for arrival in chosen:
-                if (meta := self._inputs.get(arrival.pts)) is not None:
-                    meta.pushed_at = self._pushed_at
+            # frame 0 of a fresh stream comes alone; a chunk's frames before its last came ahead
+            self._pushed_completes = completes
+            self._pushed_chunk = completes and (len(chosen) > 1 or bool(self._ahead))
+            self._ahead.extend(a.pts for a in chosen)
+            if completes:  # the chunk's fill ends here: its frames count as pushed now (the breakdown)
+                for pts in self._ahead:
+                    if (meta := self._inputs.get(pts)) is not None:
+                        meta.pushed_at = self._pushed_at
+                self._ahead = []
             self._ctx.engine.send(PushFrames(session_id=self.id, first_seq=first_seq, count=len(chosen)))
+            self.metrics.pushes += 1
         except EngineUnavailable as exc:
             await self.close(f"engine unavailable: {exc}", failed=True)
 
@@ -323,11 +336,12 @@ class Session:
             return
         roundtrip = self._clock() - self._pushed_at
         self._busy = False
-        cost = chunk_cost_s(message, self._engine_info.stage_stats)  # the engine serves chunks one at a time: sessions add up
-        if self._pushed_frames > 1:  # a fresh stream's frame 0 alone is only encoded: not a chunk's cost
+        if self._pushed_chunk:  # frame 0 alone, or frames ahead of their chunk, are not a chunk's cost
+            cost = chunk_cost_s(message, self._engine_info.stage_stats)  # the engine serves chunks one at a time: sessions add up
             self.engine_chunk_s = cost if self.engine_chunk_s is None else 0.7 * self.engine_chunk_s + 0.3 * cost
+        if self._pushed_completes:
+            self.metrics.engine_chunk(message.stats, roundtrip, message.prompt, message.updates_applied)
         self._chunk_frames = message.chunk_frames
-        self.metrics.engine_chunk(message.stats, roundtrip, message.prompt, message.updates_applied)
         self.metrics.drop("engine", message.dropped)
         self._queue_outputs(self._read_outputs(message))
         self._maybe_submit()  # frames that came in meanwhile may already fill the next chunk

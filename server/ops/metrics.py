@@ -225,6 +225,7 @@ class SessionMetrics:
         self.frames_in = 0
         self.frames_out = 0
         self.chunks = 0
+        self.pushes = 0  # requests that brought frames to the engine (per frame with encode ahead)
         self.misses = 0
         self.dropped = {reason: 0 for reason in DROP_REASONS}
         self._fps_in = RateMeter()
@@ -323,6 +324,7 @@ class SessionMetrics:
             frames_in=self.frames_in,
             frames_out=self.frames_out,
             chunks=self.chunks,
+            pushes=self.pushes,
             dropped=dict(self.dropped),
             engine={k: round(v, 3) for k, v in self.engine.items()},
             engine_prompt=self.engine_prompt,
