@@ -346,6 +346,7 @@ class SessionSchedule:
     # -- live updates, at a chunk boundary -------------------------------------------------------------
     def _update(self, u: StreamUpdate, seq: int) -> Generator[Wait, Any, bool]:
         if u.reset:
+            yield from self._drain()  # the chunks in flight leave first: every frame pushed comes out
             self._reset_stream()
             yield Emit(M.ResetStream(self.sid))
         if u.transition_chunks is not None:

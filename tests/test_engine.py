@@ -160,6 +160,18 @@ def test_prompt_change_blends_cross_attention_without_restart(tiny):
     assert cache_before.shape == state.cache.k[0].shape
 
 
+@pytest.mark.parametrize("steps", [2, 3])
+def test_a_reset_finishes_the_chunks_in_flight_first(tiny, steps):
+    """With several steps a chunk leaves forwards after it entered; a reset lets those in flight leave
+    (they are the old stream's frames) before the new stream starts: no frame is lost."""
+    frames = video(17)
+    s = tiny.open_session("a cat", StreamParams(seed=1, steps=steps))
+    out = s.push(frames[:9], list(range(9)))
+    s.update(StreamUpdate(reset=True))
+    out += s.push(frames[9:17], list(range(9, 17))) + s.flush()
+    assert [p for _, p in out] == list(range(17))
+
+
 def test_steps_change_and_reset_lose_no_frame(tiny):
     frames = video(33)
     s = tiny.open_session("a cat", StreamParams(seed=0, steps=2))
