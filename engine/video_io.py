@@ -1,5 +1,6 @@
-"""Reading and writing videos for the offline renderer (PyAV): frames in at the model's size, out at
-the input's size (as the server answers at the camera's) or the model's."""
+"""Reading and writing videos for the offline renderer (PyAV): frames in at the model's size (prepared as
+the server prepares a camera's: interface/imaging.py), out at the input's size (as the server answers at
+the camera's) or the model's."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Iterator, Literal
 
 import av
 import numpy as np
+
+from interface.imaging import scale, to_model_rgb
 
 OutputSize = Literal["input", "model"]
 OUTPUT_SIZES: tuple[OutputSize, ...] = ("input", "model")
@@ -43,20 +46,6 @@ def probe(path: Path) -> VideoInfo:
         raise _unreadable(path, exc) from None
 
 
-def fit(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
-    """Center-crop to the target aspect, then scale: uint8 [height, width, 3]."""
-    src_w, src_h = frame.width, frame.height
-    target = width / height
-    if src_w / src_h > target:  # too wide: crop the sides
-        crop_w, crop_h = round(src_h * target), src_h
-    else:
-        crop_w, crop_h = src_w, round(src_w / target)
-    rgb = frame.to_ndarray(format="rgb24")
-    x0, y0 = (src_w - crop_w) // 2, (src_h - crop_h) // 2
-    cropped = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[y0 : y0 + crop_h, x0 : x0 + crop_w]), format="rgb24")
-    return cropped.reformat(width=width, height=height, format="rgb24").to_ndarray()
-
-
 def read_frames(path: Path, width: int, height: int) -> tuple[Iterator[np.ndarray], int, float]:
     """(frames iterator, frame count or 0 if unknown, frame rate)."""
     try:
@@ -73,7 +62,7 @@ def read_frames(path: Path, width: int, height: int) -> tuple[Iterator[np.ndarra
         with container:
             try:
                 for frame in container.decode(stream):
-                    yield fit(frame, width, height)
+                    yield to_model_rgb(frame, width, height)
             except av.FFmpegError as exc:
                 raise _unreadable(path, exc) from None
 
@@ -107,10 +96,10 @@ class VideoWriter:
         picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
         if self.container is None:
             if frame.shape[:2] != (self.height, self.width):
-                frame = picture.reformat(width=self.width, height=self.height, format="rgb24").to_ndarray()
+                frame = scale(picture, self.width, self.height, "rgb24").to_ndarray()
             self.frames.append(frame)
             return
-        picture = picture.reformat(width=self.width, height=self.height, format="yuv420p")
+        picture = scale(picture, self.width, self.height, "yuv420p")
         for packet in self.stream.encode(picture):
             self.container.mux(packet)
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from interface.controls import StreamUpdate
 from server.config import ServerConfig, parse_args, resolve_model, worker_options
-from server.media.imaging import crop_box, output_size, to_model_rgb, to_output_frame
+from interface.imaging import crop_box, to_model_rgb
+from server.media.imaging import output_size, to_output_frame
 from server.ops.metrics import ServerMetrics, SessionMetrics
 from server.media.pacing import PtsPacer
 from server.media.sampling import ChunkSampler, spaced_indices
@@ -173,14 +174,22 @@ def test_output_sizes_and_frames() -> None:
 _COUNT_SCALER_THREADS = """
 import os, threading
 import av, numpy as np
-from server.media.imaging import scale, to_model_rgb, to_output_frame
+import sys, tempfile
+from pathlib import Path
+from engine.video_io import VideoWriter
+from interface.imaging import scale, to_model_rgb
+from server.media.imaging import to_output_frame
 camera = av.VideoFrame.from_ndarray(np.zeros((1080, 1920, 3), np.uint8), format="rgb24").reformat(
     format="yuv420p", threads=1)
 generated = np.zeros((512, 512, 3), np.uint8)
+out = Path(tempfile.mkdtemp())
 def convert():
-    to_model_rgb(camera, 512, 512)
+    to_model_rgb(camera, 512, 512)  # the server's camera frames, and `engine render`'s file frames
     to_output_frame(generated, 1280, 720)
     scale(camera, 1280, 720, "rgb24")  # the outputs' (recordings, restreams, virtual camera)
+    writer = VideoWriter(out / "a.npz", 1280, 720, 30)  # `engine render`'s output at the input's size (an
+    writer.write(generated)                            # .mp4's H.264 encoder has threads of its own)
+    writer.close()
 convert()  # imports and first-call setup out of the way
 def count():
     return len(os.listdir("/proc/self/task"))
@@ -203,7 +212,7 @@ print(before, max(seen))
                     reason="counts threads in /proc; needs 2 CPUs, where libswscale's automatic count starts threads")
 def test_frame_conversions_start_no_threads() -> None:
     """A conversion runs on the thread that asks for it: libswscale's automatic thread count started a
-    thread per CPU for every frame, inside the chunk's critical path."""
+    thread per CPU for every frame, inside the chunk's critical path (and in `engine render`)."""
     out = subprocess.run([sys.executable, "-c", _COUNT_SCALER_THREADS], capture_output=True, text=True,
                          timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr

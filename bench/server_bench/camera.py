@@ -53,7 +53,7 @@ class CameraTrack:
         from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
         from av import VideoFrame
 
-        from server.media.imaging import scale
+        from interface.imaging import scale
 
         camera = self
 

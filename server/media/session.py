@@ -25,7 +25,8 @@ from server.outputs.egress import SessionEgress
 from server.media.engine_client import EngineClient, EngineUnavailable
 from server.errors import validation_details
 from server.http import parse_json
-from server.media.imaging import output_size, to_model_rgb, to_output_frame
+from interface.imaging import to_model_rgb
+from server.media.imaging import output_size, to_output_frame
 from server.media.jitter_buffer import install_for_track
 from server.ops.metrics import ServerMetrics, SessionMetrics
 from server.media.controls import ControlRejected, RateLimiter, merge_updates

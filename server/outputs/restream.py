@@ -22,7 +22,7 @@ import av
 from av import VideoFrame
 
 from server.errors import ApiError
-from server.media.imaging import scale
+from interface.imaging import scale
 from server.media.pacing import CLOCK_RATE
 from server.outputs.sinks import FrameSink
 

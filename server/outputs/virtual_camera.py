@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 import numpy as np
 from av import VideoFrame
 
-from server.media.imaging import scale
+from interface.imaging import scale
 from server.outputs.sinks import FrameSink
 
 if TYPE_CHECKING:
