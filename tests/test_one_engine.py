@@ -63,6 +63,10 @@ def test_frames_pushed_one_at_a_time_give_the_same_frames_on_a_ring(tiny4, in_pr
     frames = {1: video(17, seed=1), 2: video(17, seed=2)}
 
     def run(e) -> list:
+        s = e.open_session("prompt 1", StreamParams(seed=1, steps=1))
+        s.push(frames[1][:3], [0, 1, 2])
+        assert s.chunk_frames == 2  # frames 1 and 2 went ahead of their chunk
+        s.close()
         outs = [drive(e, frames[1], "prompt 1", seed=1, steps=1, step=1)]
         a = e.open_session("prompt 1", StreamParams(seed=1, steps=3))
         b = e.open_session("prompt 2", StreamParams(seed=2, steps=3))
